@@ -1,0 +1,179 @@
+"""The HTTP layer. It parses requests, calls the service and maps errors; nothing more."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from goldclone.errors import GoldcloneError
+from goldclone.models import VM, CreateVMRequest, ErrorBody, VMList
+from goldclone.service import VMService
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "invalid-json or invalid-request",
+        404: "vm-not-found",
+        409: "vm-conflict",
+        413: "body-too-large",
+        415: "unsupported-media-type",
+        500: "internal-error",
+    }.items()
+}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
+    """The goldclone API over ``service``, which it starts and closes with the server."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="goldclone",
+        version="1",
+        summary="Disposable linked-clone VMs from verified gold images.",
+        responses=_ERRORS,
+    )
+
+    @app.post("/vms", status_code=202, response_model=VM)
+    async def create_vm(body: CreateVMRequest) -> VM:
+        """Accept a VM for creation; the work goes on in the background."""
+        return await service.create(body)
+
+    @app.get("/vms", response_model=VMList)
+    async def list_vms() -> VMList:
+        return VMList(vms=await service.list())
+
+    @app.get("/vms/{vm_id}", response_model=VM)
+    async def get_vm(vm_id: str) -> VM:
+        return await service.get(vm_id)
+
+    @app.delete("/vms/{vm_id}", status_code=204, response_class=Response)
+    async def delete_vm(vm_id: str) -> Response:
+        """Stop the VM and remove its clone and everything it had."""
+        await service.delete(vm_id)
+        return Response(status_code=204)
+
+    @app.exception_handler(GoldcloneError)
+    async def _goldclone_error(_: Request, exc: GoldcloneError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("request failed: %s", exc.message)
+            return _error(500, "internal-error", "an internal error; see the server log")
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error(400, "invalid-json", "the body is not valid JSON")
+        return _error(400, "invalid-request", _describe(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not-found", 405: "method-not-allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http-error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed unexpectedly", exc_info=exc)
+        return _error(500, "internal-error", "an internal error; see the server log")
+
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
+    return app
+
+
+def _describe(errors: Any) -> str:
+    """One line naming each offending field, e.g. ``image.checksum: must be hexadecimal``."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        kind = error.get("type", "")
+        if kind == "extra_forbidden":
+            message = "unknown field"
+        elif kind == "missing":
+            message = "is required"
+        else:
+            message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+class BodyGuard:
+    """Refuses bodies that are too large (413) or not JSON (415) before any parsing.
+
+    It reads the body up to the limit itself and hands it on, so a chunked upload without
+    ``Content-Length`` is bounded too.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self._app = app
+        self._max = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self._app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max:
+            await self._refuse(scope, receive, send, 413)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                await self._refuse(scope, receive, send, 413)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            await self._refuse(scope, receive, send, 415)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        if status == 413:
+            response = _error(413, "body-too-large", f"the body is over {self._max} bytes")
+        else:
+            response = _error(
+                415, "unsupported-media-type", "the body must be sent as application/json"
+            )
+        await response(scope, receive, send)

@@ -1,0 +1,95 @@
+"""Settings: embedded defaults, overridden by environment variables and then by CLI options."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from goldclone.network.config import NetworkConfig
+
+DEFAULT_PORT = 12345
+
+
+def _host_memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one VM may ask for; requests outside these bounds get 400, never a silent change."""
+
+    min_cpus: int = 1
+    max_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    min_memory_mb: int = 64
+    max_memory_mb: int = field(default_factory=_host_memory_mb)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    database_url: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 64 * 1024
+    download_timeout: float = 30.0
+    """Seconds without progress after which a download fails."""
+    ip_timeout: float = 120.0
+    shutdown_timeout: float = 10.0
+    """Seconds a guest gets to power off cleanly on DELETE before it is stopped hard."""
+    callback_attempts: int = 5
+    callback_backoff: float = 0.5
+    qemu_binary: str = "qemu-system-x86_64"
+    accel: str = "auto"
+    """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir.absolute() / 'state.db'}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``GOLDCLONE_*`` variables (and ``PORT``, as the original did)."""
+        env = os.environ if env is None else env
+        s = cls()
+        converters: dict[str, tuple[str, Callable[[str], object]]] = {
+            "GOLDCLONE_DATA_DIR": ("data_dir", Path),
+            "GOLDCLONE_HOST": ("host", str),
+            "PORT": ("port", int),
+            "GOLDCLONE_DATABASE_URL": ("database_url", str),
+            "GOLDCLONE_DOWNLOAD_TIMEOUT": ("download_timeout", float),
+            "GOLDCLONE_IP_TIMEOUT": ("ip_timeout", float),
+            "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
+            "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
+            "GOLDCLONE_QEMU": ("qemu_binary", str),
+            "GOLDCLONE_ACCEL": ("accel", str),
+        }
+        network_converters: dict[str, tuple[str, Callable[[str], object]]] = {
+            "GOLDCLONE_NAT_BRIDGE": ("nat_bridge", str),
+            "GOLDCLONE_NAT_SUBNET": ("nat_subnet", IPv4Network),
+            "GOLDCLONE_HOSTONLY_BRIDGE": ("hostonly_bridge", str),
+            "GOLDCLONE_HOSTONLY_SUBNET": ("hostonly_subnet", IPv4Network),
+            "GOLDCLONE_BRIDGED_BRIDGE": ("bridged_bridge", str),
+            "GOLDCLONE_BRIDGED_LEASE_FILE": ("bridged_lease_file", Path),
+        }
+        network = replace(s.network, **_read(env, network_converters))
+        return replace(s, network=network, **_read(env, converters))
+
+
+def _read(
+    env: Mapping[str, str], converters: Mapping[str, tuple[str, Callable[[str], object]]]
+) -> dict[str, Any]:
+    """The attributes that ``env`` sets, converted; a bad value names its variable."""
+    found: dict[str, Any] = {}
+    for var, (attr, convert) in converters.items():
+        if env.get(var):
+            try:
+                found[attr] = convert(env[var])
+            except ValueError as exc:
+                raise ValueError(f"{var}={env[var]!r}: {exc}") from None
+    return found

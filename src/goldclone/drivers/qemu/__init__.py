@@ -1,0 +1,3 @@
+from goldclone.drivers.qemu.driver import QemuDriver
+
+__all__ = ["QemuDriver"]

@@ -1,0 +1,72 @@
+"""Choosing the accelerator: KVM only where a bounded probe shows that it really runs guests.
+
+``/dev/kvm`` can exist on a host whose CPU has no virtualisation extensions (nested guests
+without them), and a KVM guest then hangs. So both the CPU flags and a real run are checked:
+a 64 KiB firmware whose reset vector writes to QEMU's ``isa-debug-exit`` port, which ends
+QEMU with a status of our choosing within milliseconds when the guest really executes.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from goldclone.commands import run
+from goldclone.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+_RESET_VECTOR = 0xFFF0
+_EXIT_PORT = 0xF4
+_PROBE_VALUE = 0x2A
+# isa-debug-exit ends QEMU with status (value << 1) | 1, which no QEMU error exit can mimic
+_PROBE_EXIT_STATUS = (_PROBE_VALUE << 1) | 1
+# mov al, VALUE; out PORT, al; hlt
+_PROBE_CODE = bytes([0xB0, _PROBE_VALUE, 0xE6, _EXIT_PORT, 0xF4])
+
+
+def _cpu_has_virtualisation() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("vmx", "svm"))
+
+
+async def kvm_works(qemu_binary: str) -> bool:
+    """Whether a KVM guest runs to completion on this host."""
+    if not Path("/dev/kvm").exists() or not _cpu_has_virtualisation():
+        return False
+    return await runs_guest(qemu_binary, "kvm")
+
+
+async def runs_guest(qemu_binary: str, accel: str, timeout: float = 5.0) -> bool:
+    """Whether QEMU with ``accel`` runs the probe firmware to its end within ``timeout``."""
+    firmware = bytearray(64 * 1024)
+    firmware[_RESET_VECTOR : _RESET_VECTOR + len(_PROBE_CODE)] = _PROBE_CODE
+    with tempfile.NamedTemporaryFile(suffix=".bin") as bios:
+        bios.write(firmware)
+        bios.flush()
+        try:
+            code, _, _ = await run(
+                qemu_binary,
+                "-accel", accel, "-machine", "pc", "-nodefaults", "-no-user-config",
+                "-display", "none", "-bios", bios.name,
+                "-device", f"isa-debug-exit,iobase={_EXIT_PORT:#x},iosize=0x04",
+                timeout=timeout,
+                check=False,
+            )  # fmt: skip
+        except CommandError as exc:
+            log.info("%s probe failed: %s", accel, exc)
+            return False
+    return code == _PROBE_EXIT_STATUS
+
+
+async def choose_accel(setting: str, qemu_binary: str) -> str:
+    """Resolve the ``accel`` setting (``auto``, ``kvm`` or ``tcg``) to what QEMU is given."""
+    if setting != "auto":
+        return setting
+    accel = "kvm" if await kvm_works(qemu_binary) else "tcg"
+    log.info("using the %s accelerator", accel)
+    return accel

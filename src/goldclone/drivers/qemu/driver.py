@@ -1,0 +1,168 @@
+"""The QEMU driver: qcow2 linked clones, daemonized guests, QMP control.
+
+Each VM lives in ``vms/<id>/``: ``disk.qcow2`` (the clone), ``qmp.sock``, ``qemu.pid`` and
+``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service, and a restarted
+service finds them again through the pidfile and the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from goldclone.commands import run
+from goldclone.drivers.base import MachineSpec
+from goldclone.drivers.qemu.accel import choose_accel
+from goldclone.drivers.qemu.qmp import QMPError, qmp_execute
+from goldclone.errors import BootFailed, CloneFailed, CommandError
+from goldclone.images.diskcheck import DiskImage
+
+log = logging.getLogger(__name__)
+
+# Linux limits a unix socket path to 107 bytes; qmp.sock sits this deep below the data dir.
+MAX_DATA_DIR_LENGTH = 107 - len("/vms/00000000-0000-0000-0000-000000000000/qmp.sock")
+
+
+class QemuDriver:
+    name = "qemu"
+
+    def __init__(
+        self, data_dir: Path, qemu_binary: str, accel: str = "auto", shutdown_timeout: float = 10.0
+    ) -> None:
+        self._vms_dir = data_dir.absolute() / "vms"
+        self._qemu = qemu_binary
+        self._accel_setting = accel
+        self._accel = "tcg"
+        self._shutdown_timeout = shutdown_timeout
+        if len(str(data_dir.absolute())) > MAX_DATA_DIR_LENGTH:
+            raise ValueError(
+                f"the data dir path is longer than {MAX_DATA_DIR_LENGTH} characters, "
+                "too long for the VMs' QMP sockets; choose a shorter one"
+            )
+
+    async def prepare(self) -> None:
+        """Choose the accelerator once, before the first VM."""
+        self._accel = await choose_accel(self._accel_setting, self._qemu)
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self._vms_dir / vm_id
+
+    def _disk(self, vm_id: str) -> Path:
+        return self.vm_dir(vm_id) / "disk.qcow2"
+
+    def _qmp(self, vm_id: str) -> Path:
+        return self.vm_dir(vm_id) / "qmp.sock"
+
+    def _pidfile(self, vm_id: str) -> Path:
+        return self.vm_dir(vm_id) / "qemu.pid"
+
+    async def clone(self, vm_id: str, gold: DiskImage) -> None:
+        vm_dir = self.vm_dir(vm_id)
+        vm_dir.mkdir(parents=True, mode=0o700)
+        try:
+            await run(
+                "qemu-img", "create", "-q", "-f", "qcow2",
+                "-b", str(gold.path.absolute()), "-F", gold.format,
+                str(self._disk(vm_id)),
+                timeout=30,
+            )  # fmt: skip
+        except CommandError as exc:
+            raise CloneFailed(f"could not clone the gold image: {exc.message}") from exc
+
+    def command_line(self, spec: MachineSpec) -> list[str]:
+        """The qemu command that boots ``spec``'s clone; every path in it is absolute."""
+        vm_dir = self.vm_dir(spec.vm_id)
+        display = ["-display", "none"] if spec.headless else [
+            "-display", f"vnc=unix:{vm_dir / 'vnc.sock'}",
+        ]  # fmt: skip
+        return [
+            self._qemu,
+            "-name", f"goldclone-{spec.vm_id}",
+            "-accel", self._accel,
+            "-smp", str(spec.cpus),
+            "-m", str(spec.memory_mb),
+            "-drive", f"file={self._disk(spec.vm_id)},format=qcow2,if=virtio",
+            "-netdev", f"tap,id=net0,ifname={spec.attachment.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={spec.attachment.mac}",
+            *display,
+            "-serial", f"file:{vm_dir / 'console.log'}",
+            "-qmp", f"unix:{self._qmp(spec.vm_id)},server=on,wait=off",
+            "-pidfile", str(self._pidfile(spec.vm_id)),
+            "-daemonize",
+        ]  # fmt: skip
+
+    async def start(self, spec: MachineSpec) -> None:
+        try:
+            await run(*self.command_line(spec), timeout=30)
+        except CommandError as exc:
+            raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
+        if self._read_pid(spec.vm_id) is None:
+            raise BootFailed("qemu started but is not running; see the VM's console.log")
+
+    def _read_pid(self, vm_id: str) -> int | None:
+        """The pid of this VM's qemu, if it is alive and really is that VM's qemu."""
+        try:
+            pid = int(self._pidfile(vm_id).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = _proc_state(pid)
+        except (OSError, ValueError):
+            return None
+        if f"goldclone-{vm_id}".encode() not in cmdline or state in ("Z", "X", None):
+            return None
+        return pid
+
+    async def is_running(self, vm_id: str) -> bool:
+        return self._read_pid(vm_id) is not None
+
+    async def destroy(self, vm_id: str) -> None:
+        """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder."""
+        pid = self._read_pid(vm_id)
+        if pid is not None:
+            await self._stop(vm_id, pid, self._shutdown_timeout)
+        shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
+
+    async def _stop(self, vm_id: str, pid: int, shutdown_timeout: float) -> None:
+        qmp = self._qmp(vm_id)
+        for command, grace in (("system_powerdown", shutdown_timeout), ("quit", 3.0)):
+            try:
+                await qmp_execute(qmp, command, timeout=2.0)
+            except QMPError as exc:
+                log.info("VM %s: %s", vm_id, exc)
+            if await _wait_exit(pid, grace):
+                return
+        log.warning("VM %s: qemu %d did not stop, killing it", vm_id, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        await _wait_exit(pid, 5.0)
+
+    async def list_vms(self) -> list[str]:
+        if not self._vms_dir.is_dir():
+            return []
+        return sorted(p.name for p in self._vms_dir.iterdir() if p.is_dir())
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.split()[1]
+    except OSError:
+        return None
+    return None
+
+
+async def _wait_exit(pid: int, timeout: float, interval: float = 0.05) -> bool:
+    """Wait until ``pid`` is gone or a zombie; ``kill -0`` would count a zombie as alive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _proc_state(pid) not in (None, "Z", "X"):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True

@@ -1,0 +1,74 @@
+"""A minimal QMP client: one short connection per command, every step under a timeout.
+
+QEMU's monitor socket serves one client at a time, so callers hold the VM's lock around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from goldclone.errors import GoldcloneError
+
+
+class QMPError(GoldcloneError):
+    code = "qmp-error"
+
+
+async def qmp_execute(
+    socket_path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+) -> Any:
+    """Run one QMP ``command`` and return its ``return`` value."""
+    try:
+        return await asyncio.wait_for(_execute(socket_path, command, arguments), timeout)
+    except TimeoutError:
+        raise QMPError(
+            f"QMP {command} on {socket_path.name} timed out after {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise QMPError(f"QMP {command}: {exc.strerror or exc}") from None
+
+
+async def _execute(socket_path: Path, command: str, arguments: dict[str, Any] | None) -> Any:
+    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=1 << 20)
+    try:
+        await _read_message(reader)  # greeting
+        await _call(reader, writer, "qmp_capabilities", None)
+        return await _call(reader, writer, command, arguments)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _call(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    command: str,
+    arguments: dict[str, Any] | None,
+) -> Any:
+    message: dict[str, Any] = {"execute": command}
+    if arguments:
+        message["arguments"] = arguments
+    writer.write(json.dumps(message).encode() + b"\n")
+    await writer.drain()
+    while True:
+        reply = await _read_message(reader)
+        if "return" in reply:
+            return reply["return"]
+        if "error" in reply:
+            raise QMPError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+        # anything else is an asynchronous event; skip it
+
+
+async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await reader.readline()
+    if not line:
+        raise QMPError("QMP connection closed")
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise QMPError("QMP sent something that is not an object")
+    return message

@@ -1,0 +1,125 @@
+"""Every error goldclone raises on purpose.
+
+One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
+
+    GoldcloneError                      500 internal-error
+    ├── InvalidRequest                  400 invalid-request
+    ├── VMNotFound                      404 vm-not-found
+    ├── VMConflict                      409 vm-conflict
+    ├── CommandError                    500 command-failed (an external program failed)
+    │   └── CommandTimeout              500 command-timeout
+    └── VMFailure                       a step of creating a VM failed; stored on the VM
+        ├── ImageError
+        │   ├── DownloadFailed          download-failed
+        │   ├── ChecksumMismatch        checksum-mismatch
+        │   ├── ImageUnsafe             image-unsafe
+        │   └── ImageUnsupported        image-unsupported
+        ├── CloneFailed                 clone-failed
+        ├── BootFailed                  boot-failed
+        ├── NetworkFailed               network-failed
+        ├── IPTimeout                   ip-timeout
+        └── Interrupted                 interrupted (the service stopped mid-create)
+
+The API layer maps these to ``{"code", "message"}``; nothing else does.
+"""
+
+from __future__ import annotations
+
+
+class GoldcloneError(Exception):
+    """The root of every error that goldclone raises on purpose."""
+
+    code = "internal-error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidRequest(GoldcloneError):
+    code = "invalid-request"
+    status = 400
+
+
+class VMNotFound(GoldcloneError):
+    code = "vm-not-found"
+    status = 404
+
+    def __init__(self, message: str = "The requested virtual machine ID was not found") -> None:
+        super().__init__(message)
+
+
+class VMConflict(GoldcloneError):
+    code = "vm-conflict"
+    status = 409
+
+
+class CommandError(GoldcloneError):
+    """An external program exited non-zero; carries the command and its first stderr line."""
+
+    code = "command-failed"
+
+    def __init__(self, argv: list[str], returncode: int | None, stderr_line: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_line = stderr_line
+        super().__init__(f"{argv[0]} exited with {returncode}: {stderr_line}".rstrip(": "))
+
+
+class CommandTimeout(CommandError):
+    code = "command-timeout"
+
+    def __init__(self, argv: list[str], timeout: float) -> None:
+        super().__init__(argv, None, "")
+        self.message = f"{argv[0]} did not finish within {timeout:g} s"
+        self.args = (self.message,)
+
+
+class VMFailure(GoldcloneError):
+    """A step of creating a VM failed. The VM ends in ``error`` holding this code and message."""
+
+    code = "vm-failed"
+
+
+class ImageError(VMFailure):
+    code = "image-error"
+
+
+class DownloadFailed(ImageError):
+    code = "download-failed"
+
+
+class ChecksumMismatch(ImageError):
+    code = "checksum-mismatch"
+
+
+class ImageUnsafe(ImageError):
+    code = "image-unsafe"
+
+
+class ImageUnsupported(ImageError):
+    code = "image-unsupported"
+
+
+class CloneFailed(VMFailure):
+    code = "clone-failed"
+
+
+class BootFailed(VMFailure):
+    code = "boot-failed"
+
+
+class NetworkFailed(VMFailure):
+    code = "network-failed"
+
+
+class IPTimeout(VMFailure):
+    code = "ip-timeout"
+
+
+class Interrupted(VMFailure):
+    code = "interrupted"

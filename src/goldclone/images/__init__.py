@@ -1,0 +1,1 @@
+"""The image store: fetching, verifying, unpacking and checking VM images."""

@@ -1,0 +1,198 @@
+"""The DHCP server of an owned network: one daemonized dnsmasq, known by its pid file.
+
+dnsmasq daemonizes, so it outlives a restart of the service and running guests keep their
+leases. It is found again through its pid file and trusted only when ``/proc/PID/cmdline`` is
+exactly the command line this configuration would start. It is signalled by PID, never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from goldclone.commands import run
+from goldclone.errors import CommandError, NetworkFailed
+from goldclone.network import leases
+from goldclone.network.config import dhcp_range
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+RELEASE_TIMEOUT = 2.0
+POLL = 0.05
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]] or None
+
+
+def _alive(pid: int) -> bool:
+    # A zombie is dead for our purposes: it may wait seconds for its (foreign) parent to reap it.
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def _wait_dead(pid: int) -> None:
+    while True:
+        if not _alive(pid):
+            return
+        await asyncio.sleep(POLL)
+
+
+def _drop_lines(path: Path, mac: str) -> bool:
+    """Remove the lines of ``path`` that mention ``mac``; return whether there were any."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in lines if mac.lower() not in line.lower()]
+    if len(kept) == len(lines):
+        return False
+    path.write_text("".join(kept))
+    return True
+
+
+class Dnsmasq:
+    """The dnsmasq serving DHCP on ``bridge`` for ``subnet``, with its files in ``state_dir``.
+
+    ``router`` says whether guests are told to route through the host.
+    """
+
+    def __init__(self, bridge: str, subnet: IPv4Network, state_dir: Path, *, router: bool) -> None:
+        self.bridge = bridge
+        self.subnet = subnet
+        self.state_dir = state_dir
+        self.router = router
+        self.pid_file = state_dir / "dnsmasq.pid"
+        self.lease_file = state_dir / "leases"
+        self.hosts_file = state_dir / "hosts"
+
+    def argv(self) -> list[str]:
+        """Return the exact command line that starts this server."""
+        first, last = dhcp_range(self.subnet)
+        argv = [
+            "dnsmasq",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--bind-interfaces",
+            f"--interface={self.bridge}",
+            "--except-interface=lo",
+            f"--dhcp-range={first},{last},{self.subnet.netmask},12h",
+            f"--dhcp-leasefile={self.lease_file}",
+            "--dhcp-authoritative",
+            "--no-ping",
+            f"--pid-file={self.pid_file}",
+            f"--dhcp-hostsfile={self.hosts_file}",
+        ]
+        if not self.router:
+            argv.append("--dhcp-option=3")  # an empty router option: no default route via us
+        return argv
+
+    def _pid_from_file(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def owned_pid(self) -> int | None:
+        """Return the PID of a live dnsmasq that uses our pid file, whatever its other options."""
+        pid = self._pid_from_file()
+        if pid is None or not _alive(pid):
+            return None
+        cmdline = _cmdline(pid)
+        if not cmdline or os.path.basename(cmdline[0]) != "dnsmasq":
+            return None
+        return pid if f"--pid-file={self.pid_file}" in cmdline else None
+
+    def adoptable_pid(self) -> int | None:
+        """Return the PID of a running dnsmasq started with exactly this configuration."""
+        pid = self.owned_pid()
+        if pid is None or _cmdline(pid) != self.argv():
+            return None
+        return pid
+
+    async def start(self) -> int:
+        """Return the PID of this server, adopting a matching one or starting a new one.
+
+        A dnsmasq on our pid file with another configuration is stopped first.
+        """
+        pid = self.adoptable_pid()
+        if pid is not None:
+            log.info("adopting dnsmasq %d on %s", pid, self.bridge)
+            return pid
+        await self.stop()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts_file.touch()
+        self.pid_file.unlink(missing_ok=True)
+        try:
+            await run(*self.argv(), timeout=START_TIMEOUT)
+        except CommandError as e:
+            raise NetworkFailed(f"could not start dnsmasq on {self.bridge}: {e.message}") from e
+        pid = self.adoptable_pid()
+        if pid is None:
+            raise NetworkFailed(f"dnsmasq on {self.bridge} exited at start")
+        log.info("started dnsmasq %d on %s", pid, self.bridge)
+        return pid
+
+    async def stop(self) -> None:
+        """Stop our dnsmasq, if one runs: SIGTERM, then SIGKILL when it does not exit in time."""
+        pid = self.owned_pid()
+        if pid is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await _wait_dead(pid)
+            except TimeoutError:
+                continue
+            log.info("stopped dnsmasq %d on %s", pid, self.bridge)
+            return
+        raise NetworkFailed(f"dnsmasq {pid} on {self.bridge} did not exit after SIGKILL")
+
+    async def release(self, mac: str) -> None:
+        """Forget ``mac``: drop its hosts-file entries and release its lease.
+
+        Waits until dnsmasq has rewritten its lease file without the lease.
+        """
+        pid = self.owned_pid()
+        if _drop_lines(self.hosts_file, mac) and pid is not None:
+            os.kill(pid, signal.SIGHUP)  # dnsmasq rereads --dhcp-hostsfile on SIGHUP
+        ip = leases.lookup(self.lease_file, mac)
+        if ip is None:
+            return
+        if pid is None:  # nobody will rewrite the file behind our back
+            _drop_lines(self.lease_file, mac)
+            return
+        try:
+            await run("dhcp_release", self.bridge, ip, mac, timeout=START_TIMEOUT)
+        except CommandError as e:
+            raise NetworkFailed(f"could not release the lease of {mac}: {e.message}") from e
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                await self._wait_released(mac)
+        except TimeoutError:
+            raise NetworkFailed(
+                f"dnsmasq on {self.bridge} kept the lease of {mac} ({ip})"
+            ) from None
+
+    async def _wait_released(self, mac: str) -> None:
+        while True:
+            if leases.lookup(self.lease_file, mac) is None:
+                return
+            await asyncio.sleep(POLL)

@@ -1,0 +1,262 @@
+"""``Networks``: the one object the QEMU driver asks for a guest NIC and its address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import secrets
+import shutil
+import uuid
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+from goldclone.errors import InvalidRequest, IPTimeout, NetworkFailed
+from goldclone.network import bridge, firewall, leases
+from goldclone.network.config import (
+    BRIDGED,
+    NAT,
+    NETWORK_TYPES,
+    OWNED_TYPES,
+    Attachment,
+    NetworkConfig,
+    host_address,
+)
+from goldclone.network.dnsmasq import Dnsmasq
+from goldclone.network.sniffer import DhcpAckSniffer
+
+log = logging.getLogger(__name__)
+
+LEASE_POLL = 0.1
+BRIDGED_POLL = 1.0
+TAP_PREFIX = "gc"
+_OUR_TAP = re.compile(rf"{TAP_PREFIX}[0-9a-f]{{12}}")
+
+
+def tap_name(vm_id: str) -> str:
+    """Return the tap name of VM ``vm_id``: ``gc`` and 12 hex digits, within the 15 allowed."""
+    try:
+        digits = uuid.UUID(vm_id).hex
+    except ValueError:
+        digits = hashlib.sha256(vm_id.encode()).hexdigest()
+    return TAP_PREFIX + digits[:12]
+
+
+def _random_mac() -> str:
+    tail = secrets.token_bytes(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+class Networks:
+    """The guest networks of one service, with their state in ``state_dir/<network type>/``.
+
+    ``nat`` and ``hostonly`` are brought up on first use and then left running, so that guests
+    outlive a restart of the service; a new instance adopts what it finds. ``teardown`` removes
+    them. ``bridged`` only adds taps to a host bridge that someone else owns.
+    """
+
+    def __init__(self, config: NetworkConfig, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self._locks = {t: asyncio.Lock() for t in OWNED_TYPES}
+        self._up: set[str] = set()
+        self._attached: dict[str, Attachment] = {}
+        self._sniffers: dict[str, DhcpAckSniffer] = {}
+
+    def dnsmasq(self, network_type: str) -> Dnsmasq:
+        """Return the DHCP server of owned network ``network_type`` (running or not)."""
+        return Dnsmasq(
+            self._bridge(network_type),
+            self.config.subnet(network_type),
+            self.state_dir / network_type,
+            router=network_type == NAT,
+        )
+
+    def check_available(self, network_type: str) -> None:
+        """Raise ``InvalidRequest`` unless ``network_type`` is known and configured here."""
+        self._bridge(network_type)
+
+    def _bridge(self, network_type: str) -> str:
+        if network_type not in NETWORK_TYPES:
+            raise InvalidRequest(f"network_type: must be one of {', '.join(NETWORK_TYPES)}")
+        name = self.config.bridge(network_type)
+        if name is None:
+            raise InvalidRequest(
+                "network_type: 'bridged' is not available on this server; its operator must set "
+                "bridged_bridge (GOLDCLONE_BRIDGED_BRIDGE) to the name of an existing host bridge"
+            )
+        return name
+
+    async def ensure(self, network_type: str) -> None:
+        """Bring owned network ``network_type`` up, or adopt it if it already runs."""
+        if network_type in self._up:
+            return
+        async with self._locks[network_type]:
+            if network_type in self._up:
+                return
+            name = self._bridge(network_type)
+            subnet = self.config.subnet(network_type)
+            await bridge.ensure_bridge(
+                name, IPv4Interface(f"{host_address(subnet)}/{subnet.prefixlen}")
+            )
+            if network_type == NAT:
+                firewall.enable_forwarding()
+                await firewall.apply_nat(name, subnet)
+            else:
+                await firewall.apply_hostonly(name)
+            await self.dnsmasq(network_type).start()
+            self._up.add(network_type)
+
+    async def attach(self, network_type: str, vm_id: str) -> Attachment:
+        """Give VM ``vm_id`` a new tap on ``network_type``'s bridge and a new MAC.
+
+        Raises ``InvalidRequest`` for an unknown or unconfigured network type and
+        ``NetworkFailed`` when the network cannot be set up.
+        """
+        name = self._bridge(network_type)
+        if network_type in OWNED_TYPES:
+            await self.ensure(network_type)
+        elif await bridge.link_kind(name) != "bridge":
+            raise NetworkFailed(f"bridge {name} for bridged networking does not exist on the host")
+        tap = tap_name(vm_id)
+        if await bridge.link_exists(tap):
+            raise NetworkFailed(f"tap {tap} for VM {vm_id} already exists")
+        attachment = Attachment(network_type, name, tap, await self._new_mac())
+        self._attached[tap] = attachment
+        try:
+            await bridge.add_tap(tap, name)
+            if network_type == BRIDGED:
+                self._watch(attachment)
+        except BaseException:
+            del self._attached[tap]
+            raise
+        log.info("attached %s (%s) to %s", tap, attachment.mac, name)
+        return attachment
+
+    async def adopt(self, attachment: Attachment) -> None:
+        """Take over the attachment of a guest that kept running through a restart.
+
+        Its owned network is brought up or adopted, so the guest keeps its DHCP server, and its
+        MAC is counted as taken. Raises ``NetworkFailed`` when the network cannot be set up.
+        """
+        self._attached[attachment.tap] = attachment
+        if attachment.network_type in OWNED_TYPES:
+            await self.ensure(attachment.network_type)
+
+    async def _new_mac(self) -> str:
+        taken = await bridge.macs_in_use()
+        taken |= {a.mac for a in self._attached.values()}
+        for lease_file in self._lease_files():
+            taken |= leases.read(lease_file).keys()
+        while (mac := _random_mac()) in taken:
+            pass
+        return mac
+
+    def _lease_files(self) -> list[Path]:
+        files = [self.dnsmasq(t).lease_file for t in OWNED_TYPES]
+        if self.config.bridged_lease_file is not None:
+            files.append(self.config.bridged_lease_file)
+        return files
+
+    def _watch(self, attachment: Attachment) -> DhcpAckSniffer | None:
+        sniffer = DhcpAckSniffer(attachment.tap, attachment.mac)
+        try:
+            sniffer.start()
+        except OSError as e:
+            log.warning("cannot watch %s for DHCP (%s); using other sources", attachment.tap, e)
+            return None
+        self._sniffers[attachment.tap] = sniffer
+        return sniffer
+
+    async def wait_for_ip(self, attachment: Attachment, timeout: float) -> str:
+        """Return the guest's IPv4 address once its DHCP lease is known.
+
+        Raises ``IPTimeout`` when no address is known within ``timeout`` seconds.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                if attachment.network_type in OWNED_TYPES:
+                    return await self._owned_ip(attachment)
+                return await self._bridged_ip(attachment)
+        except TimeoutError:
+            pass
+        raise IPTimeout(
+            f"the guest with MAC {attachment.mac} on {attachment.bridge} got no DHCP lease "
+            f"within {timeout:g} s"
+        )
+
+    async def _owned_ip(self, attachment: Attachment) -> str:
+        await self.ensure(attachment.network_type)
+        lease_file = self.dnsmasq(attachment.network_type).lease_file
+        while True:
+            ip = leases.lookup(lease_file, attachment.mac)
+            if ip is not None:
+                return ip
+            await asyncio.sleep(LEASE_POLL)
+
+    async def _bridged_ip(self, attachment: Attachment) -> str:
+        sniffer = self._sniffers.get(attachment.tap) or self._watch(attachment)
+        while True:
+            if sniffer is not None and sniffer.ip is not None:
+                return sniffer.ip
+            if self.config.bridged_lease_file is not None:
+                ip = leases.lookup(self.config.bridged_lease_file, attachment.mac)
+                if ip is not None:
+                    return ip
+            ip = await bridge.neighbour_ip(attachment.bridge, attachment.mac)
+            if ip is not None:
+                return ip
+            if sniffer is None:
+                await asyncio.sleep(BRIDGED_POLL)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BRIDGED_POLL):
+                    await sniffer.wait()
+
+    async def detach(self, attachment: Attachment) -> None:
+        """Remove the VM's tap and forget its lease.
+
+        Calling it again, or from a new instance after a restart, is fine.
+        """
+        sniffer = self._sniffers.pop(attachment.tap, None)
+        if sniffer is not None:
+            await sniffer.close()
+        await bridge.delete_link(attachment.tap)
+        if attachment.network_type in OWNED_TYPES:
+            await self.dnsmasq(attachment.network_type).release(attachment.mac)
+        self._attached.pop(attachment.tap, None)
+        log.info("detached %s (%s)", attachment.tap, attachment.mac)
+
+    async def close(self) -> None:
+        """Stop watching taps, and leave bridges, dnsmasq and taps running for the guests."""
+        sniffers, self._sniffers = self._sniffers, {}
+        for sniffer in sniffers.values():
+            await sniffer.close()
+
+    async def teardown(self) -> None:
+        """Remove everything this service set up: taps, DHCP servers, firewall tables, bridges
+        and their state directories. The bridged network's host bridge stays.
+        """
+        await self.close()
+        for tap, attachment in list(self._attached.items()):
+            if attachment.network_type == BRIDGED:
+                await bridge.delete_link(tap)
+        self._attached.clear()
+        for network_type in OWNED_TYPES:
+            await self._teardown_owned(network_type)
+
+    async def _teardown_owned(self, network_type: str) -> None:
+        async with self._locks[network_type]:
+            self._up.discard(network_type)
+            name = self._bridge(network_type)
+            dnsmasq = self.dnsmasq(network_type)
+            await dnsmasq.stop()
+            await firewall.remove(name)
+            if await bridge.link_exists(name):
+                for port in await bridge.ports(name):
+                    if _OUR_TAP.fullmatch(port):
+                        await bridge.delete_link(port)
+                await bridge.delete_link(name)
+            await asyncio.to_thread(shutil.rmtree, dnsmasq.state_dir, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""Assembling the service from its settings, and serving it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from goldclone.api import create_app
+from goldclone.config import Settings
+from goldclone.drivers.qemu import QemuDriver
+from goldclone.images.store import ImageStore
+from goldclone.network import Networks
+from goldclone.service import VMService
+from goldclone.store import Store
+
+
+def build_service(settings: Settings) -> VMService:
+    """Wire the embedded defaults: SQLite (or ``database_url``), QEMU, owned networks."""
+    data_dir = settings.data_dir.absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http = httpx.AsyncClient(follow_redirects=True)
+    networks = Networks(settings.network, data_dir / "networks")
+    return VMService(
+        settings,
+        Store(settings.db_url),
+        ImageStore(data_dir, http, settings.download_timeout),
+        networks,
+        QemuDriver(data_dir, settings.qemu_binary, settings.accel, settings.shutdown_timeout),
+        http,
+    )
+
+
+def build_app(settings: Settings, demo_dir: Path | None = None) -> FastAPI:
+    """The API app; with ``demo_dir``, its files are served under ``/demo/`` as well."""
+    app = create_app(build_service(settings), settings.max_body_bytes)
+    if demo_dir is not None:
+        app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
+    return app
+
+
+def serve(settings: Settings, demo_dir: Path | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = build_app(settings, demo_dir)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,253 @@
+"""The VM lifecycle: accept, fetch, clone, boot, find the IP, report; and destroy.
+
+Each create runs as an asyncio task. Every change of state is written to the store before
+the service acts on it, so that a restarted service knows what each VM was doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+import httpx
+
+from goldclone.callbacks import deliver
+from goldclone.config import Settings
+from goldclone.drivers.base import Driver, MachineSpec
+from goldclone.errors import (
+    BootFailed,
+    Interrupted,
+    InvalidRequest,
+    VMFailure,
+    VMNotFound,
+)
+from goldclone.images.store import ImageStore
+from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, TimelineEntry, now_ms
+from goldclone.models import now_s as _now_s
+from goldclone.network import Attachment, Networks
+from goldclone.store import Store
+
+log = logging.getLogger(__name__)
+
+_PROCESS_CHECK_INTERVAL = 0.5
+
+
+class VMService:
+    """Owns every VM of this host: their creation tasks, their records and their teardown."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        images: ImageStore,
+        networks: Networks,
+        driver: Driver,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._images = images
+        self._networks = networks
+        self._driver = driver
+        self._http = http
+        self._creating: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def start(self) -> None:
+        """Open the store and bring every recorded VM to a state that matches reality."""
+        await self._store.open()
+        await self._driver.prepare()
+        self._images.open()
+        for vm in await self._store.list():
+            await self._recover(vm)
+
+    async def close(self) -> None:
+        """Stop background work. Running VMs keep running; unfinished creates are cut off
+        and finished as ``interrupted`` at the next start."""
+        tasks = [*self._creating.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._networks.close()
+        await self._store.close()
+        await self._http.aclose()
+
+    # -- the API's operations --------------------------------------------------------------
+
+    async def create(self, request: CreateVMRequest) -> VM:
+        self._check_request(request)
+        vm = VM(
+            id=str(uuid.uuid4()),
+            image=request.image,
+            cpus=request.cpus,
+            memory=request.memory,
+            network_type=request.network_type,
+            headless=request.headless,
+            callback_url=request.callback_url,
+            created_at=_now_s(),
+            timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
+        )
+        await self._store.insert(vm)
+        task = asyncio.create_task(self._build(vm), name=f"create {vm.id}")
+        self._creating[vm.id] = task
+        task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
+        return vm
+
+    async def get(self, vm_id: str) -> VM:
+        return await self._refresh(await self._store.get(_valid_id(vm_id)))
+
+    async def list(self) -> list[VM]:
+        return [await self._refresh(vm) for vm in await self._store.list()]
+
+    async def delete(self, vm_id: str) -> None:
+        """Cancel the VM's creation if it is under way, then destroy it and forget it."""
+        vm_id = _valid_id(vm_id)
+        async with self._lock(vm_id):
+            vm = await self._store.get(vm_id)
+            task = self._creating.get(vm_id)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                vm = await self._store.get(vm_id)
+            await self._advance(vm, Phase.DELETING, status=Status.DELETING)
+            await self._teardown(vm_id)
+            await self._store.delete(vm_id)
+        self._locks.pop(vm_id, None)
+        log.info("VM %s destroyed", vm_id)
+
+    # -- creation ----------------------------------------------------------------------------
+
+    def _check_request(self, request: CreateVMRequest) -> None:
+        limits = self._settings.limits
+        if not limits.min_cpus <= request.cpus <= limits.max_cpus:
+            raise InvalidRequest(
+                f"cpus: must be between {limits.min_cpus} and {limits.max_cpus} on this host"
+            )
+        if not limits.min_memory_mb <= request.memory <= limits.max_memory_mb:
+            raise InvalidRequest(
+                f"memory: must be between {limits.min_memory_mb} and "
+                f"{limits.max_memory_mb} MB on this host"
+            )
+        self._networks.check_available(request.network_type)
+
+    async def _build(self, vm: VM) -> None:
+        try:
+            vm = await self._boot(vm)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            vm = await self._fail(vm, exc)
+        self._spawn(deliver(self._http, vm, self._settings.callback_attempts,
+                            self._settings.callback_backoff))  # fmt: skip
+
+    async def _boot(self, vm: VM) -> VM:
+        async def fetching() -> None:
+            nonlocal vm
+            vm = await self._advance(vm, Phase.DOWNLOADING)
+
+        gold = await self._images.ensure(vm.image, on_fetch=fetching)
+        vm = await self._advance(vm, Phase.CLONING)
+        await self._driver.clone(vm.id, gold.disk)
+        attachment = await self._networks.attach(vm.network_type, vm.id)
+        await self._store.set_runtime(vm.id, {"attachment": attachment.as_dict()})
+        vm = await self._advance(vm, Phase.BOOTING, mac_address=attachment.mac)
+        await self._driver.start(MachineSpec(vm.id, vm.cpus, vm.memory, vm.headless, attachment))
+        ip = await self._wait_for_ip(vm.id, attachment)
+        vm = await self._advance(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
+        log.info("VM %s is running at %s", vm.id, ip)
+        return vm
+
+    async def _wait_for_ip(self, vm_id: str, attachment: Attachment) -> str:
+        """The guest's IP, unless its hypervisor process dies first."""
+        lease = asyncio.create_task(
+            self._networks.wait_for_ip(attachment, self._settings.ip_timeout)
+        )
+        watch = asyncio.create_task(self._watch_process(vm_id))
+        try:
+            done, _ = await asyncio.wait({lease, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lease.cancel()
+            watch.cancel()
+        if lease in done:
+            return lease.result()
+        raise BootFailed("the VM's hypervisor process exited before the guest got an IP")
+
+    async def _watch_process(self, vm_id: str) -> None:
+        while await self._driver.is_running(vm_id):
+            await asyncio.sleep(_PROCESS_CHECK_INTERVAL)
+
+    async def _fail(self, vm: VM, exc: Exception) -> VM:
+        if isinstance(exc, VMFailure):
+            error = ErrorBody(code=exc.code, message=self._public(exc.message))
+            log.warning("VM %s failed: %s: %s", vm.id, exc.code, exc.message)
+        else:
+            log.error("VM %s failed unexpectedly", vm.id, exc_info=exc)
+            error = ErrorBody(
+                code="internal-error", message="an internal error; see the server log"
+            )
+        await self._teardown(vm.id)
+        return await self._advance(vm, Phase.ERROR, status=Status.ERROR, error=error)
+
+    def _public(self, message: str) -> str:
+        """``message`` without the host's data dir path in it."""
+        return message.replace(str(self._settings.data_dir.absolute()), "$DATA_DIR")
+
+    # -- state -------------------------------------------------------------------------------
+
+    async def _advance(self, vm: VM, phase: Phase, **changes: Any) -> VM:
+        entry = TimelineEntry(phase=phase, at=now_ms())
+        vm = vm.model_copy(update={**changes, "timeline": [*vm.timeline, entry]})
+        await self._store.save(vm)
+        return vm
+
+    async def _refresh(self, vm: VM) -> VM:
+        """Notice a guest that powered itself off."""
+        if vm.status is Status.RUNNING and not await self._driver.is_running(vm.id):
+            async with self._lock(vm.id):
+                vm = await self._store.get(vm.id)
+                if vm.status is Status.RUNNING and not await self._driver.is_running(vm.id):
+                    vm = await self._advance(vm, Phase.STOPPED, status=Status.STOPPED)
+        return vm
+
+    async def _recover(self, vm: VM) -> None:
+        if vm.status is Status.CREATING:
+            await self._fail(vm, Interrupted("the service stopped while this VM was being created"))
+        elif vm.status is Status.DELETING:
+            await self._teardown(vm.id)
+            await self._store.delete(vm.id)
+        elif vm.status is Status.RUNNING:
+            attachment = await self._attachment(vm.id)
+            if attachment is not None:
+                await self._networks.adopt(attachment)
+            await self._refresh(vm)
+
+    async def _attachment(self, vm_id: str) -> Attachment | None:
+        data = (await self._store.runtime(vm_id)).get("attachment")
+        return Attachment.from_dict(data) if data else None
+
+    async def _teardown(self, vm_id: str) -> None:
+        """Remove every part of the VM: process, clone, tap and lease. Safe to repeat."""
+        await self._driver.destroy(vm_id)
+        attachment = await self._attachment(vm_id)
+        if attachment is not None:
+            await self._networks.detach(attachment)
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _valid_id(vm_id: str) -> str:
+    """A malformed ID can name no VM, so it is a plain 404."""
+    try:
+        return str(uuid.UUID(vm_id))
+    except ValueError:
+        raise VMNotFound() from None

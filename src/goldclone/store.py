@@ -1,0 +1,95 @@
+"""Where VMs are recorded: SQLAlchemy over SQLite by default, so PostgreSQL can take its place.
+
+A VM is stored as its API object (JSON) plus a ``runtime`` dict that only the service reads:
+what a driver and the network need to find the VM's parts again after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import JSON, Column, MetaData, String, Table, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from goldclone.errors import VMNotFound
+from goldclone.models import VM
+
+_metadata = MetaData()
+
+_vms = Table(
+    "vms",
+    _metadata,
+    Column("id", String(36), primary_key=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("vm", JSON, nullable=False),
+    Column("runtime", JSON, nullable=False),
+)
+
+
+class Store:
+    """VM records, keyed by ID. Every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self._engine: AsyncEngine = create_async_engine(url)
+
+    async def open(self) -> None:
+        async with self._engine.begin() as conn:
+            await conn.run_sync(_metadata.create_all)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def insert(self, vm: VM, runtime: dict[str, Any] | None = None) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                _vms.insert().values(
+                    id=vm.id, status=vm.status.value, vm=_dump(vm), runtime=runtime or {}
+                )
+            )
+
+    async def save(self, vm: VM) -> None:
+        """Write the VM object; raises ``VMNotFound`` if it was deleted meanwhile."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                _vms.update().where(_vms.c.id == vm.id).values(status=vm.status.value, vm=_dump(vm))
+            )
+            if result.rowcount == 0:
+                raise VMNotFound()
+
+    async def set_runtime(self, vm_id: str, runtime: dict[str, Any]) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(_vms.update().where(_vms.c.id == vm_id).values(runtime=runtime))
+
+    async def get(self, vm_id: str) -> VM:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_vms.c.vm).where(_vms.c.id == vm_id))).first()
+        if row is None:
+            raise VMNotFound()
+        return VM.model_validate(row.vm)
+
+    async def runtime(self, vm_id: str) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_vms.c.runtime).where(_vms.c.id == vm_id))).first()
+        if row is None:
+            raise VMNotFound()
+        return dict(row.runtime)
+
+    async def list(self) -> list[VM]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(_vms.c.vm))
+            return _load_all(row.vm for row in rows)
+
+    async def delete(self, vm_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(_vms.delete().where(_vms.c.id == vm_id))
+
+
+def _dump(vm: VM) -> dict[str, Any]:
+    return vm.model_dump(mode="json")
+
+
+def _load_all(docs: Iterable[dict[str, Any]]) -> list[VM]:
+    vms = [VM.model_validate(doc) for doc in docs]
+    vms.sort(key=lambda vm: (vm.created_at, vm.id))
+    return vms

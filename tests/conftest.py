@@ -1,0 +1,87 @@
+"""Shared fixtures. The suite runs as root inside a private network namespace (``make test``)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from goldclone.config import Settings
+from goldclone.demo_image import build_demo_image
+from tests.harness import Goldclone, goldclone_server, processes_mentioning
+from tests.netns import foreign_network
+from tests.servers import CallbackReceiver, FileServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run where the tests could touch the host's network."""
+    if os.geteuid() != 0:
+        pytest.exit("the tests need root: run them with `make test`", returncode=2)
+    if problem := foreign_network():
+        pytest.exit(
+            "the tests create bridges, taps and DHCP servers, so they must run in a private "
+            f"network namespace: run them with `make test` (this one has {problem})",
+            returncode=2,
+        )
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    """A short folder for the session: QMP socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="gct"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_package(workdir: Path) -> Path:
+    """The demo guest's image package, built once per session."""
+    package = workdir / "served" / "demo.tar.gz"
+    package.parent.mkdir()
+    asyncio.run(build_demo_image(package))
+    return package
+
+
+@pytest.fixture(scope="session")
+def file_server(workdir: Path, demo_package: Path) -> Iterator[FileServer]:
+    with FileServer(demo_package.parent).running() as server:
+        yield server
+
+
+@pytest.fixture
+def callbacks() -> Iterator[CallbackReceiver]:
+    with CallbackReceiver().running() as receiver:
+        yield receiver
+
+
+def checksum(path: Path, kind: str = "sha256") -> str:
+    with path.open("rb") as data:
+        return hashlib.file_digest(data, kind).hexdigest()
+
+
+@pytest.fixture
+def settings(workdir: Path) -> Iterator[Settings]:
+    data_dir = Path(tempfile.mkdtemp(prefix="d", dir=workdir))
+    yield Settings(data_dir=data_dir, ip_timeout=90.0, download_timeout=5.0,
+                   shutdown_timeout=5.0, callback_backoff=0.05)  # fmt: skip
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def goldclone(settings: Settings) -> AsyncIterator[Goldclone]:
+    async with goldclone_server(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running(workdir: Path) -> Iterator[None]:
+    """No qemu or dnsmasq that this test run started outlives it."""
+    yield
+    left = processes_mentioning(str(workdir))
+    assert not left, f"processes of the test run are still running: {left}"

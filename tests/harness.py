@@ -1,0 +1,163 @@
+"""Runs the real goldclone server in-process on loopback, and checks what it leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from goldclone.config import Settings
+from goldclone.network import Networks
+from goldclone.network.manager import tap_name
+from goldclone.server import build_app
+
+BOOT_TIMEOUT = 180.0
+
+
+class Goldclone:
+    """One goldclone server over a data dir; it can be stopped and started again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.client = httpx.AsyncClient(timeout=30)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    async def start(self) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        self.settings = dataclasses.replace(self.settings, port=port)
+        app = build_app(self.settings)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise AssertionError("the server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    async def stop(self) -> None:
+        """Stop the server gracefully; running VMs stay, as after a restart of the service."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+        self._server = self._task = None
+        await self.client.aclose()
+
+    async def post_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.client.post("/vms", json=body)
+        assert response.status_code == 202, response.text
+        vm: dict[str, Any] = response.json()
+        return vm
+
+    async def wait_for(
+        self, vm_id: str, *statuses: str, timeout: float = BOOT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Poll ``GET /vms/{id}`` until the VM reaches one of ``statuses``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            response = await self.client.get(f"/vms/{vm_id}")
+            assert response.status_code == 200, response.text
+            vm: dict[str, Any] = response.json()
+            if vm["status"] in statuses:
+                return vm
+            assert vm["status"] in ("creating", "running"), vm
+            if loop.time() > deadline:
+                raise AssertionError(f"VM still {vm['status']} after {timeout} s: {vm}")
+            await asyncio.sleep(0.1)
+
+    async def wait_for_phase(self, vm_id: str, phase: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Poll until the VM's timeline has reached ``phase``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            vm = (await self.client.get(f"/vms/{vm_id}")).json()
+            if phase in [entry["phase"] for entry in vm["timeline"]]:
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"VM never reached {phase}: {vm}")
+            await asyncio.sleep(0.05)
+
+    async def delete(self, vm_id: str) -> None:
+        response = await self.client.delete(f"/vms/{vm_id}")
+        assert response.status_code == 204, response.text
+        assert response.content == b""
+
+    async def remove_networks(self) -> None:
+        await Networks(self.settings.network, self.data_dir.absolute() / "networks").teardown()
+
+
+@asynccontextmanager
+async def goldclone_server(settings: Settings) -> AsyncIterator[Goldclone]:
+    """A started server; on exit every VM is deleted and every network removed."""
+    server = Goldclone(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        if server._server is None:
+            await server.start()
+        for vm in (await server.client.get("/vms")).json()["vms"]:
+            await server.client.delete(f"/vms/{vm['id']}")
+        await server.stop()
+        await server.remove_networks()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def links() -> list[str]:
+    """The names of this namespace's network interfaces (``/sys/class/net`` shows the host's)."""
+    out = subprocess.run(["ip", "-j", "link", "show"], check=True, capture_output=True, text=True)
+    return [link["ifname"] for link in json.loads(out.stdout)]
+
+
+def leftovers(data_dir: Path, vm: dict[str, Any]) -> list[str]:
+    """Everything of a deleted or failed VM that is still there; empty when all is clean."""
+    vm_id, found = vm["id"], []
+    if pids := processes_mentioning(vm_id):
+        found.append(f"processes {pids}")
+    if (data_dir / "vms" / vm_id).exists():
+        found.append(f"folder vms/{vm_id}")
+    if tap_name(vm_id) in links():
+        found.append(f"tap {tap_name(vm_id)}")
+    for leases in (data_dir / "networks").glob("*/*leases*"):
+        for line in leases.read_text().splitlines():
+            if (vm.get("mac_address") or "-") in line or f" {vm.get('ip_address') or '-'} " in line:
+                found.append(f"lease in {leases.name}: {line}")
+    downloads = data_dir / "downloads"
+    if downloads.is_dir() and (partial := list(downloads.iterdir())):
+        found.append(f"downloads {partial}")
+    if staging := list((data_dir / "images").glob(".tmp-*")):
+        found.append(f"half-made images {staging}")
+    return found

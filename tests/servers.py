@@ -1,0 +1,141 @@
+"""Real HTTP servers on loopback for the tests: an image server and a callback receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], owner: Any) -> Iterator[_Server]:
+    server = _Server(("127.0.0.1", 0), handler)
+    server.owner = owner  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class FileServer:
+    """Serves the files of a folder and counts the GETs of each path.
+
+    ``/stall/NAME`` sends the headers of NAME and then nothing, to make a download time out.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gets: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        self.port = 0
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    @contextmanager
+    def running(self) -> Iterator[FileServer]:
+        with _serving(_FileHandler, self) as server:
+            self.port = server.server_address[1]
+            try:
+                yield self
+            finally:
+                self._release.set()
+
+    def _count(self, path: str) -> None:
+        with self._lock:
+            self.gets[path] += 1
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        owner: FileServer = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.lstrip("/")
+        owner._count(path)
+        stall = path.startswith("stall/")
+        name = path.removeprefix("stall/")
+        file = owner.root / name
+        if "/" in name or not file.is_file():
+            self.send_error(404)
+            return
+        size = file.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if stall:
+            owner._release.wait(60)
+            return
+        with file.open("rb") as data:
+            while chunk := data.read(1 << 20):
+                self.wfile.write(chunk)
+
+
+class CallbackReceiver:
+    """Records the JSON bodies POSTed to it; answers 500 to the first ``fail_first`` of them."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.attempts = 0
+        self.bodies: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/vm-ready"
+
+    @contextmanager
+    def running(self) -> Iterator[CallbackReceiver]:
+        with _serving(_CallbackHandler, self) as server:
+            self.port = server.server_address[1]
+            yield self
+
+    def _record(self, body: bytes) -> bool:
+        with self._cond:
+            self.attempts += 1
+            accepted = self.attempts > self.fail_first
+            if accepted:
+                self.bodies.append(json.loads(body))
+                self._cond.notify_all()
+            return accepted
+
+    def wait_for(self, count: int, timeout: float) -> list[dict[str, Any]]:
+        """Block until ``count`` bodies have arrived (a thread wait, for use via to_thread)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.bodies) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    raise AssertionError(f"{len(self.bodies)} callbacks, expected {count}")
+            return list(self.bodies)
+
+
+class _CallbackHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        owner: CallbackReceiver = self.server.owner  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        ok = owner._record(body)
+        self.send_response(204 if ok else 500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()

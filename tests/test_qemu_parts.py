@@ -1,0 +1,70 @@
+"""The QEMU driver's parts that stand alone: the accelerator probe and the command runner."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from goldclone.commands import run
+from goldclone.drivers.qemu.accel import choose_accel, runs_guest
+from goldclone.errors import CommandError, CommandTimeout
+from tests.harness import processes_mentioning
+
+
+async def test_the_probe_firmware_runs_under_tcg() -> None:
+    assert await runs_guest("qemu-system-x86_64", "tcg") is True
+
+
+async def test_the_probe_fails_for_an_accelerator_that_does_not_exist() -> None:
+    assert await runs_guest("qemu-system-x86_64", "no-such-accel") is False
+
+
+async def test_forced_accelerators_are_kept() -> None:
+    assert await choose_accel("tcg", "qemu-system-x86_64") == "tcg"
+    assert await choose_accel("kvm", "qemu-system-x86_64") == "kvm"
+
+
+async def test_auto_falls_back_to_tcg_without_virtualisation_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text()
+    if " vmx" in flags or " svm" in flags:
+        pytest.fail("this host has virtualisation flags; the test expects a TCG-only host")
+    assert await choose_accel("auto", "qemu-system-x86_64") == "tcg"
+
+
+async def test_run_reports_the_first_stderr_line() -> None:
+    with pytest.raises(CommandError) as caught:
+        await run("sh", "-c", "echo; echo 'first problem' >&2; echo second >&2; exit 3")
+    assert caught.value.returncode == 3
+    assert caught.value.stderr_line == "first problem"
+    assert "first problem" in caught.value.message
+
+
+async def test_run_kills_a_program_that_overruns() -> None:
+    marker = f"sleep-marker-{time.monotonic_ns()}"
+    with pytest.raises(CommandTimeout):
+        await run(*_sleeper(marker), timeout=0.3)
+    assert processes_mentioning(marker) == []
+
+
+async def test_run_kills_the_program_when_cancelled() -> None:
+    marker = f"sleep-marker-{time.monotonic_ns()}"
+    task = asyncio.create_task(run(*_sleeper(marker)))
+    while not processes_mentioning(marker):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert processes_mentioning(marker) == []
+
+
+def _sleeper(marker: str) -> list[str]:
+    return [sys.executable, "-c", "import time; time.sleep(30)", marker]
+
+
+async def test_run_names_a_missing_program() -> None:
+    with pytest.raises(CommandError, match="not installed"):
+        await run("no-such-program-here")

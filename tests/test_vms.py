@@ -1,0 +1,266 @@
+"""The whole VM lifecycle through the real HTTP API: real QEMU guests, DHCP and downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from goldclone.config import Settings
+from goldclone.drivers.qemu.qmp import qmp_execute
+from tests.conftest import checksum
+from tests.harness import Goldclone, goldclone_server, leftovers, links
+from tests.packages import extract_disk, make_package
+from tests.servers import CallbackReceiver, FileServer
+
+
+def original_example(url: str, digest: str, callback_url: str) -> dict[str, Any]:
+    """The OS X Builder README's request, with only the image and callback addresses changed."""
+    return {
+        "cpus": 2,
+        "memory": 1024,
+        "network_type": "nat",
+        "image": {"url": url, "checksum": digest, "checksum_type": "sha1"},
+        "headless": True,
+        "callback_url": callback_url,
+    }
+
+
+def small(url: str, digest: str, kind: str = "sha256", **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "cpus": 1,
+        "memory": 256,
+        "image": {"url": url, "checksum": digest, "checksum_type": kind},
+    }
+    return body | changes
+
+
+async def guest_page(ip: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://{ip}/")
+    assert response.status_code == 200
+    return response.text
+
+
+async def assert_serves(vm: dict[str, Any]) -> None:
+    """The reported IP is real: the guest at it answers, and it is the VM with that MAC."""
+    assert vm["status"] == "running", vm
+    page = await guest_page(vm["ip_address"])
+    assert "goldclone demo guest" in page
+    assert vm["mac_address"] and vm["mac_address"] in page
+
+
+async def destroy_and_check(goldclone: Goldclone, vm: dict[str, Any]) -> None:
+    await goldclone.delete(vm["id"])
+    assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
+    assert leftovers(goldclone.data_dir, vm) == []
+
+
+@pytest.fixture(scope="module")
+def packages(workdir: Path, demo_package: Path, file_server: FileServer) -> dict[str, Path]:
+    """The demo disk in every package format, served by the file server."""
+    disk = extract_disk(demo_package, workdir / "disk.qcow2")
+    made = {}
+    for kind in ("tar.gz", "tar.bz2", "tar", "zip", "qcow2", "vmware"):
+        made[kind] = make_package(disk, kind, file_server.root / f"demo-{kind}.pkg")
+    return made
+
+
+def copy_as(file_server: FileServer, package: Path) -> str:
+    """A fresh name for the same package, so its GETs can be counted on their own."""
+    name = f"{uuid.uuid4().hex}.pkg"
+    (file_server.root / name).write_bytes(package.read_bytes())
+    return name
+
+
+@pytest.mark.parametrize("network_type", ["nat", "hostonly"])
+async def test_original_example_end_to_end(
+    goldclone: Goldclone,
+    file_server: FileServer,
+    demo_package: Path,
+    callbacks: CallbackReceiver,
+    network_type: str,
+) -> None:
+    body = original_example(
+        file_server.url("demo.tar.gz"), checksum(demo_package, "sha1"), callbacks.url
+    )
+    body["network_type"] = network_type
+    accepted = await goldclone.post_vm(body)
+    assert accepted["status"] == "creating"
+    uuid.UUID(accepted["id"])
+
+    vm = await goldclone.wait_for(accepted["id"], "running", "error")
+    await assert_serves(vm)
+    assert vm["cpus"] == 2 and vm["memory"] == 1024 and vm["network_type"] == network_type
+    phases = [entry["phase"] for entry in vm["timeline"]]
+    assert phases == ["accepted", "downloading", "cloning", "booting", "running"]
+
+    [delivered] = await asyncio.to_thread(callbacks.wait_for, 1, 30)
+    assert delivered == vm
+    listed = (await goldclone.client.get("/vms")).json()["vms"]
+    assert [v["id"] for v in listed] == [vm["id"]]
+
+    await destroy_and_check(goldclone, vm)
+
+
+@pytest.mark.parametrize(
+    ("kind", "checksum_type"),
+    [
+        ("tar.bz2", "md5"),
+        ("tar", "sha1"),
+        ("zip", "sha512"),
+        ("qcow2", "sha256"),
+        ("vmware", "sha1"),
+    ],
+)
+async def test_every_package_format_boots(
+    goldclone: Goldclone,
+    file_server: FileServer,
+    packages: dict[str, Path],
+    kind: str,
+    checksum_type: str,
+) -> None:
+    package = packages[kind]
+    body = small(file_server.url(package.name), checksum(package, checksum_type), checksum_type)
+    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    await assert_serves(vm)
+    gold = goldclone.data_dir / "images" / f"{checksum_type}-{checksum(package, checksum_type)}"
+    assert gold.is_dir()
+    await destroy_and_check(goldclone, vm)
+    assert gold.is_dir(), "the gold image stays for the next VM"
+
+
+async def test_concurrent_creates_share_one_download(
+    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+) -> None:
+    name = copy_as(file_server, packages["tar.gz"])
+    url, digest = file_server.url(name), checksum(packages["tar.gz"])
+    accepted = await asyncio.gather(*(goldclone.post_vm(small(url, digest)) for _ in range(3)))
+    vms = [await goldclone.wait_for(vm["id"], "running", "error") for vm in accepted]
+    for vm in vms:
+        await assert_serves(vm)
+    assert file_server.gets[name] == 1
+    assert len({vm["ip_address"] for vm in vms}) == 3
+    assert len({vm["mac_address"] for vm in vms}) == 3
+
+    # a cache hit downloads nothing
+    again = await goldclone.wait_for(
+        (await goldclone.post_vm(small(url, digest)))["id"], "running", "error"
+    )
+    await assert_serves(again)
+    assert file_server.gets[name] == 1
+    assert "downloading" not in [entry["phase"] for entry in again["timeline"]]
+    for vm in [*vms, again]:
+        await destroy_and_check(goldclone, vm)
+
+
+async def test_running_vms_survive_a_restart(
+    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+) -> None:
+    package = packages["tar.gz"]
+    body = small(file_server.url(package.name), checksum(package))
+    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    await assert_serves(vm)
+
+    await goldclone.stop()
+    await goldclone.start()
+
+    after = (await goldclone.client.get(f"/vms/{vm['id']}")).json()
+    assert after == vm
+    await assert_serves(after)
+    await destroy_and_check(goldclone, after)
+
+
+async def test_a_guest_that_powers_off_is_stopped(
+    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+) -> None:
+    package = packages["tar.gz"]
+    body = small(file_server.url(package.name), checksum(package))
+    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    await assert_serves(vm)
+    qmp = goldclone.data_dir.absolute() / "vms" / vm["id"] / "qmp.sock"
+    await qmp_execute(qmp, "system_powerdown")
+    stopped = await goldclone.wait_for(vm["id"], "stopped", timeout=60)
+    assert stopped["timeline"][-1]["phase"] == "stopped"
+    await destroy_and_check(goldclone, stopped)
+
+
+async def test_delete_cancels_a_create_in_progress(
+    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+) -> None:
+    package = packages["tar.gz"]
+    body = small(file_server.url(package.name), checksum(package))
+    vm = await goldclone.post_vm(body)
+    await goldclone.wait_for_phase(vm["id"], "booting")
+    await destroy_and_check(goldclone, vm)
+
+
+async def test_callback_is_retried_and_a_dead_receiver_harms_nothing(
+    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+) -> None:
+    package = packages["tar.gz"]
+    with CallbackReceiver(fail_first=2).running() as flaky:
+        body = small(file_server.url(package.name), checksum(package), callback_url=flaky.url)
+        vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        [delivered] = await asyncio.to_thread(flaky.wait_for, 1, 30)
+        assert flaky.attempts == 3
+        assert delivered["id"] == vm["id"] and delivered["status"] == "running"
+
+    with CallbackReceiver(fail_first=10**6).running() as dead:
+        body = small(file_server.url(package.name), checksum(package), callback_url=dead.url)
+        other = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        await assert_serves(other)
+    for v in (vm, other):
+        await destroy_and_check(goldclone, v)
+
+
+@pytest.fixture
+def host_bridge() -> Iterator[tuple[str, Path]]:
+    """An existing host bridge with its own DHCP server, as a LAN would have; not goldclone's."""
+    bridge, leases, pidfile = (
+        "gcxlan0",
+        Path(f"/tmp/{uuid.uuid4().hex}.leases"),
+        Path(f"/tmp/{uuid.uuid4().hex}.pid"),
+    )
+    run = lambda *argv: subprocess.run(argv, check=True)  # noqa: E731
+    run("ip", "link", "add", bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+    run("ip", "addr", "add", "10.77.0.1/24", "dev", bridge)
+    run("ip", "link", "set", bridge, "up")
+    run("dnsmasq", "--conf-file=/dev/null", "--port=0", "--bind-interfaces",
+        f"--interface={bridge}", "--except-interface=lo", "--dhcp-range=10.77.0.50,10.77.0.99,1h",
+        f"--dhcp-leasefile={leases}", "--dhcp-authoritative", "--no-ping",
+        f"--pid-file={pidfile}")  # fmt: skip
+    try:
+        yield bridge, leases
+    finally:
+        pid = int(pidfile.read_text())
+        subprocess.run(["kill", str(pid)], check=False)
+        subprocess.run(["ip", "link", "del", bridge], check=False)
+        leases.unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
+
+
+async def test_bridged_joins_an_existing_bridge(
+    settings: Settings,
+    file_server: FileServer,
+    packages: dict[str, Path],
+    host_bridge: tuple[str, Path],
+) -> None:
+    bridge, _ = host_bridge
+    package = packages["tar.gz"]
+    network = dataclasses.replace(settings.network, bridged_bridge=bridge)
+    bridged = dataclasses.replace(settings, network=network)
+    async with goldclone_server(bridged) as goldclone:
+        body = small(file_server.url(package.name), checksum(package), network_type="bridged")
+        vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        await assert_serves(vm)
+        assert vm["ip_address"].startswith("10.77.0.")
+        await destroy_and_check(goldclone, vm)
+        assert bridge in links(), "a host bridge is not ours to remove"
