@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,14 @@ class VmxFile:
             if line.key is not None:
                 seen.setdefault(line.key.lower(), line.key)
         return list(seen.values())
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over ``keys()``."""
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        """Whether some line sets ``key`` (any case)."""
+        return isinstance(key, str) and any(_same(line.key, key) for line in self._lines)
 
     def _encoding(self) -> str:
         found = [line for line in self._lines if _same(line.key, ".encoding")]

@@ -165,6 +165,8 @@ class _Source:
         self.after = ""  # the last member read, for messages
 
     def read(self, size: int = -1, /) -> bytes:
+        if size == 0:
+            return b""  # zlib would take a limit of 0 as no limit at all
         data = self._read(_CHUNK if size < 0 else size)
         self._pos += len(data)
         if self.budget is not None:
@@ -396,23 +398,39 @@ def _safe_parts(name: str) -> tuple[str, ...]:
 
 
 def _unpack_tar(source: _Source, writer: _Writer) -> None:
-    with tarfile.open(fileobj=source, mode="r|", bufsize=_CHUNK) as tar:
-        while (member := _next_member(tar, source)) is not None:
-            writer.count_member(member.name)
-            if _tar_member_is_dir(member):
-                writer.make_dir(member.name)
-                continue
-            data = tar.extractfile(member)
-            assert data is not None  # a regular file always has data
-            with data:
-                writer.write_file(member.name, _tar_reader(data, member.name))
+    with _open_tar_stream(source) as tar:
+        while True:
+            with _reading_headers(source):
+                member = tar.next()
+            if member is None:
+                return
+            _unpack_tar_member(tar, member, writer)
             source.after = member.name
 
 
-def _next_member(tar: tarfile.TarFile, source: _Source) -> tarfile.TarInfo | None:
+def _open_tar_stream(source: _Source) -> tarfile.TarFile:
+    # Opening a stream already reads the first member's header.
+    with _reading_headers(source):
+        return tarfile.open(fileobj=source, mode="r|", bufsize=_CHUNK)
+
+
+def _unpack_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writer) -> None:
+    writer.count_member(member.name)
+    if _tar_member_is_dir(member):
+        writer.make_dir(member.name)
+        return
+    data = tar.extractfile(member)
+    assert data is not None  # a regular file always has data
+    with data:
+        writer.write_file(member.name, _tar_reader(data, member.name))
+
+
+@contextlib.contextmanager
+def _reading_headers(source: _Source) -> Iterator[None]:
+    """Bound what tarfile may read for headers, and report a damaged archive plainly."""
     source.budget = _MAX_TAR_METADATA
     try:
-        return tar.next()
+        yield
     except (tarfile.TarError, EOFError, IndexError, ValueError) as exc:
         where = f"after member {source.after!r}" if source.after else "at its start"
         raise ImageUnsupported(f"the tar archive is damaged {where}: {exc}") from None
@@ -456,7 +474,7 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
         raise ImageUnsupported(f"the zip archive is damaged: {exc}") from None
     with archive:
         members = archive.infolist()
-        _check_zip_members(path, members, writer)
+        _check_zip_members(path, members, writer.limits)
         for info in members:
             name = info.orig_filename
             writer.count_member(name)
@@ -469,16 +487,14 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
                 writer.write_file(name, _zip_reader(data, name))
 
 
-def _check_zip_members(path: Path, members: list[zipfile.ZipInfo], writer: _Writer) -> None:
+def _check_zip_members(path: Path, members: list[zipfile.ZipInfo], limits: UnpackLimits) -> None:
     """Reject what the central directory alone shows is bad, before anything is written."""
-    if len(members) > writer.limits.max_members:
-        raise ImageUnsafe(
-            f"the package has {len(members)} members, more than {writer.limits.max_members}"
-        )
+    if len(members) > limits.max_members:
+        raise ImageUnsafe(f"the package has {len(members)} members, more than {limits.max_members}")
     declared = sum(info.file_size for info in members)
-    if declared > writer.limits.max_total_bytes:
+    if declared > limits.max_total_bytes:
         raise ImageUnsafe(
-            f"the package declares {declared} bytes, more than {writer.limits.max_total_bytes}"
+            f"the package declares {declared} bytes, more than {limits.max_total_bytes}"
         )
     for info in members:
         _zip_member_is_dir(info)

@@ -452,8 +452,7 @@ def _vmware_package(vmx_path: Path, root: Path) -> Package:
 def _vmx_disks(vmx: VmxFile) -> list[str]:
     """The ``.vmdk`` files of the present disks, in the order the file lists them."""
     disks = []
-    keys = vmx.keys()
-    for key in keys:
+    for key in vmx:
         match = _VMX_DISK_KEY.fullmatch(key)
         value = vmx.get(key)
         if match is None or value is None or not value.lower().endswith(".vmdk"):
