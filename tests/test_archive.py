@@ -413,12 +413,23 @@ def test_unpacking_holds_little_in_memory(tmp_path: Path, dest: Path) -> None:
     assert peak < 16 * MiB
 
 
-def test_a_huge_tar_header_is_refused_before_it_is_buffered(tmp_path: Path, dest: Path) -> None:
+@pytest.mark.parametrize(
+    ("before", "where"), [([], "at its start"), ([_file("first")], "after member 'first'")]
+)
+def test_a_huge_tar_header_is_refused_before_it_is_buffered(
+    tmp_path: Path, dest: Path, before: list[Member], where: str
+) -> None:
     info, data = _file("disk.raw")
     info.pax_headers = {"comment": "x" * (16 * MiB)}
-    package = _write_tar(tmp_path / "p.tar.gz", [_file("first"), (info, data)])
-    with pytest.raises(ImageUnsafe, match=r"oversized header data after member 'first'"):
-        unpack(package, dest)
+    package = _write_tar(tmp_path / "p.tar.gz", [*before, (info, data)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageUnsafe, match=f"oversized header data {where}"):
+            unpack(package, dest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB
 
 
 def test_a_bzip2_bomb_is_stopped_at_the_cap(tmp_path: Path, dest: Path) -> None:

@@ -307,6 +307,29 @@ def test_the_embedded_descriptor_of_a_sparse_vmdk_is_checked(tmp_path: Path) -> 
         check_disk(disk, tmp_path)
 
 
+def _move_header_to_footer(disk: Path, footer_capacity: int) -> None:
+    """Make ``disk`` keep its grain directory offset in a footer, as VMware's exports do."""
+    data = bytearray(disk.read_bytes())
+    footer = bytearray(data[:512])
+    struct.pack_into("<Q", footer, 12, footer_capacity)
+    struct.pack_into("<Q", data, 56, 0xFFFF_FFFF_FFFF_FFFF)  # gdOffset: "see the footer"
+    marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
+    disk.write_bytes(data + marker + footer + bytes(512))
+
+
+def test_a_stream_optimized_vmdk_with_a_footer_passes(tmp_path: Path) -> None:
+    disk = _vmdk(tmp_path / "disk.vmdk", "streamOptimized")
+    _move_header_to_footer(disk, footer_capacity=16384)
+    assert check_disk(disk, tmp_path).format == "vmdk"
+
+
+def test_a_footer_that_redirects_is_unsafe(tmp_path: Path) -> None:
+    disk = _vmdk(tmp_path / "disk.vmdk", "streamOptimized")
+    _move_header_to_footer(disk, footer_capacity=0)
+    with pytest.raises(ImageUnsafe, match=r"redirects to the extents"):
+        check_disk(disk, tmp_path)
+
+
 def test_a_renamed_monolithic_sparse_vmdk_passes(tmp_path: Path) -> None:
     original = _vmdk(tmp_path / "original.vmdk", "monolithicSparse")
     renamed = original.rename(tmp_path / "disk.vmdk")

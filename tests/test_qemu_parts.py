@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from goldclone.commands import run
+from goldclone.drivers.base import MachineSpec
+from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel, runs_guest
 from goldclone.errors import CommandError, CommandTimeout
+from goldclone.network import Attachment
 from tests.harness import processes_mentioning
 
 
@@ -68,3 +71,28 @@ def _sleeper(marker: str) -> list[str]:
 async def test_run_names_a_missing_program() -> None:
     with pytest.raises(CommandError, match="not installed"):
         await run("no-such-program-here")
+
+
+def _spec(headless: bool) -> MachineSpec:
+    attachment = Attachment("nat", "gcnat0", "gc282ee68a2e4d", "52:54:00:12:34:56")
+    return MachineSpec("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", 2, 512, headless, attachment)
+
+
+def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None:
+    driver = QemuDriver(Path("relative-data"), "qemu-system-x86_64", "tcg")
+    argv = driver.command_line(_spec(headless=True))
+    paths = [part.split("file=")[-1].split(",")[0].split(":", 1)[-1]
+             for part in argv if "relative-data" in part]  # fmt: skip
+    assert len(paths) == 4  # the disk, the console log, the QMP socket and the pidfile
+    assert all(Path(path).is_absolute() for path in paths), paths
+    assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
+    assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "512"]
+    assert "mac=52:54:00:12:34:56" in argv[argv.index("-device") + 1]
+
+
+def test_headless_means_no_display() -> None:
+    driver = QemuDriver(Path("/d"), "qemu-system-x86_64", "tcg")
+    headless = driver.command_line(_spec(headless=True))
+    assert headless[headless.index("-display") + 1] == "none"
+    shown = driver.command_line(_spec(headless=False))
+    assert shown[shown.index("-display") + 1].startswith("vnc=unix:/d/vms/")

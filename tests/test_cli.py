@@ -1,0 +1,110 @@
+"""The ``goldclone`` command, run as a real program."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from goldclone.config import Settings
+
+GOLDCLONE = [sys.executable, "-m", "goldclone.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
+    out = tmp_path / "demo.tar.gz"
+    result = subprocess.run([*GOLDCLONE, "demo-image", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def serve_until_answering(argv: list[str], env: dict[str, str], port: int) -> None:
+    """Start ``goldclone serve``, wait for ``GET /vms`` to answer, then stop it by its PID."""
+    with (
+        tempfile.TemporaryFile("w+") as log,
+        subprocess.Popen(argv, env={**os.environ, **env}, stderr=log) as proc,
+    ):
+        try:
+            assert answers(port, proc), f"serve did not answer: {_read(log)}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            # uvicorn shuts down gracefully, then re-raises the signal it caught
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+            assert "Application shutdown complete" in _read(log)
+
+
+def answers(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    with httpx.Client() as client:
+        while proc.poll() is None:
+            try:
+                response = client.get(f"http://127.0.0.1:{port}/vms")
+            except httpx.ConnectError:
+                time.sleep(0.05)
+                continue
+            return bool(response.json() == {"vms": []})
+    return False
+
+
+def _read(log: IO[str]) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def test_serve_takes_port_and_data_dir_from_the_environment(workdir: Path) -> None:
+    port, data_dir = free_port(), workdir / "cli-env"
+    env = {"PORT": str(port), "GOLDCLONE_DATA_DIR": str(data_dir), "GOLDCLONE_HOST": "127.0.0.1"}
+    serve_until_answering([*GOLDCLONE, "serve"], env, port)
+    assert (data_dir / "state.db").is_file()
+
+
+def test_serve_options_win_over_the_environment(workdir: Path) -> None:
+    port, data_dir = free_port(), workdir / "cli-opt"
+    argv = [*GOLDCLONE, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
+            str(data_dir)]  # fmt: skip
+    serve_until_answering(argv, {"PORT": "1", "GOLDCLONE_DATA_DIR": "/nonexistent"}, port)
+    assert (data_dir / "state.db").is_file()
+
+
+def test_a_bad_setting_is_a_clear_usage_error() -> None:
+    result = subprocess.run(
+        [*GOLDCLONE, "serve"], env={**os.environ, "PORT": "twelve"}, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "PORT='twelve'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_read_every_network_variable() -> None:
+    settings = Settings.from_env(
+        {
+            "GOLDCLONE_NAT_BRIDGE": "natbr",
+            "GOLDCLONE_NAT_SUBNET": "10.1.0.0/24",
+            "GOLDCLONE_HOSTONLY_SUBNET": "10.2.0.0/24",
+            "GOLDCLONE_BRIDGED_BRIDGE": "br0",
+            "GOLDCLONE_IP_TIMEOUT": "7.5",
+        }
+    )
+    assert settings.network.nat_bridge == "natbr"
+    assert str(settings.network.nat_subnet) == "10.1.0.0/24"
+    assert str(settings.network.hostonly_subnet) == "10.2.0.0/24"
+    assert settings.network.bridged_bridge == "br0"
+    assert settings.ip_timeout == 7.5
+    with pytest.raises(ValueError, match="GOLDCLONE_NAT_SUBNET"):
+        Settings.from_env({"GOLDCLONE_NAT_SUBNET": "10.1.0.1/33"})
