@@ -16,7 +16,7 @@ import pytest
 from goldclone.config import Settings
 from goldclone.drivers.qemu.qmp import qmp_execute
 from tests.conftest import checksum
-from tests.harness import Goldclone, goldclone_server, leftovers, links
+from tests.harness import Goldclone, goldclone_server, leftovers, links, processes_mentioning
 from tests.packages import extract_disk, make_package
 from tests.servers import CallbackReceiver, FileServer
 
@@ -108,6 +108,11 @@ async def test_original_example_end_to_end(
     assert [v["id"] for v in listed] == [vm["id"]]
 
     await destroy_and_check(goldclone, vm)
+
+    # with no VM left, a stopped service leaves no network behind either
+    await goldclone.stop()
+    assert goldclone.settings.network.bridge(network_type) not in links()
+    assert processes_mentioning(str(goldclone.data_dir)) == []
 
 
 @pytest.mark.parametrize(

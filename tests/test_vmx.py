@@ -79,14 +79,15 @@ def test_set_appends_a_new_key_with_the_file_line_ending() -> None:
 
 
 def test_set_on_an_empty_file() -> None:
-    vmx = VmxFile.parse(b"")
+    vmx = VmxFile()
     vmx.set("memsize", "512")
     assert vmx.to_bytes() == b'memsize = "512"\n'
 
 
-def test_set_rejects_a_key_that_would_not_parse() -> None:
+@pytest.mark.parametrize("key", ["bad key", "a=b", "#x", 'q"', "clé", ""])
+def test_set_rejects_a_key_that_would_not_parse(key: str) -> None:
     with pytest.raises(ValueError, match=r"not a valid .vmx key"):
-        VmxFile.parse(b"").set("bad key", "x")
+        VmxFile().set(key, "x")
 
 
 def test_delete_removes_every_line_of_a_key() -> None:

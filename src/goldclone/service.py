@@ -66,13 +66,17 @@ class VMService:
             await self._recover(vm)
 
     async def close(self) -> None:
-        """Stop background work. Running VMs keep running; unfinished creates are cut off
-        and finished as ``interrupted`` at the next start."""
+        """Stop background work. Running VMs keep running, with their networks; unfinished
+        creates are cut off and finished as ``interrupted`` at the next start. With no VM
+        running, the networks are removed too, so a stopped service leaves nothing behind."""
         tasks = [*self._creating.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._networks.close()
+        if any([await self._driver.is_running(vm.id) for vm in await self._store.list()]):
+            await self._networks.close()
+        else:
+            await self._networks.teardown()
         await self._store.close()
         await self._http.aclose()
 

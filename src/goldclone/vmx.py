@@ -25,7 +25,7 @@ _ENTRY = re.compile(
     rb"(?P<value>.*?)(?P<tail>[ \t]*)",
     re.DOTALL,
 )
-_KEY = re.compile(r'[^\s=#"]+')
+_KEY = re.compile(r"[!$-<>-~]+")  # printable ASCII, but no quote, hash or equals sign
 _ESCAPE = re.compile(rb'["|\x00-\x1f\x7f]')
 _UNESCAPE = re.compile(rb"\|([0-9A-Fa-f]{2})")
 _DEFAULT_ENCODING = "utf-8"
@@ -42,15 +42,17 @@ class _Line:
 
 
 class VmxFile:
-    """The lines of a ``.vmx`` file, editable by key."""
+    """The lines of a ``.vmx`` file, editable by key. ``VmxFile()`` is an empty file."""
 
-    def __init__(self, lines: list[_Line]) -> None:
-        self._lines = lines
+    def __init__(self) -> None:
+        self._lines: list[_Line] = []
 
     @classmethod
     def parse(cls, data: bytes) -> VmxFile:
         """Parse the bytes of a ``.vmx`` file. Never fails: odd lines are kept as they are."""
-        return cls([_parse_line(line) for line in data.splitlines(keepends=True)])
+        vmx = cls()
+        vmx._lines = [_parse_line(line) for line in data.splitlines(keepends=True)]
+        return vmx
 
     def to_bytes(self) -> bytes:
         """Return the file's bytes: the original ones, except for the lines changed."""
@@ -68,7 +70,12 @@ class VmxFile:
         return raw.decode(self._encoding(), "surrogateescape")
 
     def set(self, key: str, value: str) -> None:
-        """Set ``key`` to ``value``: on every line that has the key, or on a new last line."""
+        """Set ``key`` to ``value``: on every line that has the key, or on a new last line.
+
+        A new line ends like the file's other lines. Raises ``ValueError`` for a key that
+        is not printable ASCII without ``"``, ``#`` or ``=``, or for a value that the file's
+        encoding cannot hold.
+        """
         if not _KEY.fullmatch(key):
             raise ValueError(f"{key!r} is not a valid .vmx key")
         encoded = value.encode(self._encoding(), "surrogateescape")
@@ -78,8 +85,7 @@ class VmxFile:
             line.content = line.head + b'"' + escaped + b'"' + line.tail
             line.value = escaped
         if not found:
-            new_key = key.encode(self._encoding(), "surrogateescape")
-            self._append(new_key + b' = "' + escaped + b'"')
+            self._append(key.encode("ascii") + b' = "' + escaped + b'"')
 
     def delete(self, key: str) -> None:
         """Remove every line that sets ``key``; a missing key is no error."""
@@ -140,6 +146,6 @@ def _parse_line(raw: bytes) -> _Line:
             return line  # an unterminated quote: keep the line, but it sets nothing
         value, tail = value[1:close], value[close + 1 :] + tail
     line.head, line.tail = match["head"], tail
-    line.key = match["key"].decode("latin-1")
+    line.key = match["key"].decode("utf-8", "surrogateescape")
     line.value = value
     return line
