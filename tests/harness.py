@@ -67,6 +67,11 @@ class Goldclone:
         vm: dict[str, Any] = response.json()
         return vm
 
+    async def boot(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM and wait until it is running (or has failed)."""
+        vm = await self.post_vm(body)
+        return await self.wait_for(vm["id"], "running", "error")
+
     async def wait_for(
         self, vm_id: str, *statuses: str, timeout: float = BOOT_TIMEOUT
     ) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,16 @@ def packages(workdir: Path, demo_package: Path, file_server: FileServer) -> dict
     return made
 
 
+DemoRequest = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def demo_request(file_server: FileServer, packages: dict[str, Path]) -> DemoRequest:
+    """A small create request for the demo tar.gz, with ``changes`` applied."""
+    package = packages["tar.gz"]
+    return lambda **changes: small(file_server.url(package.name), checksum(package), **changes)
+
+
 def copy_as(file_server: FileServer, package: Path) -> str:
     """A fresh name for the same package, so its GETs can be counted on their own."""
     name = f"{uuid.uuid4().hex}.pkg"
@@ -134,7 +144,7 @@ async def test_every_package_format_boots(
 ) -> None:
     package = packages[kind]
     body = small(file_server.url(package.name), checksum(package, checksum_type), checksum_type)
-    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    vm = await goldclone.boot(body)
     await assert_serves(vm)
     gold = goldclone.data_dir / "images" / f"{checksum_type}-{checksum(package, checksum_type)}"
     assert gold.is_dir()
@@ -167,11 +177,9 @@ async def test_concurrent_creates_share_one_download(
 
 
 async def test_running_vms_survive_a_restart(
-    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+    goldclone: Goldclone, demo_request: DemoRequest
 ) -> None:
-    package = packages["tar.gz"]
-    body = small(file_server.url(package.name), checksum(package))
-    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    vm = await goldclone.boot(demo_request())
     await assert_serves(vm)
 
     await goldclone.stop()
@@ -184,11 +192,9 @@ async def test_running_vms_survive_a_restart(
 
 
 async def test_a_guest_that_powers_off_is_stopped(
-    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+    goldclone: Goldclone, demo_request: DemoRequest
 ) -> None:
-    package = packages["tar.gz"]
-    body = small(file_server.url(package.name), checksum(package))
-    vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+    vm = await goldclone.boot(demo_request())
     await assert_serves(vm)
     qmp = goldclone.data_dir.absolute() / "vms" / vm["id"] / "qmp.sock"
     await qmp_execute(qmp, "system_powerdown")
@@ -198,29 +204,24 @@ async def test_a_guest_that_powers_off_is_stopped(
 
 
 async def test_delete_cancels_a_create_in_progress(
-    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+    goldclone: Goldclone, demo_request: DemoRequest
 ) -> None:
-    package = packages["tar.gz"]
-    body = small(file_server.url(package.name), checksum(package))
-    vm = await goldclone.post_vm(body)
+    vm = await goldclone.post_vm(demo_request())
     await goldclone.wait_for_phase(vm["id"], "booting")
     await destroy_and_check(goldclone, vm)
 
 
 async def test_callback_is_retried_and_a_dead_receiver_harms_nothing(
-    goldclone: Goldclone, file_server: FileServer, packages: dict[str, Path]
+    goldclone: Goldclone, demo_request: DemoRequest
 ) -> None:
-    package = packages["tar.gz"]
     with CallbackReceiver(fail_first=2).running() as flaky:
-        body = small(file_server.url(package.name), checksum(package), callback_url=flaky.url)
-        vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        vm = await goldclone.boot(demo_request(callback_url=flaky.url))
         [delivered] = await asyncio.to_thread(flaky.wait_for, 1, 30)
         assert flaky.attempts == 3
         assert delivered["id"] == vm["id"] and delivered["status"] == "running"
 
     with CallbackReceiver(fail_first=10**6).running() as dead:
-        body = small(file_server.url(package.name), checksum(package), callback_url=dead.url)
-        other = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        other = await goldclone.boot(demo_request(callback_url=dead.url))
         await assert_serves(other)
     for v in (vm, other):
         await destroy_and_check(goldclone, v)
@@ -253,18 +254,13 @@ def host_bridge() -> Iterator[tuple[str, Path]]:
 
 
 async def test_bridged_joins_an_existing_bridge(
-    settings: Settings,
-    file_server: FileServer,
-    packages: dict[str, Path],
-    host_bridge: tuple[str, Path],
+    settings: Settings, demo_request: DemoRequest, host_bridge: tuple[str, Path]
 ) -> None:
     bridge, _ = host_bridge
-    package = packages["tar.gz"]
     network = dataclasses.replace(settings.network, bridged_bridge=bridge)
     bridged = dataclasses.replace(settings, network=network)
     async with goldclone_server(bridged) as goldclone:
-        body = small(file_server.url(package.name), checksum(package), network_type="bridged")
-        vm = await goldclone.wait_for((await goldclone.post_vm(body))["id"], "running", "error")
+        vm = await goldclone.boot(demo_request(network_type="bridged"))
         await assert_serves(vm)
         assert vm["ip_address"].startswith("10.77.0.")
         await destroy_and_check(goldclone, vm)
