@@ -6,10 +6,9 @@ what a driver and the network need to find the VM's parts again after a restart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import JSON, Column, MetaData, String, Table, select
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from goldclone.errors import VMNotFound
@@ -20,7 +19,8 @@ _metadata = MetaData()
 _vms = Table(
     "vms",
     _metadata,
-    Column("id", String(36), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
     Column("status", String(16), nullable=False, index=True),
     Column("vm", JSON, nullable=False),
     Column("runtime", JSON, nullable=False),
@@ -44,7 +44,10 @@ class Store:
         async with self._engine.begin() as conn:
             await conn.execute(
                 _vms.insert().values(
-                    id=vm.id, status=vm.status.value, vm=_dump(vm), runtime=runtime or {}
+                    id=vm.id,
+                    status=vm.status.value,
+                    vm=_dump(vm),
+                    runtime=runtime or {},
                 )
             )
 
@@ -76,9 +79,10 @@ class Store:
         return dict(row.runtime)
 
     async def list(self) -> list[VM]:
+        """Every VM, in the order they were accepted."""
+        query = select(_vms.c.vm).order_by(_vms.c.seq)
         async with self._engine.connect() as conn:
-            rows = await conn.execute(select(_vms.c.vm))
-            return _load_all(row.vm for row in rows)
+            return [VM.model_validate(row.vm) for row in await conn.execute(query)]
 
     async def delete(self, vm_id: str) -> None:
         async with self._engine.begin() as conn:
@@ -87,9 +91,3 @@ class Store:
 
 def _dump(vm: VM) -> dict[str, Any]:
     return vm.model_dump(mode="json")
-
-
-def _load_all(docs: Iterable[dict[str, Any]]) -> list[VM]:
-    vms = [VM.model_validate(doc) for doc in docs]
-    vms.sort(key=lambda vm: (vm.created_at, vm.id))
-    return vms
