@@ -14,7 +14,7 @@ from goldclone.drivers.base import MachineSpec
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel, runs_guest
 from goldclone.errors import CommandError, CommandTimeout
-from goldclone.network import Attachment
+from goldclone.network import Attachment, NetworkConfig, Networks
 from tests.harness import processes_mentioning
 
 
@@ -73,14 +73,20 @@ async def test_run_names_a_missing_program() -> None:
         await run("no-such-program-here")
 
 
+NIC = Attachment("nat", "gcnat0", "gc282ee68a2e4d", "52:54:00:12:34:56").as_dict()
+
+
 def _spec(headless: bool) -> MachineSpec:
-    attachment = Attachment("nat", "gcnat0", "gc282ee68a2e4d", "52:54:00:12:34:56")
-    return MachineSpec("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", 2, 512, headless, attachment)
+    return MachineSpec("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", 2, 512, headless)
+
+
+def _driver(data_dir: str) -> QemuDriver:
+    path = Path(data_dir)
+    return QemuDriver(path, Networks(NetworkConfig(), path / "networks"), accel="tcg")
 
 
 def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None:
-    driver = QemuDriver(Path("relative-data"), "qemu-system-x86_64", "tcg")
-    argv = driver.command_line(_spec(headless=True))
+    argv = _driver("relative-data").command_line(_spec(headless=True), NIC)
     paths = [part.split("file=")[-1].split(",")[0].split(":", 1)[-1]
              for part in argv if "relative-data" in part]  # fmt: skip
     assert len(paths) == 4  # the disk, the console log, the QMP socket and the pidfile
@@ -91,8 +97,8 @@ def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None
 
 
 def test_headless_means_no_display() -> None:
-    driver = QemuDriver(Path("/d"), "qemu-system-x86_64", "tcg")
-    headless = driver.command_line(_spec(headless=True))
+    driver = _driver("/d")
+    headless = driver.command_line(_spec(headless=True), NIC)
     assert headless[headless.index("-display") + 1] == "none"
-    shown = driver.command_line(_spec(headless=False))
+    shown = driver.command_line(_spec(headless=False), NIC)
     assert shown[shown.index("-display") + 1].startswith("vnc=unix:/d/vms/")

@@ -32,7 +32,7 @@ async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path
     await store.open()
     vms = [make_vm() for _ in range(5)]
     for vm in vms:
-        await store.insert(vm, {"attachment": {"tap": vm.id[:8]}})
+        await store.insert(vm, {"tap": vm.id[:8]})
     running = vms[2].model_copy(update={"status": Status.RUNNING, "ip_address": "10.0.0.9"})
     await store.save(running)
     await store.close()
@@ -42,7 +42,7 @@ async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path
     listed = await reopened.list()
     assert [vm.id for vm in listed] == [vm.id for vm in vms]
     assert await reopened.get(vms[2].id) == running
-    assert await reopened.runtime(vms[0].id) == {"attachment": {"tap": vms[0].id[:8]}}
+    assert await reopened.runtime(vms[0].id) == {"tap": vms[0].id[:8]}
     await reopened.delete(vms[0].id)
     with pytest.raises(VMNotFound):
         await reopened.get(vms[0].id)

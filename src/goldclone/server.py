@@ -24,13 +24,17 @@ def build_service(settings: Settings) -> VMService:
     data_dir = settings.data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     http = httpx.AsyncClient(follow_redirects=True)
-    networks = Networks(settings.network, data_dir / "networks")
     return VMService(
         settings,
         Store(settings.db_url),
         ImageStore(data_dir, http, settings.download_timeout),
-        networks,
-        QemuDriver(data_dir, settings.qemu_binary, settings.accel, settings.shutdown_timeout),
+        QemuDriver(
+            data_dir,
+            Networks(settings.network, data_dir / "networks"),
+            settings.qemu_binary,
+            settings.accel,
+            settings.shutdown_timeout,
+        ),
         http,
     )
 

@@ -16,7 +16,7 @@ import httpx
 
 from goldclone.callbacks import deliver
 from goldclone.config import Settings
-from goldclone.drivers.base import Driver, MachineSpec
+from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import (
     BootFailed,
     Interrupted,
@@ -27,7 +27,6 @@ from goldclone.errors import (
 from goldclone.images.store import ImageStore
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, TimelineEntry, now_ms
 from goldclone.models import now_s as _now_s
-from goldclone.network import Attachment, Networks
 from goldclone.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,12 @@ class VMService:
         settings: Settings,
         store: Store,
         images: ImageStore,
-        networks: Networks,
         driver: Driver,
         http: httpx.AsyncClient,
     ) -> None:
         self._settings = settings
         self._store = store
         self._images = images
-        self._networks = networks
         self._driver = driver
         self._http = http
         self._creating: dict[str, asyncio.Task[None]] = {}
@@ -73,10 +70,8 @@ class VMService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if any([await self._driver.is_running(vm.id) for vm in await self._store.list()]):
-            await self._networks.close()
-        else:
-            await self._networks.teardown()
+        running = [await self._driver.is_running(vm.id) for vm in await self._store.list()]
+        await self._driver.close(vms_running=any(running))
         await self._store.close()
         await self._http.aclose()
 
@@ -136,7 +131,7 @@ class VMService:
                 f"memory: must be between {limits.min_memory_mb} and "
                 f"{limits.max_memory_mb} MB on this host"
             )
-        self._networks.check_available(request.network_type)
+        self._driver.check_network(request.network_type)
 
     async def _build(self, vm: VM) -> None:
         try:
@@ -155,20 +150,20 @@ class VMService:
 
         gold = await self._images.ensure(vm.image, on_fetch=fetching)
         vm = await self._advance(vm, Phase.CLONING)
-        await self._driver.clone(vm.id, gold.disk)
-        attachment = await self._networks.attach(vm.network_type, vm.id)
-        await self._store.set_runtime(vm.id, {"attachment": attachment.as_dict()})
-        vm = await self._advance(vm, Phase.BOOTING, mac_address=attachment.mac)
-        await self._driver.start(MachineSpec(vm.id, vm.cpus, vm.memory, vm.headless, attachment))
-        ip = await self._wait_for_ip(vm.id, attachment)
+        await self._driver.clone(vm.id, gold)
+        runtime = await self._driver.attach(vm.id, vm.network_type)
+        await self._store.set_runtime(vm.id, runtime)
+        vm = await self._advance(vm, Phase.BOOTING, mac_address=runtime["mac"])
+        await self._driver.start(MachineSpec(vm.id, vm.cpus, vm.memory, vm.headless), runtime)
+        ip = await self._wait_for_ip(vm.id, runtime)
         vm = await self._advance(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         log.info("VM %s is running at %s", vm.id, ip)
         return vm
 
-    async def _wait_for_ip(self, vm_id: str, attachment: Attachment) -> str:
+    async def _wait_for_ip(self, vm_id: str, runtime: Runtime) -> str:
         """The guest's IP, unless its hypervisor process dies first."""
         lease = asyncio.create_task(
-            self._networks.wait_for_ip(attachment, self._settings.ip_timeout)
+            self._driver.wait_for_ip(vm_id, runtime, self._settings.ip_timeout)
         )
         watch = asyncio.create_task(self._watch_process(vm_id))
         try:
@@ -224,21 +219,13 @@ class VMService:
             await self._teardown(vm.id)
             await self._store.delete(vm.id)
         elif vm.status is Status.RUNNING:
-            attachment = await self._attachment(vm.id)
-            if attachment is not None:
-                await self._networks.adopt(attachment)
+            if runtime := await self._store.runtime(vm.id):
+                await self._driver.adopt(vm.id, runtime)
             await self._refresh(vm)
 
-    async def _attachment(self, vm_id: str) -> Attachment | None:
-        data = (await self._store.runtime(vm_id)).get("attachment")
-        return Attachment.from_dict(data) if data else None
-
     async def _teardown(self, vm_id: str) -> None:
-        """Remove every part of the VM: process, clone, tap and lease. Safe to repeat."""
-        await self._driver.destroy(vm_id)
-        attachment = await self._attachment(vm_id)
-        if attachment is not None:
-            await self._networks.detach(attachment)
+        """Remove every part of the VM: process, clone, NIC and lease. Safe to repeat."""
+        await self._driver.destroy(vm_id, await self._store.runtime(vm_id) or None)
 
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())

@@ -40,7 +40,7 @@ class Store:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    async def insert(self, vm: VM, runtime: dict[str, Any] | None = None) -> None:
+    async def insert(self, vm: VM, runtime: dict[str, str] | None = None) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(
                 _vms.insert().values(
@@ -60,7 +60,7 @@ class Store:
             if result.rowcount == 0:
                 raise VMNotFound()
 
-    async def set_runtime(self, vm_id: str, runtime: dict[str, Any]) -> None:
+    async def set_runtime(self, vm_id: str, runtime: dict[str, str]) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(_vms.update().where(_vms.c.id == vm_id).values(runtime=runtime))
 
@@ -71,7 +71,7 @@ class Store:
             raise VMNotFound()
         return VM.model_validate(row.vm)
 
-    async def runtime(self, vm_id: str) -> dict[str, Any]:
+    async def runtime(self, vm_id: str) -> dict[str, str]:
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(_vms.c.runtime).where(_vms.c.id == vm_id))).first()
         if row is None:

@@ -3,46 +3,59 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from goldclone.images.diskcheck import DiskImage
-from goldclone.network import Attachment
+from goldclone.images.store import GoldImage
+
+Runtime = dict[str, str]
+"""What a driver needs to find a VM's parts again after a restart, such as its NIC.
+
+The service records it in the store before the VM is started; ``runtime["mac"]`` is the MAC
+address of the VM's NIC.
+"""
 
 
 @dataclass(frozen=True)
 class MachineSpec:
-    """What one VM is to be: its size, its network attachment and its display."""
+    """What one VM is to be."""
 
     vm_id: str
     cpus: int
     memory_mb: int
     headless: bool
-    attachment: Attachment
 
 
 class Driver(Protocol):
-    """One hypervisor's work. Every method is idempotent where it removes something."""
+    """One hypervisor's work. Every method that removes something is safe to repeat."""
 
     name: str
 
     async def prepare(self) -> None:
         """Check the hypervisor and settle its options, once, before the first VM."""
 
-    async def clone(self, vm_id: str, gold: DiskImage) -> None:
-        """Make the VM's linked clone of the gold disk."""
+    def check_network(self, network_type: str) -> None:
+        """Raise ``InvalidRequest`` unless VMs can use ``network_type`` on this host."""
 
-    async def start(self, spec: MachineSpec) -> None:
-        """Boot the clone. The driver finds a started VM again by its ID alone."""
+    async def clone(self, vm_id: str, gold: GoldImage) -> None:
+        """Make the VM's linked clone of the gold image."""
+
+    async def attach(self, vm_id: str, network_type: str) -> Runtime:
+        """Give the VM a NIC with a fresh MAC on ``network_type``; return how to find it."""
+
+    async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
+        """Boot the clone with its NIC."""
+
+    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
+        """The guest's IP address; raises ``IPTimeout`` after ``timeout`` seconds."""
 
     async def is_running(self, vm_id: str) -> bool:
         """Whether the VM's hypervisor process is alive."""
 
-    async def destroy(self, vm_id: str) -> None:
-        """Stop the VM (cleanly, then hard) and remove every file it had."""
+    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
+        """Take over a VM that kept running through a restart of the service."""
 
-    async def list_vms(self) -> list[str]:
-        """The IDs of the VMs this driver finds on disk."""
+    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
+        """Stop the VM (cleanly, then hard) and remove everything it had."""
 
-    def vm_dir(self, vm_id: str) -> Path:
-        """The folder that holds everything of one VM."""
+    async def close(self, vms_running: bool) -> None:
+        """Release the driver's resources; shared ones stay while ``vms_running``."""

@@ -15,11 +15,12 @@ import signal
 from pathlib import Path
 
 from goldclone.commands import run
-from goldclone.drivers.base import MachineSpec
+from goldclone.drivers.base import MachineSpec, Runtime
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.qmp import QMPError, qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError
-from goldclone.images.diskcheck import DiskImage
+from goldclone.images.store import GoldImage
+from goldclone.network import Attachment, Networks
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,15 @@ class QemuDriver:
     name = "qemu"
 
     def __init__(
-        self, data_dir: Path, qemu_binary: str, accel: str = "auto", shutdown_timeout: float = 10.0
+        self,
+        data_dir: Path,
+        networks: Networks,
+        qemu_binary: str = "qemu-system-x86_64",
+        accel: str = "auto",
+        shutdown_timeout: float = 10.0,
     ) -> None:
         self._vms_dir = data_dir.absolute() / "vms"
+        self._networks = networks
         self._qemu = qemu_binary
         self._accel_setting = accel
         self._accel = "tcg"
@@ -60,22 +67,29 @@ class QemuDriver:
     def _pidfile(self, vm_id: str) -> Path:
         return self.vm_dir(vm_id) / "qemu.pid"
 
-    async def clone(self, vm_id: str, gold: DiskImage) -> None:
+    def check_network(self, network_type: str) -> None:
+        self._networks.check_available(network_type)
+
+    async def clone(self, vm_id: str, gold: GoldImage) -> None:
         vm_dir = self.vm_dir(vm_id)
         vm_dir.mkdir(parents=True, mode=0o700)
         try:
             await run(
                 "qemu-img", "create", "-q", "-f", "qcow2",
-                "-b", str(gold.path.absolute()), "-F", gold.format,
+                "-b", str(gold.disk.path.absolute()), "-F", gold.disk.format,
                 str(self._disk(vm_id)),
                 timeout=30,
             )  # fmt: skip
         except CommandError as exc:
             raise CloneFailed(f"could not clone the gold image: {exc.message}") from exc
 
-    def command_line(self, spec: MachineSpec) -> list[str]:
+    async def attach(self, vm_id: str, network_type: str) -> Runtime:
+        return (await self._networks.attach(network_type, vm_id)).as_dict()
+
+    def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
         """The qemu command that boots ``spec``'s clone; every path in it is absolute."""
         vm_dir = self.vm_dir(spec.vm_id)
+        nic = Attachment.from_dict(runtime)
         display = ["-display", "none"] if spec.headless else [
             "-display", f"vnc=unix:{vm_dir / 'vnc.sock'}",
         ]  # fmt: skip
@@ -86,8 +100,8 @@ class QemuDriver:
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
             "-drive", f"file={self._disk(spec.vm_id)},format=qcow2,if=virtio",
-            "-netdev", f"tap,id=net0,ifname={spec.attachment.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={spec.attachment.mac}",
+            "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
             *display,
             "-serial", f"file:{vm_dir / 'console.log'}",
             "-qmp", f"unix:{self._qmp(spec.vm_id)},server=on,wait=off",
@@ -95,9 +109,9 @@ class QemuDriver:
             "-daemonize",
         ]  # fmt: skip
 
-    async def start(self, spec: MachineSpec) -> None:
+    async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         try:
-            await run(*self.command_line(spec), timeout=30)
+            await run(*self.command_line(spec, runtime), timeout=30)
         except CommandError as exc:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
         if self._read_pid(spec.vm_id) is None:
@@ -115,15 +129,31 @@ class QemuDriver:
             return None
         return pid
 
+    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
+        return await self._networks.wait_for_ip(Attachment.from_dict(runtime), timeout)
+
     async def is_running(self, vm_id: str) -> bool:
         return self._read_pid(vm_id) is not None
 
-    async def destroy(self, vm_id: str) -> None:
-        """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder."""
+    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
+        await self._networks.adopt(Attachment.from_dict(runtime))
+
+    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
+        """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder and
+        its NIC."""
         pid = self._read_pid(vm_id)
         if pid is not None:
             await self._stop(vm_id, pid, self._shutdown_timeout)
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
+        if runtime:
+            await self._networks.detach(Attachment.from_dict(runtime))
+
+    async def close(self, vms_running: bool) -> None:
+        """Keep the networks up for running guests; otherwise remove them."""
+        if vms_running:
+            await self._networks.close()
+        else:
+            await self._networks.teardown()
 
     async def _stop(self, vm_id: str, pid: int, shutdown_timeout: float) -> None:
         qmp = self._qmp(vm_id)
@@ -140,11 +170,6 @@ class QemuDriver:
         except ProcessLookupError:
             return
         await _wait_exit(pid, 5.0)
-
-    async def list_vms(self) -> list[str]:
-        if not self._vms_dir.is_dir():
-            return []
-        return sorted(p.name for p in self._vms_dir.iterdir() if p.is_dir())
 
 
 def _proc_state(pid: int) -> str | None:
