@@ -36,6 +36,7 @@ class FileServer:
     """Serves the files of a folder and counts the GETs of each path.
 
     ``/stall/NAME`` sends the headers of NAME and then nothing, to make a download time out.
+    ``/slow/NAME`` sends NAME at about 10 MB/s, so that a download is seen in progress.
     """
 
     def __init__(self, root: Path) -> None:
@@ -70,22 +71,23 @@ class _FileHandler(BaseHTTPRequestHandler):
         owner: FileServer = self.server.owner  # type: ignore[attr-defined]
         path = self.path.lstrip("/")
         owner._count(path)
-        stall = path.startswith("stall/")
-        name = path.removeprefix("stall/")
+        mode, _, name = path.rpartition("/")
         file = owner.root / name
-        if "/" in name or not file.is_file():
+        if mode not in ("", "stall", "slow") or not file.is_file():
             self.send_error(404)
             return
         size = file.stat().st_size
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.end_headers()
-        if stall:
+        if mode == "stall":
             owner._release.wait(60)
             return
         with file.open("rb") as data:
             while chunk := data.read(1 << 20):
                 self.wfile.write(chunk)
+                if mode == "slow":
+                    time.sleep(0.1)  # throttling the sender, not waiting for anything
 
 
 class CallbackReceiver:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from goldclone.errors import GoldcloneError
-from goldclone.models import VM, CreateVMRequest, ErrorBody, VMList
+from goldclone.models import VM, CreateVMRequest, ErrorBody, Image, ImageList, ImageSpec, VMList
 from goldclone.service import VMService
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "invalid-json or invalid-request",
-        404: "vm-not-found",
-        409: "vm-conflict",
+        404: "vm-not-found or image-not-found",
+        409: "vm-conflict or image-in-use",
         413: "body-too-large",
         415: "unsupported-media-type",
         500: "internal-error",
@@ -62,7 +62,7 @@ def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
 
     @app.get("/vms", response_model=VMList)
     async def list_vms() -> VMList:
-        return VMList(vms=await service.list())
+        return VMList(vms=await service.list_vms())
 
     @app.get("/vms/{vm_id}", response_model=VM)
     async def get_vm(vm_id: str) -> VM:
@@ -72,6 +72,22 @@ def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
     async def delete_vm(vm_id: str) -> Response:
         """Stop the VM and remove its clone and everything it had."""
         await service.delete(vm_id)
+        return Response(status_code=204)
+
+    @app.get("/images", response_model=ImageList)
+    async def list_images() -> ImageList:
+        """Gold images on disk, being fetched, or whose last fetch failed."""
+        return ImageList(images=await service.images())
+
+    @app.post("/images", status_code=202, response_model=Image)
+    async def prefetch_image(body: ImageSpec) -> Image:
+        """Fetch an image ahead of time, so that the first VM does not wait for it."""
+        return service.prefetch(body)
+
+    @app.delete("/images/{image_id}", status_code=204, response_class=Response)
+    async def delete_image(image_id: str) -> Response:
+        """Remove a gold image; 409 ``image-in-use`` while any VM uses it."""
+        await service.delete_image(image_id)
         return Response(status_code=204)
 
     @app.exception_handler(GoldcloneError)

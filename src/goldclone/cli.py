@@ -1,4 +1,9 @@
-"""The ``goldclone`` command."""
+"""goldclone: the server (serve), the demo image, and a client for the API.
+
+Client commands talk to the server at --url (or GOLDCLONE_URL). Their exit codes: 0 success,
+1 the VM ended in error (or the server refused the operation), 2 a usage error, 3 the server
+cannot be reached.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +12,108 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from goldclone.client import APIError, Client, ServerUnreachable, VMFailed, WaitTimeout, default_url
 from goldclone.config import Settings
+from goldclone.models import VM, CreateVMRequest, ImageSpec
 
 DEMO_PACKAGE = "goldclone-demo.tar.gz"
+OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goldclone", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--host", help="address to listen on (GOLDCLONE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (PORT, default 12345)")
     serve.add_argument("--data-dir", type=Path, help="state and images (GOLDCLONE_DATA_DIR)")
     serve.add_argument(
-        "--demo",
-        action="store_true",
+        "--demo", action="store_true",
         help=f"build the demo guest and serve it at /demo/{DEMO_PACKAGE}",
-    )
+    )  # fmt: skip
 
     demo = commands.add_parser("demo-image", help="build the tiny demo guest as an image package")
     demo.add_argument("out", type=Path, help="where to write the .tar.gz")
+
+    client = _client_options()
+
+    create = commands.add_parser("create", parents=[client], help="create a VM")
+    create.add_argument("image_url", nargs="?", help="the image package's URL")
+    create.add_argument("--checksum", help="the package's checksum, in hex")
+    create.add_argument("--checksum-type", default="sha256",
+                        choices=["md5", "sha1", "sha256", "sha512"])  # fmt: skip
+    create.add_argument("--cpus", type=int)
+    create.add_argument("--memory", type=int, help="megabytes")
+    create.add_argument("--network", choices=["nat", "hostonly", "bridged"])
+    create.add_argument("--callback-url")
+    create.add_argument("--gui", action="store_true", help="give the VM a display")
+    create.add_argument("--from", dest="from_file", type=Path,
+                        help="a JSON request body, as the original project's files")  # fmt: skip
+    create.add_argument("--wait", action="store_true", help="wait until it runs, showing progress")
+
+    get = commands.add_parser("get", parents=[client], help="show a VM")
+    get.add_argument("id")
+    commands.add_parser("list", parents=[client], help="list the VMs")
+    delete = commands.add_parser("delete", parents=[client], help="destroy VMs")
+    delete.add_argument("ids", nargs="+", metavar="ID")
+    wait = commands.add_parser("wait", parents=[client], help="wait until a VM runs")
+    wait.add_argument("id")
+    wait.add_argument("--timeout", type=float, default=600.0)
+
+    images = commands.add_parser("images", parents=[client], help="list, fetch or delete images")
+    image_commands = images.add_subparsers(dest="image_command", metavar="ACTION")
+    # the actions take the options too; SUPPRESS keeps them from undoing what came before
+    image_commands.add_parser("list", parents=[client], help="list the gold images (default)")
+    pull = image_commands.add_parser("pull", parents=[client], help="fetch an image ahead of time")
+    pull.add_argument("image_url")
+    pull.add_argument("--checksum", required=True)
+    pull.add_argument("--checksum-type", default="sha256",
+                      choices=["md5", "sha1", "sha256", "sha512"])  # fmt: skip
+    remove = image_commands.add_parser("delete", parents=[client], help="delete a gold image")
+    remove.add_argument("id", help="<checksum_type>-<checksum>, as `goldclone images` lists")
     return parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """--url and --json, for every client command. Their defaults are filled in by ``main``:
+    a default here would let a subcommand reset what its parent command parsed."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--url", default=argparse.SUPPRESS, help="the server (GOLDCLONE_URL)")
+    options.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print raw JSON only, for scripts")  # fmt: skip
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.url = getattr(args, "url", None) or default_url()
+    args.json = getattr(args, "json", False)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo-image":
+        from goldclone.demo_image import build_demo_image
+
+        print(asyncio.run(build_demo_image(args.out)))
+        return OK
+    return _run_client_command(args)
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
     except ValueError as exc:
         print(f"goldclone: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "demo-image":
-        return _demo_image(args.out)
+        return USAGE
     overrides = {
         name: value
         for name, value in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
@@ -50,20 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **overrides)
     from goldclone.server import serve
 
-    demo_dir = _prepare_demo(settings) if args.demo else None
-    serve(settings, demo_dir)
-    return 0
-
-
-def _demo_image(out: Path) -> int:
-    from goldclone.demo_image import build_demo_image
-
-    print(asyncio.run(build_demo_image(out)))
-    return 0
+    serve(settings, _prepare_demo(settings) if args.demo else None)
+    return OK
 
 
 def _prepare_demo(settings: Settings) -> Path:
-    """Build the demo package once and print the request that boots it."""
+    """Build the demo package once and print the commands that boot it."""
     from goldclone.demo_image import build_demo_image
 
     demo_dir = settings.data_dir.absolute() / "demo"
@@ -73,24 +137,197 @@ def _prepare_demo(settings: Settings) -> Path:
         demo_dir.mkdir(parents=True, exist_ok=True)
         checksum_file.write_text(asyncio.run(build_demo_image(package)))
     base = f"http://{settings.host}:{settings.port}"
+    url, checksum = f"{base}/demo/{DEMO_PACKAGE}", checksum_file.read_text().strip()
     body = {
-        "image": {
-            "url": f"{base}/demo/{DEMO_PACKAGE}",
-            "checksum": checksum_file.read_text().strip(),
-            "checksum_type": "sha256",
-        },
+        "image": {"url": url, "checksum": checksum, "checksum_type": "sha256"},
         "cpus": 1,
         "memory": 256,
         "network_type": "nat",
     }
     print(
-        "\nCreate a VM from the demo image with:\n\n"
+        "\nCreate a VM from the demo image, and wait for it, with:\n\n"
+        f"  .venv/bin/goldclone create {url} --checksum {checksum} --cpus 1 --memory 256 --wait\n"
+        "\nor with curl:\n\n"
         f"  curl -s -X POST {base}/vms -H 'Content-Type: application/json' \\\n"
-        f"       -d '{json.dumps(body)}'\n\n"
-        f"then watch it with:  curl -s {base}/vms\n",
+        f"       -d '{json.dumps(body)}'\n",
         file=sys.stderr,
     )
     return demo_dir
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    # Piped output is not cut to 80 columns, so IDs and addresses stay whole.
+    out = Console(width=None if sys.stdout.isatty() else 240)
+    err = Console(stderr=True)
+    try:
+        with Client(args.url) as client:
+            return _CLIENT_COMMANDS[args.command](client, args, out)
+    except _UsageError as exc:
+        err.print(f"goldclone {args.command}: {exc}", markup=False, highlight=False)
+        return USAGE
+    except VMFailed as exc:
+        if args.json:
+            _print_json(exc.vm)
+        err.print(f"{exc.code}: {exc.message}", markup=False, highlight=False)
+        return FAILED
+    except WaitTimeout as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        return FAILED
+    except APIError as exc:
+        err.print(f"{exc.code}: {exc.message}", markup=False, highlight=False)
+        return USAGE if exc.status == 400 else FAILED
+    except ServerUnreachable as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        return UNREACHABLE
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _print_json(value: BaseModel | list[BaseModel] | dict[str, object]) -> None:
+    if isinstance(value, BaseModel):
+        print(value.model_dump_json(indent=2))
+    elif isinstance(value, list):
+        print(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
+    else:
+        print(json.dumps(value, indent=2))
+
+
+def _create_request(args: argparse.Namespace) -> CreateVMRequest:
+    """The request from ``--from FILE`` or from the options; options win over the file."""
+    body: dict[str, object] = {}
+    if args.from_file is not None:
+        try:
+            body = json.loads(args.from_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise _UsageError(f"cannot read {args.from_file}: {exc}") from None
+    elif not (args.image_url and args.checksum):
+        raise _UsageError("give IMAGE_URL and --checksum, or --from FILE")
+    if args.image_url:
+        body["image"] = {"url": args.image_url, "checksum": args.checksum or "",
+                         "checksum_type": args.checksum_type}  # fmt: skip
+    options = {
+        "cpus": args.cpus,
+        "memory": args.memory,
+        "network_type": args.network,
+        "callback_url": args.callback_url,
+        "headless": False if args.gui else None,
+    }
+    body |= {name: value for name, value in options.items() if value is not None}
+    try:
+        return CreateVMRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _UsageError(_first_problem(exc)) from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    return f"{field}: {error['msg']}"
+
+
+def _wait(client: Client, vm: VM, args: argparse.Namespace, out: Console, timeout: float) -> VM:
+    """Wait for ``vm`` to run; on a terminal, show its phases and download as they happen."""
+    if args.json:
+        return client.wait_until_running(vm.id, timeout)
+    from goldclone.display import WaitDisplay
+
+    with WaitDisplay(out) as display:
+        vm = client.wait_until_running(vm.id, timeout, on_update=display.update)
+    out.print(vm.ip_address, highlight=False)
+    return vm
+
+
+def _create(client: Client, args: argparse.Namespace, out: Console) -> int:
+    vm = client.create(_create_request(args))
+    if args.wait:
+        vm = _wait(client, vm, args, out, timeout=3600.0)
+    if args.json:
+        _print_json(vm)
+    elif not args.wait:
+        out.print(vm.id, highlight=False)
+    return OK
+
+
+def _get(client: Client, args: argparse.Namespace, out: Console) -> int:
+    vm = client.get(args.id)
+    if args.json:
+        _print_json(vm)
+    else:
+        from goldclone.display import vm_table
+
+        out.print(vm_table([vm]))
+        if vm.error:
+            out.print(f"error: {vm.error.code}: {vm.error.message}", markup=False)
+    return OK
+
+
+def _list(client: Client, args: argparse.Namespace, out: Console) -> int:
+    vms = client.list_vms()
+    if args.json:
+        _print_json({"vms": [vm.model_dump(mode="json") for vm in vms]})
+    else:
+        from goldclone.display import vm_table
+
+        out.print(vm_table(vms))
+    return OK
+
+
+def _delete(client: Client, args: argparse.Namespace, out: Console) -> int:
+    for vm_id in args.ids:
+        client.delete(vm_id)
+        if not args.json:
+            out.print(f"deleted {vm_id}", highlight=False)
+    return OK
+
+
+def _wait_command(client: Client, args: argparse.Namespace, out: Console) -> int:
+    vm = _wait(client, client.get(args.id), args, out, timeout=args.timeout)
+    if args.json:
+        _print_json(vm)
+    return OK
+
+
+def _images(client: Client, args: argparse.Namespace, out: Console) -> int:
+    action = args.image_command or "list"
+    if action == "pull":
+        try:
+            spec = ImageSpec(url=args.image_url, checksum=args.checksum,
+                             checksum_type=args.checksum_type)  # fmt: skip
+        except ValidationError as exc:
+            raise _UsageError(_first_problem(exc)) from None
+        image = client.pull_image(spec)
+        if args.json:
+            _print_json(image)
+        else:
+            out.print(f"{image.id} {image.status.value}", highlight=False)
+    elif action == "delete":
+        client.delete_image(args.id)
+        if not args.json:
+            out.print(f"deleted {args.id}", highlight=False)
+    else:
+        images = client.images()
+        if args.json:
+            _print_json({"images": [image.model_dump(mode="json") for image in images]})
+        else:
+            from goldclone.display import image_table
+
+            out.print(image_table(images))
+    return OK
+
+
+_CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]] = {
+    "create": _create,
+    "get": _get,
+    "list": _list,
+    "delete": _delete,
+    "wait": _wait_command,
+    "images": _images,
+}
 
 
 if __name__ == "__main__":

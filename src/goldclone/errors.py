@@ -5,7 +5,10 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     GoldcloneError                      500 internal-error
     ├── InvalidRequest                  400 invalid-request
     ├── VMNotFound                      404 vm-not-found
+    ├── ImageNotFound                   404 image-not-found
     ├── VMConflict                      409 vm-conflict
+    ├── ImageInUse                      409 image-in-use
+    ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
     ├── CommandError                    500 command-failed (an external program failed)
     │   └── CommandTimeout              500 command-timeout
     └── VMFailure                       a step of creating a VM failed; stored on the VM
@@ -53,9 +56,25 @@ class VMNotFound(GoldcloneError):
         super().__init__(message)
 
 
+class ImageNotFound(GoldcloneError):
+    code = "image-not-found"
+    status = 404
+
+
 class VMConflict(GoldcloneError):
     code = "vm-conflict"
     status = 409
+
+
+class ImageInUse(GoldcloneError):
+    code = "image-in-use"
+    status = 409
+
+
+class DriverUnavailable(GoldcloneError):
+    """The configured hypervisor can't be used on this host; the service does not start."""
+
+    code = "driver-unavailable"
 
 
 class CommandError(GoldcloneError):

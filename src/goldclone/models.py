@@ -108,6 +108,14 @@ class ErrorBody(BaseModel):
     message: str
 
 
+class DownloadProgress(BaseModel):
+    """How far an image download has come; ``bytes_total`` is null when the server sent no
+    length."""
+
+    bytes_done: int
+    bytes_total: int | None
+
+
 class TimelineEntry(BaseModel):
     phase: Phase
     at: str
@@ -130,10 +138,39 @@ class VM(BaseModel):
     error: ErrorBody | None = None
     created_at: str
     timeline: list[TimelineEntry] = []
+    progress: DownloadProgress | None = None
+    """Present while the VM waits for its image to download."""
 
 
 class VMList(BaseModel):
     vms: list[VM]
+
+
+class ImageStatus(StrEnum):
+    DOWNLOADING = "downloading"
+    READY = "ready"
+    ERROR = "error"
+
+
+class Image(BaseModel):
+    """A gold image: ready on disk, being fetched, or failed at its last fetch."""
+
+    id: str
+    """``<checksum_type>-<checksum>``, the image's address in ``/images/{id}``."""
+    checksum: str
+    checksum_type: ChecksumType
+    url: str
+    status: ImageStatus
+    size_bytes: int = 0
+    """Space taken on disk by the unpacked image."""
+    vms: int = 0
+    """How many VMs use the image; it can be deleted only when none does."""
+    progress: DownloadProgress | None = None
+    error: ErrorBody | None = None
+
+
+class ImageList(BaseModel):
+    images: list[Image]
 
 
 def now_ms() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,13 +20,24 @@ from goldclone.config import Settings
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import (
     BootFailed,
+    ImageInUse,
     Interrupted,
     InvalidRequest,
     VMFailure,
     VMNotFound,
 )
 from goldclone.images.store import ImageStore
-from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, TimelineEntry, now_ms
+from goldclone.models import (
+    VM,
+    CreateVMRequest,
+    ErrorBody,
+    Image,
+    ImageSpec,
+    Phase,
+    Status,
+    TimelineEntry,
+    now_ms,
+)
 from goldclone.models import now_s as _now_s
 from goldclone.store import Store
 
@@ -53,6 +65,7 @@ class VMService:
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._image_locks: dict[str, asyncio.Lock] = {}
 
     async def start(self) -> None:
         """Open the store and bring every recorded VM to a state that matches reality."""
@@ -70,6 +83,7 @@ class VMService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._images.close()
         running = [await self._driver.is_running(vm.id) for vm in await self._store.list()]
         await self._driver.close(vms_running=any(running))
         await self._store.close()
@@ -97,10 +111,32 @@ class VMService:
         return vm
 
     async def get(self, vm_id: str) -> VM:
-        return await self._refresh(await self._store.get(_valid_id(vm_id)))
+        return self._with_progress(await self._refresh(await self._store.get(_valid_id(vm_id))))
 
-    async def list(self) -> list[VM]:
-        return [await self._refresh(vm) for vm in await self._store.list()]
+    async def list_vms(self) -> list[VM]:
+        return [self._with_progress(await self._refresh(vm)) for vm in await self._store.list()]
+
+    async def images(self) -> list[Image]:
+        """Every gold image, with how many VMs use each."""
+        users = Counter(vm.image.key for vm in await self._store.list())
+        return [
+            image.model_copy(update={"vms": users[image.id]}) for image in self._images.images()
+        ]
+
+    def prefetch(self, spec: ImageSpec) -> Image:
+        """Start fetching an image ahead of the first VM that needs it."""
+        self._images.prefetch(spec)
+        return next(image for image in self._images.images() if image.id == spec.key)
+
+    async def delete_image(self, image_id: str) -> None:
+        """Remove a gold image; refused with ``ImageInUse`` while any VM uses it."""
+        async with self._image_lock(image_id):
+            users = [vm.id for vm in await self._store.list() if vm.image.key == image_id]
+            if users:
+                raise ImageInUse(
+                    f"image {image_id} is used by {len(users)} VM(s); delete them first"
+                )
+            await self._images.delete(image_id)
 
     async def delete(self, vm_id: str) -> None:
         """Cancel the VM's creation if it is under way, then destroy it and forget it."""
@@ -150,7 +186,10 @@ class VMService:
 
         gold = await self._images.ensure(vm.image, on_fetch=fetching)
         vm = await self._advance(vm, Phase.CLONING)
-        await self._driver.clone(vm.id, gold)
+        async with self._image_lock(vm.image.key):
+            if not gold.root.exists():  # deleted since: fetch it again
+                gold = await self._images.ensure(vm.image, on_fetch=fetching)
+            await self._driver.clone(vm.id, gold)
         runtime = await self._driver.attach(vm.id, vm.network_type)
         await self._store.set_runtime(vm.id, runtime)
         vm = await self._advance(vm, Phase.BOOTING, mac_address=runtime["mac"])
@@ -229,6 +268,15 @@ class VMService:
 
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _image_lock(self, image_id: str) -> asyncio.Lock:
+        """Held while a clone is made from the image, and while the image is deleted."""
+        return self._image_locks.setdefault(image_id, asyncio.Lock())
+
+    def _with_progress(self, vm: VM) -> VM:
+        if vm.status is Status.CREATING and vm.timeline[-1].phase is Phase.DOWNLOADING:
+            return vm.model_copy(update={"progress": self._images.progress(vm.image)})
+        return vm
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)

@@ -18,13 +18,20 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 
-from goldclone.errors import ChecksumMismatch, DownloadFailed
+from goldclone.errors import (
+    ChecksumMismatch,
+    DownloadFailed,
+    ImageInUse,
+    ImageNotFound,
+    VMFailure,
+)
 from goldclone.images.archive import UnpackLimits, unpack
 from goldclone.images.diskcheck import DiskImage, inspect_package
-from goldclone.models import ImageSpec
+from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,9 @@ class ImageStore:
         self._timeout = download_timeout
         self._limits = limits or UnpackLimits()
         self._inflight: dict[str, asyncio.Task[GoldImage]] = {}
+        self._specs: dict[str, ImageSpec] = {}
+        self._progress: dict[str, DownloadProgress] = {}
+        self._failures: dict[str, VMFailure] = {}
 
     def open(self) -> None:
         """Create the folders and drop what a crash may have left half-made."""
@@ -65,6 +75,13 @@ class ImageStore:
             _remove(partial)
         for partial in self._images.glob(".tmp-*"):
             _remove(partial)
+
+    async def close(self) -> None:
+        """Stop the downloads under way; their partial files go at the next ``open``."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def gold_dir(self, spec: ImageSpec) -> Path:
         return self._images / spec.key
@@ -89,12 +106,82 @@ class ImageStore:
         if gold is not None:
             return gold
         await on_fetch()
+        return await asyncio.shield(self._fetch_task(spec))
+
+    def prefetch(self, spec: ImageSpec) -> None:
+        """Start fetching ``spec`` unless it is cached or already on its way."""
+        if self.cached(spec) is None:
+            self._fetch_task(spec)
+
+    def _fetch_task(self, spec: ImageSpec) -> asyncio.Task[GoldImage]:
+        """The one fetch of ``spec`` under way, started if there is none."""
         task = self._inflight.get(spec.key)
         if task is None:
             task = asyncio.create_task(self._fetch(spec), name=f"fetch {spec.key}")
             self._inflight[spec.key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(spec.key, None))
-        return await asyncio.shield(task)
+            self._specs[spec.key] = spec
+            self._failures.pop(spec.key, None)
+            task.add_done_callback(lambda done: self._fetched(spec.key, done))
+        return task
+
+    def _fetched(self, key: str, task: asyncio.Task[GoldImage]) -> None:
+        self._inflight.pop(key, None)
+        self._progress.pop(key, None)
+        if not task.cancelled() and isinstance(task.exception(), VMFailure):
+            self._failures[key] = cast(VMFailure, task.exception())
+
+    def progress(self, spec: ImageSpec) -> DownloadProgress | None:
+        """How far the download of ``spec`` has come, while it runs."""
+        return self._progress.get(spec.key)
+
+    def images(self) -> list[Image]:
+        """Every gold image on disk, being fetched, or whose last fetch failed."""
+        found: dict[str, Image] = {}
+        for root in sorted(self._images.glob("*-*")):
+            if root.name.startswith(".") or not (root / _METADATA).is_file():
+                continue
+            meta = json.loads((root / _METADATA).read_text())
+            kind, checksum = root.name.split("-", 1)
+            found[root.name] = Image.model_validate({
+                "id": root.name, "checksum": checksum, "checksum_type": kind,
+                "url": meta.get("url", ""), "status": ImageStatus.READY,
+                "size_bytes": _disk_usage(root),
+            })  # fmt: skip
+        for key, spec in self._specs.items():
+            if key in found:
+                continue
+            failure = self._failures.get(key)
+            if key in self._inflight:
+                status, error = ImageStatus.DOWNLOADING, None
+            elif failure is not None:
+                status, error = (
+                    ImageStatus.ERROR,
+                    ErrorBody(code=failure.code, message=failure.message),
+                )
+            else:
+                continue
+            found[key] = Image(
+                id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
+                url=spec.url, status=status, progress=self._progress.get(key), error=error,
+            )  # fmt: skip
+        return list(found.values())
+
+    async def delete(self, key: str) -> None:
+        """Remove the gold image ``key``. The caller makes sure that no VM uses it.
+
+        It is renamed out of the way first, so it is gone at once and never seen half-removed.
+        """
+        if key in self._inflight:
+            raise ImageInUse(f"image {key} is being downloaded")
+        root = self._images / key
+        if key.startswith(".") or "/" in key or not root.is_dir():
+            self._failures.pop(key, None)
+            raise ImageNotFound(f"there is no image {key}")
+        doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
+        root.rename(doomed)
+        await asyncio.to_thread(_remove, doomed)
+        self._specs.pop(key, None)
+        log.info("gold image %s deleted", key)
 
     async def _fetch(self, spec: ImageSpec) -> GoldImage:
         download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
@@ -102,7 +189,7 @@ class ImageStore:
         try:
             await self._download(spec, download)
             staging.mkdir()
-            await asyncio.to_thread(self._unpack, download, staging)
+            await asyncio.to_thread(self._unpack, download, staging, spec.url)
             _remove(download)
             await asyncio.to_thread(_make_read_only, staging)
             staging.rename(self.gold_dir(spec))
@@ -123,10 +210,16 @@ class ImageStore:
             ) as response:
                 if response.status_code != 200:
                     raise DownloadFailed(f"GET {spec.url} answered HTTP {response.status_code}")
+                total = response.headers.get("Content-Length")
+                progress = DownloadProgress(
+                    bytes_done=0, bytes_total=int(total) if total and total.isdigit() else None
+                )
+                self._progress[spec.key] = progress
                 with dest.open("wb") as out:
                     async for chunk in response.aiter_raw(_CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
+                        progress.bytes_done += len(chunk)
         except httpx.TimeoutException:
             raise DownloadFailed(
                 f"GET {spec.url} timed out (no data for {self._timeout:g} s)"
@@ -140,17 +233,33 @@ class ImageStore:
                 f"but the request expects {spec.checksum.lower()}"
             )
 
-    def _unpack(self, package: Path, staging: Path) -> None:
+    def _unpack(self, package: Path, staging: Path, url: str) -> None:
         content = staging / "content"
         content.mkdir()
         unpack(package, content, self._limits)
         found = inspect_package(content)
         meta = {
+            "url": url,
             "disk": str(found.disk.path.relative_to(staging)),
             "format": found.disk.format,
             "vmx": str(found.vmx.relative_to(staging)) if found.vmx else None,
         }
         (staging / _METADATA).write_text(json.dumps(meta))
+
+
+def _disk_usage(root: Path) -> int:
+    return sum(
+        os.lstat(os.path.join(folder, name)).st_blocks * 512
+        for folder, _, files in os.walk(root)
+        for name in files
+    )
+
+
+def _make_writable(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
 
 
 def _make_read_only(root: Path) -> None:
@@ -162,6 +271,7 @@ def _make_read_only(root: Path) -> None:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
+        _make_writable(path)  # a gold image's read-only folders stop a non-root owner
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

@@ -1,0 +1,284 @@
+"""A typed Python client for the goldclone API, synchronous (``Client``) and asynchronous
+(``AsyncClient``). Both speak through the API's own models, so a request that the server would
+refuse as malformed is refused here before it is sent.
+
+Errors::
+
+    ClientError
+    ├── ServerUnreachable   the server could not be reached
+    ├── APIError            the server answered with an error; carries its ``code``
+    ├── VMFailed            a VM that was waited for ended in ``error`` (or stopped)
+    └── WaitTimeout         a VM was still being created when the wait ran out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from goldclone.models import VM, CreateVMRequest, Image, ImageList, ImageSpec, Status, VMList
+
+DEFAULT_URL = "http://127.0.0.1:12345"
+T = TypeVar("T")
+
+
+def default_url() -> str:
+    """``GOLDCLONE_URL``, or the server's default address."""
+    return os.environ.get("GOLDCLONE_URL") or DEFAULT_URL
+
+
+class ClientError(Exception):
+    """The root of the client's errors."""
+
+
+class ServerUnreachable(ClientError):
+    pass
+
+
+class APIError(ClientError):
+    """An error answer, with the server's machine ``code`` and human ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class VMFailed(ClientError):
+    """The VM ended in ``error`` (its ``code`` and ``message`` are the VM's) or stopped."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.code = vm.error.code if vm.error else vm.status.value
+        self.message = vm.error.message if vm.error else f"the VM is {vm.status.value}"
+        super().__init__(f"{self.code}: {self.message}")
+
+
+class WaitTimeout(ClientError):
+    def __init__(self, vm: VM, timeout: float) -> None:
+        super().__init__(f"VM {vm.id} is still {vm.status.value} after {timeout:g} s")
+        self.vm = vm
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One API call: what to send and how to read a successful answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    body: BaseModel | None = None
+
+    def request(self) -> dict[str, Any]:
+        body = self.body.model_dump(mode="json", exclude_unset=True) if self.body else None
+        return {"method": self.method, "url": self.path, "json": body}
+
+    def result(self, response: httpx.Response) -> T:
+        if response.is_error:
+            try:
+                error = response.json()
+                code, message = str(error["code"]), str(error["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "http-error", f"HTTP {response.status_code}"
+            raise APIError(response.status_code, code, message)
+        return self.parse(response)
+
+
+def _model(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    return lambda response: model.model_validate_json(response.content)
+
+
+def _nothing(_: httpx.Response) -> None:
+    return None
+
+
+class _Calls:
+    """Every call of the API, shared by both clients."""
+
+    @staticmethod
+    def create(request: CreateVMRequest) -> _Call[VM]:
+        return _Call("POST", "/vms", _model(VM), request)
+
+    @staticmethod
+    def get(vm_id: str) -> _Call[VM]:
+        return _Call("GET", f"/vms/{vm_id}", _model(VM))
+
+    @staticmethod
+    def list_vms() -> _Call[list[VM]]:
+        return _Call("GET", "/vms", lambda r: VMList.model_validate_json(r.content).vms)
+
+    @staticmethod
+    def delete(vm_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/vms/{vm_id}", _nothing)
+
+    @staticmethod
+    def images() -> _Call[list[Image]]:
+        return _Call("GET", "/images", lambda r: ImageList.model_validate_json(r.content).images)
+
+    @staticmethod
+    def pull_image(spec: ImageSpec) -> _Call[Image]:
+        return _Call("POST", "/images", _model(Image), spec)
+
+    @staticmethod
+    def delete_image(image_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/images/{image_id}", _nothing)
+
+
+def _settled(vm: VM) -> bool:
+    """Whether waiting for ``vm`` is over; raises ``VMFailed`` if it ended badly."""
+    if vm.status is Status.RUNNING and vm.ip_address:
+        return True
+    if vm.status in (Status.ERROR, Status.STOPPED, Status.DELETING):
+        raise VMFailed(vm)
+    return False
+
+
+class Client:
+    """The goldclone API over HTTP, blocking. Use it as a context manager, or ``close()``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=url or default_url(), timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _do(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.request(**call.request())
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
+        return call.result(response)
+
+    def create(self, request: CreateVMRequest) -> VM:
+        return self._do(_Calls.create(request))
+
+    def get(self, vm_id: str) -> VM:
+        return self._do(_Calls.get(vm_id))
+
+    def list_vms(self) -> list[VM]:
+        return self._do(_Calls.list_vms())
+
+    def delete(self, vm_id: str) -> None:
+        self._do(_Calls.delete(vm_id))
+
+    def images(self) -> list[Image]:
+        return self._do(_Calls.images())
+
+    def pull_image(self, spec: ImageSpec) -> Image:
+        return self._do(_Calls.pull_image(spec))
+
+    def delete_image(self, image_id: str) -> None:
+        self._do(_Calls.delete_image(image_id))
+
+    def wait_until_running(
+        self,
+        vm_id: str,
+        timeout: float = 600.0,
+        interval: float = 0.25,
+        on_update: Callable[[VM], None] | None = None,
+    ) -> VM:
+        """Poll until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            vm = self.get(vm_id)
+            if on_update is not None:
+                on_update(vm)
+            if _settled(vm):
+                return vm
+            if time.monotonic() > deadline:
+                raise WaitTimeout(vm, timeout)
+            time.sleep(interval)
+
+
+class AsyncClient:
+    """The goldclone API over HTTP, for asyncio. Use it as an async context manager."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=url or default_url(), timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _do(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.request(**call.request())
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
+        return call.result(response)
+
+    async def create(self, request: CreateVMRequest) -> VM:
+        return await self._do(_Calls.create(request))
+
+    async def get(self, vm_id: str) -> VM:
+        return await self._do(_Calls.get(vm_id))
+
+    async def list_vms(self) -> list[VM]:
+        return await self._do(_Calls.list_vms())
+
+    async def delete(self, vm_id: str) -> None:
+        await self._do(_Calls.delete(vm_id))
+
+    async def images(self) -> list[Image]:
+        return await self._do(_Calls.images())
+
+    async def pull_image(self, spec: ImageSpec) -> Image:
+        return await self._do(_Calls.pull_image(spec))
+
+    async def delete_image(self, image_id: str) -> None:
+        await self._do(_Calls.delete_image(image_id))
+
+    async def wait_until_running(
+        self,
+        vm_id: str,
+        timeout: float = 600.0,
+        interval: float = 0.25,
+        on_update: Callable[[VM], None] | None = None,
+    ) -> VM:
+        """Poll until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            vm = await self.get(vm_id)
+            if on_update is not None:
+                on_update(vm)
+            if _settled(vm):
+                return vm
+            if loop.time() > deadline:
+                raise WaitTimeout(vm, timeout)
+            await asyncio.sleep(interval)
