@@ -39,15 +39,16 @@ def demo(file_server: FileServer, demo_package: Path) -> tuple[str, str]:
     return file_server.url(demo_package.name), checksum(demo_package)
 
 
-async def test_create_wait_get_list_delete_as_json(
-    goldclone: Goldclone, demo: tuple[str, str]
-) -> None:
+async def test_create_wait_get_list_delete(goldclone: Goldclone, demo: tuple[str, str]) -> None:
     url, digest = demo
     code, out, err = await cli(goldclone, "create", url, "--checksum", digest, "--cpus", "1",
-                               "--memory", "256", "--wait", "--json")  # fmt: skip
+                               "--memory", "256")  # fmt: skip
+    assert code == 0, err
+    vm_id = out.strip()
+    code, out, err = await cli(goldclone, "wait", vm_id, "--json")
     assert code == 0, err
     vm = json.loads(out)
-    assert vm["status"] == "running" and vm["ip_address"]
+    assert vm["id"] == vm_id and vm["status"] == "running" and vm["ip_address"]
 
     code, out, _ = await cli(goldclone, "get", vm["id"], "--json")
     assert code == 0 and json.loads(out)["id"] == vm["id"]
