@@ -91,12 +91,21 @@ class _FileHandler(BaseHTTPRequestHandler):
 
 
 class CallbackReceiver:
-    """Records the JSON bodies POSTed to it; answers 500 to the first ``fail_first`` of them."""
+    """Records the JSON bodies POSTed to it, and the headers of every attempt; answers 503 to
+    the first ``fail_first`` attempts, with ``Retry-After: retry_after`` if that is set, or
+    redirects them to ``redirect``."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(
+        self, fail_first: int = 0, retry_after: str | None = None, redirect: str | None = None
+    ) -> None:
         self.fail_first = fail_first
+        self.retry_after = retry_after
+        self.redirect = redirect
         self.attempts = 0
         self.bodies: list[dict[str, Any]] = []
+        self.raw_bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.times: list[float] = []
         self._cond = threading.Condition()
         self.port = 0
 
@@ -110,11 +119,14 @@ class CallbackReceiver:
             self.port = server.server_address[1]
             yield self
 
-    def _record(self, body: bytes) -> bool:
+    def _record(self, body: bytes, headers: dict[str, str]) -> bool:
         with self._cond:
             self.attempts += 1
+            self.headers.append(headers)
+            self.times.append(time.monotonic())
             accepted = self.attempts > self.fail_first
             if accepted:
+                self.raw_bodies.append(body)
                 self.bodies.append(json.loads(body))
                 self._cond.notify_all()
             return accepted
@@ -137,7 +149,15 @@ class _CallbackHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         owner: CallbackReceiver = self.server.owner  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        ok = owner._record(body)
-        self.send_response(204 if ok else 500)
+        ok = owner._record(body, {k.lower(): v for k, v in self.headers.items()})
+        if ok:
+            self.send_response(204)
+        elif owner.redirect is not None:
+            self.send_response(307)
+            self.send_header("Location", owner.redirect)
+        else:
+            self.send_response(503)
+            if owner.retry_after is not None:
+                self.send_header("Retry-After", owner.retry_after)
         self.send_header("Content-Length", "0")
         self.end_headers()
