@@ -14,6 +14,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     └── VMFailure                       a step of creating a VM failed; stored on the VM
         ├── ImageError
         │   ├── DownloadFailed          download-failed
+        │   │   └── URLForbidden        url-forbidden (the outbound policy refuses the address)
         │   ├── ChecksumMismatch        checksum-mismatch
         │   ├── ImageUnsafe             image-unsafe
         │   └── ImageUnsupported        image-unsupported
@@ -110,6 +111,12 @@ class ImageError(VMFailure):
 
 class DownloadFailed(ImageError):
     code = "download-failed"
+
+
+class URLForbidden(DownloadFailed):
+    """A URL leads to an address that the outbound policy refuses."""
+
+    code = "url-forbidden"
 
 
 class ChecksumMismatch(ImageError):
