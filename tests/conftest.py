@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -14,6 +15,8 @@ import pytest
 
 from goldclone.config import Settings
 from goldclone.demo_image import build_demo_image
+from goldclone.drivers.vmware import VMwareConfig
+from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, goldclone_server, processes_mentioning
 from tests.netns import foreign_network
 from tests.servers import CallbackReceiver, FileServer
@@ -71,6 +74,21 @@ def settings(workdir: Path) -> Iterator[Settings]:
     yield Settings(data_dir=data_dir, ip_timeout=90.0, download_timeout=5.0,
                    shutdown_timeout=5.0, callback_backoff=0.05)  # fmt: skip
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_vmrun(tmp_path: Path) -> FakeVmrun:
+    """The stand-in ``vmrun`` (tests/fake_vmrun.py), with its state in the test's tmp dir."""
+    return FakeVmrun(tmp_path / "vmrun")
+
+
+def on_fake_vmrun(settings: Settings, fake: FakeVmrun, **changes: object) -> Settings:
+    """``settings`` with the vmware driver on the stand-in ``vmrun``; ``changes`` go to its
+    ``VMwareConfig``."""
+    vmware = VMwareConfig(vmrun=str(fake.path), host_type="ws", lease_files=(fake.lease_file,))
+    return dataclasses.replace(
+        settings, driver="vmware", vmware=dataclasses.replace(vmware, **changes)
+    )
 
 
 @pytest.fixture

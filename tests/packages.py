@@ -33,30 +33,51 @@ def extract_disk(demo_package: Path, dest: Path) -> Path:
     return dest
 
 
-def make_package(disk: Path, kind: str, out: Path) -> Path:
-    """Package ``disk`` (qcow2) as ``kind``: tar.gz, tar.bz2, tar, zip, qcow2 or vmware."""
+def make_package(disk: Path, kind: str, out: Path, vmx: str = VMX) -> Path:
+    """Package ``disk`` (qcow2) as ``kind``: tar.gz, tar.bz2, tar, zip or qcow2; or converted
+    to a VMDK in a VMware VM folder with ``vmx``, archived as ``vmware`` (tar.gz),
+    ``vmware-tar.bz2``, ``vmware-tar`` or ``vmware-zip``."""
     if kind == "qcow2":
         out.write_bytes(disk.read_bytes())
-    elif kind in ("tar.gz", "tar.bz2", "tar"):
-        mode = {"tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar": "w"}[kind]
-        with tarfile.open(out, mode) as tar:
-            tar.add(disk, arcname="disk.qcow2")
-            _add_text(tar, "metadata.json", '{"name": "demo"}')
-    elif kind == "zip":
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.write(disk, "disk.qcow2")
-    elif kind == "vmware":
+    elif kind in _ARCHIVES:
+        _archive(out, kind, {"disk.qcow2": disk, "metadata.json": '{"name": "demo"}'})
+    elif kind.startswith("vmware") and (archive := _vmware_archive(kind)) in _ARCHIVES:
         vmdk = out.parent / f"{out.name}.vmdk"
         subprocess.run(
             ["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", str(disk), str(vmdk)], check=True
         )
-        with tarfile.open(out, "w:gz") as tar:
-            tar.add(vmdk, arcname="demo.vmwarevm/demo.vmdk")
-            _add_text(tar, "demo.vmwarevm/demo.vmx", VMX)
-        vmdk.unlink()
+        try:
+            _archive(out, archive, {"demo.vmwarevm/demo.vmdk": vmdk, "demo.vmwarevm/demo.vmx": vmx})
+        finally:
+            vmdk.unlink()
     else:
         raise ValueError(kind)
     return out
+
+
+_ARCHIVES = {"tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar": "w", "zip": ""}
+
+
+def _vmware_archive(kind: str) -> str:
+    return kind.removeprefix("vmware").removeprefix("-") or "tar.gz"
+
+
+def _archive(out: Path, kind: str, members: dict[str, Path | str]) -> None:
+    """Write ``members`` (files, or text) into the archive ``out`` of ``kind``."""
+    if kind == "zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, member in members.items():
+                if isinstance(member, Path):
+                    archive.write(member, name)
+                else:
+                    archive.writestr(name, member)
+        return
+    with tarfile.open(out, _ARCHIVES[kind]) as tar:
+        for name, member in members.items():
+            if isinstance(member, Path):
+                tar.add(member, arcname=name)
+            else:
+                _add_text(tar, name, member)
 
 
 def _add_text(tar: tarfile.TarFile, name: str, text: str) -> None:

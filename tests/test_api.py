@@ -6,9 +6,18 @@ from typing import Any
 
 import pytest
 
+from goldclone.config import Settings
+from tests.conftest import on_fake_vmrun
+from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone
 
 SHA1 = "5cf00d380e28d02f30efaceafef7c7c8bdedae33"
+
+
+@pytest.fixture(params=["qemu", "vmware"])
+def settings(request: pytest.FixtureRequest, settings: Settings, fake_vmrun: FakeVmrun) -> Settings:
+    """The API does not depend on the driver, so every test here runs with each."""
+    return settings if request.param == "qemu" else on_fake_vmrun(settings, fake_vmrun)
 
 
 def body(**changes: Any) -> dict[str, Any]:
@@ -111,7 +120,6 @@ async def test_body_over_limit_is_413(goldclone: Goldclone) -> None:
             "image.typo: unknown field",
         ),
         (body(callback_url="gopher://x"), "callback_url"),
-        (body(network_type="bridged"), "bridged"),
     ],
 )
 async def test_bad_requests_are_400_and_name_the_field(
@@ -156,3 +164,13 @@ async def test_unknown_path_and_method_are_json(goldclone: Goldclone) -> None:
     assert response.status_code == 404 and set(response.json()) == {"code", "message"}
     response = await goldclone.client.put("/vms", json={})
     assert response.status_code == 405 and set(response.json()) == {"code", "message"}
+
+
+async def test_bridged_needs_a_configured_host_bridge(goldclone: Goldclone) -> None:
+    """QEMU's bridged network joins a host bridge that only the operator can name; VMware
+    always has its own (vmnet0)."""
+    response = await goldclone.client.post("/vms", json=body(network_type="bridged"))
+    if goldclone.settings.driver == "qemu":
+        assert_error(response, 400, "invalid-request", "GOLDCLONE_BRIDGED_BRIDGE")
+    else:
+        assert response.status_code == 202

@@ -9,9 +9,11 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
+from goldclone.drivers.vmware.config import HOST_TYPES, VMwareConfig
 from goldclone.network.config import NetworkConfig
 
 DEFAULT_PORT = 12345
+DRIVERS = ("qemu", "vmware")
 
 
 def _host_memory_mb() -> int:
@@ -47,6 +49,9 @@ class Settings:
     accel: str = "auto"
     """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    driver: str = "qemu"
+    """The hypervisor: ``qemu`` or ``vmware``."""
+    vmware: VMwareConfig = field(default_factory=VMwareConfig)
 
     @property
     def db_url(self) -> str:
@@ -68,6 +73,7 @@ class Settings:
             "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
             "GOLDCLONE_QEMU": ("qemu_binary", str),
             "GOLDCLONE_ACCEL": ("accel", str),
+            "GOLDCLONE_DRIVER": ("driver", _one_of(DRIVERS)),
         }
         network_converters: dict[str, tuple[str, Callable[[str], object]]] = {
             "GOLDCLONE_NAT_BRIDGE": ("nat_bridge", str),
@@ -77,8 +83,36 @@ class Settings:
             "GOLDCLONE_BRIDGED_BRIDGE": ("bridged_bridge", str),
             "GOLDCLONE_BRIDGED_LEASE_FILE": ("bridged_lease_file", Path),
         }
+        vmware_converters: dict[str, tuple[str, Callable[[str], object]]] = {
+            "GOLDCLONE_VMRUN": ("vmrun", str),
+            "GOLDCLONE_VMWARE_TYPE": ("host_type", _one_of(HOST_TYPES)),
+            "GOLDCLONE_VMWARE_GUI_FALLBACK": ("gui_fallback", _flag),
+            "GOLDCLONE_VMWARE_LEASE_FILES": ("lease_files", _paths),
+        }
         network = replace(s.network, **_read(env, network_converters))
-        return replace(s, network=network, **_read(env, converters))
+        vmware = replace(s.vmware, **_read(env, vmware_converters))
+        return replace(s, network=network, vmware=vmware, **_read(env, converters))
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _paths(value: str) -> tuple[Path, ...]:
+    return tuple(Path(part) for part in value.split(os.pathsep) if part)
 
 
 def _read(

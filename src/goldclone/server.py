@@ -12,7 +12,9 @@ from fastapi.staticfiles import StaticFiles
 
 from goldclone.api import create_app
 from goldclone.config import Settings
+from goldclone.drivers.base import Driver
 from goldclone.drivers.qemu import QemuDriver
+from goldclone.drivers.vmware import VMwareDriver
 from goldclone.images.store import ImageStore
 from goldclone.network import Networks
 from goldclone.service import VMService
@@ -20,7 +22,8 @@ from goldclone.store import Store
 
 
 def build_service(settings: Settings) -> VMService:
-    """Wire the embedded defaults: SQLite (or ``database_url``), QEMU, owned networks."""
+    """Wire the embedded defaults: SQLite (or ``database_url``), and QEMU with owned networks
+    or VMware, as ``settings.driver`` says."""
     data_dir = settings.data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     http = httpx.AsyncClient(follow_redirects=True)
@@ -28,15 +31,24 @@ def build_service(settings: Settings) -> VMService:
         settings,
         Store(settings.db_url),
         ImageStore(data_dir, http, settings.download_timeout),
-        QemuDriver(
+        build_driver(settings, data_dir),
+        http,
+    )
+
+
+def build_driver(settings: Settings, data_dir: Path) -> Driver:
+    """The driver that ``settings.driver`` names."""
+    if settings.driver == "vmware":
+        return VMwareDriver(data_dir, settings.vmware, settings.shutdown_timeout)
+    if settings.driver == "qemu":
+        return QemuDriver(
             data_dir,
             Networks(settings.network, data_dir / "networks"),
             settings.qemu_binary,
             settings.accel,
             settings.shutdown_timeout,
-        ),
-        http,
-    )
+        )
+    raise ValueError(f"unknown driver {settings.driver!r}; use qemu or vmware")
 
 
 def build_app(settings: Settings, demo_dir: Path | None = None) -> FastAPI:

@@ -23,6 +23,7 @@ from goldclone.errors import (
     ImageInUse,
     Interrupted,
     InvalidRequest,
+    VMConflict,
     VMFailure,
     VMNotFound,
 )
@@ -139,7 +140,11 @@ class VMService:
             await self._images.delete(image_id)
 
     async def delete(self, vm_id: str) -> None:
-        """Cancel the VM's creation if it is under way, then destroy it and forget it."""
+        """Cancel the VM's creation if it is under way, then destroy it and forget it.
+
+        When the hypervisor refuses with ``VMConflict`` (it holds a lock), the VM stays
+        recorded, as it was unless its creation was cut off, and a retry can finish the job.
+        """
         vm_id = _valid_id(vm_id)
         async with self._lock(vm_id):
             vm = await self._store.get(vm_id)
@@ -149,7 +154,12 @@ class VMService:
                 await asyncio.gather(task, return_exceptions=True)
                 vm = await self._store.get(vm_id)
             await self._advance(vm, Phase.DELETING, status=Status.DELETING)
-            await self._teardown(vm_id)
+            try:
+                await self._teardown(vm_id)
+            except VMConflict:
+                if task is None:
+                    await self._store.save(vm)
+                raise
             await self._store.delete(vm_id)
         self._locks.pop(vm_id, None)
         log.info("VM %s destroyed", vm_id)

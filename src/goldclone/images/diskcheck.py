@@ -29,6 +29,7 @@ __all__ = [
     "check_qcow2_header",
     "inspect_package",
     "sniff_disk",
+    "vmx_disks",
 ]
 
 DiskFormat = Literal["qcow2", "raw", "vmdk"]
@@ -439,7 +440,7 @@ def _vmware_package(vmx_path: Path, root: Path) -> Package:
         raise ImageUnsupported(f"{name} is larger than 1 MiB")
     disks = [
         check_disk(_vmx_disk_path(vmx_path, value, root), root)
-        for value in _vmx_disks(VmxFile.parse(data))
+        for _, value in vmx_disks(VmxFile.parse(data))
     ]
     if not disks:
         raise ImageUnsupported(f"{name} names no VMDK disk")
@@ -449,8 +450,9 @@ def _vmware_package(vmx_path: Path, root: Path) -> Package:
     return Package(disk=disks[0], vmx=vmx_path)
 
 
-def _vmx_disks(vmx: VmxFile) -> list[str]:
-    """The ``.vmdk`` files of the present disks, in the order the file lists them."""
+def vmx_disks(vmx: VmxFile) -> list[tuple[str, str]]:
+    """The present disks that name a ``.vmdk``, as ``(slot, file name)`` in file order; a slot
+    is a device such as ``scsi0:0``."""
     disks = []
     for key in vmx:
         match = _VMX_DISK_KEY.fullmatch(key)
@@ -459,7 +461,7 @@ def _vmx_disks(vmx: VmxFile) -> list[str]:
             continue
         present = vmx.get(f"{match[1]}.present")
         if present is None or present.strip().lower() != "false":
-            disks.append(value)
+            disks.append((match[1], value))
     return disks
 
 

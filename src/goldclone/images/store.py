@@ -106,6 +106,9 @@ class ImageStore:
         if gold is not None:
             return gold
         await on_fetch()
+        gold = self.cached(spec)  # a shared fetch may have finished while on_fetch ran
+        if gold is not None:
+            return gold
         return await asyncio.shield(self._fetch_task(spec))
 
     def prefetch(self, spec: ImageSpec) -> None:

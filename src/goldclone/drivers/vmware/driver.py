@@ -1,0 +1,317 @@
+"""The VMware driver: linked clones through ``vmrun`` on VMware Fusion or Workstation.
+
+Each VM lives in ``vms/<id>/<id>.vmx``, a linked clone of its gold image's template (see
+``templates``) made with ``vmrun clone ... linked -snapshot=NAME``. VMware runs its VMs in its
+own processes, so guests outlive the service, and a restarted service finds them again in
+``vmrun list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from goldclone.drivers.base import MachineSpec, Runtime
+from goldclone.drivers.vmware import clonevmx, leases, vmrun
+from goldclone.drivers.vmware.config import VMwareConfig
+from goldclone.drivers.vmware.templates import Templates
+from goldclone.errors import (
+    BootFailed,
+    CloneFailed,
+    CommandError,
+    CommandTimeout,
+    ImageUnsupported,
+    InvalidRequest,
+    IPTimeout,
+    VMConflict,
+)
+from goldclone.images.store import GoldImage
+from goldclone.vmx import VmxFile, read_vmx
+
+log = logging.getLogger(__name__)
+
+LIST_CACHE = 1.0
+"""How long one ``vmrun list`` answers ``is_running`` for every VM."""
+_IP_RETRY = 1.0
+_LEASE_POLL = 0.5
+_HARD_STOP_TIMEOUT = 30.0
+
+
+class VMwareDriver:
+    name = "vmware"
+
+    def __init__(
+        self, data_dir: Path, config: VMwareConfig, shutdown_timeout: float = 10.0
+    ) -> None:
+        self._vms_dir = data_dir.absolute() / "vms"
+        self._templates_dir = data_dir.absolute() / "vmware" / "templates"
+        self._config = config
+        self._shutdown_timeout = shutdown_timeout
+        self._vmrun: vmrun.Vmrun | None = None
+        self._templates: Templates | None = None
+        self._listed: tuple[float, set[str]] | None = None
+        self._listing: tuple[float, asyncio.Task[set[str]]] | None = None
+        self._changed_at = 0.0
+        self._last_known: dict[str, bool] = {}
+
+    async def prepare(self) -> None:
+        """Find vmrun and check that it works; raises ``DriverUnavailable`` otherwise."""
+        path = vmrun.locate(self._config.vmrun)
+        runner = vmrun.Vmrun(
+            path, vmrun.host_type(self._config.host_type, path), self._config.command_timeout
+        )
+        await vmrun.check(runner)
+        self._vmrun = runner
+        self._templates = Templates(self._templates_dir, runner, self._config.snapshot_name)
+        self._templates.prune()
+        log.info("vmware driver: %s -T %s", runner.path, runner.host_type)
+
+    @property
+    def cli(self) -> vmrun.Vmrun:
+        """The vmrun that ``prepare`` found."""
+        if self._vmrun is None:
+            raise RuntimeError("the vmware driver is used before prepare()")
+        return self._vmrun
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self._vms_dir / vm_id
+
+    def vmx(self, vm_id: str) -> Path:
+        return self.vm_dir(vm_id) / f"{vm_id}.vmx"
+
+    def check_network(self, network_type: str) -> None:
+        if network_type not in clonevmx.CONNECTION_TYPES:
+            raise InvalidRequest(
+                f"network_type: must be one of {', '.join(clonevmx.CONNECTION_TYPES)}"
+            )
+
+    async def clone(self, vm_id: str, gold: GoldImage) -> None:
+        """``vmrun clone TEMPLATE.vmx vms/<id>/<id>.vmx linked -snapshot=NAME -cloneName=<id>``,
+        then take out of the clone's ``.vmx`` whatever names files outside its folder."""
+        if gold.vmx is None:
+            raise ImageUnsupported(
+                "the vmware driver needs a VMware VM package (a .vmx with its disks)"
+            )
+        assert self._templates is not None
+        try:
+            template = await self._templates.ensure(gold)
+            self._vms_dir.mkdir(parents=True, exist_ok=True)
+            await self.cli(
+                "clone", str(template), str(self.vmx(vm_id)), "linked",
+                f"-snapshot={self._templates.snapshot}", f"-cloneName={vm_id}",
+            )  # fmt: skip
+        except (CommandError, VMConflict) as exc:
+            raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
+        self._edit(vm_id, clonevmx.confine)
+
+    async def attach(self, vm_id: str, network_type: str) -> Runtime:
+        """Give the clone one NIC with a fresh MAC in VMware's static range."""
+        mac = clonevmx.fresh_mac(self._macs_in_use())
+        self._edit(vm_id, lambda vmx: clonevmx.set_nic(vmx, network_type, mac))
+        return {"mac": mac, "network_type": network_type}
+
+    async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
+        """Set CPUs, memory and name, then ``vmrun start ... nogui`` (``gui`` if not headless,
+        or as the configured fallback when vmrun refuses a headless start)."""
+        self._edit(spec.vm_id, lambda vmx: clonevmx.set_machine(vmx, spec))
+        vmx = str(self.vmx(spec.vm_id))
+        mode = "nogui" if spec.headless else "gui"
+        try:
+            await self._power_on(vmx, mode)
+            return
+        except VMConflict as exc:
+            raise BootFailed(f"vmrun could not start the VM: {exc.message}") from exc
+        except CommandError as exc:
+            if mode == "gui" or not self._config.gui_fallback:
+                raise BootFailed(f"vmrun could not start the VM: {_reason(exc)}") from exc
+            headless = exc
+        if await self._listed_now(vmx):
+            log.warning("VM %s: vmrun start nogui failed but the VM runs: %s",
+                        spec.vm_id, _reason(headless))  # fmt: skip
+            return
+        log.warning("VM %s: vmrun start nogui failed (%s); starting it with a window",
+                    spec.vm_id, _reason(headless))  # fmt: skip
+        try:
+            await self._power_on(vmx, "gui")
+        except (CommandError, VMConflict) as exc:
+            raise BootFailed(
+                f"vmrun could not start the VM: nogui: {_reason(headless)}; gui: {_reason(exc)}"
+            ) from exc
+
+    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
+        """The first IP from ``vmrun getGuestIPAddress -wait`` or from vmnet-dhcpd's leases."""
+        sources = {
+            asyncio.create_task(self._ip_from_tools(vm_id, timeout)),
+            asyncio.create_task(self._ip_from_leases(runtime["mac"])),
+        }
+        try:
+            done, _ = await asyncio.wait(
+                sources, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in sources:
+                task.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
+        if not done:
+            raise IPTimeout(f"the guest got no IP address within {timeout:g} s")
+        return done.pop().result()
+
+    async def is_running(self, vm_id: str) -> bool:
+        """Whether ``vmrun list`` names the VM. One listing serves all VMs for a second; when
+        vmrun can't list, the last answer stands (a VM is never called stopped on a guess)."""
+        vmx = os.path.realpath(self.vmx(vm_id))
+        try:
+            running = vmx in await self._running()
+        except (CommandError, VMConflict) as exc:
+            log.warning("vmrun list failed: %s", exc.message)
+            return self._last_known.get(vm_id, True)
+        self._last_known[vm_id] = running
+        return running
+
+    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
+        """Nothing to do: the VM runs in VMware's own process and ``vmrun`` finds it by path."""
+
+    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
+        """Stop soft, then hard; ``vmrun deleteVM``; then remove whatever is left. Raises
+        ``VMConflict``, with nothing removed, while VMware holds a lock on the VM."""
+        vm_dir, vmx = self.vm_dir(vm_id), self.vmx(vm_id)
+        if not vm_dir.exists():
+            return
+        if vmx.exists():
+            if await self._listed_now(str(vmx)):
+                await self._stop(vm_id)
+            try:
+                await self.cli("deleteVM", str(vmx))
+            except CommandError as exc:
+                log.warning("VM %s: vmrun deleteVM failed, removing its files: %s", vm_id, exc)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        self._last_known.pop(vm_id, None)
+        self._changed()
+
+    async def close(self, vms_running: bool) -> None:
+        """Nothing to release: VMware's networks and processes are its own."""
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _edit(self, vm_id: str, change: Callable[[VmxFile], None]) -> None:
+        """Apply ``change`` to the clone's ``.vmx``, replacing the file in one step."""
+        path = self.vmx(vm_id)
+        try:
+            vmx = read_vmx(path)
+        except FileNotFoundError:
+            raise CloneFailed("vmrun reported a clone, but its .vmx is missing") from None
+        change(vmx)
+        partial = path.with_name(f".{path.name}.new")
+        partial.write_bytes(vmx.to_bytes())
+        os.replace(partial, path)
+
+    def _macs_in_use(self) -> set[str]:
+        """The MACs of every clone, and every MAC with a lease in force."""
+        in_use = set(leases.read(self._config.lease_files))
+        for vmx in self._vms_dir.glob("*/*.vmx"):
+            try:
+                mac = clonevmx.nic_mac(read_vmx(vmx))
+            except OSError:
+                continue
+            if mac:
+                in_use.add(mac)
+        return in_use
+
+    async def _power_on(self, vmx: str, mode: str) -> None:
+        try:
+            await self.cli("start", vmx, mode)
+        finally:
+            self._changed()
+
+    async def _ip_from_tools(self, vm_id: str, timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                out = await self.cli(
+                    "getGuestIPAddress", str(self.vmx(vm_id)), "-wait",
+                    timeout=max(deadline - loop.time(), 0.1),
+                )  # fmt: skip
+            except CommandTimeout:
+                raise IPTimeout(f"the guest got no IP address within {timeout:g} s") from None
+            except (CommandError, VMConflict) as exc:
+                log.debug("VM %s: getGuestIPAddress: %s", vm_id, exc)
+            else:
+                if ip := _guest_ipv4(out):
+                    return ip
+            await asyncio.sleep(_IP_RETRY)
+
+    async def _ip_from_leases(self, mac: str) -> str:
+        while (ip := leases.lookup(self._config.lease_files, mac)) is None:
+            await asyncio.sleep(_LEASE_POLL)
+        return ip
+
+    async def _stop(self, vm_id: str) -> None:
+        vmx = str(self.vmx(vm_id))
+        try:
+            await self.cli("stop", vmx, "soft", timeout=self._shutdown_timeout)
+            return
+        except CommandError as exc:
+            log.info("VM %s: soft stop failed, stopping it hard: %s", vm_id, exc.message)
+        finally:
+            self._changed()
+        try:
+            await self.cli("stop", vmx, "hard", timeout=_HARD_STOP_TIMEOUT)
+        except CommandError as exc:
+            if await self._listed_now(vmx):
+                raise
+            log.info("VM %s: stopped after all: %s", vm_id, exc.message)
+        finally:
+            self._changed()
+
+    async def _running(self) -> set[str]:
+        """The running VMs' ``.vmx`` paths; one ``vmrun list`` at a time serves every caller,
+        and its answer serves for a second unless a VM was started or stopped since."""
+        if self._listed is not None:
+            listed_at, paths = self._listed
+            if listed_at > self._changed_at and time.monotonic() - listed_at <= LIST_CACHE:
+                return paths
+        if self._listing is None or self._listing[0] <= self._changed_at:
+            started = time.monotonic()
+            task = asyncio.create_task(self.cli.running())
+            task.add_done_callback(lambda done: self._list_done(started, done))
+            self._listing = (started, task)
+        return await asyncio.shield(self._listing[1])
+
+    def _list_done(self, started: float, task: asyncio.Task[set[str]]) -> None:
+        if self._listing is not None and self._listing[1] is task:
+            self._listing = None
+        if not task.cancelled() and task.exception() is None:
+            self._listed = (started, task.result())
+
+    async def _listed_now(self, vmx: str) -> bool:
+        """Whether ``vmrun list`` names ``vmx`` right now, without the cache."""
+        self._changed()
+        return os.path.realpath(vmx) in await self._running()
+
+    def _changed(self) -> None:
+        """Forget the cached listing: a VM may have started or stopped."""
+        self._changed_at = time.monotonic()
+
+
+def _guest_ipv4(out: str) -> str | None:
+    for word in out.split():
+        try:
+            ip = IPv4Address(word)
+        except ValueError:
+            continue
+        if not (ip.is_unspecified or ip.is_link_local or ip.is_loopback):
+            return str(ip)
+    return None
+
+
+def _reason(exc: CommandError | VMConflict) -> str:
+    if isinstance(exc, CommandError):
+        return exc.stderr_line or exc.message
+    return exc.message
