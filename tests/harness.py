@@ -51,7 +51,11 @@ class Goldclone:
                 self._task.result()
                 raise AssertionError("the server stopped during start-up")
             await asyncio.sleep(0.01)
-        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        token = self.settings.api_tokens[0] if self.settings.api_tokens else None
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth
+        )
 
     async def stop(self) -> None:
         """Stop the server gracefully; running VMs stay, as after a restart of the service."""

@@ -36,8 +36,9 @@ def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
     assert last_line == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
-def serve_until_answering(argv: list[str], env: dict[str, str], port: int) -> None:
-    """Start ``goldclone serve``, wait for ``GET /vms`` to answer, then stop it by its PID."""
+def serve_until_answering(argv: list[str], env: dict[str, str], port: int) -> str:
+    """Start ``goldclone serve``, wait for ``GET /healthz`` to answer, then stop it by its PID;
+    return what it logged."""
     with (
         tempfile.TemporaryFile("w+") as log,
         subprocess.Popen(argv, env={**os.environ, **env}, stderr=log) as proc,
@@ -49,17 +50,18 @@ def serve_until_answering(argv: list[str], env: dict[str, str], port: int) -> No
             # uvicorn shuts down gracefully, then re-raises the signal it caught
             assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
             assert "Application shutdown complete" in _read(log)
+        return _read(log)
 
 
 def answers(port: int, proc: subprocess.Popen[bytes]) -> bool:
     with httpx.Client() as client:
         while proc.poll() is None:
             try:
-                response = client.get(f"http://127.0.0.1:{port}/vms")
+                response = client.get(f"http://127.0.0.1:{port}/healthz")
             except httpx.ConnectError:
                 time.sleep(0.05)
                 continue
-            return bool(response.json() == {"vms": []})
+            return response.json() == {"status": "ok"}
     return False
 
 
@@ -108,3 +110,16 @@ def test_settings_read_every_network_variable() -> None:
     assert settings.ip_timeout == 7.5
     with pytest.raises(ValueError, match="GOLDCLONE_NAT_SUBNET"):
         Settings.from_env({"GOLDCLONE_NAT_SUBNET": "10.1.0.1/33"})
+
+
+def test_serving_beyond_loopback_without_tokens_warns_loudly(workdir: Path) -> None:
+    def serve_on(host: str, env: dict[str, str]) -> str:
+        port = free_port()
+        argv = [*GOLDCLONE, "serve", "--host", host, "--port", str(port), "--data-dir",
+                str(workdir / "cli-open")]  # fmt: skip
+        return serve_until_answering(argv, env, port)
+
+    assert "WITHOUT authentication" in serve_on("0.0.0.0", {})
+    assert "WITHOUT authentication" not in serve_on("127.0.0.1", {})
+    tokens = {"GOLDCLONE_API_TOKENS": "a-token-of-sixteen-or-more"}
+    assert "WITHOUT authentication" not in serve_on("0.0.0.0", tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "invalid-json or invalid-request",
+        401: "unauthorized",
         404: "vm-not-found or image-not-found",
         409: "vm-conflict or image-in-use",
         413: "body-too-large",
@@ -36,8 +38,13 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
-    """The goldclone API over ``service``, which it starts and closes with the server."""
+def create_app(
+    service: VMService, max_body_bytes: int = 64 * 1024, tokens: tuple[str, ...] = ()
+) -> FastAPI:
+    """The goldclone API over ``service``, which it starts and closes with the server.
+
+    With ``tokens``, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +61,11 @@ def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
         summary="Disposable linked-clone VMs from verified gold images.",
         responses=_ERRORS,
     )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Whether the server is up; needs no token."""
+        return {"status": "ok"}
 
     @app.post("/vms", status_code=202, response_model=VM)
     async def create_vm(body: CreateVMRequest) -> VM:
@@ -115,6 +127,8 @@ def create_app(service: VMService, max_body_bytes: int = 64 * 1024) -> FastAPI:
         return _error(500, "internal-error", "an internal error; see the server log")
 
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
+    if tokens:
+        app.add_middleware(BearerGuard, tokens=tokens)  # outermost: before any body is read
     return app
 
 
@@ -133,6 +147,34 @@ def _describe(errors: Any) -> str:
             message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{field}: {message}")
     return "; ".join(parts)
+
+
+class BearerGuard:
+    """Answers 401 unless the request carries one of the tokens as a bearer token.
+
+    Every configured token is compared, in constant time, so the answer's timing tells nothing
+    about which token came close. Tokens are never logged.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+        self._app = app
+        self._tokens = [token.encode() for token in tokens]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz" or self._allowed(scope):
+            await self._app(scope, receive, send)
+            return
+        response = _error(401, "unauthorized", "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        presented = b""
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
+        return any(matches)
 
 
 class BodyGuard:

@@ -1,6 +1,7 @@
 """goldclone: the server (serve), the demo image, and a client for the API.
 
-Client commands talk to the server at --url (or GOLDCLONE_URL). Their exit codes: 0 success,
+Client commands talk to the server at --url (or GOLDCLONE_URL), with the bearer token in
+GOLDCLONE_TOKEN if the server needs one. Their exit codes: 0 success,
 1 the VM ended in error (or the server refused the operation), 2 a usage error, 3 the server
 cannot be reached.
 """

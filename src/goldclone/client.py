@@ -34,6 +34,12 @@ def default_url() -> str:
     return os.environ.get("GOLDCLONE_URL") or DEFAULT_URL
 
 
+def _auth_headers(token: str | None) -> dict[str, str]:
+    """The bearer token given, or ``GOLDCLONE_TOKEN``, as a header; none without either."""
+    token = token or os.environ.get("GOLDCLONE_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class ClientError(Exception):
     """The root of the client's errors."""
 
@@ -148,12 +154,14 @@ class Client:
         self,
         url: str | None = None,
         *,
+        token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._http = httpx.Client(
-            base_url=url or default_url(), timeout=timeout, transport=transport
-        )
+            base_url=url or default_url(), headers=_auth_headers(token), timeout=timeout,
+            transport=transport,
+        )  # fmt: skip
 
     def __enter__(self) -> Client:
         return self
@@ -219,12 +227,14 @@ class AsyncClient:
         self,
         url: str | None = None,
         *,
+        token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
-            base_url=url or default_url(), timeout=timeout, transport=transport
-        )
+            base_url=url or default_url(), headers=_auth_headers(token), timeout=timeout,
+            transport=transport,
+        )  # fmt: skip
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -52,6 +52,13 @@ class Settings:
     driver: str = "qemu"
     """The hypervisor: ``qemu`` or ``vmware``."""
     vmware: VMwareConfig = field(default_factory=VMwareConfig)
+    allow_private_urls: bool = True
+    """Whether image and callback URLs may lead to loopback and private addresses; link-local
+    and cloud metadata addresses are refused either way."""
+    callback_secret: str | None = field(default=None, repr=False)
+    """Signs callbacks (Standard Webhooks) when set."""
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens; when set, every endpoint but ``/healthz`` needs one of them."""
 
     @property
     def db_url(self) -> str:
@@ -74,6 +81,9 @@ class Settings:
             "GOLDCLONE_QEMU": ("qemu_binary", str),
             "GOLDCLONE_ACCEL": ("accel", str),
             "GOLDCLONE_DRIVER": ("driver", _one_of(DRIVERS)),
+            "GOLDCLONE_ALLOW_PRIVATE_URLS": ("allow_private_urls", _flag),
+            "GOLDCLONE_CALLBACK_SECRET": ("callback_secret", str),
+            "GOLDCLONE_API_TOKENS": ("api_tokens", _tokens),
         }
         network_converters: dict[str, tuple[str, Callable[[str], object]]] = {
             "GOLDCLONE_NAT_BRIDGE": ("nat_bridge", str),
@@ -109,6 +119,13 @@ def _flag(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _tokens(value: str) -> tuple[str, ...]:
+    tokens = tuple(token.strip() for token in value.split(",") if token.strip())
+    if any(len(token) < 16 for token in tokens):
+        raise ValueError("each token needs at least 16 characters")
+    return tokens
 
 
 def _paths(value: str) -> tuple[Path, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.vmware import VMwareDriver
 from goldclone.images.store import ImageStore
 from goldclone.network import Networks
+from goldclone.outbound import OutboundPolicy, PolicyTransport
 from goldclone.service import VMService
 from goldclone.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def build_service(settings: Settings) -> VMService:
@@ -26,7 +30,8 @@ def build_service(settings: Settings) -> VMService:
     or VMware, as ``settings.driver`` says."""
     data_dir = settings.data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    http = httpx.AsyncClient(follow_redirects=True)
+    policy = OutboundPolicy(allow_private=settings.allow_private_urls)
+    http = httpx.AsyncClient(follow_redirects=True, transport=PolicyTransport(policy))
     return VMService(
         settings,
         Store(settings.db_url),
@@ -53,7 +58,7 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
 
 def build_app(settings: Settings, demo_dir: Path | None = None) -> FastAPI:
     """The API app; with ``demo_dir``, its files are served under ``/demo/`` as well."""
-    app = create_app(build_service(settings), settings.max_body_bytes)
+    app = create_app(build_service(settings), settings.max_body_bytes, settings.api_tokens)
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app
@@ -63,5 +68,20 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.api_tokens and not _is_loopback(settings.host):
+        log.warning(
+            "*** goldclone is listening on %s WITHOUT authentication: anyone who can reach it "
+            "can create VMs and make this host fetch URLs. Set GOLDCLONE_API_TOKENS. ***",
+            settings.host,
+        )
     app = build_app(settings, demo_dir)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

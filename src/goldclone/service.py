@@ -23,6 +23,7 @@ from goldclone.errors import (
     ImageInUse,
     Interrupted,
     InvalidRequest,
+    URLForbidden,
     VMConflict,
     VMFailure,
     VMNotFound,
@@ -40,6 +41,7 @@ from goldclone.models import (
     now_ms,
 )
 from goldclone.models import now_s as _now_s
+from goldclone.outbound import OutboundPolicy
 from goldclone.store import Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class VMService:
         self._background: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
+        self._outbound = OutboundPolicy(allow_private=settings.allow_private_urls)
 
     async def start(self) -> None:
         """Open the store and bring every recorded VM to a state that matches reality."""
@@ -126,6 +129,7 @@ class VMService:
 
     def prefetch(self, spec: ImageSpec) -> Image:
         """Start fetching an image ahead of the first VM that needs it."""
+        self._check_url("url", spec.url)
         self._images.prefetch(spec)
         return next(image for image in self._images.images() if image.id == spec.key)
 
@@ -178,6 +182,16 @@ class VMService:
                 f"{limits.max_memory_mb} MB on this host"
             )
         self._driver.check_network(request.network_type)
+        self._check_url("image.url", request.image.url)
+        if request.callback_url is not None:
+            self._check_url("callback_url", request.callback_url)
+
+    def _check_url(self, field: str, url: str) -> None:
+        """A URL whose host is an address is checked now; a name, when it is connected to."""
+        try:
+            self._outbound.check_literal(url)
+        except URLForbidden as exc:
+            raise InvalidRequest(f"{field}: {exc.message}") from None
 
     async def _build(self, vm: VM) -> None:
         try:
@@ -186,8 +200,9 @@ class VMService:
             raise
         except Exception as exc:
             vm = await self._fail(vm, exc)
-        self._spawn(deliver(self._http, vm, self._settings.callback_attempts,
-                            self._settings.callback_backoff))  # fmt: skip
+        settings = self._settings
+        self._spawn(deliver(self._http, vm, settings.callback_attempts,
+                            settings.callback_backoff, settings.callback_secret))  # fmt: skip
 
     async def _boot(self, vm: VM) -> VM:
         async def fetching() -> None:
