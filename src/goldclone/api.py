@@ -6,9 +6,9 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +26,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "invalid-json or invalid-request",
         401: "unauthorized",
         404: "vm-not-found or image-not-found",
-        409: "vm-conflict or image-in-use",
+        409: "vm-conflict, image-in-use, capacity-exceeded or idempotency-conflict",
         413: "body-too-large",
         415: "unsupported-media-type",
         500: "internal-error",
@@ -68,9 +68,17 @@ def create_app(
         return {"status": "ok"}
 
     @app.post("/vms", status_code=202, response_model=VM)
-    async def create_vm(body: CreateVMRequest) -> VM:
-        """Accept a VM for creation; the work goes on in the background."""
-        return await service.create(body)
+    async def create_vm(
+        body: CreateVMRequest,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+        ] = None,
+    ) -> VM:
+        """Accept a VM for creation; the work goes on in the background.
+
+        With an ``Idempotency-Key``, a repeat of the same request returns the same VM.
+        """
+        return await service.create(body, idempotency_key)
 
     @app.get("/vms", response_model=VMList)
     async def list_vms() -> VMList:

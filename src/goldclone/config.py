@@ -22,12 +22,19 @@ def _host_memory_mb() -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one VM may ask for; requests outside these bounds get 400, never a silent change."""
+    """What one VM may ask for, and what all of this host's VMs together may hold.
+
+    A request outside the per-VM bounds gets 400 (never a silent change); one that would take
+    the host past a total gets 409 ``capacity-exceeded``. A total of ``None`` is no limit.
+    """
 
     min_cpus: int = 1
     max_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     min_memory_mb: int = 64
     max_memory_mb: int = field(default_factory=_host_memory_mb)
+    max_vms: int | None = None
+    total_cpus: int | None = None
+    total_memory_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,17 @@ class Settings:
             "GOLDCLONE_VMWARE_GUI_FALLBACK": ("gui_fallback", _flag),
             "GOLDCLONE_VMWARE_LEASE_FILES": ("lease_files", _paths),
         }
+        limits_converters: dict[str, tuple[str, Callable[[str], object]]] = {
+            "GOLDCLONE_MAX_CPUS": ("max_cpus", int),
+            "GOLDCLONE_MAX_MEMORY": ("max_memory_mb", int),
+            "GOLDCLONE_MAX_VMS": ("max_vms", int),
+            "GOLDCLONE_TOTAL_CPUS": ("total_cpus", int),
+            "GOLDCLONE_TOTAL_MEMORY": ("total_memory_mb", int),
+        }
+        limits = replace(s.limits, **_read(env, limits_converters))
         network = replace(s.network, **_read(env, network_converters))
         vmware = replace(s.vmware, **_read(env, vmware_converters))
-        return replace(s, network=network, vmware=vmware, **_read(env, converters))
+        return replace(s, limits=limits, network=network, vmware=vmware, **_read(env, converters))
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:

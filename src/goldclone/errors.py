@@ -8,6 +8,8 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── ImageNotFound                   404 image-not-found
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
+    ├── CapacityExceeded                409 capacity-exceeded
+    ├── IdempotencyConflict             409 idempotency-conflict
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
     ├── CommandError                    500 command-failed (an external program failed)
     │   └── CommandTimeout              500 command-timeout
@@ -69,6 +71,20 @@ class VMConflict(GoldcloneError):
 
 class ImageInUse(GoldcloneError):
     code = "image-in-use"
+    status = 409
+
+
+class CapacityExceeded(GoldcloneError):
+    """The VM would take the host past one of its configured totals."""
+
+    code = "capacity-exceeded"
+    status = 409
+
+
+class IdempotencyConflict(GoldcloneError):
+    """An ``Idempotency-Key`` came again with a different request body."""
+
+    code = "idempotency-conflict"
     status = 409
 
 

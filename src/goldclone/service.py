@@ -7,6 +7,7 @@ the service acts on it, so that a restarted service knows what each VM was doing
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections import Counter
@@ -20,6 +21,8 @@ from goldclone.config import Settings
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import (
     BootFailed,
+    CapacityExceeded,
+    IdempotencyConflict,
     ImageInUse,
     Interrupted,
     InvalidRequest,
@@ -47,6 +50,9 @@ from goldclone.store import Store
 log = logging.getLogger(__name__)
 
 _PROCESS_CHECK_INTERVAL = 0.5
+# The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
+# and memory.
+_HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
 
 
 class VMService:
@@ -69,6 +75,7 @@ class VMService:
         self._background: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
+        self._admission = asyncio.Lock()
         self._outbound = OutboundPolicy(allow_private=settings.allow_private_urls)
 
     async def start(self) -> None:
@@ -95,9 +102,54 @@ class VMService:
 
     # -- the API's operations --------------------------------------------------------------
 
-    async def create(self, request: CreateVMRequest) -> VM:
+    async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
+        """Accept a VM and start creating it in the background.
+
+        A repeat with the same ``idempotency_key`` and body returns the VM the first request
+        made; the same key with another body is an ``IdempotencyConflict``.
+        """
         self._check_request(request)
-        vm = VM(
+        digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        async with self._admission:  # the totals are checked and taken in one step
+            if idempotency_key is not None:
+                earlier = await self._store.find_by_key(idempotency_key)
+                if earlier is not None:
+                    return self._repeat(earlier, digest)
+            await self._check_capacity(request)
+            vm = self._new_vm(request)
+            key = (idempotency_key, digest) if idempotency_key is not None else None
+            await self._store.insert(vm, idempotency=key)
+        task = asyncio.create_task(self._build(vm), name=f"create {vm.id}")
+        self._creating[vm.id] = task
+        task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
+        return vm
+
+    def _repeat(self, earlier: tuple[VM, str], digest: str) -> VM:
+        vm, earlier_digest = earlier
+        if earlier_digest != digest:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with another request body; use a new key"
+            )
+        return self._with_progress(vm)
+
+    async def _check_capacity(self, request: CreateVMRequest) -> None:
+        """Raise ``CapacityExceeded`` if the VM would take the host past a total."""
+        limits = self._settings.limits
+        held = [vm for vm in await self._store.list() if vm.status in _HOLDING]
+        for name, total, used, wanted in (
+            ("VMs", limits.max_vms, len(held), 1),
+            ("vCPUs", limits.total_cpus, sum(vm.cpus for vm in held), request.cpus),
+            ("MB of memory", limits.total_memory_mb, sum(vm.memory for vm in held),
+             request.memory),
+        ):  # fmt: skip
+            if total is not None and used + wanted > total:
+                raise CapacityExceeded(
+                    f"this host allows {total} {name} in all; {used} are in use and this VM "
+                    f"needs {wanted}"
+                )
+
+    def _new_vm(self, request: CreateVMRequest) -> VM:
+        return VM(
             id=str(uuid.uuid4()),
             image=request.image,
             cpus=request.cpus,
@@ -108,11 +160,6 @@ class VMService:
             created_at=_now_s(),
             timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
         )
-        await self._store.insert(vm)
-        task = asyncio.create_task(self._build(vm), name=f"create {vm.id}")
-        self._creating[vm.id] = task
-        task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
-        return vm
 
     async def get(self, vm_id: str) -> VM:
         return self._with_progress(await self._refresh(await self._store.get(_valid_id(vm_id))))

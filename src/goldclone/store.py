@@ -24,6 +24,8 @@ _vms = Table(
     Column("status", String(16), nullable=False, index=True),
     Column("vm", JSON, nullable=False),
     Column("runtime", JSON, nullable=False),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("request_digest", String(64), nullable=True),
 )
 
 
@@ -40,7 +42,14 @@ class Store:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    async def insert(self, vm: VM, runtime: dict[str, str] | None = None) -> None:
+    async def insert(
+        self,
+        vm: VM,
+        runtime: dict[str, str] | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> None:
+        """Record a new VM; ``idempotency`` is the request's key and the digest of its body."""
+        key, digest = idempotency or (None, None)
         async with self._engine.begin() as conn:
             await conn.execute(
                 _vms.insert().values(
@@ -48,8 +57,17 @@ class Store:
                     status=vm.status.value,
                     vm=_dump(vm),
                     runtime=runtime or {},
+                    idempotency_key=key,
+                    request_digest=digest,
                 )
             )
+
+    async def find_by_key(self, key: str) -> tuple[VM, str] | None:
+        """The VM created with idempotency ``key``, and the digest of that request's body."""
+        query = select(_vms.c.vm, _vms.c.request_digest).where(_vms.c.idempotency_key == key)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (VM.model_validate(row.vm), row.request_digest)
 
     async def save(self, vm: VM) -> None:
         """Write the VM object; raises ``VMNotFound`` if it was deleted meanwhile."""
