@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pwd
+import stat
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,6 +57,20 @@ async def assert_serves(vm: dict[str, Any]) -> None:
     page = await guest_page(vm["ip_address"])
     assert "goldclone demo guest" in page
     assert vm["mac_address"] and vm["mac_address"] in page
+
+
+def assert_confined(goldclone: Goldclone, vm: dict[str, Any]) -> None:
+    """QEMU runs unprivileged under seccomp, and its folder and monitor are the owner's only."""
+    vm_dir = goldclone.data_dir.absolute() / "vms" / vm["id"]
+    pid = int((vm_dir / "qemu.pid").read_text())
+    status = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )  # fmt: skip
+    assert status["Uid"].split()[0] == str(pwd.getpwnam("nobody").pw_uid)
+    assert status["Seccomp"].strip() == "2"
+    assert stat.S_IMODE(vm_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((vm_dir / "qmp.sock").stat().st_mode) == 0o600
 
 
 async def destroy_and_check(goldclone: Goldclone, vm: dict[str, Any]) -> None:
@@ -111,6 +127,8 @@ async def test_original_example_end_to_end(
     assert vm["cpus"] == 2 and vm["memory"] == 1024 and vm["network_type"] == network_type
     phases = [entry["phase"] for entry in vm["timeline"]]
     assert phases == ["accepted", "downloading", "cloning", "booting", "running"]
+
+    assert_confined(goldclone, vm)
 
     [delivered] = await asyncio.to_thread(callbacks.wait_for, 1, 30)
     assert delivered == vm

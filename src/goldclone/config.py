@@ -53,6 +53,8 @@ class Settings:
     callback_attempts: int = 5
     callback_backoff: float = 0.5
     qemu_binary: str = "qemu-system-x86_64"
+    qemu_user: str | None = field(default_factory=lambda: "nobody" if os.geteuid() == 0 else None)
+    """The user QEMU drops to once it has opened its files; ``None`` keeps the service's."""
     accel: str = "auto"
     """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -86,6 +88,7 @@ class Settings:
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
             "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
             "GOLDCLONE_QEMU": ("qemu_binary", str),
+            "GOLDCLONE_QEMU_USER": ("qemu_user", lambda user: None if user == "none" else user),
             "GOLDCLONE_ACCEL": ("accel", str),
             "GOLDCLONE_DRIVER": ("driver", _one_of(DRIVERS)),
             "GOLDCLONE_ALLOW_PRIVATE_URLS": ("allow_private_urls", _flag),

@@ -52,6 +52,7 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
             settings.qemu_binary,
             settings.accel,
             settings.shutdown_timeout,
+            settings.qemu_user,
         )
     raise ValueError(f"unknown driver {settings.driver!r}; use qemu or vmware")
 

@@ -38,8 +38,10 @@ class QemuDriver:
         qemu_binary: str = "qemu-system-x86_64",
         accel: str = "auto",
         shutdown_timeout: float = 10.0,
+        run_as: str | None = None,
     ) -> None:
         self._vms_dir = data_dir.absolute() / "vms"
+        self._run_as = run_as
         self._networks = networks
         self._qemu = qemu_binary
         self._accel_setting = accel
@@ -106,8 +108,15 @@ class QemuDriver:
             "-serial", f"file:{vm_dir / 'console.log'}",
             "-qmp", f"unix:{self._qmp(spec.vm_id)},server=on,wait=off",
             "-pidfile", str(self._pidfile(spec.vm_id)),
+            *self._confinement(),
             "-daemonize",
         ]  # fmt: skip
+
+    def _confinement(self) -> list[str]:
+        """seccomp, as strict as ``-daemonize`` allows (its fork rules out ``spawn=deny``),
+        and an unprivileged user once QEMU has opened its files, tap and sockets."""
+        sandbox = ["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]
+        return [*sandbox, "-runas", self._run_as] if self._run_as else sandbox
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         try:
@@ -116,6 +125,7 @@ class QemuDriver:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
         if self._read_pid(spec.vm_id) is None:
             raise BootFailed("qemu started but is not running; see the VM's console.log")
+        self._qmp(spec.vm_id).chmod(0o600)
 
     def _read_pid(self, vm_id: str) -> int | None:
         """The pid of this VM's qemu, if it is alive and really is that VM's qemu."""
