@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,7 +39,9 @@ class Goldclone:
         return self.settings.data_dir
 
     async def start(self) -> None:
-        sock = socket.socket()
+        # IPPROTO_TCP, so that asyncio sets TCP_NODELAY: otherwise Nagle's algorithm and the
+        # client's delayed ACK hold every response ~40 ms (bench/RESULTS.md)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         self.settings = dataclasses.replace(self.settings, port=port)
@@ -143,6 +146,14 @@ def processes_mentioning(text: str) -> list[int]:
         if text.encode() in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def forget(data_dir: Path, vm_id: str) -> None:
+    """Delete the VM's record behind a stopped service's back, as if the store had lost it."""
+    db = sqlite3.connect(data_dir / "state.db")
+    with db:
+        db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+    db.close()
 
 
 def links() -> list[str]:

@@ -36,6 +36,7 @@ class FileServer:
     """Serves the files of a folder and counts the GETs of each path.
 
     ``/stall/NAME`` sends the headers of NAME and then nothing, to make a download time out.
+    ``/hold/NAME`` sends the first half of NAME and then nothing, to catch a download midway.
     ``/slow/NAME`` sends NAME at about 10 MB/s, so that a download is seen in progress.
     """
 
@@ -73,14 +74,18 @@ class _FileHandler(BaseHTTPRequestHandler):
         owner._count(path)
         mode, _, name = path.rpartition("/")
         file = owner.root / name
-        if mode not in ("", "stall", "slow") or not file.is_file():
+        if mode not in ("", "stall", "hold", "slow") or not file.is_file():
             self.send_error(404)
             return
         size = file.stat().st_size
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.end_headers()
-        if mode == "stall":
+        if mode == "hold":
+            with file.open("rb") as data:
+                self.wfile.write(data.read(size // 2))
+            self.wfile.flush()
+        if mode in ("stall", "hold"):
             owner._release.wait(60)
             return
         with file.open("rb") as data:

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import IO
 
-import httpx
 import pytest
 
 from goldclone.config import Settings
-
-GOLDCLONE = [sys.executable, "-m", "goldclone.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.serving import GOLDCLONE, free_port, serve_until_answering
 
 
 def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
@@ -34,40 +19,6 @@ def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line == hashlib.sha256(out.read_bytes()).hexdigest()
-
-
-def serve_until_answering(argv: list[str], env: dict[str, str], port: int) -> str:
-    """Start ``goldclone serve``, wait for ``GET /healthz`` to answer, then stop it by its PID;
-    return what it logged."""
-    with (
-        tempfile.TemporaryFile("w+") as log,
-        subprocess.Popen(argv, env={**os.environ, **env}, stderr=log) as proc,
-    ):
-        try:
-            assert answers(port, proc), f"serve did not answer: {_read(log)}"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            # uvicorn shuts down gracefully, then re-raises the signal it caught
-            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-            assert "Application shutdown complete" in _read(log)
-        return _read(log)
-
-
-def answers(port: int, proc: subprocess.Popen[bytes]) -> bool:
-    with httpx.Client() as client:
-        while proc.poll() is None:
-            try:
-                response = client.get(f"http://127.0.0.1:{port}/healthz")
-            except httpx.ConnectError:
-                time.sleep(0.05)
-                continue
-            return response.json() == {"status": "ok"}
-    return False
-
-
-def _read(log: IO[str]) -> str:
-    log.seek(0)
-    return log.read()
 
 
 def test_serve_takes_port_and_data_dir_from_the_environment(workdir: Path) -> None:

@@ -28,7 +28,7 @@ from goldclone.errors import DriverUnavailable
 from goldclone.vmx import VmxFile, read_vmx
 from tests.conftest import checksum, on_fake_vmrun
 from tests.fake_vmrun import FakeVmrun
-from tests.harness import Goldclone, goldclone_server, leftovers
+from tests.harness import Goldclone, forget, goldclone_server, leftovers
 from tests.packages import VMX, make_package
 from tests.servers import FileServer
 
@@ -388,6 +388,22 @@ async def test_running_vms_survive_a_restart_and_the_snapshot_is_reused(
     assert fake_vmrun.calls("listSnapshots"), "the restarted service checks the template once"
     for v in (vm, other):
         await destroy_and_check(goldclone, fake_vmrun, v)
+
+
+async def test_a_clone_the_store_does_not_know_is_removed_at_start(
+    goldclone: Goldclone, fake_vmrun: FakeVmrun, request_for: Request
+) -> None:
+    vm = await goldclone.boot(request_for())
+    await goldclone.stop()
+    forget(goldclone.data_dir, vm["id"])
+    await goldclone.start()
+    clone = clone_vmx(goldclone, vm)
+    deadline = asyncio.get_running_loop().time() + 30
+    while clone.parent.exists():
+        assert asyncio.get_running_loop().time() < deadline, "the orphan clone stays"
+        await asyncio.sleep(0.05)
+    assert str(clone) not in fake_vmrun.running()
+    assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
 
 
 async def test_the_smoke_script_passes_against_the_stand_in(

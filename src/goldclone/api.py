@@ -11,9 +11,12 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from goldclone.config import Limits
 from goldclone.errors import GoldcloneError
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Image, ImageList, ImageSpec, VMList
 from goldclone.service import VMService
@@ -39,11 +42,15 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def create_app(
-    service: VMService, max_body_bytes: int = 64 * 1024, tokens: tuple[str, ...] = ()
+    service: VMService,
+    max_body_bytes: int = 64 * 1024,
+    tokens: tuple[str, ...] = (),
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The goldclone API over ``service``, which it starts and closes with the server.
 
     With ``tokens``, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``.
+    ``limits`` bound ``cpus`` and ``memory`` in the OpenAPI description as they do in requests.
     """
 
     @asynccontextmanager
@@ -62,12 +69,13 @@ def create_app(
         responses=_ERRORS,
     )
 
-    @app.get("/healthz")
+    @app.get("/healthz", operation_id="healthz")
     async def healthz() -> dict[str, str]:
         """Whether the server is up; needs no token."""
         return {"status": "ok"}
 
-    @app.post("/vms", status_code=202, response_model=VM)
+    @app.post("/vms", status_code=202, response_model=VM, operation_id="create_vm",
+              responses={202: {"links": _VM_LINKS}})  # fmt: skip
     async def create_vm(
         body: CreateVMRequest,
         idempotency_key: Annotated[
@@ -80,31 +88,33 @@ def create_app(
         """
         return await service.create(body, idempotency_key)
 
-    @app.get("/vms", response_model=VMList)
+    @app.get("/vms", response_model=VMList, operation_id="list_vms")
     async def list_vms() -> VMList:
         return VMList(vms=await service.list_vms())
 
-    @app.get("/vms/{vm_id}", response_model=VM)
+    @app.get("/vms/{vm_id}", response_model=VM, operation_id="get_vm")
     async def get_vm(vm_id: str) -> VM:
         return await service.get(vm_id)
 
-    @app.delete("/vms/{vm_id}", status_code=204, response_class=Response)
+    @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm")
     async def delete_vm(vm_id: str) -> Response:
         """Stop the VM and remove its clone and everything it had."""
         await service.delete(vm_id)
         return Response(status_code=204)
 
-    @app.get("/images", response_model=ImageList)
+    @app.get("/images", response_model=ImageList, operation_id="list_images")
     async def list_images() -> ImageList:
         """Gold images on disk, being fetched, or whose last fetch failed."""
         return ImageList(images=await service.images())
 
-    @app.post("/images", status_code=202, response_model=Image)
+    @app.post("/images", status_code=202, response_model=Image, operation_id="pull_image",
+              responses={202: {"links": _IMAGE_LINKS}})  # fmt: skip
     async def prefetch_image(body: ImageSpec) -> Image:
         """Fetch an image ahead of time, so that the first VM does not wait for it."""
         return service.prefetch(body)
 
-    @app.delete("/images/{image_id}", status_code=204, response_class=Response)
+    @app.delete("/images/{image_id}", status_code=204, response_class=Response,
+                operation_id="delete_image")  # fmt: skip
     async def delete_image(image_id: str) -> Response:
         """Remove a gold image; 409 ``image-in-use`` while any VM uses it."""
         await service.delete_image(image_id)
@@ -125,19 +135,62 @@ def create_app(
         return _error(400, "invalid-request", _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not-found", 405: "method-not-allowed"}
-        return _error(exc.status_code, codes.get(exc.status_code, "http-error"), str(exc.detail))
+        response = _error(
+            exc.status_code, codes.get(exc.status_code, "http-error"), str(exc.detail)
+        )
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_methods_of(app, request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("request failed unexpectedly", exc_info=exc)
         return _error(500, "internal-error", "an internal error; see the server log")
 
-    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
+    _describe_host(app, service, limits)
+    posts = {r.path for r in app.routes if isinstance(r, APIRoute) and "POST" in (r.methods or ())}
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, paths=posts)
     if tokens:
         app.add_middleware(BearerGuard, tokens=tokens)  # outermost: before any body is read
     return app
+
+
+_VM_LINKS = {
+    name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
+    for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))
+}
+_IMAGE_LINKS = {
+    "DeleteImage": {"operationId": "delete_image",
+                    "parameters": {"image_id": "$response.body#/id"}},
+}  # fmt: skip
+
+
+def _methods_of(app: FastAPI, request: Request) -> list[str]:
+    """Every method that some route serves at the request's path (each route has one)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> None:
+    """Put what this host accepts into the OpenAPI description: its bounds on ``cpus`` and
+    ``memory``, and the network types it offers."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        fields = schema["components"]["schemas"]["CreateVMRequest"]["properties"]
+        if limits is not None:
+            fields["cpus"] |= {"minimum": limits.min_cpus, "maximum": limits.max_cpus}
+            fields["memory"] |= {"minimum": limits.min_memory_mb, "maximum": limits.max_memory_mb}
+        fields["network_type"]["enum"] = service.network_types()
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _describe(errors: Any) -> str:
@@ -192,12 +245,13 @@ class BodyGuard:
     ``Content-Length`` is bounded too.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, paths: set[str]) -> None:
         self._app = app
         self._max = max_body_bytes
+        self._paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self._paths:
             await self._app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

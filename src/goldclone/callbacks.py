@@ -98,7 +98,7 @@ async def deliver(
         except URLForbidden as exc:
             log.warning("callback for VM %s not sent: %s", vm.id, exc.message)
             return False
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             reason = str(exc) or type(exc).__name__
         log.warning("callback for VM %s, attempt %d of %d: %s", vm.id, attempt, attempts, reason)
         if attempt < attempts:

@@ -47,9 +47,13 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     download_timeout: float = 30.0
     """Seconds without progress after which a download fails."""
+    reserve_mb: int = 256
+    """Space kept free on the data dir's disk: a download that would eat into it is refused."""
     ip_timeout: float = 120.0
     shutdown_timeout: float = 10.0
     """Seconds a guest gets to power off cleanly on DELETE before it is stopped hard."""
+    reconcile_interval: float = 300.0
+    """Seconds between two checks of the host against the store (orphans, stopped guests)."""
     callback_attempts: int = 5
     callback_backoff: float = 0.5
     qemu_binary: str = "qemu-system-x86_64"
@@ -84,8 +88,10 @@ class Settings:
             "PORT": ("port", int),
             "GOLDCLONE_DATABASE_URL": ("database_url", str),
             "GOLDCLONE_DOWNLOAD_TIMEOUT": ("download_timeout", float),
+            "GOLDCLONE_RESERVE_MB": ("reserve_mb", int),
             "GOLDCLONE_IP_TIMEOUT": ("ip_timeout", float),
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
+            "GOLDCLONE_RECONCILE_INTERVAL": ("reconcile_interval", float),
             "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
             "GOLDCLONE_QEMU": ("qemu_binary", str),
             "GOLDCLONE_QEMU_USER": ("qemu_user", lambda user: None if user == "none" else user),

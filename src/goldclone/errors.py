@@ -20,6 +20,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         │   ├── ChecksumMismatch        checksum-mismatch
         │   ├── ImageUnsafe             image-unsafe
         │   └── ImageUnsupported        image-unsupported
+        ├── InsufficientSpace           insufficient-space
         ├── CloneFailed                 clone-failed
         ├── BootFailed                  boot-failed
         ├── NetworkFailed               network-failed
@@ -145,6 +146,12 @@ class ImageUnsafe(ImageError):
 
 class ImageUnsupported(ImageError):
     code = "image-unsupported"
+
+
+class InsufficientSpace(VMFailure):
+    """The data dir's disk has no room for an image; nothing of it is kept."""
+
+    code = "insufficient-space"
 
 
 class CloneFailed(VMFailure):

@@ -7,10 +7,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
+import httpx
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -23,6 +26,63 @@ NetworkType = Literal["bridged", "nat", "hostonly"]
 
 CHECKSUM_HEX_LENGTH: dict[str, int] = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-fA-F]+")
+# Printable ASCII only (a non-ASCII host name goes in its punycode form), written without
+# inline flags so that the OpenAPI schema can carry the same pattern.
+_PORT = r"([1-5]?[0-9]{1,4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_H16 = "[0-9a-fA-F]{1,4}"
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
+_IPV6 = "|".join(
+    [
+        f"({_H16}:){{7}}{_H16}",
+        f"({_H16}:){{1,7}}:",
+        *(f"({_H16}:){{1,{7 - n}}}(:{_H16}){{1,{n}}}" for n in range(1, 7)),
+        f":((:{_H16}){{1,7}}|:)",
+        rf"::[fF]{{4}}:({_OCTET}\.){{3}}{_OCTET}",
+    ]
+)
+# A host name label has at most 63 characters.
+_HOST = r"[A-Za-z0-9_~-]{1,63}(\.[A-Za-z0-9_~-]{1,63})*\.?"
+_HTTP_URL_PATTERN = (
+    r"^[hH][tT][tT][pP][sS]?://([A-Za-z0-9._~%!$&'()*+,;=:-]+@)?"
+    rf"({_HOST}|\[({_IPV6})\])(:{_PORT})?([/?#][!-~]*)?$"
+)
+_HTTP_URL = re.compile(_HTTP_URL_PATTERN)
+
+
+def _http_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        valid = bool(_HTTP_URL.match(url)) and bool(httpx.URL(url).host)
+    except httpx.InvalidURL:
+        valid = False
+    if not valid:
+        raise ValueError("must be an http:// or https:// URL of printable ASCII")
+    return url
+
+
+HttpUrl = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=4096, json_schema_extra={"pattern": _HTTP_URL_PATTERN}),
+]
+
+
+def _checksum_variants() -> list[JsonValue]:
+    """The checksum's length depends on its type; this says so in the JSON schema."""
+
+    def hex_of(length: int) -> JsonValue:
+        return {"type": "string", "pattern": f"^[0-9a-fA-F]{{{length}}}$"}
+
+    variants: list[JsonValue] = [
+        {"properties": {"checksum_type": {"const": kind}, "checksum": hex_of(length)},
+         "required": ["checksum_type"]}
+        for kind, length in CHECKSUM_HEX_LENGTH.items()
+    ]  # fmt: skip
+    variants.append(
+        {"properties": {"checksum": hex_of(CHECKSUM_HEX_LENGTH["sha256"])},
+         "not": {"required": ["checksum_type"]}}
+    )  # fmt: skip
+    return variants
 
 
 class Status(StrEnum):
@@ -51,16 +111,13 @@ class _Strict(BaseModel):
 class ImageSpec(_Strict):
     """Where a VM's image package comes from, and what it must hash to."""
 
-    url: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": _checksum_variants()})
+
+    url: HttpUrl
     checksum: StrictStr
     checksum_type: ChecksumType = "sha256"
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not re.match(r"(?i)^https?://[^/\s]+", url) or any(c.isspace() for c in url):
-            raise ValueError("must be an http:// or https:// URL")
-        return url
+    _url = field_validator("url")(_http_url)
 
     @field_validator("checksum")
     @classmethod
@@ -85,22 +142,28 @@ class ImageSpec(_Strict):
         return f"{self.checksum_type}-{self.checksum.lower()}"
 
 
+def _integral(value: object) -> object:
+    """JSON has one number type: ``2.0`` is the integer 2, as JSON Schema says; ``2.5`` and
+    ``"2"`` stay invalid."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
 class CreateVMRequest(_Strict):
     """The body of ``POST /vms``."""
 
     image: ImageSpec
-    cpus: StrictInt = 2
-    memory: StrictInt = Field(default=1024, description="Megabytes.")
+    cpus: Count = 2
+    memory: Count = Field(default=1024, description="Megabytes.")
     network_type: NetworkType = "nat"
     headless: StrictBool = True
-    callback_url: Annotated[StrictStr, Field(max_length=4096)] | None = None
+    callback_url: HttpUrl | None = None
 
-    @field_validator("callback_url")
-    @classmethod
-    def _callback_http(cls, url: str | None) -> str | None:
-        if url is not None and not re.match(r"(?i)^https?://[^/\s]+", url):
-            raise ValueError("must be an http:// or https:// URL")
-        return url
+    _callback_url = field_validator("callback_url")(_http_url)
 
 
 class ErrorBody(BaseModel):

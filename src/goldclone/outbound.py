@@ -15,7 +15,6 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -50,10 +49,9 @@ class OutboundPolicy:
 
     def check_literal(self, url: str) -> None:
         """Check a URL whose host is an IP address at once; names are checked on connect."""
-        host = urlsplit(url).hostname or ""
         try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+            address = ipaddress.ip_address(httpx.URL(url).host)
+        except (ValueError, httpx.InvalidURL):
             return
         self.check(address, url)
 
@@ -93,7 +91,7 @@ class PolicyTransport(httpx.AsyncBaseTransport):
         port = request.url.port or (443 if request.url.scheme == "https" else 80)
         try:
             addresses = await self._resolve(host, port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a label IDNA can't encode
             raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from exc
         if not addresses:
             raise httpx.ConnectError(f"{host} has no address", request=request)

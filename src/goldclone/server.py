@@ -35,7 +35,9 @@ def build_service(settings: Settings) -> VMService:
     return VMService(
         settings,
         Store(settings.db_url),
-        ImageStore(data_dir, http, settings.download_timeout),
+        ImageStore(
+            data_dir, http, settings.download_timeout, reserve_bytes=settings.reserve_mb << 20
+        ),
         build_driver(settings, data_dir),
         http,
     )
@@ -59,7 +61,9 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
 
 def build_app(settings: Settings, demo_dir: Path | None = None) -> FastAPI:
     """The API app; with ``demo_dir``, its files are served under ``/demo/`` as well."""
-    app = create_app(build_service(settings), settings.max_body_bytes, settings.api_tokens)
+    app = create_app(
+        build_service(settings), settings.max_body_bytes, settings.api_tokens, settings.limits
+    )
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app

@@ -7,12 +7,13 @@ the service acts on it, so that a restarted service knows what each VM was doing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
 from collections import Counter
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
@@ -38,6 +39,7 @@ from goldclone.models import (
     ErrorBody,
     Image,
     ImageSpec,
+    NetworkType,
     Phase,
     Status,
     TimelineEntry,
@@ -79,12 +81,18 @@ class VMService:
         self._outbound = OutboundPolicy(allow_private=settings.allow_private_urls)
 
     async def start(self) -> None:
-        """Open the store and bring every recorded VM to a state that matches reality."""
+        """Open the store and adopt the guests that kept running. What a stopped service left
+        half-done is finished in the background, so that no guest can hold up the API."""
         await self._store.open()
         await self._driver.prepare()
         self._images.open()
+        unfinished = []
         for vm in await self._store.list():
-            await self._recover(vm)
+            if vm.status is Status.RUNNING:
+                await self._adopt(vm)
+            elif vm.status in (Status.CREATING, Status.DELETING):
+                unfinished.append(vm.id)
+        self._spawn(self._maintain(unfinished))
 
     async def close(self) -> None:
         """Stop background work. Running VMs keep running, with their networks; unfinished
@@ -165,7 +173,22 @@ class VMService:
         return self._with_progress(await self._refresh(await self._store.get(_valid_id(vm_id))))
 
     async def list_vms(self) -> list[VM]:
-        return [self._with_progress(await self._refresh(vm)) for vm in await self._store.list()]
+        vms = []
+        for vm in await self._store.list():
+            with contextlib.suppress(VMNotFound):  # deleted since the list was read
+                vms.append(self._with_progress(await self._refresh(vm)))
+        return vms
+
+    def network_types(self) -> list[str]:
+        """The network types that VMs can use on this host."""
+        offered = []
+        for network_type in get_args(NetworkType):
+            try:
+                self._driver.check_network(network_type)
+            except InvalidRequest:
+                continue
+            offered.append(network_type)
+        return offered
 
     async def images(self) -> list[Image]:
         """Every gold image, with how many VMs use each."""
@@ -247,6 +270,10 @@ class VMService:
             raise
         except Exception as exc:
             vm = await self._fail(vm, exc)
+        self._report(vm)
+
+    def _report(self, vm: VM) -> None:
+        """Deliver the VM's callback in the background."""
         settings = self._settings
         self._spawn(deliver(self._http, vm, settings.callback_attempts,
                             settings.callback_backoff, settings.callback_secret))  # fmt: skip
@@ -323,16 +350,53 @@ class VMService:
                     vm = await self._advance(vm, Phase.STOPPED, status=Status.STOPPED)
         return vm
 
-    async def _recover(self, vm: VM) -> None:
-        if vm.status is Status.CREATING:
-            await self._fail(vm, Interrupted("the service stopped while this VM was being created"))
-        elif vm.status is Status.DELETING:
-            await self._teardown(vm.id)
-            await self._store.delete(vm.id)
-        elif vm.status is Status.RUNNING:
-            if runtime := await self._store.runtime(vm.id):
-                await self._driver.adopt(vm.id, runtime)
-            await self._refresh(vm)
+    # -- restarts and reconciliation -------------------------------------------------------
+
+    async def _adopt(self, vm: VM) -> None:
+        """Take over a guest that kept running through a restart; one that did not is
+        ``stopped``."""
+        if runtime := await self._store.runtime(vm.id):
+            await self._driver.adopt(vm.id, runtime)
+        await self._refresh(vm)
+
+    async def _maintain(self, unfinished: list[str]) -> None:
+        """Finish the VMs a stopped service left half-done, then check the host against the
+        store, now and every ``reconcile_interval`` seconds."""
+        await asyncio.gather(*(self._finish(vm_id) for vm_id in unfinished))
+        while True:
+            await self._reconcile()
+            await asyncio.sleep(self._settings.reconcile_interval)
+
+    async def _finish(self, vm_id: str) -> None:
+        """An interrupted create ends in ``error`` (``interrupted``) with everything of it
+        removed and its callback sent; an interrupted DELETE is completed."""
+        try:
+            async with self._lock(vm_id):
+                vm = await self._store.get(vm_id)
+                if vm.status is Status.CREATING:
+                    stopped = Interrupted("the service stopped while this VM was being created")
+                    self._report(await self._fail(vm, stopped))
+                elif vm.status is Status.DELETING:
+                    await self._teardown(vm_id)
+                    await self._store.delete(vm_id)
+        except VMNotFound:
+            pass  # a DELETE came first
+        except Exception:
+            log.exception("could not finish VM %s; the next start tries again", vm_id)
+
+    async def _reconcile(self) -> None:
+        """Destroy whatever the store does not know, and mark guests that are gone
+        ``stopped``. A failed pass is logged, and the next one tries again."""
+        try:
+            await self._driver.remove_orphans(self._known_ids)
+            for vm in await self._store.list():
+                with contextlib.suppress(VMNotFound):
+                    await self._refresh(vm)
+        except Exception:
+            log.exception("checking the host against the store failed")
+
+    async def _known_ids(self) -> set[str]:
+        return {vm.id for vm in await self._store.list()}
 
     async def _teardown(self, vm_id: str) -> None:
         """Remove every part of the VM: process, clone, NIC and lease. Safe to repeat."""

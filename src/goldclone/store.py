@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, select
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from goldclone.errors import VMNotFound
@@ -34,6 +34,8 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self._engine: AsyncEngine = create_async_engine(url)
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
 
     async def open(self) -> None:
         async with self._engine.begin() as conn:
@@ -105,6 +107,17 @@ class Store:
     async def delete(self, vm_id: str) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(_vms.delete().where(_vms.c.id == vm_id))
+
+
+def _sqlite_for_concurrency(connection: Any, _: object) -> None:
+    """Write-ahead logging lets readers and a writer work at once; in the default journal,
+    each waits out the other in SQLite's busy handler, which tripled the POST latency while
+    VMs booted (bench/RESULTS.md, d). ``synchronous=NORMAL`` is safe against a crash of the
+    service; only an OS crash can lose the last commits."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _dump(vm: VM) -> dict[str, Any]:

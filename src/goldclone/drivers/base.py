@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,6 +15,15 @@ Runtime = dict[str, str]
 The service records it in the store before the VM is started; ``runtime["mac"]`` is the MAC
 address of the VM's NIC.
 """
+
+
+def is_vm_id(name: str) -> bool:
+    """Whether ``name`` is a VM ID as the service makes them (a UUID, lowercase, with dashes),
+    so that a folder or process found on the host can be told apart from anything else."""
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,15 @@ class Driver(Protocol):
         """Take over a VM that kept running through a restart of the service."""
 
     async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
-        """Stop the VM (cleanly, then hard) and remove everything it had."""
+        """Stop the VM (cleanly, then hard) and remove everything it had, even when the
+        service stopped before ``runtime`` was recorded."""
+
+    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy what this driver finds of VMs whose ID ``known_ids()`` does not return.
+
+        The host is searched before ``known_ids`` is called, so a VM that is created meanwhile
+        (it is recorded before it gets anything on the host) is never taken for an orphan.
+        """
 
     async def close(self, vms_running: bool) -> None:
         """Release the driver's resources; shared ones stay while ``vms_running``."""

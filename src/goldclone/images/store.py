@@ -9,6 +9,7 @@ image share one download.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from goldclone.errors import (
     DownloadFailed,
     ImageInUse,
     ImageNotFound,
+    InsufficientSpace,
     VMFailure,
 )
 from goldclone.images.archive import UnpackLimits, unpack
@@ -56,12 +58,14 @@ class ImageStore:
         http: httpx.AsyncClient,
         download_timeout: float = 30.0,
         limits: UnpackLimits | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         self._images = data_dir.absolute() / "images"
         self._downloads = data_dir.absolute() / "downloads"
         self._http = http
         self._timeout = download_timeout
         self._limits = limits or UnpackLimits()
+        self._reserve_bytes = reserve_bytes
         self._inflight: dict[str, asyncio.Task[GoldImage]] = {}
         self._specs: dict[str, ImageSpec] = {}
         self._progress: dict[str, DownloadProgress] = {}
@@ -178,8 +182,10 @@ class ImageStore:
             raise ImageInUse(f"image {key} is being downloaded")
         root = self._images / key
         if key.startswith(".") or "/" in key or not root.is_dir():
-            self._failures.pop(key, None)
-            raise ImageNotFound(f"there is no image {key}")
+            if self._failures.pop(key, None) is None:
+                raise ImageNotFound(f"there is no image {key}")
+            self._specs.pop(key, None)  # a failed fetch: deleting forgets it
+            return
         doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
         root.rename(doomed)
         await asyncio.to_thread(_remove, doomed)
@@ -196,6 +202,13 @@ class ImageStore:
             _remove(download)
             await asyncio.to_thread(_make_read_only, staging)
             staging.rename(self.gold_dir(spec))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise InsufficientSpace(
+                f"the disk filled up while image {spec.key} was being fetched; "
+                "everything of it was removed"
+            ) from None
         finally:
             _remove(download)
             _remove(staging)
@@ -217,6 +230,7 @@ class ImageStore:
                 progress = DownloadProgress(
                     bytes_done=0, bytes_total=int(total) if total and total.isdigit() else None
                 )
+                self._check_room(spec, progress.bytes_total)
                 self._progress[spec.key] = progress
                 with dest.open("wb") as out:
                     async for chunk in response.aiter_raw(_CHUNK):
@@ -227,13 +241,24 @@ class ImageStore:
             raise DownloadFailed(
                 f"GET {spec.url} timed out (no data for {self._timeout:g} s)"
             ) from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DownloadFailed(f"GET {spec.url} failed: {exc or type(exc).__name__}") from None
         actual = digest.hexdigest()
         if actual != spec.checksum.lower():
             raise ChecksumMismatch(
                 f"the download's {spec.checksum_type} is {actual}, "
                 f"but the request expects {spec.checksum.lower()}"
+            )
+
+    def _check_room(self, spec: ImageSpec, size: int | None) -> None:
+        """Refuse a download that cannot fit, with the reserve kept free, before it starts."""
+        if size is None:
+            return
+        usage = shutil.disk_usage(self._downloads)
+        if size + self._reserve_bytes > usage.free:
+            raise InsufficientSpace(
+                f"image {spec.key} is {size} bytes, and {usage.free} bytes are free on the "
+                f"data dir's disk, {self._reserve_bytes} of which are kept in reserve"
             )
 
     def _unpack(self, package: Path, staging: Path, url: str) -> None:

@@ -44,6 +44,10 @@ def tap_name(vm_id: str) -> str:
     return TAP_PREFIX + digits[:12]
 
 
+async def _vm_taps_on(bridge_name: str) -> list[str]:
+    return [port for port in await bridge.ports(bridge_name) if _OUR_TAP.fullmatch(port)]
+
+
 def _random_mac() -> str:
     tail = secrets.token_bytes(3)
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
@@ -220,14 +224,34 @@ class Networks:
 
         Calling it again, or from a new instance after a restart, is fine.
         """
-        sniffer = self._sniffers.pop(attachment.tap, None)
-        if sniffer is not None:
-            await sniffer.close()
-        await bridge.delete_link(attachment.tap)
+        await self._remove_tap(attachment.tap)
         if attachment.network_type in OWNED_TYPES:
             await self.dnsmasq(attachment.network_type).release(attachment.mac)
-        self._attached.pop(attachment.tap, None)
         log.info("detached %s (%s)", attachment.tap, attachment.mac)
+
+    async def forget(self, tap: str, mac: str | None) -> None:
+        """Remove ``tap`` and release ``mac``'s lease on every owned network: ``detach`` for a
+        NIC whose attachment was never recorded. A tap or lease that is not there is fine."""
+        await self._remove_tap(tap)
+        if mac is not None:
+            for network_type in OWNED_TYPES:
+                await self.dnsmasq(network_type).release(mac)
+
+    async def vm_taps(self) -> set[str]:
+        """The names of the VM taps on the owned bridges."""
+        taps: set[str] = set()
+        for network_type in OWNED_TYPES:
+            name = self._bridge(network_type)
+            if await bridge.link_exists(name):
+                taps.update(await _vm_taps_on(name))
+        return taps
+
+    async def _remove_tap(self, tap: str) -> None:
+        sniffer = self._sniffers.pop(tap, None)
+        if sniffer is not None:
+            await sniffer.close()
+        await bridge.delete_link(tap)
+        self._attached.pop(tap, None)
 
     async def close(self) -> None:
         """Stop watching taps, and leave bridges, dnsmasq and taps running for the guests."""
@@ -255,8 +279,7 @@ class Networks:
             await dnsmasq.stop()
             await firewall.remove(name)
             if await bridge.link_exists(name):
-                for port in await bridge.ports(name):
-                    if _OUR_TAP.fullmatch(port):
-                        await bridge.delete_link(port)
+                for tap in await _vm_taps_on(name):
+                    await bridge.delete_link(tap)
                 await bridge.delete_link(name)
             await asyncio.to_thread(shutil.rmtree, dnsmasq.state_dir, ignore_errors=True)

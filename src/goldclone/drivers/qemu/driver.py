@@ -3,6 +3,11 @@
 Each VM lives in ``vms/<id>/``: ``disk.qcow2`` (the clone), ``qmp.sock``, ``qemu.pid`` and
 ``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service, and a restarted
 service finds them again through the pidfile and the socket.
+
+A qemu is this driver's when its command line carries ``-pidfile <data dir>/vms/<id>/qemu.pid``
+and ``-name goldclone-<id>``; that is how ``destroy`` finds one that has not written its pidfile
+yet, and how ``remove_orphans`` finds one whose VM the store has forgotten. Processes are only
+ever signalled by PID.
 """
 
 from __future__ import annotations
@@ -12,15 +17,18 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from goldclone.commands import run
-from goldclone.drivers.base import MachineSpec, Runtime
+from goldclone.drivers.base import MachineSpec, Runtime, is_vm_id
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.qmp import QMPError, qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError
 from goldclone.images.store import GoldImage
 from goldclone.network import Attachment, Networks
+from goldclone.network.manager import tap_name
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +139,23 @@ class QemuDriver:
         """The pid of this VM's qemu, if it is alive and really is that VM's qemu."""
         try:
             pid = int(self._pidfile(vm_id).read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = _proc_state(pid)
         except (OSError, ValueError):
             return None
-        if f"goldclone-{vm_id}".encode() not in cmdline or state in ("Z", "X", None):
-            return None
-        return pid
+        argv = _live_argv(pid)
+        return pid if argv and _option(argv, "-name") == f"goldclone-{vm_id}" else None
+
+    def _qemus(self) -> list[_Qemu]:
+        """Every live qemu of this driver: ``-name goldclone-<id>`` with its ``-pidfile`` in
+        that VM's folder. Found in ``/proc``, so whether or not it has written its pidfile."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            argv = _live_argv(int(entry.name)) if entry.name.isdigit() else None
+            if argv is None:
+                continue
+            vm_id = (_option(argv, "-name") or "").removeprefix("goldclone-")
+            if is_vm_id(vm_id) and _option(argv, "-pidfile") == str(self._pidfile(vm_id)):
+                found.append(_Qemu(int(entry.name), vm_id, _mac_in(argv)))
+        return found
 
     async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
         return await self._networks.wait_for_ip(Attachment.from_dict(runtime), timeout)
@@ -150,13 +168,40 @@ class QemuDriver:
 
     async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
         """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder and
-        its NIC."""
+        its NIC.
+
+        Any other qemu of the VM (one that had not written its pidfile when its start was cut
+        off) is killed too. Without ``runtime`` (the service stopped before recording it, or
+        the store forgot the VM), the tap is the one named after the VM, and the MAC whose
+        lease goes is read from its qemu's command line.
+        """
+        qemus = [qemu for qemu in self._qemus() if qemu.vm_id == vm_id]
+        mac = next((qemu.mac for qemu in qemus if qemu.mac), None)
         pid = self._read_pid(vm_id)
         if pid is not None:
             await self._stop(vm_id, pid, self._shutdown_timeout)
+        for qemu in qemus:
+            if qemu.pid != pid:
+                await _kill(qemu.pid)
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
         if runtime:
             await self._networks.detach(Attachment.from_dict(runtime))
+        else:
+            await self._networks.forget(tap_name(vm_id), mac)
+
+    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy every VM with a qemu or a folder here that ``known_ids()`` does not name,
+        and remove the VM taps on the owned bridges that belong to no known VM."""
+        found = {qemu.vm_id for qemu in self._qemus()}
+        found |= {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
+        taps = await self._networks.vm_taps()
+        known = await known_ids()
+        for vm_id in sorted(found - known):
+            log.warning("VM %s is not in the store; removing what is left of it", vm_id)
+            await self.destroy(vm_id, None)
+        for tap in taps - {tap_name(vm_id) for vm_id in known | found}:
+            log.warning("tap %s belongs to no VM in the store; removing it", tap)
+            await self._networks.forget(tap, None)
 
     async def close(self, vms_running: bool) -> None:
         """Keep the networks up for running guests; otherwise remove them."""
@@ -171,15 +216,49 @@ class QemuDriver:
             try:
                 await qmp_execute(qmp, command, timeout=2.0)
             except QMPError as exc:
+                # A monitor that did not take the command (hung, or a stopped process) will
+                # not act on it either: waiting out its grace would only delay the next step.
                 log.info("VM %s: %s", vm_id, exc)
+                continue
             if await _wait_exit(pid, grace):
                 return
         log.warning("VM %s: qemu %d did not stop, killing it", vm_id, pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        await _wait_exit(pid, 5.0)
+        await _kill(pid)
+
+
+class _Qemu(NamedTuple):
+    pid: int
+    vm_id: str
+    mac: str | None
+
+
+def _live_argv(pid: int) -> list[str] | None:
+    """The command line of process ``pid``, unless it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if _proc_state(pid) in (None, "Z", "X"):
+        return None
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def _option(argv: list[str], flag: str) -> str | None:
+    """The value that follows ``flag`` on command line ``argv``."""
+    try:
+        return argv[argv.index(flag) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def _mac_in(argv: list[str]) -> str | None:
+    """The MAC of the NIC on qemu command line ``argv``."""
+    for arg in argv:
+        if arg.startswith("virtio-net-pci,"):
+            for option in arg.split(","):
+                if option.startswith("mac="):
+                    return option.removeprefix("mac=")
+    return None
 
 
 def _proc_state(pid: int) -> str | None:
@@ -190,6 +269,15 @@ def _proc_state(pid: int) -> str | None:
     except OSError:
         return None
     return None
+
+
+async def _kill(pid: int) -> None:
+    """SIGKILL ``pid`` (a stopped process too) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    await _wait_exit(pid, 5.0)
 
 
 async def _wait_exit(pid: int, timeout: float, interval: float = 0.05) -> bool:

@@ -13,11 +13,11 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from goldclone.drivers.base import MachineSpec, Runtime
+from goldclone.drivers.base import MachineSpec, Runtime, is_vm_id
 from goldclone.drivers.vmware import clonevmx, leases, vmrun
 from goldclone.drivers.vmware.config import VMwareConfig
 from goldclone.drivers.vmware.templates import Templates
@@ -193,6 +193,14 @@ class VMwareDriver:
         shutil.rmtree(vm_dir, ignore_errors=True)
         self._last_known.pop(vm_id, None)
         self._changed()
+
+    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy every clone under ``vms/`` that ``known_ids()`` does not name; a running
+        VMware VM of ours always has its folder there."""
+        found = {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
+        for vm_id in sorted(found - await known_ids()):
+            log.warning("VM %s is not in the store; removing what is left of it", vm_id)
+            await self.destroy(vm_id, None)
 
     async def close(self, vms_running: bool) -> None:
         """Nothing to release: VMware's networks and processes are its own."""

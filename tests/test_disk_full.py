@@ -1,0 +1,61 @@
+"""A full disk refuses or stops an image fetch with ``insufficient-space`` and keeps nothing.
+
+Each test puts the data dir on a small tmpfs of its own; ``make test`` runs the suite in a
+private mount namespace, so the mounts never reach the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from goldclone.config import Settings
+from tests.conftest import checksum
+from tests.harness import goldclone_server, leftovers
+from tests.servers import FileServer
+
+
+@contextmanager
+def small_disk(settings: Settings, size: str) -> Iterator[Settings]:
+    data_dir = settings.data_dir.absolute()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(data_dir)],
+                   check=True)  # fmt: skip
+    try:
+        yield dataclasses.replace(settings, reserve_mb=0)
+    finally:
+        subprocess.run(["umount", str(data_dir)], check=True)
+
+
+async def fetch_on(settings: Settings, file_server: FileServer, package: Path) -> str:
+    """Create a VM from ``package``; return its error message once it has failed."""
+    async with goldclone_server(settings) as goldclone:
+        image = {"url": file_server.url(package.name), "checksum": checksum(package)}
+        vm = await goldclone.post_vm({"cpus": 1, "memory": 128, "image": image})
+        failed = await goldclone.wait_for(vm["id"], "error")
+        assert failed["error"]["code"] == "insufficient-space", failed["error"]
+        assert leftovers(goldclone.data_dir, failed) == []
+        assert list((goldclone.data_dir / "images").iterdir()) == []
+        message: str = failed["error"]["message"]
+        return message
+
+
+async def test_a_download_that_cannot_fit_is_refused_before_it_starts(
+    settings: Settings, file_server: FileServer, demo_package: Path
+) -> None:
+    assert demo_package.stat().st_size > 8 << 20
+    with small_disk(settings, "8m") as tight:
+        message = await fetch_on(tight, file_server, demo_package)
+    assert "free" in message
+    assert file_server.gets[demo_package.name] >= 1
+
+
+async def test_a_disk_that_fills_while_unpacking_is_cleaned_up(
+    settings: Settings, file_server: FileServer, demo_package: Path
+) -> None:
+    """The package fits, but not the package and its unpacked disk together."""
+    with small_disk(settings, "20m") as tight:
+        message = await fetch_on(tight, file_server, demo_package)
+    assert "filled up" in message
