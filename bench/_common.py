@@ -171,10 +171,8 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(data_dir: Path, sqlite_wal: bool = False) -> AsyncIterator[Server]:
+async def serve(data_dir: Path) -> AsyncIterator[Server]:
     """Run the real server (``goldclone serve``) in a process of its own, as in production.
-
-    ``sqlite_wal`` is a what-if: the same server with its SQLite database in WAL mode.
 
     Its log goes to ``data_dir/../server.log``. On exit every VM is deleted, the server is
     stopped, and every guest and network it left is removed.
@@ -182,7 +180,7 @@ async def serve(data_dir: Path, sqlite_wal: bool = False) -> AsyncIterator[Serve
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = _spawn(data_dir, port, sqlite_wal)
+    process = _spawn(data_dir, port)
     server = Server(data_dir, port, process)
     try:
         await _until_up(server)
@@ -204,34 +202,10 @@ async def serve(data_dir: Path, sqlite_wal: bool = False) -> AsyncIterator[Serve
         await networks.teardown()
 
 
-_SERVE_WITH_WAL = """
-import sys
-from sqlalchemy import event
-import goldclone.store
-create_engine = goldclone.store.create_async_engine
-
-def wal_engine(url, **options):
-    engine = create_engine(url, **options)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def wal(connection, _):
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    return engine
-
-goldclone.store.create_async_engine = wal_engine
-from goldclone.cli import main
-sys.exit(main(["serve"]))
-"""
-
-
-def _spawn(data_dir: Path, port: int, sqlite_wal: bool) -> subprocess.Popen[bytes]:
+def _spawn(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = os.environ | {"GOLDCLONE_DATA_DIR": str(data_dir), "PORT": str(port),
                         "GOLDCLONE_SHUTDOWN_TIMEOUT": "5"}  # fmt: skip
-    argv = ["-c", _SERVE_WITH_WAL] if sqlite_wal else ["-m", "goldclone.cli", "serve"]
+    argv = ["-m", "goldclone.cli", "serve"]
     with (data_dir.parent / "server.log").open("wb") as log:
         return subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log)
 
@@ -284,9 +258,7 @@ async def wait_running(server: Server, vm_id: str, timeout: float = 180.0) -> di
 
 
 @asynccontextmanager
-async def demo_server(
-    work: Path, sqlite_wal: bool = False
-) -> AsyncIterator[tuple[Server, dict[str, Any]]]:
+async def demo_server(work: Path) -> AsyncIterator[tuple[Server, dict[str, Any]]]:
     """A goldclone server whose cache holds the demo image, with the request that boots it.
 
     The cache is warmed, and the nat network brought up, by one VM that is booted and deleted.
@@ -297,7 +269,7 @@ async def demo_server(
     digest = await build_demo_image(package)
     with FileServer(package.parent).running() as files:
         body = vm_request(files.url(package.name), digest)
-        async with serve(work / "data", sqlite_wal) as server:
+        async with serve(work / "data") as server:
             vm = await wait_running(server, (await server.post_vm(body))["id"])
             await server.delete(vm["id"])
             yield server, body

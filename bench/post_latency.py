@@ -48,9 +48,9 @@ async def wait_error(server: Server, vm_id: str) -> dict[str, Any]:
         await asyncio.sleep(0.05)
 
 
-async def main(posts: int, gap: float, sqlite_wal: bool) -> None:
+async def main(posts: int, gap: float) -> None:
     with scratch() as work:
-        async with demo_server(work, sqlite_wal) as (server, body):
+        async with demo_server(work) as (server, body):
             failing = vm_request(closed_port_url(), "0" * 64)  # not the cached image's key
             booting = [await timed_post(server, body) for _ in range(BOOTING)]
             latencies: list[float] = []
@@ -90,12 +90,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--posts", type=int, default=40, help="POSTs sent while the VMs boot")
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between two POSTs")
-    parser.add_argument(
-        "--what-if-sqlite-wal",
-        action="store_true",
-        help="run the server with its SQLite database in WAL mode (not what goldclone ships)",
-    )
     args = parser.parse_args()
-    wal = " (what-if: SQLite in WAL mode)" if args.what_if_sqlite_wal else ""
-    start(f"post_latency: POST /vms while {BOOTING} VMs boot{wal}")
-    asyncio.run(main(args.posts, args.gap, args.what_if_sqlite_wal))
+    start(f"post_latency: POST /vms while {BOOTING} VMs boot")
+    asyncio.run(main(args.posts, args.gap))
