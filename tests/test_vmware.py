@@ -356,7 +356,14 @@ async def test_a_vm_is_not_called_stopped_when_vmrun_cannot_list(
 ) -> None:
     vm = await goldclone.boot(request_for())
     fake_vmrun.control(list_error="Unable to connect to host.")
-    await asyncio.sleep(1.5)  # past the listing's cache
+    asked = len(fake_vmrun.calls("list"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    # GETs until one of them has made the driver ask vmrun (past its listing's cache)
+    while len(fake_vmrun.calls("list")) == asked:
+        assert (await goldclone.client.get(f"/vms/{vm['id']}")).json()["status"] == "running"
+        assert loop.time() < deadline, "the driver never listed the VMs again"
+        await asyncio.sleep(0.05)
     assert (await goldclone.client.get(f"/vms/{vm['id']}")).json()["status"] == "running"
     fake_vmrun.control(list_error=None)
     await destroy_and_check(goldclone, fake_vmrun, vm)

@@ -143,6 +143,8 @@ class VMService:
     async def _check_capacity(self, request: CreateVMRequest) -> None:
         """Raise ``CapacityExceeded`` if the VM would take the host past a total."""
         limits = self._settings.limits
+        if all(t is None for t in (limits.max_vms, limits.total_cpus, limits.total_memory_mb)):
+            return  # no totals: no need to read every VM on each create
         held = [vm for vm in await self._store.list() if vm.status in _HOLDING]
         for name, total, used, wanted in (
             ("VMs", limits.max_vms, len(held), 1),
@@ -201,7 +203,9 @@ class VMService:
         """Start fetching an image ahead of the first VM that needs it."""
         self._check_url("url", spec.url)
         self._images.prefetch(spec)
-        return next(image for image in self._images.images() if image.id == spec.key)
+        image = self._images.image(spec.key)
+        assert image is not None  # cached, or its fetch was just started
+        return image
 
     async def delete_image(self, image_id: str) -> None:
         """Remove a gold image; refused with ``ImageInUse`` while any VM uses it."""

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 
@@ -93,9 +93,8 @@ class ImageStore:
     def cached(self, spec: ImageSpec) -> GoldImage | None:
         """The gold image for ``spec`` if it is complete on disk."""
         root = self.gold_dir(spec)
-        try:
-            meta = json.loads((root / _METADATA).read_text())
-        except FileNotFoundError:
+        meta = _read_metadata(root)
+        if meta is None:
             return None
         vmx = root / meta["vmx"] if meta.get("vmx") else None
         return GoldImage(spec.key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
@@ -143,35 +142,33 @@ class ImageStore:
 
     def images(self) -> list[Image]:
         """Every gold image on disk, being fetched, or whose last fetch failed."""
-        found: dict[str, Image] = {}
-        for root in sorted(self._images.glob("*-*")):
-            if root.name.startswith(".") or not (root / _METADATA).is_file():
-                continue
-            meta = json.loads((root / _METADATA).read_text())
-            kind, checksum = root.name.split("-", 1)
-            found[root.name] = Image.model_validate({
-                "id": root.name, "checksum": checksum, "checksum_type": kind,
-                "url": meta.get("url", ""), "status": ImageStatus.READY,
-                "size_bytes": _disk_usage(root),
+        on_disk = {root.name for root in self._images.glob("*-*") if not root.name.startswith(".")}
+        found = (self.image(key) for key in sorted(on_disk | self._specs.keys()))
+        return [image for image in found if image is not None]
+
+    def image(self, key: str) -> Image | None:
+        """The gold image ``key`` (``<type>-<checksum>``), if it is on disk, being fetched,
+        or failed at its last fetch."""
+        meta = _read_metadata(self._images / key) if not key.startswith(".") else None
+        if meta is not None:
+            kind, checksum = key.split("-", 1)
+            return Image.model_validate({
+                "id": key, "checksum": checksum, "checksum_type": kind,
+                "url": meta["url"], "status": ImageStatus.READY,
+                "size_bytes": meta["size_bytes"],
             })  # fmt: skip
-        for key, spec in self._specs.items():
-            if key in found:
-                continue
-            failure = self._failures.get(key)
-            if key in self._inflight:
-                status, error = ImageStatus.DOWNLOADING, None
-            elif failure is not None:
-                status, error = (
-                    ImageStatus.ERROR,
-                    ErrorBody(code=failure.code, message=failure.message),
-                )
-            else:
-                continue
-            found[key] = Image(
-                id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
-                url=spec.url, status=status, progress=self._progress.get(key), error=error,
-            )  # fmt: skip
-        return list(found.values())
+        spec, failure = self._specs.get(key), self._failures.get(key)
+        if spec is None or (key not in self._inflight and failure is None):
+            return None
+        if key in self._inflight:
+            status, error = ImageStatus.DOWNLOADING, None
+        else:
+            assert failure is not None
+            status, error = ImageStatus.ERROR, ErrorBody(code=failure.code, message=failure.message)
+        return Image(
+            id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
+            url=spec.url, status=status, progress=self._progress.get(key), error=error,
+        )  # fmt: skip
 
     async def delete(self, key: str) -> None:
         """Remove the gold image ``key``. The caller makes sure that no VM uses it.
@@ -268,6 +265,7 @@ class ImageStore:
         found = inspect_package(content)
         meta = {
             "url": url,
+            "size_bytes": _disk_usage(content),
             "disk": str(found.disk.path.relative_to(staging)),
             "format": found.disk.format,
             "vmx": str(found.vmx.relative_to(staging)) if found.vmx else None,
@@ -275,7 +273,17 @@ class ImageStore:
         (staging / _METADATA).write_text(json.dumps(meta))
 
 
+def _read_metadata(root: Path) -> dict[str, Any] | None:
+    """A gold image's ``gold.json``; ``None`` unless the image is complete."""
+    try:
+        meta: dict[str, Any] = json.loads((root / _METADATA).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return meta
+
+
 def _disk_usage(root: Path) -> int:
+    """The space the files under ``root`` take on disk, computed once when it is published."""
     return sum(
         os.lstat(os.path.join(folder, name)).st_blocks * 512
         for folder, _, files in os.walk(root)

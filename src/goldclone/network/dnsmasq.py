@@ -14,6 +14,7 @@ import signal
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from goldclone import processes
 from goldclone.commands import run
 from goldclone.errors import CommandError, NetworkFailed
 from goldclone.network import leases
@@ -25,30 +26,6 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 RELEASE_TIMEOUT = 2.0
 POLL = 0.05
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]] or None
-
-
-def _alive(pid: int) -> bool:
-    # A zombie is dead for our purposes: it may wait seconds for its (foreign) parent to reap it.
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return "\nState:\tZ" not in status
-
-
-async def _wait_dead(pid: int) -> None:
-    while True:
-        if not _alive(pid):
-            return
-        await asyncio.sleep(POLL)
 
 
 def _drop_lines(path: Path, mac: str) -> bool:
@@ -109,9 +86,9 @@ class Dnsmasq:
     def owned_pid(self) -> int | None:
         """Return the PID of a live dnsmasq that uses our pid file, whatever its other options."""
         pid = self._pid_from_file()
-        if pid is None or not _alive(pid):
+        if pid is None:
             return None
-        cmdline = _cmdline(pid)
+        cmdline = processes.argv(pid)
         if not cmdline or os.path.basename(cmdline[0]) != "dnsmasq":
             return None
         return pid if f"--pid-file={self.pid_file}" in cmdline else None
@@ -119,7 +96,7 @@ class Dnsmasq:
     def adoptable_pid(self) -> int | None:
         """Return the PID of a running dnsmasq started with exactly this configuration."""
         pid = self.owned_pid()
-        if pid is None or _cmdline(pid) != self.argv():
+        if pid is None or processes.argv(pid) != self.argv():
             return None
         return pid
 
@@ -151,19 +128,9 @@ class Dnsmasq:
         pid = self.owned_pid()
         if pid is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await _wait_dead(pid)
-            except TimeoutError:
-                continue
-            log.info("stopped dnsmasq %d on %s", pid, self.bridge)
-            return
-        raise NetworkFailed(f"dnsmasq {pid} on {self.bridge} did not exit after SIGKILL")
+        if not await processes.end(pid, (signal.SIGTERM, signal.SIGKILL), STOP_TIMEOUT):
+            raise NetworkFailed(f"dnsmasq {pid} on {self.bridge} did not exit after SIGKILL")
+        log.info("stopped dnsmasq %d on %s", pid, self.bridge)
 
     async def release(self, mac: str) -> None:
         """Forget ``mac``: drop its hosts-file entries and release its lease.

@@ -12,15 +12,14 @@ ever signalled by PID.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from goldclone import processes
 from goldclone.commands import run
 from goldclone.drivers.base import MachineSpec, Runtime, is_vm_id
 from goldclone.drivers.qemu.accel import choose_accel
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Linux limits a unix socket path to 107 bytes; qmp.sock sits this deep below the data dir.
 MAX_DATA_DIR_LENGTH = 107 - len("/vms/00000000-0000-0000-0000-000000000000/qmp.sock")
+KILL_GRACE = 5.0
 
 
 class QemuDriver:
@@ -141,7 +141,7 @@ class QemuDriver:
             pid = int(self._pidfile(vm_id).read_text().strip())
         except (OSError, ValueError):
             return None
-        argv = _live_argv(pid)
+        argv = processes.argv(pid)
         return pid if argv and _option(argv, "-name") == f"goldclone-{vm_id}" else None
 
     def _qemus(self) -> list[_Qemu]:
@@ -149,7 +149,7 @@ class QemuDriver:
         that VM's folder. Found in ``/proc``, so whether or not it has written its pidfile."""
         found = []
         for entry in Path("/proc").iterdir():
-            argv = _live_argv(int(entry.name)) if entry.name.isdigit() else None
+            argv = processes.argv(int(entry.name)) if entry.name.isdigit() else None
             if argv is None:
                 continue
             vm_id = (_option(argv, "-name") or "").removeprefix("goldclone-")
@@ -182,7 +182,7 @@ class QemuDriver:
             await self._stop(vm_id, pid, self._shutdown_timeout)
         for qemu in qemus:
             if qemu.pid != pid:
-                await _kill(qemu.pid)
+                await processes.end(qemu.pid, (signal.SIGKILL,), KILL_GRACE)
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
         if runtime:
             await self._networks.detach(Attachment.from_dict(runtime))
@@ -220,27 +220,16 @@ class QemuDriver:
                 # not act on it either: waiting out its grace would only delay the next step.
                 log.info("VM %s: %s", vm_id, exc)
                 continue
-            if await _wait_exit(pid, grace):
+            if await processes.wait_exit(pid, grace):
                 return
         log.warning("VM %s: qemu %d did not stop, killing it", vm_id, pid)
-        await _kill(pid)
+        await processes.end(pid, (signal.SIGKILL,), KILL_GRACE)
 
 
 class _Qemu(NamedTuple):
     pid: int
     vm_id: str
     mac: str | None
-
-
-def _live_argv(pid: int) -> list[str] | None:
-    """The command line of process ``pid``, unless it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if _proc_state(pid) in (None, "Z", "X"):
-        return None
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
 
 
 def _option(argv: list[str], flag: str) -> str | None:
@@ -259,33 +248,3 @@ def _mac_in(argv: list[str]) -> str | None:
                 if option.startswith("mac="):
                     return option.removeprefix("mac=")
     return None
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("State:"):
-                return line.split()[1]
-    except OSError:
-        return None
-    return None
-
-
-async def _kill(pid: int) -> None:
-    """SIGKILL ``pid`` (a stopped process too) and wait until it is gone."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    await _wait_exit(pid, 5.0)
-
-
-async def _wait_exit(pid: int, timeout: float, interval: float = 0.05) -> bool:
-    """Wait until ``pid`` is gone or a zombie; ``kill -0`` would count a zombie as alive."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while _proc_state(pid) not in (None, "Z", "X"):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
