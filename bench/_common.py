@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 
-from goldclone.demo_image import build_demo_image
+from goldclone.demo.image import build_demo_image
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel
-from goldclone.network import Networks
-from goldclone.network.config import NetworkConfig
+from goldclone.drivers.qemu.network import Networks
+from goldclone.settings import NetworkConfig
 from tests.netns import foreign_network
 from tests.servers import FileServer
 

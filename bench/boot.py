@@ -38,9 +38,9 @@ from bench._common import (
     wait_running,
 )
 from goldclone.drivers.qemu.accel import choose_accel
-from goldclone.images.store import ImageStore
+from goldclone.drivers.qemu.network import dnsmasq_leases
+from goldclone.images.cache import ImageCache
 from goldclone.models import ImageSpec
-from goldclone.network import leases
 
 BRIDGE, TAP = "bbraw0", "bbtap0"
 SUBNET = "10.201.0"
@@ -109,7 +109,7 @@ class RawBoot:
                  "-display", "none", "-serial", f"file:{console}"]
             )  # fmt: skip
             try:
-                while leases.lookup(self.lease_file, mac) is None:
+                while dnsmasq_leases.lookup(self.lease_file, mac) is None:
                     if qemu.poll() is not None or time.perf_counter() - started > 180:
                         raise RuntimeError(f"raw qemu got no lease; see {console}")
                     time.sleep(POLL / 2)
@@ -153,7 +153,7 @@ async def main(runs: int) -> None:
     with scratch() as work:
         async with demo_server(work) as (server, body):
             image = ImageSpec.model_validate(body["image"])
-            gold = ImageStore(server.data_dir, server.client).cached(image)
+            gold = ImageCache(server.data_dir, server.client).cached(image)
             assert gold is not None and gold.disk.format == "qcow2"
             accel = await choose_accel("auto", QEMU)
             raw = RawBoot(work / "raw", gold.disk.path, body["cpus"], body["memory"], accel)

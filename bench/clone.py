@@ -20,10 +20,10 @@ from pathlib import Path
 
 from bench._common import QEMU, Stopwatch, describe, scratch, start, verdict
 from goldclone.drivers.qemu import QemuDriver
-from goldclone.images.diskcheck import DiskImage
-from goldclone.images.store import GoldImage
-from goldclone.network import Networks
-from goldclone.network.config import NetworkConfig
+from goldclone.drivers.qemu.network import Networks
+from goldclone.images.cache import GoldImage
+from goldclone.images.checks import DiskImage
+from goldclone.settings import NetworkConfig
 
 SIZES = {"100 MB": 100 << 20, "4 GB": 4 << 30}
 WRITE = 256 << 20

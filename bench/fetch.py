@@ -37,7 +37,7 @@ from bench._common import (
     vm_request,
     wait_running,
 )
-from goldclone.demo_image import build_demo_image
+from goldclone.demo.image import build_demo_image
 from tests.packages import extract_disk
 from tests.servers import FileServer
 

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from goldclone.client import APIError, AsyncClient, default_url
-from goldclone.commands import run
 from goldclone.drivers.vmware import vmrun
+from goldclone.host.commands import run
+from goldclone.images.vmx import read_vmx
 from goldclone.models import VM, CreateVMRequest, ImageSpec
-from goldclone.vmx import read_vmx
 
 
 class Smoke:

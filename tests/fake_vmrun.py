@@ -87,8 +87,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from goldclone.images.diskcheck import vmx_disks
-from goldclone.vmx import VmxFile, read_vmx
+from goldclone.images.checks import vmx_disks
+from goldclone.images.vmx import VmxFile, read_vmx
 
 STATE_VARIABLE = "FAKE_VMRUN_STATE"
 _POLL = 0.1

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import uvicorn
 
-from goldclone.config import Settings
-from goldclone.network import Networks
-from goldclone.network.manager import tap_name
+from goldclone.drivers.qemu.network import Networks
+from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.server import build_app
+from goldclone.settings import Settings
 
 BOOT_TIMEOUT = 180.0
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-from goldclone.commands import run
+from goldclone.host.commands import run
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002

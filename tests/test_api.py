@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.conftest import on_fake_vmrun
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
-from goldclone.images.archive import PackageFormat, UnpackLimits, detect_format, unpack
+from goldclone.images.unpack import PackageFormat, UnpackLimits, detect_format, unpack
 
 MiB = 1 << 20
 Member = tuple[tarfile.TarInfo, bytes | None]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from goldclone.errors import ImageError
-from goldclone.images.archive import UnpackLimits, unpack
+from goldclone.images.unpack import UnpackLimits, unpack
 
 SEGMENTS = st.sampled_from(
     ["a", "b", "disk.qcow2", "escaped", "..", ".", "", "c d", "ü", "x" * 100]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
 from tests.servers import FileServer

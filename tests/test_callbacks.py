@@ -10,9 +10,9 @@ import uuid
 
 import httpx
 
-from goldclone.callbacks import deliver, signing_key
 from goldclone.models import VM, ImageSpec, now_s
-from goldclone.outbound import OutboundPolicy, PolicyTransport
+from goldclone.outbound.callbacks import deliver, signing_key
+from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from tests.servers import CallbackReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"a shared secret of the receiver").decode()

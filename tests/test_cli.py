@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.serving import GOLDCLONE, free_port, serve_until_answering
 
 

@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from goldclone.network import NetworkConfig, Networks
-from goldclone.network.manager import tap_name
+from goldclone.drivers.qemu.network import Networks
+from goldclone.drivers.qemu.network.manager import tap_name
+from goldclone.settings import NetworkConfig
 from tests.conftest import checksum
 from tests.harness import forget, leftovers, links, processes_mentioning
 from tests.packages import extract_disk

@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from goldclone.commands import run
-from goldclone.demo_image import build_demo_image, find_kernel, kernel_version
+from goldclone.demo.image import build_demo_image, find_kernel, kernel_version
+from goldclone.host.commands import run
 
 QCOW2_MAGIC = b"QFI\xfb"
 

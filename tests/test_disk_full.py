@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from goldclone.errors import ImageError, ImageUnsafe, ImageUnsupported
-from goldclone.images.diskcheck import (
+from goldclone.images.checks import (
     DiskImage,
     Package,
     check_disk,

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers, processes_mentioning
 from tests.servers import FileServer

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from goldclone.commands import run
+from goldclone.drivers.qemu.network import Attachment, Networks
+from goldclone.drivers.qemu.network.dnsmasq_leases import parse
+from goldclone.drivers.qemu.network.manager import tap_name
+from goldclone.drivers.qemu.network.sniffer import parse_ack
 from goldclone.errors import InvalidRequest, IPTimeout
-from goldclone.network import NETWORK_TYPES, Attachment, NetworkConfig, Networks
-from goldclone.network.leases import parse
-from goldclone.network.manager import tap_name
-from goldclone.network.sniffer import parse_ack
+from goldclone.host.commands import run
+from goldclone.settings import NETWORK_TYPES, NetworkConfig
 from tests.netns import (
     DhcpServer,
     alive,
@@ -125,9 +126,8 @@ async def test_refuses_unknown_and_unconfigured_types(networks: Networks) -> Non
         await networks.attach("bridged", "vm")
     with pytest.raises(InvalidRequest, match=r"^network_type: must be one of"):
         await networks.attach("wifi", "vm")
-    with pytest.raises(InvalidRequest, match="bridged_bridge"):
-        networks.check_available("bridged")
-    networks.check_available("nat")
+    assert "bridged_bridge" in networks.unavailable()["bridged"]
+    assert "nat" not in networks.unavailable()
     assert await our_tables() == []
 
 
@@ -144,7 +144,9 @@ async def test_nat_comes_up_with_masquerade(networks: Networks) -> None:
     assert "masquerade" in await nft_table("goldclone_gctnat0")
     assert read("/proc/sys/net/ipv4/ip_forward").strip() == "1"
 
-    assert attachment == Attachment("nat", "gctnat0", "gc282ee68a2e4d", attachment.mac)
+    assert attachment == Attachment(
+        "282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat", attachment.mac, "gctnat0", "gc282ee68a2e4d"
+    )
     assert MAC.fullmatch(attachment.mac)
     tap = await link(attachment.tap)
     assert tap is not None and tap["master"] == "gctnat0" and "UP" in tap["flags"]
@@ -223,7 +225,7 @@ async def test_new_instance_adopts_running_network(
     await networks.close()
 
     restarted = Networks(CONFIG, state_dir)
-    stored = Attachment.from_dict(json.loads(json.dumps(attachment.as_dict())))
+    stored = Attachment.from_record("vm-6", json.loads(json.dumps(attachment.record())))
     await restarted.adopt(stored)
     assert restarted.dnsmasq("nat").owned_pid() == pid
     second = await restarted.attach("nat", "vm-7")
@@ -327,8 +329,11 @@ def test_defaults() -> None:
 
 
 def test_attachment_round_trips() -> None:
-    attachment = Attachment("nat", "gcnat0", "gc0123456789ab", "52:54:00:12:34:56")
-    assert Attachment.from_dict(attachment.as_dict()) == attachment
+    attachment = Attachment("vm", "nat", "52:54:00:12:34:56", "gcnat0", "gc0123456789ab")
+    assert Attachment.from_record("vm", attachment.record()) == attachment
+    earlier = {"network_type": "nat", "bridge": "gcnat0", "tap": "gc0123456789ab",
+               "mac": "52:54:00:12:34:56"}  # fmt: skip
+    assert Attachment.from_record("vm", earlier) == attachment  # a record without its machine
     assert set(NETWORK_TYPES) == {"nat", "hostonly", "bridged"}
 
 

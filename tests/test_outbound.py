@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from goldclone.errors import URLForbidden
-from goldclone.outbound import IPAddress, OutboundPolicy, PolicyTransport, Resolver
+from goldclone.outbound.policy import IPAddress, OutboundPolicy, PolicyTransport, Resolver
 from tests.servers import CallbackReceiver
 
 METADATA = [

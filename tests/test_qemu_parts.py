@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.commands import run
 from goldclone.drivers.base import MachineSpec
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel, runs_guest
+from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.errors import CommandError, CommandTimeout
-from goldclone.network import Attachment, NetworkConfig, Networks
+from goldclone.host.commands import run
+from goldclone.settings import NetworkConfig
 from tests.harness import processes_mentioning
 
 
@@ -73,7 +74,9 @@ async def test_run_names_a_missing_program() -> None:
         await run("no-such-program-here")
 
 
-NIC = Attachment("nat", "gcnat0", "gc282ee68a2e4d", "52:54:00:12:34:56").as_dict()
+NIC = Attachment(
+    "282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat", "52:54:00:12:34:56", "gcnat0", "gc282ee68a2e4d"
+)
 
 
 def _spec(headless: bool) -> MachineSpec:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from goldclone.client import APIError, AsyncClient
-from goldclone.config import Settings
+from goldclone.settings import Settings
 from tests.harness import goldclone_server
 from tests.servers import CallbackReceiver
 from tests.test_callbacks import verify

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from goldclone.config import Settings
 from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers, links, processes_mentioning
 from tests.packages import extract_disk, make_package

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from goldclone.config import Settings
-from goldclone.drivers.vmware import VMwareConfig, VMwareDriver
+from goldclone.drivers.vmware import VMwareDriver
 from goldclone.errors import DriverUnavailable
-from goldclone.vmx import VmxFile, read_vmx
+from goldclone.images.vmx import VmxFile, read_vmx
+from goldclone.settings import Settings, VMwareConfig
 from tests.conftest import checksum, on_fake_vmrun
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, forget, goldclone_server, leftovers

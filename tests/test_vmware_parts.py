@@ -9,13 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from goldclone.config import Settings
 from goldclone.drivers.base import MachineSpec
-from goldclone.drivers.vmware import clonevmx, leases
-from goldclone.drivers.vmware.config import DEFAULT_LEASE_FILES
+from goldclone.drivers.vmware import clonevmx, vmnet_leases
 from goldclone.drivers.vmware.vmrun import error_line, failure
 from goldclone.errors import CommandError, VMConflict
-from goldclone.vmx import VmxFile
+from goldclone.images.vmx import VmxFile
+from goldclone.settings import DEFAULT_LEASE_FILES, Settings
 
 NOW = datetime(2026, 11, 26, 18, 30, tzinfo=UTC)
 LEASES = """\
@@ -49,7 +48,7 @@ lease 192.168.150.132 {
 
 
 def test_leases_in_force_by_mac() -> None:
-    assert leases.parse(LEASES, NOW) == {
+    assert vmnet_leases.parse(LEASES, NOW) == {
         "00:50:56:01:02:03": "192.168.150.129",
         "00:0c:29:0a:0b:0c": "192.168.150.130",
     }
@@ -61,8 +60,8 @@ def test_lease_lookup_reads_every_file_and_skips_missing_ones(tmp_path: Path) ->
         "lease 192.168.151.10 {\n  ends never;\n  hardware ethernet 00:50:56:3F:FF:FF;\n}\n"
     )
     files = [tmp_path / "missing.leases", vmnet1]
-    assert leases.lookup(files, "00:50:56:3f:ff:ff") == "192.168.151.10"
-    assert leases.lookup(files, "00:50:56:00:00:01") is None
+    assert vmnet_leases.lookup(files, "00:50:56:3f:ff:ff") == "192.168.151.10"
+    assert vmnet_leases.lookup(files, "00:50:56:00:00:01") is None
 
 
 def test_default_lease_files_are_vmnet_dhcpds() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from goldclone.vmx import VmxFile, read_vmx
+from goldclone.images.vmx import VmxFile, read_vmx
 
 SAMPLE = (
     b'.encoding = "UTF-8"\r\n'

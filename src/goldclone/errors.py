@@ -3,14 +3,22 @@
 One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
 
     GoldcloneError                      500 internal-error
+    ├── InvalidJSON                     400 invalid-json
     ├── InvalidRequest                  400 invalid-request
+    ├── Unauthorized                    401 unauthorized
     ├── VMNotFound                      404 vm-not-found
     ├── ImageNotFound                   404 image-not-found
+    ├── RouteNotFound                   404 not-found
+    ├── MethodNotAllowed                405 method-not-allowed
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
     ├── CapacityExceeded                409 capacity-exceeded
     ├── IdempotencyConflict             409 idempotency-conflict
+    ├── BodyTooLarge                    413 body-too-large
+    ├── UnsupportedMediaType            415 unsupported-media-type
+    ├── StateConflict                   500 state-conflict (a state change the store refused)
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
+    ├── QMPError                        500 qmp-error (QEMU's monitor failed or refused)
     ├── CommandError                    500 command-failed (an external program failed)
     │   └── CommandTimeout              500 command-timeout
     └── VMFailure                       a step of creating a VM failed; stored on the VM
@@ -27,10 +35,13 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         ├── IPTimeout                   ip-timeout
         └── Interrupted                 interrupted (the service stopped mid-create)
 
-The API layer maps these to ``{"code", "message"}``; nothing else does.
+The API layer maps these to ``{"code", "message"}``; nothing else does. An error whose status
+is 500 reaches a client only as ``internal-error``; a ``VMFailure`` only inside its VM.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 
 class GoldcloneError(Exception):
@@ -47,9 +58,22 @@ class GoldcloneError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+class InvalidJSON(GoldcloneError):
+    code = "invalid-json"
+    status = 400
+
+
 class InvalidRequest(GoldcloneError):
     code = "invalid-request"
     status = 400
+
+
+class Unauthorized(GoldcloneError):
+    code = "unauthorized"
+    status = 401
+
+    def __init__(self, message: str = "a valid bearer token is required") -> None:
+        super().__init__(message)
 
 
 class VMNotFound(GoldcloneError):
@@ -63,6 +87,16 @@ class VMNotFound(GoldcloneError):
 class ImageNotFound(GoldcloneError):
     code = "image-not-found"
     status = 404
+
+
+class RouteNotFound(GoldcloneError):
+    code = "not-found"
+    status = 404
+
+
+class MethodNotAllowed(GoldcloneError):
+    code = "method-not-allowed"
+    status = 405
 
 
 class VMConflict(GoldcloneError):
@@ -89,10 +123,33 @@ class IdempotencyConflict(GoldcloneError):
     status = 409
 
 
+class BodyTooLarge(GoldcloneError):
+    code = "body-too-large"
+    status = 413
+
+
+class UnsupportedMediaType(GoldcloneError):
+    code = "unsupported-media-type"
+    status = 415
+
+
+class StateConflict(GoldcloneError):
+    """A VM was not in a state from which the change asked for is allowed; another actor
+    changed it first."""
+
+    code = "state-conflict"
+
+
 class DriverUnavailable(GoldcloneError):
     """The configured hypervisor can't be used on this host; the service does not start."""
 
     code = "driver-unavailable"
+
+
+class QMPError(GoldcloneError):
+    """QEMU's monitor could not be reached, timed out, or refused a command."""
+
+    code = "qmp-error"
 
 
 class CommandError(GoldcloneError):
@@ -172,3 +229,27 @@ class IPTimeout(VMFailure):
 
 class Interrupted(VMFailure):
     code = "interrupted"
+
+
+def _subclasses(root: type[GoldcloneError]) -> Iterator[type[GoldcloneError]]:
+    for cls in root.__subclasses__():
+        yield cls
+        yield from _subclasses(cls)
+
+
+def answer_codes() -> dict[int, list[str]]:
+    """The codes that API answers can carry, by HTTP status: every error below 500, and
+    ``internal-error`` for everything else. The API's OpenAPI description and docs/api.md list
+    exactly these."""
+    codes: dict[int, list[str]] = {500: [GoldcloneError.code]}
+    for cls in _subclasses(GoldcloneError):
+        if cls.status < 500 and not issubclass(cls, VMFailure):
+            codes.setdefault(cls.status, []).append(cls.code)
+    return dict(sorted(codes.items()))
+
+
+def vm_error_codes() -> list[str]:
+    """The codes that a VM in ``error`` can hold: each ``VMFailure``, and ``internal-error``."""
+    groups = (ImageError,)  # a family of failures; never raised itself
+    found = [cls.code for cls in _subclasses(VMFailure) if cls not in groups]
+    return [*found, GoldcloneError.code]

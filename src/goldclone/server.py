@@ -12,22 +12,19 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from goldclone.api import create_app
-from goldclone.config import Settings
 from goldclone.drivers.base import Driver
-from goldclone.drivers.qemu import QemuDriver
-from goldclone.drivers.vmware import VMwareDriver
-from goldclone.images.store import ImageStore
-from goldclone.network import Networks
-from goldclone.outbound import OutboundPolicy, PolicyTransport
+from goldclone.images.cache import ImageCache
+from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service import VMService
-from goldclone.store import Store
+from goldclone.service.store import Store
+from goldclone.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_service(settings: Settings) -> VMService:
-    """Wire the embedded defaults: SQLite (or ``database_url``), and QEMU with owned networks
-    or VMware, as ``settings.driver`` says."""
+def build_service(settings: Settings, driver: Driver | None = None) -> VMService:
+    """Wire the embedded defaults: SQLite (or ``database_url``), and the driver that
+    ``settings.driver`` names (QEMU with owned networks by default), unless one is given."""
     data_dir = settings.data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     policy = OutboundPolicy(allow_private=settings.allow_private_urls)
@@ -35,19 +32,24 @@ def build_service(settings: Settings) -> VMService:
     return VMService(
         settings,
         Store(settings.db_url),
-        ImageStore(
+        ImageCache(
             data_dir, http, settings.download_timeout, reserve_bytes=settings.reserve_mb << 20
         ),
-        build_driver(settings, data_dir),
+        driver or build_driver(settings, data_dir),
         http,
     )
 
 
 def build_driver(settings: Settings, data_dir: Path) -> Driver:
-    """The driver that ``settings.driver`` names."""
+    """The driver that ``settings.driver`` names; each is imported only when it is chosen."""
     if settings.driver == "vmware":
+        from goldclone.drivers.vmware import VMwareDriver
+
         return VMwareDriver(data_dir, settings.vmware, settings.shutdown_timeout)
     if settings.driver == "qemu":
+        from goldclone.drivers.qemu import QemuDriver
+        from goldclone.drivers.qemu.network import Networks
+
         return QemuDriver(
             data_dir,
             Networks(settings.network, data_dir / "networks"),
@@ -56,14 +58,19 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
             settings.shutdown_timeout,
             settings.qemu_user,
         )
-    raise ValueError(f"unknown driver {settings.driver!r}; use qemu or vmware")
+    if settings.driver == "synthetic":
+        from goldclone.drivers.synthetic import SyntheticDriver
+
+        return SyntheticDriver(data_dir)
+    raise ValueError(f"unknown driver {settings.driver!r}; use one of qemu, vmware, synthetic")
 
 
-def build_app(settings: Settings, demo_dir: Path | None = None) -> FastAPI:
+def build_app(
+    settings: Settings, demo_dir: Path | None = None, driver: Driver | None = None
+) -> FastAPI:
     """The API app; with ``demo_dir``, its files are served under ``/demo/`` as well."""
-    app = create_app(
-        build_service(settings), settings.max_body_bytes, settings.api_tokens, settings.limits
-    )
+    service = build_service(settings, driver)
+    app = create_app(service, settings.max_body_bytes, settings.api_tokens, settings.limits)
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app

@@ -1,20 +1,30 @@
-"""The seam between the VM service and a hypervisor."""
+"""The seam between the VM service and a hypervisor.
+
+A driver works on *machines*: the host-side half of a VM, known by a name that the service
+chooses (today the VM's ID; a pooled machine keeps its own name when a request claims it). It
+declares what it can do in ``Capabilities``, and hands the service a typed ``Runtime`` for each
+machine, which the service stores without looking inside and gives back after a restart.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypeVar
 
-from goldclone.images.store import GoldImage
+from goldclone.errors import BootFailed
+from goldclone.images.cache import GoldImage
+from goldclone.polling import until
 
-Runtime = dict[str, str]
-"""What a driver needs to find a VM's parts again after a restart, such as its NIC.
+PackageKind = Literal["disk", "vmx"]
+"""``disk``: a bare disk image (qcow2, VMDK, raw); ``vmx``: a VMware VM folder (a ``.vmx`` and
+its disks)."""
 
-The service records it in the store before the VM is started; ``runtime["mac"]`` is the MAC
-address of the VM's NIC.
-"""
+PROCESS_CHECK_INTERVAL = 0.5
+T = TypeVar("T")
 
 
 def is_vm_id(name: str) -> bool:
@@ -26,14 +36,48 @@ def is_vm_id(name: str) -> bool:
         return False
 
 
+def package_kind(gold: GoldImage) -> PackageKind:
+    return "vmx" if gold.vmx is not None else "disk"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do on this host.
+
+    ``network_types`` are the types VMs can use here; ``unavailable_networks`` maps each type
+    the driver knows but cannot offer here to the reason, for the error a request gets.
+    ``memory_templates`` says whether the driver can start a machine from a saved, booted
+    template instead of a cold boot (none can yet).
+    """
+
+    network_types: tuple[str, ...]
+    package_kinds: frozenset[PackageKind]
+    memory_templates: bool = False
+    unavailable_networks: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class MachineSpec:
-    """What one VM is to be."""
+    """What one machine is to be."""
 
-    vm_id: str
+    machine: str
     cpus: int
     memory_mb: int
     headless: bool
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a driver needs to find a machine's parts again: its name and its NIC. Drivers
+    subclass it with what else they need (the QEMU driver: the tap and the bridge)."""
+
+    machine: str
+    network_type: str
+    mac: str
+
+    def record(self) -> dict[str, str]:
+        """The runtime as JSON-friendly strings, for the store."""
+        return {name: str(value) for name, value in dataclasses.asdict(self).items()}
 
 
 class Driver(Protocol):
@@ -41,40 +85,72 @@ class Driver(Protocol):
 
     name: str
 
+    @property
+    def capabilities(self) -> Capabilities: ...
+
     async def prepare(self) -> None:
         """Check the hypervisor and settle its options, once, before the first VM."""
 
-    def check_network(self, network_type: str) -> None:
-        """Raise ``InvalidRequest`` unless VMs can use ``network_type`` on this host."""
+    def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Runtime:
+        """Rebuild a ``Runtime`` from its ``record()``; ``machine`` names it when the record
+        was written before runtimes carried their machine's name."""
+        ...
 
-    async def clone(self, vm_id: str, gold: GoldImage) -> None:
-        """Make the VM's linked clone of the gold image."""
+    async def clone(self, machine: str, gold: GoldImage) -> None:
+        """Make the machine's linked clone of the gold image, whose kind the driver takes."""
 
-    async def attach(self, vm_id: str, network_type: str) -> Runtime:
-        """Give the VM a NIC with a fresh MAC on ``network_type``; return how to find it."""
+    async def attach(self, machine: str, network_type: str) -> Runtime:
+        """Give the machine a NIC with a fresh MAC on one of ``capabilities.network_types``."""
+        ...
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
-        """Boot the clone with its NIC."""
+        """Boot the clone with its NIC; raises ``BootFailed`` if the hypervisor won't start."""
 
-    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
-        """The guest's IP address; raises ``IPTimeout`` after ``timeout`` seconds."""
+    async def wait_for_ip(self, runtime: Runtime, timeout: float) -> str:
+        """The guest's IP address. Raises ``IPTimeout`` after ``timeout`` seconds and
+        ``BootFailed`` as soon as the machine's hypervisor process exits."""
+        ...
 
-    async def is_running(self, vm_id: str) -> bool:
-        """Whether the VM's hypervisor process is alive."""
+    async def is_running(self, machine: str) -> bool:
+        """Whether the machine's hypervisor process is alive."""
+        ...
 
-    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
-        """Take over a VM that kept running through a restart of the service."""
+    async def adopt(self, runtime: Runtime) -> None:
+        """Take over a machine that kept running through a restart of the service."""
 
-    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
-        """Stop the VM (cleanly, then hard) and remove everything it had, even when the
+    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
+        """Stop the machine (cleanly, then hard) and remove everything it had, even when the
         service stopped before ``runtime`` was recorded."""
 
-    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
-        """Destroy what this driver finds of VMs whose ID ``known_ids()`` does not return.
+    async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy what this driver finds of machines that ``known_machines()`` does not name.
 
-        The host is searched before ``known_ids`` is called, so a VM that is created meanwhile
-        (it is recorded before it gets anything on the host) is never taken for an orphan.
+        The host is searched before ``known_machines`` is called, so a machine that is made
+        meanwhile (it is recorded before it gets anything on the host) is never taken for an
+        orphan.
         """
 
     async def close(self, vms_running: bool) -> None:
         """Release the driver's resources; shared ones stay while ``vms_running``."""
+
+
+async def unless_exited(
+    work: Awaitable[T], is_running: Callable[[], Awaitable[bool]], what: str
+) -> T:
+    """``work``'s result, unless the machine's hypervisor process exits first, which is a
+    ``BootFailed`` saying that it exited before ``what``."""
+
+    async def exited() -> bool:
+        return not await is_running()
+
+    job = asyncio.ensure_future(work)
+    watch: asyncio.Task[bool] = asyncio.create_task(until(exited, interval=PROCESS_CHECK_INTERVAL))
+    try:
+        done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        job.cancel()
+        watch.cancel()
+        await asyncio.gather(job, watch, return_exceptions=True)
+    if job in done:
+        return job.result()
+    raise BootFailed(f"the VM's hypervisor process exited before {what}")

@@ -12,8 +12,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from goldclone.commands import run
 from goldclone.errors import CommandError
+from goldclone.host.commands import run
 
 log = logging.getLogger(__name__)
 

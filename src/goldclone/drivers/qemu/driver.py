@@ -1,6 +1,6 @@
 """The QEMU driver: qcow2 linked clones, daemonized guests, QMP control.
 
-Each VM lives in ``vms/<id>/``: ``disk.qcow2`` (the clone), ``qmp.sock``, ``qemu.pid`` and
+Each machine lives in ``vms/<name>/``: ``disk.qcow2`` (the clone), ``qmp.sock``, ``qemu.pid`` and
 ``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service, and a restarted
 service finds them again through the pidfile and the socket.
 
@@ -12,22 +12,30 @@ ever signalled by PID.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from goldclone import processes
-from goldclone.commands import run
-from goldclone.drivers.base import MachineSpec, Runtime, is_vm_id
+from goldclone.drivers.base import (
+    Capabilities,
+    MachineSpec,
+    Runtime,
+    is_vm_id,
+    unless_exited,
+)
 from goldclone.drivers.qemu.accel import choose_accel
-from goldclone.drivers.qemu.qmp import QMPError, qmp_execute
-from goldclone.errors import BootFailed, CloneFailed, CommandError
-from goldclone.images.store import GoldImage
-from goldclone.network import Attachment, Networks
-from goldclone.network.manager import tap_name
+from goldclone.drivers.qemu.network import Attachment, Networks
+from goldclone.drivers.qemu.network.manager import tap_name
+from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
+from goldclone.host import processes
+from goldclone.host.commands import run
+from goldclone.images.cache import GoldImage
+from goldclone.settings import NETWORK_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,62 +68,74 @@ class QemuDriver:
                 f"the data dir path is longer than {MAX_DATA_DIR_LENGTH} characters, "
                 "too long for the VMs' QMP sockets; choose a shorter one"
             )
+        unavailable = networks.unavailable()
+        self._capabilities = Capabilities(
+            network_types=tuple(t for t in NETWORK_TYPES if t not in unavailable),
+            package_kinds=frozenset({"disk", "vmx"}),
+            unavailable_networks=unavailable,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Every network type that is configured here; disk images and VMware folders alike
+        (of a ``.vmx`` package, only its disk is booted)."""
+        return self._capabilities
 
     async def prepare(self) -> None:
         """Choose the accelerator once, before the first VM."""
         self._accel = await choose_accel(self._accel_setting, self._qemu)
 
-    def vm_dir(self, vm_id: str) -> Path:
-        return self._vms_dir / vm_id
+    def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Attachment:
+        return Attachment.from_record(machine, record)
 
-    def _disk(self, vm_id: str) -> Path:
-        return self.vm_dir(vm_id) / "disk.qcow2"
+    def vm_dir(self, machine: str) -> Path:
+        return self._vms_dir / machine
 
-    def _qmp(self, vm_id: str) -> Path:
-        return self.vm_dir(vm_id) / "qmp.sock"
+    def _disk(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "disk.qcow2"
 
-    def _pidfile(self, vm_id: str) -> Path:
-        return self.vm_dir(vm_id) / "qemu.pid"
+    def _qmp(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "qmp.sock"
 
-    def check_network(self, network_type: str) -> None:
-        self._networks.check_available(network_type)
+    def _pidfile(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "qemu.pid"
 
-    async def clone(self, vm_id: str, gold: GoldImage) -> None:
-        vm_dir = self.vm_dir(vm_id)
+    async def clone(self, machine: str, gold: GoldImage) -> None:
+        vm_dir = self.vm_dir(machine)
         vm_dir.mkdir(parents=True, mode=0o700)
         try:
             await run(
                 "qemu-img", "create", "-q", "-f", "qcow2",
                 "-b", str(gold.disk.path.absolute()), "-F", gold.disk.format,
-                str(self._disk(vm_id)),
+                str(self._disk(machine)),
                 timeout=30,
             )  # fmt: skip
         except CommandError as exc:
             raise CloneFailed(f"could not clone the gold image: {exc.message}") from exc
 
-    async def attach(self, vm_id: str, network_type: str) -> Runtime:
-        return (await self._networks.attach(network_type, vm_id)).as_dict()
+    async def attach(self, machine: str, network_type: str) -> Attachment:
+        return await self._networks.attach(network_type, machine)
 
     def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
         """The qemu command that boots ``spec``'s clone; every path in it is absolute."""
-        vm_dir = self.vm_dir(spec.vm_id)
-        nic = Attachment.from_dict(runtime)
+        vm_dir = self.vm_dir(spec.machine)
+        nic = _nic(runtime)
         display = ["-display", "none"] if spec.headless else [
             "-display", f"vnc=unix:{vm_dir / 'vnc.sock'}",
         ]  # fmt: skip
         return [
             self._qemu,
-            "-name", f"goldclone-{spec.vm_id}",
+            "-name", f"goldclone-{spec.machine}",
             "-accel", self._accel,
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
-            "-drive", f"file={self._disk(spec.vm_id)},format=qcow2,if=virtio",
+            "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=virtio",
             "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
             *display,
             "-serial", f"file:{vm_dir / 'console.log'}",
-            "-qmp", f"unix:{self._qmp(spec.vm_id)},server=on,wait=off",
-            "-pidfile", str(self._pidfile(spec.vm_id)),
+            "-qmp", f"unix:{self._qmp(spec.machine)},server=on,wait=off",
+            "-pidfile", str(self._pidfile(spec.machine)),
             *self._confinement(),
             "-daemonize",
         ]  # fmt: skip
@@ -131,42 +151,50 @@ class QemuDriver:
             await run(*self.command_line(spec, runtime), timeout=30)
         except CommandError as exc:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
-        if self._read_pid(spec.vm_id) is None:
+        if self._read_pid(spec.machine) is None:
             raise BootFailed("qemu started but is not running; see the VM's console.log")
-        self._qmp(spec.vm_id).chmod(0o600)
+        self._qmp(spec.machine).chmod(0o600)
 
-    def _read_pid(self, vm_id: str) -> int | None:
-        """The pid of this VM's qemu, if it is alive and really is that VM's qemu."""
+    def _read_pid(self, machine: str) -> int | None:
+        """The pid of this machine's qemu, if it is alive and really is that machine's."""
         try:
-            pid = int(self._pidfile(vm_id).read_text().strip())
+            pid = int(self._pidfile(machine).read_text().strip())
         except (OSError, ValueError):
             return None
         argv = processes.argv(pid)
-        return pid if argv and _option(argv, "-name") == f"goldclone-{vm_id}" else None
+        return pid if argv and _option(argv, "-name") == f"goldclone-{machine}" else None
 
-    def _qemus(self) -> list[_Qemu]:
-        """Every live qemu of this driver: ``-name goldclone-<id>`` with its ``-pidfile`` in
-        that VM's folder. Found in ``/proc``, so whether or not it has written its pidfile."""
+    async def _qemus(self) -> list[_Qemu]:
+        """Every live qemu of this driver, found in ``/proc`` by a worker thread."""
+        return await asyncio.to_thread(self._scan_qemus)
+
+    def _scan_qemus(self) -> list[_Qemu]:
+        """Every live qemu of this driver: ``-name goldclone-<name>`` with its ``-pidfile`` in
+        that machine's folder, whether or not it has written its pidfile yet."""
         found = []
         for entry in Path("/proc").iterdir():
             argv = processes.argv(int(entry.name)) if entry.name.isdigit() else None
             if argv is None:
                 continue
-            vm_id = (_option(argv, "-name") or "").removeprefix("goldclone-")
-            if is_vm_id(vm_id) and _option(argv, "-pidfile") == str(self._pidfile(vm_id)):
-                found.append(_Qemu(int(entry.name), vm_id, _mac_in(argv)))
+            machine = (_option(argv, "-name") or "").removeprefix("goldclone-")
+            if is_vm_id(machine) and _option(argv, "-pidfile") == str(self._pidfile(machine)):
+                found.append(_Qemu(int(entry.name), machine, _mac_in(argv)))
         return found
 
-    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
-        return await self._networks.wait_for_ip(Attachment.from_dict(runtime), timeout)
+    async def wait_for_ip(self, runtime: Runtime, timeout: float) -> str:
+        return await unless_exited(
+            self._networks.wait_for_ip(_nic(runtime), timeout),
+            lambda: self.is_running(runtime.machine),
+            "the guest got an IP",
+        )
 
-    async def is_running(self, vm_id: str) -> bool:
-        return self._read_pid(vm_id) is not None
+    async def is_running(self, machine: str) -> bool:
+        return self._read_pid(machine) is not None
 
-    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
-        await self._networks.adopt(Attachment.from_dict(runtime))
+    async def adopt(self, runtime: Runtime) -> None:
+        await self._networks.adopt(_nic(runtime))
 
-    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
+    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
         """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder and
         its NIC.
 
@@ -175,31 +203,31 @@ class QemuDriver:
         the store forgot the VM), the tap is the one named after the VM, and the MAC whose
         lease goes is read from its qemu's command line.
         """
-        qemus = [qemu for qemu in self._qemus() if qemu.vm_id == vm_id]
+        qemus = [qemu for qemu in await self._qemus() if qemu.machine == machine]
         mac = next((qemu.mac for qemu in qemus if qemu.mac), None)
-        pid = self._read_pid(vm_id)
+        pid = self._read_pid(machine)
         if pid is not None:
-            await self._stop(vm_id, pid, self._shutdown_timeout)
+            await self._stop(machine, pid, self._shutdown_timeout)
         for qemu in qemus:
             if qemu.pid != pid:
                 await processes.end(qemu.pid, (signal.SIGKILL,), KILL_GRACE)
-        shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.vm_dir(machine), ignore_errors=True)
         if runtime:
-            await self._networks.detach(Attachment.from_dict(runtime))
+            await self._networks.detach(_nic(runtime))
         else:
-            await self._networks.forget(tap_name(vm_id), mac)
+            await self._networks.forget(tap_name(machine), mac)
 
-    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
-        """Destroy every VM with a qemu or a folder here that ``known_ids()`` does not name,
-        and remove the VM taps on the owned bridges that belong to no known VM."""
-        found = {qemu.vm_id for qemu in self._qemus()}
+    async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy every machine with a qemu or a folder here that ``known_machines()`` does
+        not name, and remove the VM taps on the owned bridges that belong to no known one."""
+        found = {qemu.machine for qemu in await self._qemus()}
         found |= {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
         taps = await self._networks.vm_taps()
-        known = await known_ids()
-        for vm_id in sorted(found - known):
-            log.warning("VM %s is not in the store; removing what is left of it", vm_id)
-            await self.destroy(vm_id, None)
-        for tap in taps - {tap_name(vm_id) for vm_id in known | found}:
+        known = await known_machines()
+        for machine in sorted(found - known):
+            log.warning("VM %s is not in the store; removing what is left of it", machine)
+            await self.destroy(machine, None)
+        for tap in taps - {tap_name(machine) for machine in known | found}:
             log.warning("tap %s belongs to no VM in the store; removing it", tap)
             await self._networks.forget(tap, None)
 
@@ -210,26 +238,32 @@ class QemuDriver:
         else:
             await self._networks.teardown()
 
-    async def _stop(self, vm_id: str, pid: int, shutdown_timeout: float) -> None:
-        qmp = self._qmp(vm_id)
+    async def _stop(self, machine: str, pid: int, shutdown_timeout: float) -> None:
+        qmp = self._qmp(machine)
         for command, grace in (("system_powerdown", shutdown_timeout), ("quit", 3.0)):
             try:
                 await qmp_execute(qmp, command, timeout=2.0)
             except QMPError as exc:
                 # A monitor that did not take the command (hung, or a stopped process) will
                 # not act on it either: waiting out its grace would only delay the next step.
-                log.info("VM %s: %s", vm_id, exc)
+                log.info("VM %s: %s", machine, exc)
                 continue
             if await processes.wait_exit(pid, grace):
                 return
-        log.warning("VM %s: qemu %d did not stop, killing it", vm_id, pid)
+        log.warning("VM %s: qemu %d did not stop, killing it", machine, pid)
         await processes.end(pid, (signal.SIGKILL,), KILL_GRACE)
 
 
 class _Qemu(NamedTuple):
     pid: int
-    vm_id: str
+    machine: str
     mac: str | None
+
+
+def _nic(runtime: Runtime) -> Attachment:
+    if not isinstance(runtime, Attachment):
+        raise TypeError(f"the qemu driver was given another driver's runtime: {runtime!r}")
+    return runtime
 
 
 def _option(argv: list[str], flag: str) -> str | None:

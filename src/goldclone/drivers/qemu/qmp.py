@@ -11,11 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from goldclone.errors import GoldcloneError
-
-
-class QMPError(GoldcloneError):
-    code = "qmp-error"
+from goldclone.errors import QMPError
 
 
 async def qmp_execute(

@@ -1,6 +1,5 @@
 """The VMware driver: linked clones on VMware Fusion or Workstation through ``vmrun``."""
 
-from goldclone.drivers.vmware.config import VMwareConfig
 from goldclone.drivers.vmware.driver import VMwareDriver
 
-__all__ = ["VMwareConfig", "VMwareDriver"]
+__all__ = ["VMwareDriver"]

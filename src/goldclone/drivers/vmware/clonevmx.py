@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Final
 
 from goldclone.drivers.base import MachineSpec
-from goldclone.drivers.vmware.leases import normal_mac
-from goldclone.images.diskcheck import vmx_disks
-from goldclone.vmx import VmxFile, read_vmx
+from goldclone.drivers.vmware.vmnet_leases import normal_mac
+from goldclone.images.checks import vmx_disks
+from goldclone.images.vmx import VmxFile, read_vmx
 
 STATIC_MAC_PREFIX: Final = "00:50:56"
 """VMware's range for manually set MACs is 00:50:56:00:00:00 to 00:50:56:3F:FF:FF."""
@@ -96,8 +96,8 @@ def set_machine(vmx: VmxFile, spec: MachineSpec) -> None:
     vmx.set("numvcpus", str(spec.cpus))
     vmx.delete("cpuid.coresPerSocket")  # a gold's value may not divide the requested CPUs
     vmx.set("memsize", str(spec.memory_mb))
-    vmx.set("displayName", f"goldclone-{spec.vm_id}")
-    vmx.set("guestinfo.goldclone.id", spec.vm_id)
+    vmx.set("displayName", f"goldclone-{spec.machine}")
+    vmx.set("guestinfo.goldclone.id", spec.machine)
     vmx.set("msg.autoAnswer", "TRUE")
     vmx.set("uuid.action", "create")
 

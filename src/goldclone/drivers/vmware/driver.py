@@ -1,6 +1,6 @@
 """The VMware driver: linked clones through ``vmrun`` on VMware Fusion or Workstation.
 
-Each VM lives in ``vms/<id>/<id>.vmx``, a linked clone of its gold image's template (see
+Each machine lives in ``vms/<name>/<name>.vmx``, a linked clone of its gold image's template (see
 ``templates``) made with ``vmrun clone ... linked -snapshot=NAME``. VMware runs its VMs in its
 own processes, so guests outlive the service, and a restarted service finds them again in
 ``vmrun list``.
@@ -13,26 +13,25 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from goldclone.drivers.base import MachineSpec, Runtime, is_vm_id
-from goldclone.drivers.vmware import clonevmx, leases, vmrun
-from goldclone.drivers.vmware.config import VMwareConfig
+from goldclone.drivers.base import Capabilities, MachineSpec, Runtime, is_vm_id, unless_exited
+from goldclone.drivers.vmware import clonevmx, vmnet_leases, vmrun
 from goldclone.drivers.vmware.templates import Templates
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
     CommandError,
     CommandTimeout,
-    ImageUnsupported,
-    InvalidRequest,
     IPTimeout,
     VMConflict,
 )
-from goldclone.images.store import GoldImage
-from goldclone.vmx import VmxFile, read_vmx
+from goldclone.images.cache import GoldImage
+from goldclone.images.vmx import VmxFile, read_vmx
+from goldclone.polling import until
+from goldclone.settings import VMwareConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,11 @@ _HARD_STOP_TIMEOUT = 30.0
 
 class VMwareDriver:
     name = "vmware"
+    capabilities = Capabilities(
+        network_types=tuple(clonevmx.CONNECTION_TYPES),
+        package_kinds=frozenset({"vmx"}),
+    )
+    """VMware's own three networks, and VMware VM packages only."""
 
     def __init__(
         self, data_dir: Path, config: VMwareConfig, shutdown_timeout: float = 10.0
@@ -79,48 +83,41 @@ class VMwareDriver:
             raise RuntimeError("the vmware driver is used before prepare()")
         return self._vmrun
 
-    def vm_dir(self, vm_id: str) -> Path:
-        return self._vms_dir / vm_id
+    def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Runtime:
+        return Runtime(record.get("machine", machine), record["network_type"], record["mac"])
 
-    def vmx(self, vm_id: str) -> Path:
-        return self.vm_dir(vm_id) / f"{vm_id}.vmx"
+    def vm_dir(self, machine: str) -> Path:
+        return self._vms_dir / machine
 
-    def check_network(self, network_type: str) -> None:
-        if network_type not in clonevmx.CONNECTION_TYPES:
-            raise InvalidRequest(
-                f"network_type: must be one of {', '.join(clonevmx.CONNECTION_TYPES)}"
-            )
+    def vmx(self, machine: str) -> Path:
+        return self.vm_dir(machine) / f"{machine}.vmx"
 
-    async def clone(self, vm_id: str, gold: GoldImage) -> None:
-        """``vmrun clone TEMPLATE.vmx vms/<id>/<id>.vmx linked -snapshot=NAME -cloneName=<id>``,
+    async def clone(self, machine: str, gold: GoldImage) -> None:
+        """``vmrun clone TEMPLATE.vmx vms/<m>/<m>.vmx linked -snapshot=NAME -cloneName=<m>``,
         then take out of the clone's ``.vmx`` whatever names files outside its folder."""
-        if gold.vmx is None:
-            raise ImageUnsupported(
-                "the vmware driver needs a VMware VM package (a .vmx with its disks)"
-            )
         assert self._templates is not None
         try:
             template = await self._templates.ensure(gold)
             self._vms_dir.mkdir(parents=True, exist_ok=True)
             await self.cli(
-                "clone", str(template), str(self.vmx(vm_id)), "linked",
-                f"-snapshot={self._templates.snapshot}", f"-cloneName={vm_id}",
+                "clone", str(template), str(self.vmx(machine)), "linked",
+                f"-snapshot={self._templates.snapshot}", f"-cloneName={machine}",
             )  # fmt: skip
         except (CommandError, VMConflict) as exc:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
-        self._edit(vm_id, clonevmx.confine)
+        self._edit(machine, clonevmx.confine)
 
-    async def attach(self, vm_id: str, network_type: str) -> Runtime:
+    async def attach(self, machine: str, network_type: str) -> Runtime:
         """Give the clone one NIC with a fresh MAC in VMware's static range."""
         mac = clonevmx.fresh_mac(self._macs_in_use())
-        self._edit(vm_id, lambda vmx: clonevmx.set_nic(vmx, network_type, mac))
-        return {"mac": mac, "network_type": network_type}
+        self._edit(machine, lambda vmx: clonevmx.set_nic(vmx, network_type, mac))
+        return Runtime(machine, network_type, mac)
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         """Set CPUs, memory and name, then ``vmrun start ... nogui`` (``gui`` if not headless,
         or as the configured fallback when vmrun refuses a headless start)."""
-        self._edit(spec.vm_id, lambda vmx: clonevmx.set_machine(vmx, spec))
-        vmx = str(self.vmx(spec.vm_id))
+        self._edit(spec.machine, lambda vmx: clonevmx.set_machine(vmx, spec))
+        vmx = str(self.vmx(spec.machine))
         mode = "nogui" if spec.headless else "gui"
         try:
             await self._power_on(vmx, mode)
@@ -133,10 +130,10 @@ class VMwareDriver:
             headless = exc
         if await self._listed_now(vmx):
             log.warning("VM %s: vmrun start nogui failed but the VM runs: %s",
-                        spec.vm_id, _reason(headless))  # fmt: skip
+                        spec.machine, _reason(headless))  # fmt: skip
             return
         log.warning("VM %s: vmrun start nogui failed (%s); starting it with a window",
-                    spec.vm_id, _reason(headless))  # fmt: skip
+                    spec.machine, _reason(headless))  # fmt: skip
         try:
             await self._power_on(vmx, "gui")
         except (CommandError, VMConflict) as exc:
@@ -144,11 +141,19 @@ class VMwareDriver:
                 f"vmrun could not start the VM: nogui: {_reason(headless)}; gui: {_reason(exc)}"
             ) from exc
 
-    async def wait_for_ip(self, vm_id: str, runtime: Runtime, timeout: float) -> str:
-        """The first IP from ``vmrun getGuestIPAddress -wait`` or from vmnet-dhcpd's leases."""
+    async def wait_for_ip(self, runtime: Runtime, timeout: float) -> str:
+        """The first IP from ``vmrun getGuestIPAddress -wait`` or from vmnet-dhcpd's leases,
+        unless the VM stops running first."""
+        return await unless_exited(
+            self._first_ip(runtime, timeout),
+            lambda: self.is_running(runtime.machine),
+            "the guest got an IP",
+        )
+
+    async def _first_ip(self, runtime: Runtime, timeout: float) -> str:
         sources = {
-            asyncio.create_task(self._ip_from_tools(vm_id, timeout)),
-            asyncio.create_task(self._ip_from_leases(runtime["mac"])),
+            asyncio.create_task(self._ip_from_tools(runtime.machine, timeout)),
+            asyncio.create_task(self._ip_from_leases(runtime.mac)),
         }
         try:
             done, _ = await asyncio.wait(
@@ -162,54 +167,54 @@ class VMwareDriver:
             raise IPTimeout(f"the guest got no IP address within {timeout:g} s")
         return done.pop().result()
 
-    async def is_running(self, vm_id: str) -> bool:
+    async def is_running(self, machine: str) -> bool:
         """Whether ``vmrun list`` names the VM. One listing serves all VMs for a second; when
         vmrun can't list, the last answer stands (a VM is never called stopped on a guess)."""
-        vmx = os.path.realpath(self.vmx(vm_id))
+        vmx = os.path.realpath(self.vmx(machine))
         try:
             running = vmx in await self._running()
         except (CommandError, VMConflict) as exc:
             log.warning("vmrun list failed: %s", exc.message)
-            return self._last_known.get(vm_id, True)
-        self._last_known[vm_id] = running
+            return self._last_known.get(machine, True)
+        self._last_known[machine] = running
         return running
 
-    async def adopt(self, vm_id: str, runtime: Runtime) -> None:
+    async def adopt(self, runtime: Runtime) -> None:
         """Nothing to do: the VM runs in VMware's own process and ``vmrun`` finds it by path."""
 
-    async def destroy(self, vm_id: str, runtime: Runtime | None) -> None:
+    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
         """Stop soft, then hard; ``vmrun deleteVM``; then remove whatever is left. Raises
         ``VMConflict``, with nothing removed, while VMware holds a lock on the VM."""
-        vm_dir, vmx = self.vm_dir(vm_id), self.vmx(vm_id)
+        vm_dir, vmx = self.vm_dir(machine), self.vmx(machine)
         if not vm_dir.exists():
             return
         if vmx.exists():
             if await self._listed_now(str(vmx)):
-                await self._stop(vm_id)
+                await self._stop(machine)
             try:
                 await self.cli("deleteVM", str(vmx))
             except CommandError as exc:
-                log.warning("VM %s: vmrun deleteVM failed, removing its files: %s", vm_id, exc)
-        shutil.rmtree(vm_dir, ignore_errors=True)
-        self._last_known.pop(vm_id, None)
+                log.warning("VM %s: vmrun deleteVM failed, removing its files: %s", machine, exc)
+        await asyncio.to_thread(shutil.rmtree, vm_dir, ignore_errors=True)
+        self._last_known.pop(machine, None)
         self._changed()
 
-    async def remove_orphans(self, known_ids: Callable[[], Awaitable[set[str]]]) -> None:
-        """Destroy every clone under ``vms/`` that ``known_ids()`` does not name; a running
-        VMware VM of ours always has its folder there."""
+    async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
+        """Destroy every clone under ``vms/`` that ``known_machines()`` does not name; a
+        running VMware VM of ours always has its folder there."""
         found = {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
-        for vm_id in sorted(found - await known_ids()):
-            log.warning("VM %s is not in the store; removing what is left of it", vm_id)
-            await self.destroy(vm_id, None)
+        for machine in sorted(found - await known_machines()):
+            log.warning("VM %s is not in the store; removing what is left of it", machine)
+            await self.destroy(machine, None)
 
     async def close(self, vms_running: bool) -> None:
         """Nothing to release: VMware's networks and processes are its own."""
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _edit(self, vm_id: str, change: Callable[[VmxFile], None]) -> None:
+    def _edit(self, machine: str, change: Callable[[VmxFile], None]) -> None:
         """Apply ``change`` to the clone's ``.vmx``, replacing the file in one step."""
-        path = self.vmx(vm_id)
+        path = self.vmx(machine)
         try:
             vmx = read_vmx(path)
         except FileNotFoundError:
@@ -221,7 +226,7 @@ class VMwareDriver:
 
     def _macs_in_use(self) -> set[str]:
         """The MACs of every clone, and every MAC with a lease in force."""
-        in_use = set(leases.read(self._config.lease_files))
+        in_use = set(vmnet_leases.read(self._config.lease_files))
         for vmx in self._vms_dir.glob("*/*.vmx"):
             try:
                 mac = clonevmx.nic_mac(read_vmx(vmx))
@@ -237,36 +242,36 @@ class VMwareDriver:
         finally:
             self._changed()
 
-    async def _ip_from_tools(self, vm_id: str, timeout: float) -> str:
+    async def _ip_from_tools(self, machine: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             try:
                 out = await self.cli(
-                    "getGuestIPAddress", str(self.vmx(vm_id)), "-wait",
+                    "getGuestIPAddress", str(self.vmx(machine)), "-wait",
                     timeout=max(deadline - loop.time(), 0.1),
                 )  # fmt: skip
             except CommandTimeout:
                 raise IPTimeout(f"the guest got no IP address within {timeout:g} s") from None
             except (CommandError, VMConflict) as exc:
-                log.debug("VM %s: getGuestIPAddress: %s", vm_id, exc)
+                log.debug("VM %s: getGuestIPAddress: %s", machine, exc)
             else:
                 if ip := _guest_ipv4(out):
                     return ip
             await asyncio.sleep(_IP_RETRY)
 
     async def _ip_from_leases(self, mac: str) -> str:
-        while (ip := leases.lookup(self._config.lease_files, mac)) is None:
-            await asyncio.sleep(_LEASE_POLL)
-        return ip
+        return await until(
+            lambda: vmnet_leases.lookup(self._config.lease_files, mac), interval=_LEASE_POLL
+        )
 
-    async def _stop(self, vm_id: str) -> None:
-        vmx = str(self.vmx(vm_id))
+    async def _stop(self, machine: str) -> None:
+        vmx = str(self.vmx(machine))
         try:
             await self.cli("stop", vmx, "soft", timeout=self._shutdown_timeout)
             return
         except CommandError as exc:
-            log.info("VM %s: soft stop failed, stopping it hard: %s", vm_id, exc.message)
+            log.info("VM %s: soft stop failed, stopping it hard: %s", machine, exc.message)
         finally:
             self._changed()
         try:
@@ -274,7 +279,7 @@ class VMwareDriver:
         except CommandError as exc:
             if await self._listed_now(vmx):
                 raise
-            log.info("VM %s: stopped after all: %s", vm_id, exc.message)
+            log.info("VM %s: stopped after all: %s", machine, exc.message)
         finally:
             self._changed()
 

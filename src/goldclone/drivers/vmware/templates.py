@@ -30,7 +30,8 @@ from pathlib import Path
 from goldclone.drivers.vmware import clonevmx
 from goldclone.drivers.vmware.vmrun import Vmrun
 from goldclone.errors import CommandError
-from goldclone.images.store import GoldImage
+from goldclone.images.cache import GoldImage
+from goldclone.polling import until
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,15 @@ async def _file_lock(path: Path) -> AsyncIterator[None]:
     """An exclusive ``flock`` on ``path``, waited for without blocking the event loop."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(_LOCK_POLL)
+        await until(lambda: _try_lock(fd), interval=_LOCK_POLL)
         yield
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from goldclone.commands import run
 from goldclone.errors import CommandError, DriverUnavailable, VMConflict
+from goldclone.host.commands import run
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ to reap it, and ``kill -0`` would still call it alive.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
+
+from goldclone.polling import until
 
 POLL = 0.05
 
@@ -42,12 +43,10 @@ def argv(pid: int) -> list[str] | None:
 
 async def wait_exit(pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for ``pid`` to be gone; return whether it is."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while alive(pid):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(POLL)
+    try:
+        await until(lambda: not alive(pid), interval=POLL, timeout=timeout)
+    except TimeoutError:
+        return False
     return True
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
-from goldclone.vmx import VmxFile
+from goldclone.images.vmx import VmxFile
 
 __all__ = [
     "SNIFF_BYTES",

@@ -16,7 +16,7 @@ Three network types:
 State lives in ``<state_dir>/<network type>/`` (dnsmasq pid file, leases, hosts file).
 """
 
-from goldclone.network.config import NETWORK_TYPES, Attachment, NetworkConfig
-from goldclone.network.manager import Networks
+from goldclone.drivers.qemu.network.attachment import Attachment
+from goldclone.drivers.qemu.network.manager import Networks
 
-__all__ = ["NETWORK_TYPES", "Attachment", "NetworkConfig", "Networks"]
+__all__ = ["Attachment", "Networks"]

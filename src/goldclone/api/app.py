@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,31 +13,27 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from goldclone.config import Limits
-from goldclone.errors import GoldcloneError
+from goldclone.api.guards import BearerGuard, BodyGuard, error_response
+from goldclone.errors import (
+    GoldcloneError,
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    RouteNotFound,
+    answer_codes,
+)
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Image, ImageList, ImageSpec, VMList
 from goldclone.service import VMService
+from goldclone.settings import Limits
 
 log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        400: "invalid-json or invalid-request",
-        401: "unauthorized",
-        404: "vm-not-found or image-not-found",
-        409: "vm-conflict, image-in-use, capacity-exceeded or idempotency-conflict",
-        413: "body-too-large",
-        415: "unsupported-media-type",
-        500: "internal-error",
-    }.items()
+    status: {"model": ErrorBody, "description": " or ".join(codes)}
+    for status, codes in answer_codes().items()
 }
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+_INTERNAL = GoldcloneError("an internal error; see the server log")
 
 
 def create_app(
@@ -105,49 +100,52 @@ def create_app(
     @app.get("/images", response_model=ImageList, operation_id="list_images")
     async def list_images() -> ImageList:
         """Gold images on disk, being fetched, or whose last fetch failed."""
-        return ImageList(images=await service.images())
+        return ImageList(images=await service.catalog.images())
 
     @app.post("/images", status_code=202, response_model=Image, operation_id="pull_image",
               responses={202: {"links": _IMAGE_LINKS}})  # fmt: skip
     async def prefetch_image(body: ImageSpec) -> Image:
         """Fetch an image ahead of time, so that the first VM does not wait for it."""
-        return service.prefetch(body)
+        return service.catalog.prefetch(body)
 
     @app.delete("/images/{image_id}", status_code=204, response_class=Response,
                 operation_id="delete_image")  # fmt: skip
     async def delete_image(image_id: str) -> Response:
         """Remove a gold image; 409 ``image-in-use`` while any VM uses it."""
-        await service.delete_image(image_id)
+        await service.catalog.delete(image_id)
         return Response(status_code=204)
 
     @app.exception_handler(GoldcloneError)
     async def _goldclone_error(_: Request, exc: GoldcloneError) -> JSONResponse:
         if exc.status >= 500:
-            log.error("request failed: %s", exc.message)
-            return _error(500, "internal-error", "an internal error; see the server log")
-        return _error(exc.status, exc.code, exc.message)
+            log.error("request failed: %s: %s", exc.code, exc.message)
+            return error_response(_INTERNAL)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return _error(400, "invalid-json", "the body is not valid JSON")
-        return _error(400, "invalid-request", _describe(errors))
+            return error_response(InvalidJSON("the body is not valid JSON"))
+        return error_response(InvalidRequest(_describe(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not-found", 405: "method-not-allowed"}
-        response = _error(
-            exc.status_code, codes.get(exc.status_code, "http-error"), str(exc.detail)
-        )
-        if exc.status_code == 405:
+        if exc.status_code == MethodNotAllowed.status:
+            response = error_response(MethodNotAllowed(str(exc.detail)))
             response.headers["Allow"] = ", ".join(_methods_of(app, request))
-        return response
+            return response
+        if exc.status_code == RouteNotFound.status:
+            return error_response(RouteNotFound(str(exc.detail)))
+        # any other status Starlette raises itself keeps its status
+        return JSONResponse(
+            {"code": "http-error", "message": str(exc.detail)}, status_code=exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("request failed unexpectedly", exc_info=exc)
-        return _error(500, "internal-error", "an internal error; see the server log")
+        return error_response(_INTERNAL)
 
     _describe_host(app, service, limits)
     posts = {r.path for r in app.routes if isinstance(r, APIRoute) and "POST" in (r.methods or ())}
@@ -208,92 +206,3 @@ def _describe(errors: Any) -> str:
             message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{field}: {message}")
     return "; ".join(parts)
-
-
-class BearerGuard:
-    """Answers 401 unless the request carries one of the tokens as a bearer token.
-
-    Every configured token is compared, in constant time, so the answer's timing tells nothing
-    about which token came close. Tokens are never logged.
-    """
-
-    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
-        self._app = app
-        self._tokens = [token.encode() for token in tokens]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz" or self._allowed(scope):
-            await self._app(scope, receive, send)
-            return
-        response = _error(401, "unauthorized", "a valid bearer token is required")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
-
-    def _allowed(self, scope: Scope) -> bool:
-        presented = b""
-        for name, value in scope["headers"]:
-            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
-        return any(matches)
-
-
-class BodyGuard:
-    """Refuses bodies that are too large (413) or not JSON (415) before any parsing.
-
-    It reads the body up to the limit itself and hands it on, so a chunked upload without
-    ``Content-Length`` is bounded too.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int, paths: set[str]) -> None:
-        self._app = app
-        self._max = max_body_bytes
-        self._paths = paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self._paths:
-            await self._app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max:
-            await self._refuse(scope, receive, send, 413)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max:
-                await self._refuse(scope, receive, send, 413)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
-            await self._refuse(scope, receive, send, 415)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self._app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
-        if status == 413:
-            response = _error(413, "body-too-large", f"the body is over {self._max} bytes")
-        else:
-            response = _error(
-                415, "unsupported-media-type", "the body must be sent as application/json"
-            )
-        await response(scope, receive, send)

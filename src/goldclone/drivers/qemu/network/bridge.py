@@ -10,8 +10,8 @@ import json
 from ipaddress import IPv4Interface
 from typing import Any
 
-from goldclone.commands import run
 from goldclone.errors import CommandError, NetworkFailed
+from goldclone.host.commands import run
 
 TIMEOUT = 10.0
 

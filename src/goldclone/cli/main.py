@@ -15,13 +15,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from goldclone.client import APIError, Client, ServerUnreachable, VMFailed, WaitTimeout, default_url
-from goldclone.config import Settings
 from goldclone.models import VM, CreateVMRequest, ImageSpec
+
+if TYPE_CHECKING:
+    from goldclone.settings import Settings
 
 DEMO_PACKAGE = "goldclone-demo.tar.gz"
 OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "demo-image":
-        from goldclone.demo_image import build_demo_image
+        from goldclone.demo.image import build_demo_image
 
         print(asyncio.run(build_demo_image(args.out)))
         return OK
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from goldclone.settings import Settings
+
     try:
         settings = Settings.from_env()
     except ValueError as exc:
@@ -129,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _prepare_demo(settings: Settings) -> Path:
     """Build the demo package once and print the commands that boot it."""
-    from goldclone.demo_image import build_demo_image
+    from goldclone.demo.image import build_demo_image
 
     demo_dir = settings.data_dir.absolute() / "demo"
     package = demo_dir / DEMO_PACKAGE
@@ -235,7 +240,7 @@ def _wait(client: Client, vm: VM, args: argparse.Namespace, out: Console, timeou
     """Wait for ``vm`` to run; on a terminal, show its phases and download as they happen."""
     if args.json:
         return client.wait_until_running(vm.id, timeout)
-    from goldclone.display import WaitDisplay
+    from goldclone.cli.display import WaitDisplay
 
     with WaitDisplay(out) as display:
         vm = client.wait_until_running(vm.id, timeout, on_update=display.update)
@@ -259,7 +264,7 @@ def _get(client: Client, args: argparse.Namespace, out: Console) -> int:
     if args.json:
         _print_json(vm)
     else:
-        from goldclone.display import vm_table
+        from goldclone.cli.display import vm_table
 
         out.print(vm_table([vm]))
         if vm.error:
@@ -272,7 +277,7 @@ def _list(client: Client, args: argparse.Namespace, out: Console) -> int:
     if args.json:
         _print_json({"vms": [vm.model_dump(mode="json") for vm in vms]})
     else:
-        from goldclone.display import vm_table
+        from goldclone.cli.display import vm_table
 
         out.print(vm_table(vms))
     return OK
@@ -315,7 +320,7 @@ def _images(client: Client, args: argparse.Namespace, out: Console) -> int:
         if args.json:
             _print_json({"images": [image.model_dump(mode="json") for image in images]})
         else:
-            from goldclone.display import image_table
+            from goldclone.cli.display import image_table
 
             out.print(image_table(images))
     return OK
@@ -329,7 +334,3 @@ _CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]
     "wait": _wait_command,
     "images": _images,
 }
-
-
-if __name__ == "__main__":
-    sys.exit(main())

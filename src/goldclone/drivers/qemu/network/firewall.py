@@ -10,8 +10,8 @@ import re
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from goldclone.commands import run
 from goldclone.errors import CommandError, NetworkFailed
+from goldclone.host.commands import run
 
 TIMEOUT = 10.0
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

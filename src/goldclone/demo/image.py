@@ -21,8 +21,8 @@ import struct
 import tarfile
 import tempfile
 
-from goldclone.commands import run
 from goldclone.errors import GoldcloneError
+from goldclone.host.commands import run
 
 BOOT_DIR = pathlib.Path("/boot")
 MODULES_DIR = pathlib.Path("/lib/modules")
@@ -184,7 +184,7 @@ def _initramfs(modules: list[tuple[str, pathlib.Path]]) -> bytes:
     cpio.add_char_device("dev/console", 5, 1)
     cpio.add_file("bin/busybox", _static_busybox(), 0o755)
     cpio.add_symlink("bin/sh", "busybox")
-    guest = importlib.resources.files("goldclone").joinpath("guest")
+    guest = importlib.resources.files("goldclone.demo").joinpath("guest")
     for source, target in _GUEST_SCRIPTS.items():
         cpio.add_file(target, guest.joinpath(source).read_bytes(), 0o755)
     for name, path in modules:

@@ -13,19 +13,13 @@ import uuid
 from ipaddress import IPv4Interface
 from pathlib import Path
 
+from goldclone.drivers.qemu.network import bridge, dnsmasq_leases, firewall
+from goldclone.drivers.qemu.network.attachment import Attachment
+from goldclone.drivers.qemu.network.dnsmasq import Dnsmasq
+from goldclone.drivers.qemu.network.sniffer import DhcpAckSniffer
 from goldclone.errors import InvalidRequest, IPTimeout, NetworkFailed
-from goldclone.network import bridge, firewall, leases
-from goldclone.network.config import (
-    BRIDGED,
-    NAT,
-    NETWORK_TYPES,
-    OWNED_TYPES,
-    Attachment,
-    NetworkConfig,
-    host_address,
-)
-from goldclone.network.dnsmasq import Dnsmasq
-from goldclone.network.sniffer import DhcpAckSniffer
+from goldclone.polling import until
+from goldclone.settings import BRIDGED, NAT, NETWORK_TYPES, OWNED_TYPES, NetworkConfig, host_address
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +72,21 @@ class Networks:
             router=network_type == NAT,
         )
 
-    def check_available(self, network_type: str) -> None:
-        """Raise ``InvalidRequest`` unless ``network_type`` is known and configured here."""
-        self._bridge(network_type)
+    def unavailable(self) -> dict[str, str]:
+        """Each network type that can't be used on this host, with the reason."""
+        if self.config.bridged_bridge is None:
+            return {
+                BRIDGED: "'bridged' is not available on this server; its operator must set "
+                "bridged_bridge (GOLDCLONE_BRIDGED_BRIDGE) to the name of an existing host bridge"
+            }
+        return {}
 
     def _bridge(self, network_type: str) -> str:
-        if network_type not in NETWORK_TYPES:
-            raise InvalidRequest(f"network_type: must be one of {', '.join(NETWORK_TYPES)}")
-        name = self.config.bridge(network_type)
+        name = self.config.bridge(network_type) if network_type in NETWORK_TYPES else None
         if name is None:
+            reason = self.unavailable().get(network_type)
             raise InvalidRequest(
-                "network_type: 'bridged' is not available on this server; its operator must set "
-                "bridged_bridge (GOLDCLONE_BRIDGED_BRIDGE) to the name of an existing host bridge"
+                f"network_type: {reason or 'must be one of ' + ', '.join(NETWORK_TYPES)}"
             )
         return name
 
@@ -113,8 +110,8 @@ class Networks:
             await self.dnsmasq(network_type).start()
             self._up.add(network_type)
 
-    async def attach(self, network_type: str, vm_id: str) -> Attachment:
-        """Give VM ``vm_id`` a new tap on ``network_type``'s bridge and a new MAC.
+    async def attach(self, network_type: str, machine: str) -> Attachment:
+        """Give ``machine`` a new tap on ``network_type``'s bridge and a new MAC.
 
         Raises ``InvalidRequest`` for an unknown or unconfigured network type and
         ``NetworkFailed`` when the network cannot be set up.
@@ -124,10 +121,10 @@ class Networks:
             await self.ensure(network_type)
         elif await bridge.link_kind(name) != "bridge":
             raise NetworkFailed(f"bridge {name} for bridged networking does not exist on the host")
-        tap = tap_name(vm_id)
+        tap = tap_name(machine)
         if await bridge.link_exists(tap):
-            raise NetworkFailed(f"tap {tap} for VM {vm_id} already exists")
-        attachment = Attachment(network_type, name, tap, await self._new_mac())
+            raise NetworkFailed(f"tap {tap} for VM {machine} already exists")
+        attachment = Attachment(machine, network_type, await self._new_mac(), name, tap)
         self._attached[tap] = attachment
         try:
             await bridge.add_tap(tap, name)
@@ -153,7 +150,7 @@ class Networks:
         taken = await bridge.macs_in_use()
         taken |= {a.mac for a in self._attached.values()}
         for lease_file in self._lease_files():
-            taken |= leases.read(lease_file).keys()
+            taken |= dnsmasq_leases.read(lease_file).keys()
         while (mac := _random_mac()) in taken:
             pass
         return mac
@@ -194,11 +191,9 @@ class Networks:
     async def _owned_ip(self, attachment: Attachment) -> str:
         await self.ensure(attachment.network_type)
         lease_file = self.dnsmasq(attachment.network_type).lease_file
-        while True:
-            ip = leases.lookup(lease_file, attachment.mac)
-            if ip is not None:
-                return ip
-            await asyncio.sleep(LEASE_POLL)
+        return await until(
+            lambda: dnsmasq_leases.lookup(lease_file, attachment.mac), interval=LEASE_POLL
+        )
 
     async def _bridged_ip(self, attachment: Attachment) -> str:
         sniffer = self._sniffers.get(attachment.tap) or self._watch(attachment)
@@ -206,7 +201,7 @@ class Networks:
             if sniffer is not None and sniffer.ip is not None:
                 return sniffer.ip
             if self.config.bridged_lease_file is not None:
-                ip = leases.lookup(self.config.bridged_lease_file, attachment.mac)
+                ip = dnsmasq_leases.lookup(self.config.bridged_lease_file, attachment.mac)
                 if ip is not None:
                     return ip
             ip = await bridge.neighbour_ip(attachment.bridge, attachment.mac)

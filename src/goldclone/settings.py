@@ -1,19 +1,137 @@
-"""Settings: embedded defaults, overridden by environment variables and then by CLI options."""
+"""Settings: embedded defaults, overridden by environment variables and then by CLI options.
+
+Every setting of every part lives here, so that reading the configuration imports no driver,
+network or image code: the CLI's client commands load this module alone.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
-
-from goldclone.drivers.vmware.config import HOST_TYPES, VMwareConfig
-from goldclone.network.config import NetworkConfig
+from typing import Any, Final
 
 DEFAULT_PORT = 12345
-DRIVERS = ("qemu", "vmware")
+DRIVERS = ("qemu", "vmware", "synthetic")
+
+NAT: Final = "nat"
+HOSTONLY: Final = "hostonly"
+BRIDGED: Final = "bridged"
+NETWORK_TYPES: Final = (BRIDGED, NAT, HOSTONLY)
+OWNED_TYPES: Final = (NAT, HOSTONLY)
+
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+
+
+def _check_ifname(what: str, name: str) -> None:
+    if not _IFNAME.fullmatch(name):
+        raise ValueError(
+            f"{what} {name!r} is not a valid interface name: up to 15 of A-Za-z0-9_.-, "
+            "starting with a letter or digit"
+        )
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The bridges and subnets of the three network types.
+
+    ``nat`` and ``hostonly`` are bridges that goldclone creates and owns; each subnet must be
+    a /24 or larger, the host takes its first address and DHCP hands out ``.10`` to ``.250``.
+    ``bridged`` uses an existing host bridge that goldclone never creates or removes; it is
+    unavailable while ``bridged_bridge`` is ``None``. ``bridged_lease_file`` optionally names
+    the lease file (dnsmasq format) of the DHCP server that already serves that bridge.
+    """
+
+    nat_bridge: str = "gcnat0"
+    nat_subnet: IPv4Network = field(default_factory=lambda: IPv4Network("192.168.123.0/24"))
+    hostonly_bridge: str = "gchost0"
+    hostonly_subnet: IPv4Network = field(default_factory=lambda: IPv4Network("192.168.124.0/24"))
+    bridged_bridge: str | None = None
+    bridged_lease_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_ifname("nat_bridge", self.nat_bridge)
+        _check_ifname("hostonly_bridge", self.hostonly_bridge)
+        if self.bridged_bridge is not None:
+            _check_ifname("bridged_bridge", self.bridged_bridge)
+        if self.nat_bridge == self.hostonly_bridge:
+            raise ValueError("nat_bridge and hostonly_bridge must differ")
+        if self.bridged_bridge in (self.nat_bridge, self.hostonly_bridge):
+            raise ValueError(
+                "bridged_bridge must be an existing host bridge, not one goldclone owns"
+            )
+        for name, subnet in (
+            ("nat_subnet", self.nat_subnet),
+            ("hostonly_subnet", self.hostonly_subnet),
+        ):
+            if subnet.prefixlen > 24:
+                raise ValueError(f"{name} {subnet} is too small; use a /24 or larger")
+        if self.nat_subnet.overlaps(self.hostonly_subnet):
+            raise ValueError("nat_subnet and hostonly_subnet must not overlap")
+
+    def bridge(self, network_type: str) -> str | None:
+        """Return the bridge of ``network_type``, or ``None`` when it is not configured."""
+        return {
+            NAT: self.nat_bridge,
+            HOSTONLY: self.hostonly_bridge,
+            BRIDGED: self.bridged_bridge,
+        }.get(network_type)
+
+    def subnet(self, network_type: str) -> IPv4Network:
+        """Return the subnet of an owned network type (``nat`` or ``hostonly``)."""
+        return self.nat_subnet if network_type == NAT else self.hostonly_subnet
+
+
+def host_address(subnet: IPv4Network) -> IPv4Address:
+    """Return the address the host takes on an owned network's bridge."""
+    return subnet.network_address + 1
+
+
+def dhcp_range(subnet: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
+    """Return the first and last address that DHCP hands out on an owned network."""
+    return subnet.network_address + 10, subnet.network_address + 250
+
+
+HOST_TYPES: Final = ("auto", "fusion", "ws")
+
+DEFAULT_LEASE_FILES: Final = (
+    # macOS (Fusion): vmnet-dhcpd's lease files for the NAT and host-only networks
+    Path("/var/db/vmware/vmnet-dhcpd-vmnet8.leases"),
+    Path("/var/db/vmware/vmnet-dhcpd-vmnet1.leases"),
+    # Linux (Workstation)
+    Path("/etc/vmware/vmnet8/dhcpd/dhcpd.leases"),
+    Path("/etc/vmware/vmnet1/dhcpd/dhcpd.leases"),
+)
+
+
+@dataclass(frozen=True)
+class VMwareConfig:
+    """Settings of the ``vmware`` driver.
+
+    ``vmrun`` is a path or a command name; ``None`` looks on ``PATH`` and then in the usual
+    install places of Fusion and Workstation. ``host_type`` is vmrun's ``-T``: ``fusion``,
+    ``ws``, or ``auto`` (``fusion`` on macOS or for a vmrun inside ``VMware Fusion.app``,
+    else ``ws``). With ``gui_fallback``, a headless start that vmrun refuses is tried again
+    with a window (Fusion 7 and some Workstation hosts refuse ``nogui``). ``lease_files`` are
+    vmnet-dhcpd lease files (ISC format) read when ``getGuestIPAddress`` has no answer; missing
+    ones are skipped. ``command_timeout`` bounds every vmrun call that has no other limit.
+    """
+
+    vmrun: str | None = None
+    host_type: str = "auto"
+    gui_fallback: bool = True
+    lease_files: tuple[Path, ...] = field(default=DEFAULT_LEASE_FILES)
+    command_timeout: float = 120.0
+    snapshot_name: str = "goldclone"
+
+    def __post_init__(self) -> None:
+        if self.host_type not in HOST_TYPES:
+            raise ValueError(f"host_type must be one of {', '.join(HOST_TYPES)}")
+        if not self.snapshot_name or '"' in self.snapshot_name:
+            raise ValueError("snapshot_name must be a non-empty name without quotes")
 
 
 def _host_memory_mb() -> int:

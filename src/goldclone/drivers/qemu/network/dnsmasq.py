@@ -7,18 +7,18 @@ exactly the command line this configuration would start. It is signalled by PID,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from goldclone import processes
-from goldclone.commands import run
+from goldclone.drivers.qemu.network import dnsmasq_leases
 from goldclone.errors import CommandError, NetworkFailed
-from goldclone.network import leases
-from goldclone.network.config import dhcp_range
+from goldclone.host import processes
+from goldclone.host.commands import run
+from goldclone.polling import until
+from goldclone.settings import dhcp_range
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Dnsmasq:
         pid = self.owned_pid()
         if _drop_lines(self.hosts_file, mac) and pid is not None:
             os.kill(pid, signal.SIGHUP)  # dnsmasq rereads --dhcp-hostsfile on SIGHUP
-        ip = leases.lookup(self.lease_file, mac)
+        ip = dnsmasq_leases.lookup(self.lease_file, mac)
         if ip is None:
             return
         if pid is None:  # nobody will rewrite the file behind our back
@@ -151,15 +151,12 @@ class Dnsmasq:
         except CommandError as e:
             raise NetworkFailed(f"could not release the lease of {mac}: {e.message}") from e
         try:
-            async with asyncio.timeout(RELEASE_TIMEOUT):
-                await self._wait_released(mac)
+            await until(
+                lambda: dnsmasq_leases.lookup(self.lease_file, mac) is None,
+                interval=POLL,
+                timeout=RELEASE_TIMEOUT,
+            )
         except TimeoutError:
             raise NetworkFailed(
                 f"dnsmasq on {self.bridge} kept the lease of {mac} ({ip})"
             ) from None
-
-    async def _wait_released(self, mac: str) -> None:
-        while True:
-            if leases.lookup(self.lease_file, mac) is None:
-                return
-            await asyncio.sleep(POLL)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -24,20 +23,18 @@ from typing import Any, cast
 import httpx
 
 from goldclone.errors import (
-    ChecksumMismatch,
-    DownloadFailed,
     ImageInUse,
     ImageNotFound,
     InsufficientSpace,
     VMFailure,
 )
-from goldclone.images.archive import UnpackLimits, unpack
-from goldclone.images.diskcheck import DiskImage, inspect_package
+from goldclone.images.checks import DiskImage, inspect_package
+from goldclone.images.download import fetch
+from goldclone.images.unpack import UnpackLimits, unpack
 from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 _METADATA = "gold.json"
 
 
@@ -49,7 +46,7 @@ class GoldImage:
     vmx: Path | None
 
 
-class ImageStore:
+class ImageCache:
     """Makes and finds gold images under ``data_dir``."""
 
     def __init__(
@@ -70,15 +67,21 @@ class ImageStore:
         self._specs: dict[str, ImageSpec] = {}
         self._progress: dict[str, DownloadProgress] = {}
         self._failures: dict[str, VMFailure] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
-    def open(self) -> None:
+    async def open(self) -> None:
         """Create the folders and drop what a crash may have left half-made."""
+        await asyncio.to_thread(self._clean)
+
+    def _clean(self) -> None:
         for folder in (self._images, self._downloads):
             folder.mkdir(parents=True, exist_ok=True)
-        for partial in self._downloads.iterdir():
+        for partial in [*self._downloads.iterdir(), *self._images.glob(".tmp-*")]:
             _remove(partial)
-        for partial in self._images.glob(".tmp-*"):
-            _remove(partial)
+
+    def lock(self, key: str) -> asyncio.Lock:
+        """Held while a clone is made from the image ``key``, and while it is deleted."""
+        return self._locks.setdefault(key, asyncio.Lock())
 
     async def close(self) -> None:
         """Stop the downloads under way; their partial files go at the next ``open``."""
@@ -193,10 +196,13 @@ class ImageStore:
         download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
         staging = self._images / f".tmp-{spec.key}-{uuid.uuid4().hex}"
         try:
-            await self._download(spec, download)
+            await fetch(
+                self._http, spec, download, self._timeout, self._reserve_bytes,
+                on_start=lambda progress: self._progress.__setitem__(spec.key, progress),
+            )  # fmt: skip
             staging.mkdir()
             await asyncio.to_thread(self._unpack, download, staging, spec.url)
-            _remove(download)
+            await asyncio.to_thread(_remove, download)
             await asyncio.to_thread(_make_read_only, staging)
             staging.rename(self.gold_dir(spec))
         except OSError as exc:
@@ -207,56 +213,12 @@ class ImageStore:
                 "everything of it was removed"
             ) from None
         finally:
-            _remove(download)
-            _remove(staging)
+            await asyncio.to_thread(_remove, download)
+            await asyncio.to_thread(_remove, staging)
         gold = self.cached(spec)
         assert gold is not None
         log.info("gold image %s is ready", spec.key)
         return gold
-
-    async def _download(self, spec: ImageSpec, dest: Path) -> None:
-        digest = hashlib.new(spec.checksum_type)
-        timeout = httpx.Timeout(self._timeout)
-        try:
-            async with self._http.stream(
-                "GET", spec.url, timeout=timeout, headers={"Accept-Encoding": "identity"}
-            ) as response:
-                if response.status_code != 200:
-                    raise DownloadFailed(f"GET {spec.url} answered HTTP {response.status_code}")
-                total = response.headers.get("Content-Length")
-                progress = DownloadProgress(
-                    bytes_done=0, bytes_total=int(total) if total and total.isdigit() else None
-                )
-                self._check_room(spec, progress.bytes_total)
-                self._progress[spec.key] = progress
-                with dest.open("wb") as out:
-                    async for chunk in response.aiter_raw(_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                        progress.bytes_done += len(chunk)
-        except httpx.TimeoutException:
-            raise DownloadFailed(
-                f"GET {spec.url} timed out (no data for {self._timeout:g} s)"
-            ) from None
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise DownloadFailed(f"GET {spec.url} failed: {exc or type(exc).__name__}") from None
-        actual = digest.hexdigest()
-        if actual != spec.checksum.lower():
-            raise ChecksumMismatch(
-                f"the download's {spec.checksum_type} is {actual}, "
-                f"but the request expects {spec.checksum.lower()}"
-            )
-
-    def _check_room(self, spec: ImageSpec, size: int | None) -> None:
-        """Refuse a download that cannot fit, with the reserve kept free, before it starts."""
-        if size is None:
-            return
-        usage = shutil.disk_usage(self._downloads)
-        if size + self._reserve_bytes > usage.free:
-            raise InsufficientSpace(
-                f"image {spec.key} is {size} bytes, and {usage.free} bytes are free on the "
-                f"data dir's disk, {self._reserve_bytes} of which are kept in reserve"
-            )
 
     def _unpack(self, package: Path, staging: Path, url: str) -> None:
         content = staging / "content"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
-from goldclone.images.diskcheck import SNIFF_BYTES, sniff_disk
+from goldclone.images.checks import SNIFF_BYTES, sniff_disk
 
 __all__ = ["DEFAULT_LIMITS", "PackageFormat", "UnpackLimits", "detect_format", "unpack"]
 

@@ -1,0 +1,103 @@
+"""Guards that answer before a request reaches a route: bearer tokens, and the body's size and
+media type."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from goldclone.errors import BodyTooLarge, GoldcloneError, Unauthorized, UnsupportedMediaType
+
+
+def error_response(error: GoldcloneError) -> JSONResponse:
+    """The API's answer for ``error``: its status, and ``{"code", "message"}``."""
+    return JSONResponse(error.as_dict(), status_code=error.status)
+
+
+class BearerGuard:
+    """Answers 401 unless the request carries one of the tokens as a bearer token.
+
+    Every configured token is compared, in constant time, so the answer's timing tells nothing
+    about which token came close. Tokens are never logged.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+        self._app = app
+        self._tokens = [token.encode() for token in tokens]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz" or self._allowed(scope):
+            await self._app(scope, receive, send)
+            return
+        response = error_response(Unauthorized())
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        presented = b""
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
+        return any(matches)
+
+
+class BodyGuard:
+    """Refuses bodies that are too large (413) or not JSON (415) before any parsing.
+
+    It reads the body up to the limit itself and hands it on, so a chunked upload without
+    ``Content-Length`` is bounded too.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, paths: set[str]) -> None:
+        self._app = app
+        self._max = max_body_bytes
+        self._paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self._paths:
+            await self._app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max:
+            await self._refuse(scope, receive, send, BodyTooLarge.status)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                await self._refuse(scope, receive, send, BodyTooLarge.status)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            await self._refuse(scope, receive, send, UnsupportedMediaType.status)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        if status == BodyTooLarge.status:
+            error: GoldcloneError = BodyTooLarge(f"the body is over {self._max} bytes")
+        else:
+            error = UnsupportedMediaType("the body must be sent as application/json")
+        await error_response(error)(scope, receive, send)

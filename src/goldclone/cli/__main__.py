@@ -1,0 +1,5 @@
+import sys
+
+from goldclone.cli.main import main
+
+sys.exit(main())

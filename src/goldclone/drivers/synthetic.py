@@ -1,0 +1,192 @@
+"""A synthetic driver: machines that exist only in this process, for tests of the API and the
+service, and for trying the API on a host without root or QEMU.
+
+It follows the ``Driver`` contract exactly (a clone needs its gold image, a NIC needs a clone, a
+machine gets an address only while it runs, removal is safe to repeat, orphans are searched
+before the store is asked) and keeps each machine's folder under ``vms/`` like the real
+drivers, so that "nothing left behind" can be checked the same way. Its machines live in a
+``SyntheticHost``, which a test can share between two services to stand for a host that outlives
+a restart, and which can be told to fail a step or to power a guest off.
+
+Addresses come from 198.18.0.0/15, the range reserved for benchmarks: they reach nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Literal
+
+from goldclone.drivers.base import Capabilities, MachineSpec, Runtime, is_vm_id, unless_exited
+from goldclone.errors import (
+    BootFailed,
+    CloneFailed,
+    GoldcloneError,
+    IPTimeout,
+    NetworkFailed,
+)
+from goldclone.images.cache import GoldImage
+
+Step = Literal["clone", "attach", "start", "destroy"]
+ADDRESSES = IPv4Network("198.18.0.0/15")
+
+
+@dataclass
+class Machine:
+    name: str
+    gold: str
+    runtime: Runtime | None = None
+    spec: MachineSpec | None = None
+    ip: str | None = None
+    running: bool = False
+    booted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class SyntheticHost:
+    """The machines of one synthetic host, and how its guests behave.
+
+    ``boot_seconds`` is how long a started guest takes to get its address; with ``gets_ip``
+    false, guests never get one. ``faults`` fail the next call of a step with the error given.
+    """
+
+    boot_seconds: float = 0.0
+    gets_ip: bool = True
+    machines: dict[str, Machine] = field(default_factory=dict)
+    faults: dict[Step, GoldcloneError] = field(default_factory=dict)
+    _next_address: int = 1
+
+    def fail_next(self, step: Step, error: GoldcloneError) -> None:
+        self.faults[step] = error
+
+    def power_off(self, name: str) -> None:
+        """The guest powers itself off, as after ``poweroff`` inside it."""
+        self.machines[name].running = False
+
+    def running(self) -> set[str]:
+        return {name for name, machine in self.machines.items() if machine.running}
+
+    def check_fault(self, step: Step) -> None:
+        """Raise the error set for ``step``, once."""
+        if (error := self.faults.pop(step, None)) is not None:
+            raise error
+
+    def _address(self) -> str:
+        address = IPv4Address(int(ADDRESSES.network_address) + self._next_address)
+        self._next_address += 1
+        return str(address)
+
+
+class SyntheticDriver:
+    name = "synthetic"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        host: SyntheticHost | None = None,
+        network_types: tuple[str, ...] = ("nat", "hostonly"),
+    ) -> None:
+        self._vms_dir = data_dir.absolute() / "vms"
+        self.host = host or SyntheticHost()
+        self._capabilities = Capabilities(
+            network_types=network_types,
+            package_kinds=frozenset({"disk", "vmx"}),
+            unavailable_networks={
+                t: f"'{t}' is not offered by this synthetic host"
+                for t in ("bridged", "nat", "hostonly")
+                if t not in network_types
+            },
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def prepare(self) -> None:
+        self._vms_dir.mkdir(parents=True, exist_ok=True)
+
+    def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Runtime:
+        return Runtime(record.get("machine", machine), record["network_type"], record["mac"])
+
+    async def clone(self, machine: str, gold: GoldImage) -> None:
+        self.host.check_fault("clone")
+        if not gold.disk.path.is_file():
+            raise CloneFailed(f"the gold image's disk {gold.disk.path.name} is missing")
+        if machine in self.host.machines:
+            raise CloneFailed(f"machine {machine} exists already")
+        folder = self._vms_dir / machine
+        folder.mkdir(parents=True, mode=0o700)
+        (folder / "clone").write_text(gold.key)
+        self.host.machines[machine] = Machine(machine, gold.key)
+
+    async def attach(self, machine: str, network_type: str) -> Runtime:
+        self.host.check_fault("attach")
+        if network_type not in self._capabilities.network_types:
+            raise NetworkFailed(f"network {network_type!r} is not offered here")
+        taken = {m.runtime.mac for m in self.host.machines.values() if m.runtime is not None}
+        while (mac := "02:00:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))) in taken:
+            pass
+        runtime = Runtime(machine, network_type, mac)
+        self._machine(machine).runtime = runtime
+        return runtime
+
+    async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
+        self.host.check_fault("start")
+        machine = self._machine(spec.machine)
+        if machine.runtime != runtime:
+            raise BootFailed(f"machine {spec.machine} has no NIC {runtime.mac}")
+        machine.spec, machine.running = spec, True
+        if self.host.gets_ip:
+            asyncio.get_running_loop().call_later(self.host.boot_seconds, self._boot, machine)
+
+    def _boot(self, machine: Machine) -> None:
+        if machine.running:
+            machine.ip = self.host._address()
+            machine.booted.set()
+
+    async def wait_for_ip(self, runtime: Runtime, timeout: float) -> str:
+        machine = self._machine(runtime.machine)
+
+        async def address() -> str:
+            try:
+                await asyncio.wait_for(machine.booted.wait(), timeout)
+            except TimeoutError:
+                raise IPTimeout(f"the guest got no address within {timeout:g} s") from None
+            assert machine.ip is not None
+            return machine.ip
+
+        return await unless_exited(
+            address(), lambda: self.is_running(runtime.machine), "the guest got an IP"
+        )
+
+    async def is_running(self, machine: str) -> bool:
+        found = self.host.machines.get(machine)
+        return found is not None and found.running
+
+    async def adopt(self, runtime: Runtime) -> None:
+        """Nothing to take over: the machine lives in the host object, if it is there."""
+
+    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
+        self.host.check_fault("destroy")
+        self.host.machines.pop(machine, None)
+        await asyncio.to_thread(shutil.rmtree, self._vms_dir / machine, ignore_errors=True)
+
+    async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
+        found = set(self.host.machines)
+        found |= {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
+        for machine in sorted(found - await known_machines()):
+            await self.destroy(machine, None)
+
+    async def close(self, vms_running: bool) -> None:
+        """Nothing to release."""
+
+    def _machine(self, name: str) -> Machine:
+        try:
+            return self.host.machines[name]
+        except KeyError:
+            raise BootFailed(f"machine {name} was never cloned") from None

@@ -1,0 +1,1 @@
+"""Running and ending the host programs goldclone uses."""

@@ -1,0 +1,86 @@
+"""Downloading an image package: streamed to a file and hashed on the way, off the event loop.
+
+The package is fetched with ``Accept-Encoding: identity``, so that the hash is of the bytes the
+server holds, and each chunk is hashed and written by a worker thread, so that a large download
+never holds up the service's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from goldclone.errors import ChecksumMismatch, DownloadFailed, InsufficientSpace
+from goldclone.models import DownloadProgress, ImageSpec
+
+CHUNK = 1 << 20
+
+
+async def fetch(
+    http: httpx.AsyncClient,
+    spec: ImageSpec,
+    dest: Path,
+    timeout: float,
+    reserve_bytes: int,
+    on_start: Callable[[DownloadProgress], None],
+) -> None:
+    """Download ``spec`` to ``dest`` and check its checksum.
+
+    ``on_start`` gets the download's progress, which is updated as chunks arrive. A download
+    that would leave less than ``reserve_bytes`` free on ``dest``'s disk is refused before it
+    starts, when the server says how large it is.
+    """
+    digest = hashlib.new(spec.checksum_type)
+    try:
+        async with http.stream(
+            "GET", spec.url, timeout=httpx.Timeout(timeout),
+            headers={"Accept-Encoding": "identity"},
+        ) as response:  # fmt: skip
+            if response.status_code != 200:
+                raise DownloadFailed(f"GET {spec.url} answered HTTP {response.status_code}")
+            total = response.headers.get("Content-Length")
+            progress = DownloadProgress(
+                bytes_done=0, bytes_total=int(total) if total and total.isdigit() else None
+            )
+            _check_room(spec, dest.parent, progress.bytes_total, reserve_bytes)
+            on_start(progress)
+            out = await asyncio.to_thread(dest.open, "wb")
+            try:
+                async for chunk in response.aiter_raw(CHUNK):
+                    await asyncio.to_thread(_absorb, chunk, digest, out)
+                    progress.bytes_done += len(chunk)
+            finally:
+                await asyncio.to_thread(out.close)
+    except httpx.TimeoutException:
+        raise DownloadFailed(f"GET {spec.url} timed out (no data for {timeout:g} s)") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise DownloadFailed(f"GET {spec.url} failed: {exc or type(exc).__name__}") from None
+    actual = digest.hexdigest()
+    if actual != spec.checksum.lower():
+        raise ChecksumMismatch(
+            f"the download's {spec.checksum_type} is {actual}, "
+            f"but the request expects {spec.checksum.lower()}"
+        )
+
+
+def _absorb(chunk: bytes, digest: Any, out: IO[bytes]) -> None:
+    digest.update(chunk)
+    out.write(chunk)
+
+
+def _check_room(spec: ImageSpec, folder: Path, size: int | None, reserve_bytes: int) -> None:
+    """Refuse a download that cannot fit, with the reserve kept free, before it starts."""
+    if size is None:
+        return
+    usage = shutil.disk_usage(folder)
+    if size + reserve_bytes > usage.free:
+        raise InsufficientSpace(
+            f"image {spec.key} is {size} bytes, and {usage.free} bytes are free on the "
+            f"data dir's disk, {reserve_bytes} of which are kept in reserve"
+        )

@@ -1,0 +1,1 @@
+"""What goldclone sends out: the outbound URL policy and callbacks."""

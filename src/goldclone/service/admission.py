@@ -1,0 +1,125 @@
+"""Admission: whether this host takes a create request, and recording it once.
+
+A request is checked against this host's per-VM bounds, its driver's capabilities and the
+outbound URL policy (400s), then admitted in one store transaction that checks the host's
+totals (409 ``capacity-exceeded``) and the ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from goldclone.drivers.base import Capabilities
+from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
+from goldclone.models import VM, CreateVMRequest, Phase, TimelineEntry, now_ms, now_s
+from goldclone.outbound.policy import OutboundPolicy
+from goldclone.service.store import Earlier, Store
+from goldclone.settings import Limits
+
+
+class Admission:
+    """Checks and records the create requests of one host."""
+
+    def __init__(
+        self, limits: Limits, capabilities: Capabilities, store: Store, policy: OutboundPolicy
+    ) -> None:
+        self._limits = limits
+        self._capabilities = capabilities
+        self._store = store
+        self._policy = policy
+
+    async def admit(self, request: CreateVMRequest, idempotency_key: str | None) -> tuple[VM, bool]:
+        """The VM recorded for ``request``, ``creating``, and ``True``; or the VM that an
+        earlier request with the same ``idempotency_key`` and body made, and ``False``. The
+        same key with another body is an ``IdempotencyConflict``."""
+        self.check(request)
+        digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        vm = _new_vm(request)
+        idempotency = (idempotency_key, digest) if idempotency_key is not None else None
+        earlier = await self._store.admit(vm, idempotency, self._capacity_check(request))
+        if earlier is None:
+            return vm, True
+        return _repeat(earlier, digest), False
+
+    def check(self, request: CreateVMRequest) -> None:
+        """Raise ``InvalidRequest`` for a request this host would never take."""
+        limits = self._limits
+        if not limits.min_cpus <= request.cpus <= limits.max_cpus:
+            raise InvalidRequest(
+                f"cpus: must be between {limits.min_cpus} and {limits.max_cpus} on this host"
+            )
+        if not limits.min_memory_mb <= request.memory <= limits.max_memory_mb:
+            raise InvalidRequest(
+                f"memory: must be between {limits.min_memory_mb} and "
+                f"{limits.max_memory_mb} MB on this host"
+            )
+        self.check_network(request.network_type)
+        self.check_url("image.url", request.image.url)
+        if request.callback_url is not None:
+            self.check_url("callback_url", request.callback_url)
+
+    def check_network(self, network_type: str) -> None:
+        offered = self._capabilities.network_types
+        if network_type not in offered:
+            reason = self._capabilities.unavailable_networks.get(network_type)
+            raise InvalidRequest(
+                f"network_type: {reason or 'must be one of ' + ', '.join(offered)}"
+            )
+
+    def check_url(self, field: str, url: str) -> None:
+        """A URL whose host is an address is checked now; a name, when it is connected to."""
+        try:
+            self._policy.check_literal(url)
+        except URLForbidden as exc:
+            raise InvalidRequest(f"{field}: {exc.message}") from None
+
+    def _capacity_check(self, request: CreateVMRequest) -> _CapacityCheck | None:
+        limits = self._limits
+        if all(t is None for t in (limits.max_vms, limits.total_cpus, limits.total_memory_mb)):
+            return None  # no totals: no need to read every VM on each create
+        return _CapacityCheck(limits, request)
+
+
+class _CapacityCheck:
+    """Raises ``CapacityExceeded`` if the VM would take the host past a total."""
+
+    def __init__(self, limits: Limits, request: CreateVMRequest) -> None:
+        self._limits = limits
+        self._request = request
+
+    def __call__(self, held: list[VM]) -> None:
+        limits, request = self._limits, self._request
+        for name, total, used, wanted in (
+            ("VMs", limits.max_vms, len(held), 1),
+            ("vCPUs", limits.total_cpus, sum(vm.cpus for vm in held), request.cpus),
+            ("MB of memory", limits.total_memory_mb, sum(vm.memory for vm in held),
+             request.memory),
+        ):  # fmt: skip
+            if total is not None and used + wanted > total:
+                raise CapacityExceeded(
+                    f"this host allows {total} {name} in all; {used} are in use and this VM "
+                    f"needs {wanted}"
+                )
+
+
+def _repeat(earlier: Earlier, digest: str) -> VM:
+    if earlier.digest != digest:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used with another request body; use a new key"
+        )
+    return earlier.vm
+
+
+def _new_vm(request: CreateVMRequest) -> VM:
+    return VM(
+        id=str(uuid.uuid4()),
+        image=request.image,
+        cpus=request.cpus,
+        memory=request.memory,
+        network_type=request.network_type,
+        headless=request.headless,
+        callback_url=request.callback_url,
+        created_at=now_s(),
+        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
+    )

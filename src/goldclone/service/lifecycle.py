@@ -1,0 +1,210 @@
+"""The life of one VM: fetch its image, clone, attach, boot, find the IP, report; and destroy.
+
+Each create runs as an asyncio task. Every change of state goes through the store's state
+machine before the service acts on it, so that a restarted service knows what each VM was
+doing, and an actor that lost a race learns it from a ``StateConflict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from goldclone.drivers.base import Driver, MachineSpec, PackageKind, Runtime, package_kind
+from goldclone.errors import ImageUnsupported, StateConflict, VMConflict, VMFailure, VMNotFound
+from goldclone.images.cache import GoldImage, ImageCache
+from goldclone.models import VM, ErrorBody, Phase, Status
+from goldclone.outbound.callbacks import deliver
+from goldclone.service.store import Store
+from goldclone.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_KINDS: dict[PackageKind, str] = {
+    "disk": "a bare disk image",
+    "vmx": "a VMware VM package (a .vmx with its disks)",
+}
+
+
+class Lifecycle:
+    """Creates and destroys the VMs of this host, one task per create."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        images: ImageCache,
+        driver: Driver,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._images = images
+        self._driver = driver
+        self._http = http
+        self._creating: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._machines: dict[str, str] = {}
+
+    def begin(self, vm: VM) -> None:
+        """Start creating ``vm``, which the store holds as ``creating``, in the background."""
+        task = asyncio.create_task(self._build(vm), name=f"create {vm.id}")
+        self._creating[vm.id] = task
+        task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
+
+    async def close(self) -> None:
+        """Cut off the creates under way and the background work; the creates are finished
+        as ``interrupted`` at the next start."""
+        tasks = [*self._creating.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def delete(self, vm_id: str) -> None:
+        """Cancel the VM's creation if it is under way, then destroy it and forget it.
+
+        When the hypervisor refuses with ``VMConflict`` (it holds a lock), the VM stays
+        recorded, as it was unless its creation was cut off, and a retry can finish the job.
+        """
+        async with self.lock(vm_id):
+            before = await self._store.get(vm_id)
+            task = self._creating.get(vm_id)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                before = await self._store.get(vm_id)
+            await self._store.advance(
+                vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
+            )
+            try:
+                await self.teardown(vm_id)
+            except VMConflict:
+                if task is None:
+                    await self._store.restore(before)
+                raise
+            await self._store.forget(vm_id)
+        self._locks.pop(vm_id, None)
+        self._machines.pop(vm_id, None)
+        log.info("VM %s destroyed", vm_id)
+
+    async def refresh(self, vm: VM) -> VM:
+        """``vm``, marked ``stopped`` if its guest has powered itself off."""
+        if vm.status is not Status.RUNNING or await self._driver.is_running(
+            await self._machine(vm.id)
+        ):
+            return vm
+        try:
+            return await self._store.advance(
+                vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED
+            )
+        except StateConflict:
+            return await self._store.get(vm.id)  # it changed meanwhile: that state stands
+
+    async def fail(self, vm: VM, exc: Exception) -> VM:
+        """Remove everything of ``vm``, a create that failed with ``exc``, and record it in
+        ``error``."""
+        if isinstance(exc, VMFailure):
+            error = ErrorBody(code=exc.code, message=self._public(exc.message))
+            log.warning("VM %s failed: %s: %s", vm.id, exc.code, exc.message)
+        else:
+            log.error("VM %s failed unexpectedly", vm.id, exc_info=exc)
+            error = ErrorBody(
+                code="internal-error", message="an internal error; see the server log"
+            )
+        await self.teardown(vm.id)
+        return await self._store.advance(
+            vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR, error=error
+        )
+
+    async def teardown(self, vm_id: str) -> None:
+        """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
+        repeat."""
+        runtime = await self.runtime(vm_id)
+        machine = runtime.machine if runtime is not None else vm_id
+        await self._driver.destroy(machine, runtime)
+
+    async def runtime(self, vm_id: str) -> Runtime | None:
+        """The driver's runtime of the VM's machine, once recorded."""
+        record = await self._store.runtime(vm_id)
+        return self._driver.runtime_from_record(vm_id, record) if record else None
+
+    def report(self, vm: VM) -> None:
+        """Deliver the VM's callback in the background."""
+        settings = self._settings
+        self.spawn(deliver(self._http, vm, settings.callback_attempts,
+                           settings.callback_backoff, settings.callback_secret))  # fmt: skip
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background until it ends or the service closes."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while the VM is destroyed, so that work on it is done once."""
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    async def _machine(self, vm_id: str) -> str:
+        """The name of the VM's machine; remembered, since every GET of a running VM asks."""
+        if (machine := self._machines.get(vm_id)) is None:
+            runtime = await self.runtime(vm_id)
+            if runtime is None:
+                return vm_id
+            machine = self._machines[vm_id] = runtime.machine
+        return machine
+
+    async def _build(self, vm: VM) -> None:
+        try:
+            vm = await self._boot(vm)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            try:
+                vm = await self.fail(vm, exc)
+            except (VMNotFound, StateConflict) as lost:
+                log.info("VM %s failed (%s), but %s", vm.id, exc, lost)
+                return
+        self.report(vm)
+
+    async def _boot(self, vm: VM) -> VM:
+        async def fetching() -> None:
+            await self._step(vm, Phase.DOWNLOADING)
+
+        gold = await self._images.ensure(vm.image, on_fetch=fetching)
+        await self._step(vm, Phase.CLONING)
+        async with self._images.lock(vm.image.key):
+            if not gold.root.exists():  # deleted since: fetch it again
+                gold = await self._images.ensure(vm.image, on_fetch=fetching)
+            self._check_package(gold)
+            await self._driver.clone(vm.id, gold)
+        runtime = await self._driver.attach(vm.id, vm.network_type)
+        await self._store.set_runtime(vm.id, runtime.record())
+        await self._step(vm, Phase.BOOTING, mac_address=runtime.mac)
+        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless)
+        await self._driver.start(spec, runtime)
+        ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
+        vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
+        log.info("VM %s is running at %s", vm.id, ip)
+        return vm
+
+    def _check_package(self, gold: GoldImage) -> None:
+        kind, taken = package_kind(gold), self._driver.capabilities.package_kinds
+        if kind not in taken:
+            wanted = " or ".join(_PACKAGE_KINDS[k] for k in sorted(taken))
+            raise ImageUnsupported(
+                f"the {self._driver.name} driver needs {wanted}; this image is "
+                f"{_PACKAGE_KINDS[kind]}"
+            )
+
+    async def _step(self, vm: VM, phase: Phase, **changes: Any) -> VM:
+        return await self._store.advance(vm.id, phase, expect=Status.CREATING, **changes)
+
+    def _public(self, message: str) -> str:
+        """``message`` without the host's data dir path in it."""
+        return message.replace(str(Path(self._settings.data_dir).absolute()), "$DATA_DIR")

@@ -1,0 +1,87 @@
+"""Recovery: what a service finds at start, and the periodic check of the host against the
+store.
+
+At start, guests that kept running are adopted; creates and deletes that a stopped service
+left half-done are finished in the background. Then, now and every ``reconcile_interval``
+seconds, whatever the driver finds of a machine the store does not know is removed, and
+guests that are gone become ``stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from goldclone.drivers.base import Driver
+from goldclone.errors import Interrupted, VMNotFound
+from goldclone.models import Status
+from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    """Brings the host and the store back into agreement."""
+
+    def __init__(
+        self, store: Store, driver: Driver, lifecycle: Lifecycle, reconcile_interval: float
+    ) -> None:
+        self._store = store
+        self._driver = driver
+        self._lifecycle = lifecycle
+        self._interval = reconcile_interval
+
+    async def start(self) -> None:
+        """Adopt the guests that kept running; finish the rest in the background, so that no
+        guest can hold up the API."""
+        unfinished = []
+        for vm in await self._store.list():
+            if vm.status is Status.RUNNING:
+                await self._adopt(vm.id)
+            elif vm.status in (Status.CREATING, Status.DELETING):
+                unfinished.append(vm.id)
+        self._lifecycle.spawn(self._maintain(unfinished))
+
+    async def _adopt(self, vm_id: str) -> None:
+        """Take over a guest that kept running through a restart; one that did not is
+        ``stopped``."""
+        if (runtime := await self._lifecycle.runtime(vm_id)) is not None:
+            await self._driver.adopt(runtime)
+        await self._lifecycle.refresh(await self._store.get(vm_id))
+
+    async def _maintain(self, unfinished: list[str]) -> None:
+        await asyncio.gather(*(self._finish(vm_id) for vm_id in unfinished))
+        while True:
+            await self.reconcile()
+            await asyncio.sleep(self._interval)
+
+    async def _finish(self, vm_id: str) -> None:
+        """An interrupted create ends in ``error`` (``interrupted``) with everything of it
+        removed and its callback sent; an interrupted DELETE is completed."""
+        lifecycle = self._lifecycle
+        try:
+            async with lifecycle.lock(vm_id):
+                vm = await self._store.get(vm_id)
+                if vm.status is Status.CREATING:
+                    stopped = Interrupted("the service stopped while this VM was being created")
+                    lifecycle.report(await lifecycle.fail(vm, stopped))
+                elif vm.status is Status.DELETING:
+                    await lifecycle.teardown(vm_id)
+                    await self._store.forget(vm_id)
+        except VMNotFound:
+            pass  # a DELETE came first
+        except Exception:
+            log.exception("could not finish VM %s; the next start tries again", vm_id)
+
+    async def reconcile(self) -> None:
+        """Destroy whatever the store does not know, and mark guests that are gone
+        ``stopped``. A failed pass is logged, and the next one tries again."""
+        try:
+            await self._driver.remove_orphans(self._store.machines)
+            for vm in await self._store.list():
+                with contextlib.suppress(VMNotFound):
+                    await self._lifecycle.refresh(vm)
+        except Exception:
+            log.exception("checking the host against the store failed")

@@ -1,0 +1,250 @@
+"""Where VMs are recorded, and the VM state machine: SQLAlchemy over SQLite by default, so that
+PostgreSQL can take its place.
+
+A VM is stored as its API object (JSON) plus its driver's runtime record, which only the
+driver reads. Every change of a VM's state is one transaction that reads the row under a write
+lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` elsewhere), checks that the VM
+is in a state the change expects, and writes the new state: a compare-and-set, so that two
+actors (a create task and a DELETE, two services on one database) never overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from goldclone.errors import StateConflict, VMNotFound
+from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
+
+_metadata = MetaData()
+
+_vms = Table(
+    "vms",
+    _metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("vm", JSON, nullable=False),
+    Column("runtime", JSON, nullable=False),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("request_digest", String(64), nullable=True),
+)
+
+# The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
+# and memory.
+HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
+
+TRANSITIONS: Mapping[Status, frozenset[Status]] = {
+    Status.CREATING: frozenset({Status.CREATING, Status.RUNNING, Status.ERROR, Status.DELETING}),
+    Status.RUNNING: frozenset({Status.STOPPED, Status.DELETING}),
+    Status.STOPPED: frozenset({Status.DELETING}),
+    Status.ERROR: frozenset({Status.DELETING}),
+    # a DELETE that is retried, or refused by the hypervisor (the VM is put back as it was)
+    Status.DELETING: frozenset({Status.DELETING, Status.RUNNING, Status.STOPPED, Status.ERROR}),
+}
+"""Each status, and the statuses a VM in it may change to."""
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """The VM that an earlier request with the same idempotency key made, and the digest of
+    that request's body."""
+
+    vm: VM
+    digest: str
+
+
+class Store:
+    """VM records, keyed by ID. Every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self._engine: AsyncEngine = create_async_engine(url)
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
+            event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
+        self._writer = self._engine.execution_options(goldclone_write=True)
+
+    async def open(self) -> None:
+        async with self._writer.begin() as conn:
+            await conn.run_sync(_metadata.create_all)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def admit(
+        self,
+        vm: VM,
+        idempotency: tuple[str, str] | None = None,
+        check_capacity: Callable[[list[VM]], None] | None = None,
+    ) -> Earlier | None:
+        """Record a new VM, unless ``idempotency`` (the request's key and the digest of its
+        body) was seen before: then nothing is recorded and the earlier VM is returned.
+
+        ``check_capacity`` is given the VMs that hold the host's resources and raises to refuse
+        the new one; it runs in the same transaction as the insert, so concurrent creates can't
+        both take the last place.
+        """
+        key, digest = idempotency or (None, None)
+        try:
+            async with self._writer.begin() as conn:
+                if key is not None and (earlier := await _find_by_key(conn, key)) is not None:
+                    return earlier
+                if check_capacity is not None:
+                    check_capacity(await _holding(conn))
+                await conn.execute(
+                    _vms.insert().values(
+                        id=vm.id, status=vm.status.value, vm=_dump(vm), runtime={},
+                        idempotency_key=key, request_digest=digest,
+                    )
+                )  # fmt: skip
+        except IntegrityError:
+            # another service on this database took the key between our read and our insert
+            if key is None:
+                raise
+            async with self._engine.connect() as conn:
+                earlier = await _find_by_key(conn, key)
+            if earlier is None:
+                raise
+            return earlier
+        return None
+
+    async def advance(
+        self,
+        vm_id: str,
+        phase: Phase,
+        expect: Status | tuple[Status, ...],
+        status: Status | None = None,
+        **fields: Any,
+    ) -> VM:
+        """Add ``phase`` to the VM's timeline and set ``status`` (by default, it keeps its own)
+        and ``fields``, if the VM's status is ``expect`` now.
+
+        Raises ``VMNotFound`` if it is gone and ``StateConflict`` if it is in another state,
+        or if the change is not one that ``TRANSITIONS`` allows.
+        """
+        expected = (expect,) if isinstance(expect, Status) else expect
+        async with self._writer.begin() as conn:
+            current = await _locked(conn, vm_id)
+            target = status or current.status
+            if current.status not in expected or target not in TRANSITIONS[current.status]:
+                raise StateConflict(
+                    f"VM {vm_id} is {current.status.value}; {phase.value} needs it "
+                    f"{' or '.join(s.value for s in expected)}"
+                )
+            entry = TimelineEntry(phase=phase, at=now_ms())
+            vm = current.model_copy(
+                update={**fields, "status": target, "timeline": [*current.timeline, entry]}
+            )
+            await _write(conn, vm)
+        return vm
+
+    async def restore(self, vm: VM) -> None:
+        """Put back ``vm`` as it was before a DELETE that the hypervisor refused, if the VM is
+        still ``deleting``."""
+        async with self._writer.begin() as conn:
+            current = await _locked(conn, vm.id)
+            if current.status is not Status.DELETING:
+                raise StateConflict(f"VM {vm.id} is {current.status.value}, not deleting")
+            await _write(conn, vm)
+
+    async def set_runtime(self, vm_id: str, record: Mapping[str, str]) -> None:
+        """Record the driver's runtime of the VM's machine."""
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                _vms.update().where(_vms.c.id == vm_id).values(runtime=dict(record))
+            )
+            if result.rowcount == 0:
+                raise VMNotFound()
+
+    async def get(self, vm_id: str) -> VM:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_vms.c.vm).where(_vms.c.id == vm_id))).first()
+        if row is None:
+            raise VMNotFound()
+        return VM.model_validate(row.vm)
+
+    async def runtime(self, vm_id: str) -> dict[str, str]:
+        """The runtime record of the VM's machine; empty until the driver has made one."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_vms.c.runtime).where(_vms.c.id == vm_id))).first()
+        if row is None:
+            raise VMNotFound()
+        return dict(row.runtime)
+
+    async def list(self) -> list[VM]:
+        """Every VM, in the order they were accepted."""
+        query = select(_vms.c.vm).order_by(_vms.c.seq)
+        async with self._engine.connect() as conn:
+            return [VM.model_validate(row.vm) for row in await conn.execute(query)]
+
+    async def machines(self) -> set[str]:
+        """The names of the machines of every recorded VM: the one in its runtime record, or
+        the VM's ID while it has none."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(_vms.c.id, _vms.c.runtime))
+            return {row.runtime.get("machine", row.id) for row in rows}
+
+    async def forget(self, vm_id: str) -> None:
+        """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go."""
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                _vms.delete().where(_vms.c.id == vm_id, _vms.c.status == Status.DELETING.value)
+            )
+            if result.rowcount == 0:
+                await _locked(conn, vm_id)  # VMNotFound when it is gone already
+                raise StateConflict(f"VM {vm_id} is not deleting; it is kept")
+
+
+async def _locked(conn: AsyncConnection, vm_id: str) -> VM:
+    query = select(_vms.c.vm).where(_vms.c.id == vm_id).with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise VMNotFound()
+    return VM.model_validate(row.vm)
+
+
+async def _write(conn: AsyncConnection, vm: VM) -> None:
+    await conn.execute(
+        _vms.update().where(_vms.c.id == vm.id).values(status=vm.status.value, vm=_dump(vm))
+    )
+
+
+async def _find_by_key(conn: AsyncConnection, key: str) -> Earlier | None:
+    query = select(_vms.c.vm, _vms.c.request_digest).where(_vms.c.idempotency_key == key)
+    row = (await conn.execute(query)).first()
+    return None if row is None else Earlier(VM.model_validate(row.vm), row.request_digest)
+
+
+async def _holding(conn: AsyncConnection) -> list[VM]:
+    query = select(_vms.c.vm).where(_vms.c.status.in_([s.value for s in HOLDING]))
+    return [VM.model_validate(row.vm) for row in await conn.execute(query)]
+
+
+def _sqlite_for_concurrency(connection: Any, _: object) -> None:
+    """Write-ahead logging lets readers and a writer work at once; in the default journal,
+    each waits out the other in SQLite's busy handler, which tripled the POST latency while
+    VMs booted (bench/RESULTS.md, d). ``synchronous=NORMAL`` is safe against a crash of the
+    service; only an OS crash can lose the last commits. Transactions are begun by
+    ``_sqlite_begin`` rather than by the driver's own guesswork."""
+    connection.isolation_level = None
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """A write transaction takes SQLite's write lock when it begins (``BEGIN IMMEDIATE``), so
+    what it reads cannot change before it writes; a read-only one does not block writers."""
+    immediate = conn.get_execution_options().get("goldclone_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _dump(vm: VM) -> dict[str, Any]:
+    return vm.model_dump(mode="json")

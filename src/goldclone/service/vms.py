@@ -1,0 +1,100 @@
+"""``VMService``: the one object the API calls. It owns this host's VMs and gold images, and
+hands each operation to the part that does it: admission, the lifecycle of one VM, recovery,
+and the image catalog."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import httpx
+
+from goldclone.drivers.base import Driver
+from goldclone.errors import VMNotFound
+from goldclone.images.cache import ImageCache
+from goldclone.models import VM, CreateVMRequest, Phase, Status
+from goldclone.outbound.policy import OutboundPolicy
+from goldclone.service.admission import Admission
+from goldclone.service.catalog import Catalog
+from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.recovery import Recovery
+from goldclone.service.store import Store
+from goldclone.settings import Settings
+
+
+class VMService:
+    """Every VM and gold image of this host."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        images: ImageCache,
+        driver: Driver,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._store = store
+        self._images = images
+        self._driver = driver
+        self._http = http
+        policy = OutboundPolicy(allow_private=settings.allow_private_urls)
+        self._admission = Admission(settings.limits, driver.capabilities, store, policy)
+        self._lifecycle = Lifecycle(settings, store, images, driver, http)
+        self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
+        self.catalog = Catalog(store, images, self._admission)
+
+    async def start(self) -> None:
+        """Open the store, check the hypervisor, and recover what a stopped service left."""
+        await self._store.open()
+        await self._driver.prepare()
+        await self._images.open()
+        await self._recovery.start()
+
+    async def close(self) -> None:
+        """Stop background work. Running VMs keep running, with their networks; unfinished
+        creates are cut off and finished as ``interrupted`` at the next start. With no VM
+        running, the networks are removed too, so a stopped service leaves nothing behind."""
+        await self._lifecycle.close()
+        await self._images.close()
+        running = [await self._driver.is_running(m) for m in await self._store.machines()]
+        await self._driver.close(vms_running=any(running))
+        await self._store.close()
+        await self._http.aclose()
+
+    async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
+        """Accept a VM and start creating it in the background; see ``Admission.admit``."""
+        vm, new = await self._admission.admit(request, idempotency_key)
+        if new:
+            self._lifecycle.begin(vm)
+        return self._with_progress(vm)
+
+    async def get(self, vm_id: str) -> VM:
+        vm = await self._store.get(_valid_id(vm_id))
+        return self._with_progress(await self._lifecycle.refresh(vm))
+
+    async def list_vms(self) -> list[VM]:
+        vms = []
+        for vm in await self._store.list():
+            with contextlib.suppress(VMNotFound):  # deleted since the list was read
+                vms.append(self._with_progress(await self._lifecycle.refresh(vm)))
+        return vms
+
+    async def delete(self, vm_id: str) -> None:
+        await self._lifecycle.delete(_valid_id(vm_id))
+
+    def network_types(self) -> list[str]:
+        """The network types that VMs can use on this host."""
+        return list(self._driver.capabilities.network_types)
+
+    def _with_progress(self, vm: VM) -> VM:
+        if vm.status is Status.CREATING and vm.timeline[-1].phase is Phase.DOWNLOADING:
+            return vm.model_copy(update={"progress": self._images.progress(vm.image)})
+        return vm
+
+
+def _valid_id(vm_id: str) -> str:
+    """A malformed ID can name no VM, so it is a plain 404."""
+    try:
+        return str(uuid.UUID(vm_id))
+    except ValueError:
+        raise VMNotFound() from None

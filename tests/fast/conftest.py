@@ -1,0 +1,112 @@
+"""The fast tests: the real API and service, in-process through httpx's ASGI transport, on the
+synthetic driver. Images are real packages (a bare raw disk) downloaded from a real HTTP server
+on loopback, kept in a real gold cache, with state in real SQLite. No root, no QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
+from goldclone.server import build_app
+from goldclone.settings import Settings
+from tests.servers import FileServer
+
+DISK = "disk.raw"
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
+    """Serves ``disk.raw``: 64 KiB with an MBR signature, the smallest package the image
+    checks take, and ``other.raw``, a second image."""
+    root = tmp_path_factory.mktemp("served")
+    for name, fill in ((DISK, b"\0"), ("other.raw", b"\1")):
+        disk = bytearray(fill * 65536)
+        disk[510:512] = b"\x55\xaa"
+        (root / name).write_bytes(bytes(disk))
+    with FileServer(root).running() as server:
+        yield server
+
+
+def image_of(server: FileServer, name: str = DISK) -> dict[str, str]:
+    digest = hashlib.sha256((server.root / name).read_bytes()).hexdigest()
+    return {"url": server.url(name), "checksum": digest}
+
+
+@pytest.fixture
+def request_body(images: FileServer) -> dict[str, Any]:
+    return {"image": image_of(images), "cpus": 1, "memory": 256}
+
+
+class Service:
+    """One goldclone service in this process, on a synthetic host, seen through its API."""
+
+    def __init__(self, settings: Settings, host: SyntheticHost) -> None:
+        self.settings = settings
+        self.host = host
+        self.driver = SyntheticDriver(settings.data_dir, host)
+        self.client: httpx.AsyncClient
+
+    async def post_vm(self, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+        response = await self.client.post("/vms", json=body, headers=headers)
+        assert response.status_code == 202, response.text
+        vm: dict[str, Any] = response.json()
+        return vm
+
+    async def wait_for(self, vm_id: str, *statuses: str, timeout: float = 10) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                response = await self.client.get(f"/vms/{vm_id}")
+                assert response.status_code == 200, response.text
+                vm: dict[str, Any] = response.json()
+                if vm["status"] in statuses:
+                    return vm
+                await asyncio.sleep(0.01)
+
+    async def boot(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.wait_for((await self.post_vm(body))["id"], "running", "error")
+
+    def leftovers(self, vm_id: str) -> list[str]:
+        found = []
+        if vm_id in self.host.machines:
+            found.append("its machine")
+        if (self.settings.data_dir / "vms" / vm_id).exists():
+            found.append("its folder")
+        return found
+
+
+@asynccontextmanager
+async def serving(service: Service) -> AsyncIterator[Service]:
+    """The service started (its lifespan run) with an ASGI client on it; closed on exit."""
+    app = build_app(service.settings, driver=service.driver)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://goldclone") as client:
+            service.client = client
+            yield service
+
+
+@pytest.fixture
+def fast_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data", ip_timeout=5.0, download_timeout=5.0, callback_backoff=0.01
+    )
+
+
+@pytest.fixture
+async def service(fast_settings: Settings) -> AsyncIterator[Service]:
+    async with serving(Service(fast_settings, SyntheticHost())) as started:
+        yield started
+
+
+def with_settings(service: Service, **changes: Any) -> Service:
+    """A new service on the same data dir and synthetic host, with ``changes`` made."""
+    return Service(dataclasses.replace(service.settings, **changes), service.host)

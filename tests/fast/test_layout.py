@@ -1,0 +1,91 @@
+"""The package's layout keeps its promises: the client side loads no server code, the modules
+import each other without cycles, and the documented error codes are the ones in errors.py."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from goldclone.errors import answer_codes, vm_error_codes
+
+SRC = Path(__file__).parents[2] / "src"
+DOCS = Path(__file__).parents[2] / "docs"
+SERVER_SIDE = (
+    "goldclone.server",
+    "goldclone.api",
+    "goldclone.service",
+    "goldclone.drivers",
+    "goldclone.images",
+    "goldclone.host",
+    "goldclone.settings",
+    "uvicorn",
+    "fastapi",
+    "sqlalchemy",
+)
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    modules: list[str] = json.loads(out.stdout.splitlines()[-1])
+    return [m for m in modules if m.startswith(SERVER_SIDE)]
+
+
+def test_the_cli_loads_no_server_code() -> None:
+    assert _loaded_after("import goldclone.cli") == []
+
+
+def test_a_client_command_loads_no_server_code() -> None:
+    command = (
+        "from goldclone.cli import main\n"
+        "code = main(['list', '--url', 'http://127.0.0.1:9'])\n"
+        "assert code == 3, code"  # the server cannot be reached
+    )
+    assert _loaded_after(command) == []
+
+
+def test_settings_import_no_driver_or_network_code() -> None:
+    loaded = _loaded_after("import goldclone.settings")
+    assert [m for m in loaded if m != "goldclone.settings"] == []
+
+
+def _imports(path: Path) -> set[str]:
+    """The goldclone modules that ``path`` imports when it is loaded (top level only: an
+    import inside a function is deferred on purpose)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.startswith("goldclone")}
+
+
+def test_modules_import_each_other_without_cycles() -> None:
+    modules = {
+        ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in SRC.rglob("*.py")
+    }
+    graph = {
+        # a package's __init__ that re-exports its own modules is not a cycle of concepts
+        name: {t for t in _imports(path) & modules.keys() if not t.startswith(name + ".")}
+        for name, path in modules.items()
+    }
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        raise AssertionError(f"an import cycle: {' -> '.join(exc.args[1])}") from None
+
+
+def test_docs_list_exactly_the_error_codes_of_errors_py() -> None:
+    api = (DOCS / "api.md").read_text()
+    answered = set(re.findall(r"^\| \d{3} \| `([a-z-]+)` \|", api, re.MULTILINE))
+    assert answered == {code for codes in answer_codes().values() for code in codes}
+    table = api[api.index("| code | meaning |") :].split("\n\n")[0]
+    on_vms = set(re.findall(r"^\| `([a-z-]+)` \|", table, re.MULTILINE))
+    assert on_vms == set(vm_error_codes())

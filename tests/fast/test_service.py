@@ -1,0 +1,231 @@
+"""The API and the VM service on the synthetic driver: admission, idempotency, capacity,
+errors and the state machine. In-process, no root, no QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from goldclone.drivers.base import MachineSpec, Runtime
+from goldclone.drivers.synthetic import Machine, SyntheticDriver
+from goldclone.errors import BootFailed, CloneFailed, VMConflict
+from goldclone.settings import Limits
+from tests.fast.conftest import Service, image_of, serving, with_settings
+from tests.servers import CallbackReceiver, FileServer
+
+
+def phases(vm: dict[str, Any]) -> list[str]:
+    return [entry["phase"] for entry in vm["timeline"]]
+
+
+async def test_create_run_list_and_delete(service: Service, request_body: dict[str, Any]) -> None:
+    vm = await service.boot(request_body)
+    assert vm["status"] == "running", vm
+    assert vm["ip_address"].startswith("198.1")
+    assert vm["mac_address"] == service.host.machines[vm["id"]].runtime.mac  # type: ignore[union-attr]
+    assert phases(vm) == ["accepted", "downloading", "cloning", "booting", "running"]
+    listed = (await service.client.get("/vms")).json()["vms"]
+    assert [v["id"] for v in listed] == [vm["id"]]
+    second = await service.boot(request_body)
+    assert "downloading" not in phases(second)  # the gold image is cached
+    assert second["ip_address"] != vm["ip_address"] and second["mac_address"] != vm["mac_address"]
+    for each in (vm, second):
+        response = await service.client.delete(f"/vms/{each['id']}")
+        assert response.status_code == 204 and response.content == b""
+        assert (await service.client.get(f"/vms/{each['id']}")).status_code == 404
+        assert service.leftovers(each["id"]) == []
+    images = (await service.client.get("/images")).json()["images"]
+    assert [(i["status"], i["vms"]) for i in images] == [("ready", 0)]
+
+
+async def test_bad_requests_get_clear_errors(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    cases = [
+        ({**request_body, "cpus": 1000}, "invalid-request", "cpus: must be between 1 and"),
+        ({**request_body, "network_type": "bridged"}, "invalid-request", "not offered"),
+        ({**request_body, "memory": "lots"}, "invalid-request", "memory:"),
+        ({**request_body, "colour": "red"}, "invalid-request", "colour: unknown field"),
+        (
+            {**request_body, "image": {**request_body["image"], "url": "http://169.254.169.254/"}},
+            "invalid-request",
+            "image.url:",
+        ),
+    ]
+    for body, code, message in cases:
+        response = await service.client.post("/vms", json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == code
+        assert message in response.json()["message"], response.json()
+    assert (await service.client.get("/vms")).json()["vms"] == []
+    broken = await service.client.post(
+        "/vms", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 400 and broken.json()["code"] == "invalid-json"
+    for path, status, code in (
+        ("/vms/not-an-id", 404, "vm-not-found"),
+        (f"/vms/{uuid.uuid4()}", 404, "vm-not-found"),
+        ("/nowhere", 404, "not-found"),
+    ):
+        response = await service.client.get(path)
+        assert (response.status_code, response.json()["code"]) == (status, code)
+    response = await service.client.put("/vms")
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+
+
+async def test_an_idempotency_key_makes_one_vm(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    key = {"Idempotency-Key": "build-42"}
+    answers = await asyncio.gather(
+        *(service.client.post("/vms", json=request_body, headers=key) for _ in range(10))
+    )
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert len((await service.client.get("/vms")).json()["vms"]) == 1
+    other = await service.client.post("/vms", json={**request_body, "cpus": 2}, headers=key)
+    assert other.status_code == 409 and other.json()["code"] == "idempotency-conflict"
+    assert len(service.host.machines) <= 1  # the repeats started nothing
+
+
+async def test_capacity_is_never_exceeded(service: Service, request_body: dict[str, Any]) -> None:
+    async with serving(with_settings(service, limits=Limits(max_vms=3))) as limited:
+        answers = await asyncio.gather(
+            *(limited.client.post("/vms", json=request_body) for _ in range(8))
+        )
+        accepted = [a.json() for a in answers if a.status_code == 202]
+        refused = [a.json() for a in answers if a.status_code == 409]
+        assert (len(accepted), len(refused)) == (3, 5)
+        assert {r["code"] for r in refused} == {"capacity-exceeded"}
+        assert "this host allows 3 VMs in all" in refused[0]["message"]
+        await limited.wait_for(accepted[0]["id"], "running")
+        await limited.client.delete(f"/vms/{accepted[0]['id']}")
+        assert (await limited.client.post("/vms", json=request_body)).status_code == 202
+
+
+async def test_a_failed_step_ends_in_error_with_nothing_left(
+    service: Service, request_body: dict[str, Any], callbacks: CallbackReceiver
+) -> None:
+    body = {**request_body, "callback_url": callbacks.url}
+    service.host.fail_next("clone", CloneFailed("no room for the clone"))
+    failed = await service.boot(body)
+    assert failed["error"] == {"code": "clone-failed", "message": "no room for the clone"}
+    assert phases(failed)[-1] == "error" and service.leftovers(failed["id"]) == []
+    service.host.fail_next("start", BootFailed("the hypervisor would not start"))
+    failed = await service.boot(body)
+    assert failed["error"]["code"] == "boot-failed" and service.leftovers(failed["id"]) == []
+    received = await asyncio.to_thread(callbacks.wait_for, 2, 5)
+    assert [b["error"]["code"] for b in received] == ["clone-failed", "boot-failed"]
+
+
+async def test_a_guest_without_an_address_times_out(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    service.host.gets_ip = False
+    async with serving(with_settings(service, ip_timeout=0.2)) as impatient:
+        vm = await impatient.boot(request_body)
+        assert vm["error"]["code"] == "ip-timeout" and impatient.leftovers(vm["id"]) == []
+
+
+async def test_a_hypervisor_that_exits_while_booting_is_a_boot_failure(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    service.host.boot_seconds = 30
+    vm = await service.post_vm(request_body)
+    await _until_started(service, vm["id"])
+    service.host.power_off(vm["id"])
+    failed = await service.wait_for(vm["id"], "error")
+    assert failed["error"]["code"] == "boot-failed"
+    assert "exited before the guest got an IP" in failed["error"]["message"]
+
+
+async def test_a_guest_that_powers_off_is_stopped(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot(request_body)
+    service.host.power_off(vm["id"])
+    stopped = (await service.client.get(f"/vms/{vm['id']}")).json()
+    assert stopped["status"] == "stopped" and phases(stopped)[-1] == "stopped"
+    assert (await service.client.delete(f"/vms/{vm['id']}")).status_code == 204
+    assert service.leftovers(vm["id"]) == []
+
+
+async def test_delete_cuts_a_create_off(service: Service, request_body: dict[str, Any]) -> None:
+    service.host.boot_seconds = 30
+    vm = await service.post_vm(request_body)
+    await _until_started(service, vm["id"])
+    assert (await service.client.delete(f"/vms/{vm['id']}")).status_code == 204
+    assert service.leftovers(vm["id"]) == []
+    assert (await service.client.get(f"/vms/{vm['id']}")).status_code == 404
+
+
+async def test_a_refused_destroy_keeps_the_vm_as_it_was(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot(request_body)
+    service.host.fail_next("destroy", VMConflict("the hypervisor holds a lock on the VM"))
+    response = await service.client.delete(f"/vms/{vm['id']}")
+    assert response.status_code == 409 and response.json()["code"] == "vm-conflict"
+    kept = (await service.client.get(f"/vms/{vm['id']}")).json()
+    assert kept == vm
+    assert (await service.client.delete(f"/vms/{vm['id']}")).status_code == 204
+
+
+async def test_concurrent_deletes_destroy_once(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot(request_body)
+    answers = await asyncio.gather(*(service.client.delete(f"/vms/{vm['id']}") for _ in range(5)))
+    assert sorted(a.status_code for a in answers) == [204, 404, 404, 404, 404]
+
+
+async def test_bad_images_end_in_error(service: Service, images: FileServer) -> None:
+    wrong = {"url": images.url("disk.raw"), "checksum": "0" * 64}
+    missing = {**image_of(images), "url": images.url("missing.raw")}
+    for image, code in ((wrong, "checksum-mismatch"), (missing, "download-failed")):
+        vm = await service.boot({"image": image, "cpus": 1, "memory": 256})
+        assert vm["error"]["code"] == code, vm
+        assert service.leftovers(vm["id"]) == []
+    assert list((service.settings.data_dir / "downloads").iterdir()) == []
+
+
+async def test_a_restart_adopts_running_vms_and_ends_interrupted_creates(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    running = await service.boot(request_body)
+    service.host.boot_seconds = 30
+    creating = await service.post_vm(request_body)
+    await _until_started(service, creating["id"])
+    orphan = service.host.machines.setdefault("orphan", Machine("orphan", "gold"))
+    orphan.running = True
+
+    async with serving(with_settings(service)) as restarted:
+        assert (await restarted.client.get(f"/vms/{running['id']}")).json() == running
+        interrupted = await restarted.wait_for(creating["id"], "error")
+        assert interrupted["error"]["code"] == "interrupted"
+        assert restarted.leftovers(creating["id"]) == []
+        async with asyncio.timeout(5):
+            while "orphan" in restarted.host.machines:  # the reconcile at start removes it
+                await asyncio.sleep(0.01)
+        assert set(restarted.host.machines) == {running["id"]}
+
+
+async def test_the_synthetic_driver_keeps_the_contract(tmp_path: Path, images: FileServer) -> None:
+    """Out of order calls fail as a real hypervisor's would, and removal is safe to repeat."""
+    driver = SyntheticDriver(tmp_path)
+    await driver.prepare()
+    with pytest.raises(BootFailed, match="never cloned"):
+        await driver.start(MachineSpec("m", 1, 256, True), Runtime("m", "nat", "02:00:00:00:00:01"))
+    await driver.destroy("m", None)
+    await driver.destroy("m", None)
+    assert list((tmp_path / "vms").iterdir()) == []
+
+
+async def _until_started(service: Service, vm_id: str) -> None:
+    async with asyncio.timeout(5):
+        while not (vm_id in service.host.machines and service.host.machines[vm_id].running):
+            await asyncio.sleep(0.01)

@@ -1,0 +1,163 @@
+"""The VM store and its state machine, on real SQLite. Needs neither root nor QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
+from goldclone.models import VM, ImageSpec, Phase, Status, TimelineEntry, now_ms, now_s
+from goldclone.service.store import TRANSITIONS, Store
+
+
+def make_vm() -> VM:
+    return VM(
+        id=str(uuid.uuid4()),
+        image=ImageSpec(url="http://127.0.0.1/x", checksum="0" * 64),
+        cpus=1,
+        memory=256,
+        network_type="nat",
+        headless=True,
+        callback_url=None,
+        created_at=now_s(),
+        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    store = Store(url)
+    await store.open()
+    vms = [make_vm() for _ in range(5)]
+    for vm in vms:
+        assert await store.admit(vm) is None
+    await store.set_runtime(vms[0].id, {"machine": "m0", "mac": "52:54:00:00:00:01"})
+    running = await store.advance(
+        vms[2].id,
+        Phase.RUNNING,
+        expect=Status.CREATING,
+        status=Status.RUNNING,
+        ip_address="1.2.3.4",
+    )
+    await store.close()
+
+    reopened = Store(url)
+    await reopened.open()
+    assert [vm.id for vm in await reopened.list()] == [vm.id for vm in vms]
+    assert await reopened.get(vms[2].id) == running
+    assert [e.phase for e in running.timeline] == [Phase.ACCEPTED, Phase.RUNNING]
+    assert await reopened.runtime(vms[0].id) == {"machine": "m0", "mac": "52:54:00:00:00:01"}
+    assert await reopened.runtime(vms[1].id) == {}
+    assert await reopened.machines() == {"m0", *(vm.id for vm in vms[1:])}
+    await reopened.close()
+
+
+async def test_a_state_change_checks_the_state_it_expects(store: Store) -> None:
+    vm = make_vm()
+    await store.admit(vm)
+    await store.advance(vm.id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING)
+    with pytest.raises(StateConflict, match="is deleting; booting needs it creating"):
+        await store.advance(vm.id, Phase.BOOTING, expect=Status.CREATING)
+    assert (await store.get(vm.id)).status is Status.DELETING
+    with pytest.raises(VMNotFound):
+        await store.advance(str(uuid.uuid4()), Phase.BOOTING, expect=Status.CREATING)
+
+
+async def test_only_the_transitions_of_the_state_machine_happen(store: Store) -> None:
+    vm = make_vm()
+    await store.admit(vm)
+    await store.advance(vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR)
+    for target in set(Status) - TRANSITIONS[Status.ERROR]:
+        with pytest.raises(StateConflict):
+            await store.advance(vm.id, Phase.RUNNING, expect=Status.ERROR, status=target)
+    assert (await store.get(vm.id)).status is Status.ERROR
+
+
+async def test_concurrent_changes_from_two_connections_are_serialized(tmp_path: Path) -> None:
+    """Two stores on one file stand for two services: exactly one of two racing changes that
+    both expect ``running`` wins, and the other learns it from a ``StateConflict``."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    first, second = Store(url), Store(url)
+    await first.open()
+    await second.open()
+    try:
+        for _ in range(10):
+            vm = make_vm()
+            await first.admit(vm)
+            await first.advance(vm.id, Phase.RUNNING, expect=Status.CREATING, status=Status.RUNNING)
+            outcomes = await asyncio.gather(
+                first.advance(vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED),
+                second.advance(
+                    vm.id, Phase.DELETING, expect=Status.RUNNING, status=Status.DELETING
+                ),
+                return_exceptions=True,
+            )
+            assert sum(isinstance(o, StateConflict) for o in outcomes) == 1, outcomes
+            assert len((await first.get(vm.id)).timeline) == 3
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_repeated_idempotency_key_returns_the_first_vm(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    first, second = Store(url), Store(url)
+    await first.open()
+    await second.open()
+    try:
+        vms = [make_vm() for _ in range(6)]
+        outcomes = await asyncio.gather(
+            *(
+                (first if i % 2 else second).admit(vm, ("key-1", "digest"))
+                for i, vm in enumerate(vms)
+            )
+        )
+        new = [vm for vm, outcome in zip(vms, outcomes, strict=True) if outcome is None]
+        assert len(new) == 1
+        assert all(o.vm.id == new[0].id and o.digest == "digest" for o in outcomes if o)
+        assert [vm.id for vm in await first.list()] == [new[0].id]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_capacity_is_checked_in_the_admitting_transaction(store: Store) -> None:
+    def at_most_three(held: list[VM]) -> None:
+        if len(held) >= 3:
+            raise CapacityExceeded("full")
+
+    outcomes = await asyncio.gather(
+        *(store.admit(make_vm(), None, at_most_three) for _ in range(8)), return_exceptions=True
+    )
+    assert sum(isinstance(o, CapacityExceeded) for o in outcomes) == 5
+    assert len(await store.list()) == 3
+
+
+async def test_only_a_deleting_vm_is_forgotten_or_restored(store: Store) -> None:
+    vm = make_vm()
+    await store.admit(vm)
+    with pytest.raises(StateConflict):
+        await store.forget(vm.id)
+    with pytest.raises(StateConflict):
+        await store.restore(vm)
+    await store.advance(vm.id, Phase.DELETING, expect=Status.CREATING, status=Status.DELETING)
+    await store.restore(vm)
+    assert await store.get(vm.id) == vm
+    await store.advance(vm.id, Phase.DELETING, expect=Status.CREATING, status=Status.DELETING)
+    await store.forget(vm.id)
+    with pytest.raises(VMNotFound):
+        await store.forget(vm.id)
+    with pytest.raises(VMNotFound):
+        await store.runtime(vm.id)
