@@ -61,7 +61,6 @@ def summary(label: str, delays: list[float]) -> str:
 
 
 async def main(idle_seconds: float) -> None:
-    start("(g) event-loop lag while 1 GiB is fetched and two VMs are destroyed")
     with scratch() as work:
         served = work / "served"
         served.mkdir()
@@ -101,4 +100,6 @@ async def main(idle_seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of the idle phase")
-    asyncio.run(main(parser.parse_args().idle))
+    args = parser.parse_args()
+    start("(g) event-loop lag while 1 GiB is fetched and two VMs are destroyed")
+    asyncio.run(main(args.idle))
