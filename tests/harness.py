@@ -25,7 +25,60 @@ from goldclone.settings import Settings
 BOOT_TIMEOUT = 180.0
 
 
-class Goldclone:
+class ApiCalls:
+    """The API calls the tests make, over ``self.client``, asserting the documented answers."""
+
+    client: httpx.AsyncClient
+    poll = 0.1
+    """Seconds between two GETs while waiting."""
+
+    async def post_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.client.post("/vms", json=body)
+        assert response.status_code == 202, response.text
+        vm: dict[str, Any] = response.json()
+        return vm
+
+    async def boot(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM and wait until it is running (or has failed)."""
+        vm = await self.post_vm(body)
+        return await self.wait_for(vm["id"], "running", "error")
+
+    async def wait_for(
+        self, vm_id: str, *statuses: str, timeout: float = BOOT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Poll ``GET /vms/{id}`` until the VM reaches one of ``statuses``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            response = await self.client.get(f"/vms/{vm_id}")
+            assert response.status_code == 200, response.text
+            vm: dict[str, Any] = response.json()
+            if vm["status"] in statuses:
+                return vm
+            assert vm["status"] in ("creating", "running"), vm
+            if loop.time() > deadline:
+                raise AssertionError(f"VM still {vm['status']} after {timeout} s: {vm}")
+            await asyncio.sleep(self.poll)
+
+    async def wait_for_phase(self, vm_id: str, phase: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Poll until the VM's timeline has reached ``phase``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            vm = (await self.client.get(f"/vms/{vm_id}")).json()
+            if phase in [entry["phase"] for entry in vm["timeline"]]:
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"VM never reached {phase}: {vm}")
+            await asyncio.sleep(self.poll / 2)
+
+    async def delete(self, vm_id: str) -> None:
+        response = await self.client.delete(f"/vms/{vm_id}")
+        assert response.status_code == 204, response.text
+        assert response.content == b""
+
+
+class Goldclone(ApiCalls):
     """One goldclone server over a data dir; it can be stopped and started again."""
 
     def __init__(self, settings: Settings) -> None:
@@ -67,51 +120,6 @@ class Goldclone:
             await self._task
         self._server = self._task = None
         await self.client.aclose()
-
-    async def post_vm(self, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.client.post("/vms", json=body)
-        assert response.status_code == 202, response.text
-        vm: dict[str, Any] = response.json()
-        return vm
-
-    async def boot(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Create a VM and wait until it is running (or has failed)."""
-        vm = await self.post_vm(body)
-        return await self.wait_for(vm["id"], "running", "error")
-
-    async def wait_for(
-        self, vm_id: str, *statuses: str, timeout: float = BOOT_TIMEOUT
-    ) -> dict[str, Any]:
-        """Poll ``GET /vms/{id}`` until the VM reaches one of ``statuses``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            response = await self.client.get(f"/vms/{vm_id}")
-            assert response.status_code == 200, response.text
-            vm: dict[str, Any] = response.json()
-            if vm["status"] in statuses:
-                return vm
-            assert vm["status"] in ("creating", "running"), vm
-            if loop.time() > deadline:
-                raise AssertionError(f"VM still {vm['status']} after {timeout} s: {vm}")
-            await asyncio.sleep(0.1)
-
-    async def wait_for_phase(self, vm_id: str, phase: str, timeout: float = BOOT_TIMEOUT) -> None:
-        """Poll until the VM's timeline has reached ``phase``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            vm = (await self.client.get(f"/vms/{vm_id}")).json()
-            if phase in [entry["phase"] for entry in vm["timeline"]]:
-                return
-            if loop.time() > deadline:
-                raise AssertionError(f"VM never reached {phase}: {vm}")
-            await asyncio.sleep(0.05)
-
-    async def delete(self, vm_id: str) -> None:
-        response = await self.client.delete(f"/vms/{vm_id}")
-        assert response.status_code == 204, response.text
-        assert response.content == b""
 
     async def remove_networks(self) -> None:
         await Networks(self.settings.network, self.data_dir.absolute() / "networks").teardown()

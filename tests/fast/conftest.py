@@ -4,7 +4,6 @@ on loopback, kept in a real gold cache, with state in real SQLite. No root, no Q
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +17,7 @@ import pytest
 from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
 from goldclone.server import build_app
 from goldclone.settings import Settings
+from tests.harness import ApiCalls
 from tests.servers import FileServer
 
 DISK = "disk.raw"
@@ -46,33 +46,15 @@ def request_body(images: FileServer) -> dict[str, Any]:
     return {"image": image_of(images), "cpus": 1, "memory": 256}
 
 
-class Service:
+class Service(ApiCalls):
     """One goldclone service in this process, on a synthetic host, seen through its API."""
+
+    poll = 0.01
 
     def __init__(self, settings: Settings, host: SyntheticHost) -> None:
         self.settings = settings
         self.host = host
         self.driver = SyntheticDriver(settings.data_dir, host)
-        self.client: httpx.AsyncClient
-
-    async def post_vm(self, body: dict[str, Any], **headers: str) -> dict[str, Any]:
-        response = await self.client.post("/vms", json=body, headers=headers)
-        assert response.status_code == 202, response.text
-        vm: dict[str, Any] = response.json()
-        return vm
-
-    async def wait_for(self, vm_id: str, *statuses: str, timeout: float = 10) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                response = await self.client.get(f"/vms/{vm_id}")
-                assert response.status_code == 200, response.text
-                vm: dict[str, Any] = response.json()
-                if vm["status"] in statuses:
-                    return vm
-                await asyncio.sleep(0.01)
-
-    async def boot(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.wait_for((await self.post_vm(body))["id"], "running", "error")
 
     def leftovers(self, vm_id: str) -> list[str]:
         found = []
