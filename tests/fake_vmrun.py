@@ -56,6 +56,13 @@ Files, as VMware writes them:
   public test fixtures). An unknown ``-snapshot`` name fails *(stand-in wording)*.
 - ``deleteVM`` removes the VM's files and its entry in the parent's ``.vmsd``; it refuses a
   running VM *(stand-in wording)*. ``start`` of a running VM fails *(stand-in wording)*.
+- Files a ``.vmx`` names: VMware opens the files of the devices a VM has (CD-ROM and floppy
+  images, serial and parallel port backing files, the NVRAM, shared folders' host paths) when
+  it powers the VM on, and reads the configuration when it snapshots or clones it. Which of
+  them ``snapshot`` and ``clone`` open is not documented, so the stand-in assumes the worst
+  *(stand-in)*: ``snapshot``, ``clone`` (its source) and ``start`` each "open" every file
+  that the ``.vmx`` of a present device or setting names, and record its absolute path in
+  ``opened.jsonl``, so that a test can check that none lies outside goldclone's own folders.
 
 State lives in files under ``$FAKE_VMRUN_STATE``: ``state.json`` (the running VMs, their IPs),
 ``calls.jsonl`` (every command line), ``control.json`` (what the test asks for). Snapshots and
@@ -78,6 +85,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -92,6 +100,9 @@ from goldclone.images.vmx import VmxFile, read_vmx
 
 STATE_VARIABLE = "FAKE_VMRUN_STATE"
 _POLL = 0.1
+_NAMES_FILE = re.compile(
+    r"(filename|\.file|^nvram|checkpoint\.vmstate|workingdir|swap\.dir|hostpath)$", re.IGNORECASE
+)
 _SUBNETS = {"nat": "192.168.150", "hostonly": "192.168.151", "bridged": "10.77.1"}
 
 
@@ -128,6 +139,12 @@ class FakeVmrun:
         lines = path.read_text().splitlines() if path.exists() else []
         calls = [_without_flags(json.loads(line)) for line in lines]
         return [call for call in calls if command is None or call[0] == command]
+
+    def opened(self) -> list[Path]:
+        """Every file that VMware would have opened so far (see ``open_named_files``)."""
+        path = self.state_dir / "opened.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [Path(json.loads(line)) for line in lines]
 
     def running(self) -> dict[str, dict[str, Any]]:
         """The running VMs by ``.vmx`` path, each with its ``mode`` and ``ip``."""
@@ -180,6 +197,21 @@ class World:
     def record(self, argv: list[str]) -> None:
         with self.locked(), (self.dir / "calls.jsonl").open("a") as calls:
             calls.write(json.dumps(argv) + "\n")
+
+    def open_named_files(self, vmx_path: Path) -> None:
+        """Record the files that VMware would open for the VM at ``vmx_path``."""
+        vmx = read_vmx(vmx_path)
+        paths = []
+        for key in vmx:
+            value = vmx.get(key) or ""
+            device = key.rsplit(".", 1)[0]
+            if not _NAMES_FILE.search(key) or not value or value.lower() == "auto detect":
+                continue
+            if (vmx.get(f"{device}.present") or "TRUE").strip().lower() == "false":
+                continue
+            paths.append(os.path.normpath(vmx_path.parent / value))
+        with self.locked(), (self.dir / "opened.jsonl").open("a") as opened:
+            opened.writelines(json.dumps(path) + "\n" for path in paths)
 
     def check_unlocked(self, *vmx_paths: str) -> None:
         locked = self.control().get("locked", [])
@@ -246,6 +278,7 @@ def _start(world: World, params: list[str]) -> str:
     if mode not in ("gui", "nogui"):
         raise VmrunError("Invalid argument: " + mode)
     world.check_unlocked(str(path))
+    world.open_named_files(path)
     control = world.control()
     with world.locked():
         state = world.load()
@@ -305,6 +338,7 @@ def _get_guest_ip_address(world: World, params: list[str]) -> str:
 def _snapshot(world: World, params: list[str]) -> str:
     path = _open(_params(params, 2)[0])
     world.check_unlocked(str(path))
+    world.open_named_files(path)
     with world.locked():
         _take_snapshot(path, params[1], "")
     return ""
@@ -323,6 +357,7 @@ def _clone(world: World, params: list[str]) -> str:
     source_path = _open(source)
     dest = Path(dest_name)
     world.check_unlocked(source, dest_name)
+    world.open_named_files(source_path)
     if kind not in ("full", "linked"):
         raise VmrunError(f"Invalid clone type: {kind}")
     with world.locked():

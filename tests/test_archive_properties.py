@@ -10,13 +10,17 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from goldclone.errors import ImageError
+from goldclone.errors import ImageError, ImageUnsafe, ImageUnsupported
+from goldclone.images.checks import inspect_package
 from goldclone.images.unpack import UnpackLimits, unpack
+from tests.packages import VMX
 
 SEGMENTS = st.sampled_from(
     ["a", "b", "disk.qcow2", "escaped", "..", ".", "", "c d", "ü", "x" * 100]
@@ -88,3 +92,127 @@ def test_random_bytes_are_refused_cleanly(data: bytes) -> None:
         dest.mkdir()
         with contextlib.suppress(ImageError):
             unpack(package, dest, LIMITS)
+
+
+def _disk() -> bytes:
+    disk = bytearray(4096)
+    disk[510:512] = b"\x55\xaa"
+    return bytes(disk)
+
+
+_DESCRIPTOR = b"""# Disk DescriptorFile
+version=1
+CID=fffffffe
+parentCID=ffffffff
+createType="monolithicFlat"
+
+RW 8 FLAT "disk-flat.vmdk" 0
+"""
+
+
+def _package(kind: str) -> bytes:
+    """A small valid package of ``kind``: a raw disk in a folder and a text file; or, for
+    ``vmware-tar``, a VMware VM with a flat VMDK."""
+    members = {"vm/disk.raw": _disk(), "vm/notes.txt": b"hello\n" * 40}
+    if kind == "vmware-tar":
+        kind = "tar"
+        members = {"vm/demo.vmx": VMX.encode(), "vm/demo.vmdk": _DESCRIPTOR,
+                   "vm/disk-flat.vmdk": _disk()}  # fmt: skip
+    out = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return out.getvalue()
+    with tarfile.open(
+        fileobj=out, mode={"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2"}[kind]
+    ) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+PACKAGES = {kind: _package(kind) for kind in ("zip", "tar", "tar.gz", "tar.bz2", "vmware-tar")}
+
+
+def _zip_fields(data: bytes) -> list[tuple[int, int]]:
+    """Where a zip keeps its offsets, sizes and counts, as ``(position, width)``: in each
+    local header, each central directory entry, and the end record."""
+    fields = []
+    for signature, offsets in (
+        (b"PK\x03\x04", ((18, 4), (22, 4), (26, 2), (28, 2))),
+        (b"PK\x01\x02", ((20, 4), (24, 4), (28, 2), (30, 2), (42, 4))),
+        (b"PK\x05\x06", ((8, 2), (10, 2), (12, 4), (16, 4))),
+    ):
+        at = data.find(signature)
+        while at >= 0:
+            fields += [(at + offset, width) for offset, width in offsets]
+            at = data.find(signature, at + 1)
+    return fields
+
+
+FIELDS = {"zip": _zip_fields(PACKAGES["zip"])}
+MUTATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(0, 7)),
+        st.tuples(st.just("cut"), st.integers(0, 1 << 16), st.just(0)),
+        st.tuples(st.just("field"), st.integers(0, 1 << 16), st.integers(-6000, 6000)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def mutate(kind: str, mutations: list[tuple[str, int, int]]) -> bytes:
+    """The package of ``kind`` truncated, with bits flipped, or with one of its offsets,
+    sizes or counts (a zip's) moved by up to some thousands."""
+    out = bytearray(PACKAGES[kind])
+    for mutation, at, amount in mutations:
+        if not out:
+            break
+        if mutation == "flip":
+            out[at % len(out)] ^= 1 << amount
+        elif mutation == "cut":
+            del out[at % len(out) :]
+        elif fields := [f for f in FIELDS.get(kind, []) if f[0] + f[1] <= len(out)]:
+            start, width = fields[at % len(fields)]
+            value = int.from_bytes(out[start : start + width], "little") + amount
+            out[start : start + width] = (value % (1 << 8 * width)).to_bytes(width, "little")
+    return bytes(out)
+
+
+def check_refused_cleanly(data: bytes) -> None:
+    """Unpacking and inspecting ``data`` either works or raises an image error; never
+    anything that the service would answer with ``internal-error``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        package, dest = Path(scratch, "package"), Path(scratch, "dest")
+        package.write_bytes(data)
+        dest.mkdir()
+        with contextlib.suppress(ImageUnsafe, ImageUnsupported):
+            unpack(package, dest, LIMITS)
+            inspect_package(dest)
+
+
+@pytest.mark.parametrize("kind", sorted(PACKAGES))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutations=MUTATIONS)
+def test_damaged_archives_are_image_errors(
+    kind: str, mutations: list[tuple[str, int, int]]
+) -> None:
+    check_refused_cleanly(mutate(kind, mutations))
+
+
+def test_a_zip_whose_directory_offset_is_too_large_is_unsupported(tmp_path: Path) -> None:
+    """The end-of-central-directory record claims the directory starts 5000 bytes later than
+    it does, so zipfile computes negative member offsets (issue #15)."""
+    data = bytearray(PACKAGES["zip"])
+    end = data.rindex(b"PK\x05\x06")
+    offset = int.from_bytes(data[end + 16 : end + 20], "little")
+    data[end + 16 : end + 20] = (offset + 5000).to_bytes(4, "little")
+    package, dest = tmp_path / "package.zip", tmp_path / "dest"
+    package.write_bytes(bytes(data))
+    dest.mkdir()
+    with pytest.raises(ImageUnsupported, match="outside the zip archive"):
+        unpack(package, dest, LIMITS)

@@ -425,6 +425,8 @@ def test_every_disk_of_a_vmware_vm_is_checked(tmp_path: Path) -> None:
     [
         ("/etc/passwd.vmdk", ImageUnsafe, "names a disk outside its package"),
         ("../../outside.vmdk", ImageUnsafe, "lies outside the package"),
+        ("../../nowhere.vmdk", ImageUnsafe, "lies outside the package"),
+        ("sub/../../../outside.vmdk", ImageUnsafe, "lies outside the package"),
         ("missing.vmdk", ImageUnsupported, "missing.vmdk is missing"),
         ("fake.vmdk", ImageUnsupported, "fake.vmdk is named .vmdk, but is qcow2"),
     ],
@@ -439,6 +441,21 @@ def test_bad_vmware_disk_paths_are_rejected(
     (root / "vm.vmx").write_text(VMX.format(disk=value))
     with pytest.raises(error, match=message):
         inspect_package(root)
+
+
+def test_whether_a_host_file_exists_does_not_show(tmp_path: Path) -> None:
+    """A path out of the package gets one answer whether or not the host has that file, so
+    that a package cannot probe the host's files (issue #15)."""
+    root = tmp_path / "a" / "package"
+    _vmdk(tmp_path / "exists.vmdk", "monolithicSparse")
+    _vmdk(root / "data.vmdk", "monolithicSparse")
+    answers = []
+    for name in ("exists", "absent"):
+        (root / "vm.vmx").write_text(VMX.format(disk=f"../../{name}.vmdk"))
+        with pytest.raises(ImageError) as caught:
+            inspect_package(root)
+        answers.append((caught.value.code, caught.value.message.replace(name, "NAME")))
+    assert answers[0] == answers[1], answers
 
 
 def test_two_vmx_files_are_unsupported(tmp_path: Path) -> None:

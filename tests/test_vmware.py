@@ -323,6 +323,9 @@ async def test_a_clone_names_no_host_file(
     assert not [key for key in vmx if key.lower().startswith(("sharedfolder", "usb.auto"))]
     assert not [key for key in vmx if key.lower().startswith("ethernet1")]
     assert vmx.get("scsi0:0.present") == "TRUE"
+    opened = fake_vmrun.opened()
+    assert opened, "VMware opened the disks at least"
+    assert [path for path in opened if not path.is_relative_to(goldclone.data_dir.absolute())] == []
     await destroy_and_check(goldclone, fake_vmrun, vm)
 
 

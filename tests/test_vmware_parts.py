@@ -116,13 +116,32 @@ def test_the_template_uses_the_gold_disks_in_place(tmp_path: Path) -> None:
     gold.mkdir(parents=True)
     (gold / "vm.vmx").write_bytes(
         b'scsi0:0.fileName = "disk.vmdk"\nsata0:1.fileName = "../extra/more.vmdk"\n'
-        b'sata0:1.present = "TRUE"\nide1:0.fileName = "cd.iso"\nannotation = "a=b"\n'
+        b'sata0:1.present = "TRUE"\nannotation = "a=b"\nnvram = "vm.nvram"\n'
     )
-    vmx = clonevmx.template(gold / "vm.vmx")
+    vmx = clonevmx.template(gold / "vm.vmx", tmp_path / "gold")
     assert vmx.get("scsi0:0.fileName") == str(gold / "disk.vmdk")
     assert vmx.get("sata0:1.fileName") == str(gold.parent / "extra" / "more.vmdk")
-    assert vmx.get("ide1:0.fileName") == "cd.iso"
     assert vmx.get("annotation") == "a=b"
+    assert vmx.get("nvram") == "vm.nvram"
+
+
+def test_the_template_names_no_file_outside_the_gold_image(tmp_path: Path) -> None:
+    """VMware opens the template before any clone is confined, so the template is confined
+    to its gold image first (issue #15)."""
+    gold = tmp_path / "gold" / "content"
+    gold.mkdir(parents=True)
+    (gold / "vm.vmx").write_bytes(
+        b'scsi0:0.fileName = "disk.vmdk"\n'
+        b'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\n'
+        b'ide1:0.fileName = "/etc/shadow"\nsata0:2.fileName = "../../../outside.vmdk"\n'
+        b'floppy0.fileName = "/dev/fd0"\nserial0.fileName = "/tmp/x"\nnvram = "/etc/nvram"\n'
+        b'sched.swap.dir = "/elsewhere"\nsharedFolder0.hostPath = "/"\n'
+    )
+    vmx = clonevmx.template(gold / "vm.vmx", tmp_path / "gold")
+    named = {key: vmx.get(key) for key in vmx if "/" in (vmx.get(key) or "")}
+    assert named == {"scsi0:0.fileName": str(gold / "disk.vmdk")}
+    for device in ("ide1:0", "sata0:2", "floppy0", "serial0"):
+        assert vmx.get(f"{device}.present") == "FALSE", device
 
 
 def test_confine_keeps_local_disks_and_unplugs_the_rest() -> None:

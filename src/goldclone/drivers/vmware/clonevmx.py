@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final
 
@@ -33,32 +33,41 @@ _FILE_KEYS: Final = {"nvram", "workingdir", "checkpoint.vmstate", "sched.swap.di
 _DROPPED_PREFIXES: Final = ("sharedfolder", "usb.autoconnect.")
 
 
-def template(gold_vmx: Path) -> VmxFile:
-    """The gold ``.vmx`` with each disk's file name made absolute, so that a ``.vmx`` in
-    another folder (the template) uses the gold disks in place."""
+def template(gold_vmx: Path, package: Path) -> VmxFile:
+    """The ``.vmx`` of a template of the gold VM at ``gold_vmx``, in a folder of its own.
+
+    It is confined as a clone is, before VMware ever opens it, except that its hard disks may
+    be anywhere inside ``package`` (the gold image's content): their file names are made
+    absolute, so that the template uses the gold disks in place.
+    """
     vmx = read_vmx(gold_vmx)
+    confine(vmx, disk_allowed=lambda name: _inside(gold_vmx.parent / name, package))
     for slot, name in vmx_disks(vmx):
         vmx.set(f"{slot}.fileName", os.path.normpath(gold_vmx.parent / name))
     return vmx
 
 
-def confine(vmx: VmxFile) -> None:
-    """Take out of a clone's ``.vmx`` everything that names a file outside the VM's folder.
+def confine(vmx: VmxFile, disk_allowed: Callable[[str], bool] | None = None) -> None:
+    """Take out of a ``.vmx`` everything that names a file outside the VM's folder.
 
-    Only hard disks whose file is a ``.vmdk`` in the VM's folder stay; any other storage
-    device (CD-ROM, raw or absolute-path disk) is unplugged, and so is every floppy, serial
-    and parallel port. Shared folders and USB auto-connect go, host-guest file sharing is
-    switched off, and any other file setting with a path in it is removed.
+    Only hard disks whose file is a ``.vmdk`` in the VM's folder stay (or, with
+    ``disk_allowed``, a ``.vmdk`` whose file name it allows); any other storage device
+    (CD-ROM, raw or absolute-path disk) is unplugged, and so is every floppy, serial and
+    parallel port. Shared folders and USB auto-connect go, host-guest file sharing is switched
+    off, and any other file setting with a path in it is removed.
     """
     keys = vmx.keys()
     slots = {match[1] for key in keys if (match := _STORAGE_SLOT.match(key))}
+    disks = set()
     for slot in sorted(slots):
-        if not _local_disk(vmx, slot):
+        if _local_disk(vmx, slot, disk_allowed or _local_name):
+            disks.add(f"{slot}.filename".lower())
+        else:
             _unplug(vmx, slot)
     for port in sorted({match[1] for key in keys if (match := _HOST_PORT.match(key))}):
         _unplug(vmx, port)
     for key in vmx:
-        if _names_host_file(key, vmx.get(key) or ""):
+        if key.lower() not in disks and _names_host_file(key, vmx.get(key) or ""):
             vmx.delete(key)
     vmx.set("isolation.tools.hgfs.disable", "TRUE")
 
@@ -112,12 +121,17 @@ def fresh_mac(in_use: Collection[str]) -> str:
             return mac
 
 
-def _local_disk(vmx: VmxFile, slot: str) -> bool:
+def _local_disk(vmx: VmxFile, slot: str, allowed: Callable[[str], bool]) -> bool:
     present = (vmx.get(f"{slot}.present") or "TRUE").strip().lower() != "false"
     name = vmx.get(f"{slot}.fileName") or ""
     kind = (vmx.get(f"{slot}.deviceType") or "disk").strip().lower()
     hard_disk = kind == "disk" or kind.endswith("harddisk")
-    return present and hard_disk and name.lower().endswith(".vmdk") and _local_name(name)
+    return present and hard_disk and name.lower().endswith(".vmdk") and allowed(name)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, as written, lies inside ``folder``."""
+    return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
 
 
 def _unplug(vmx: VmxFile, device: str) -> None:

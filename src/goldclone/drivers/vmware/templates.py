@@ -36,6 +36,8 @@ from goldclone.polling import until
 log = logging.getLogger(__name__)
 
 _LOCK_POLL = 0.05
+TEMPLATE_FORMAT = 2
+"""2: the template's .vmx is confined to the gold image before VMware opens it."""
 _IDENTITY = "gold.json"
 
 
@@ -97,7 +99,7 @@ class Templates:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         try:
-            vmx = clonevmx.template(gold.vmx)
+            vmx = clonevmx.template(gold.vmx, gold.root)
             vmx.set("displayName", f"goldclone template {gold.key}")
             self.vmx(gold.key).write_bytes(vmx.to_bytes())
             await self._vmrun("snapshot", str(self.vmx(gold.key)), self.snapshot)
@@ -109,9 +111,11 @@ class Templates:
 
 
 def _identity(gold: GoldImage) -> dict[str, object]:
-    """What tells this gold image from one deleted and fetched again at the same path."""
+    """What tells this gold image from one deleted and fetched again at the same path, and
+    templates made by this code from those of earlier code, which are made again."""
     stat = gold.root.stat()
-    return {"gold": str(gold.root), "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns}
+    return {"gold": str(gold.root), "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns,
+            "format": TEMPLATE_FORMAT}  # fmt: skip
 
 
 @contextlib.asynccontextmanager

@@ -334,7 +334,14 @@ def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
 
 
 def _inside(path: Path, root: Path, name: str) -> Path:
-    """Resolve ``path`` and require a regular file inside ``root``."""
+    """Resolve ``path`` and require a regular file inside ``root``.
+
+    Containment is checked on the path as written before the filesystem is asked anything,
+    so that whether a host file exists never changes the answer; then again on the resolved
+    path, for links.
+    """
+    if not Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)):
+        raise ImageUnsafe(f"{name} lies outside the package")
     try:
         real = path.resolve(strict=True)
         mode = real.stat().st_mode

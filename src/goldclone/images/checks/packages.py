@@ -19,6 +19,7 @@ from goldclone.images.checks.disks import (
     rel_name,
     sniff_disk,
 )
+from goldclone.images.damage import read_as_package
 from goldclone.images.vmx import VmxFile
 
 _MAX_VMX = 1 << 20
@@ -45,6 +46,11 @@ def inspect_package(root: Path) -> Package:
     Raises ``ImageUnsupported`` when there is no disk, or no single one, and whatever
     ``check_disk`` raises.
     """
+    with read_as_package("the package"):
+        return _inspect(root)
+
+
+def _inspect(root: Path) -> Package:
     files = _regular_files(root)
     vmx_files = [path for path in files if path.suffix.lower() == ".vmx"]
     if len(vmx_files) > 1:

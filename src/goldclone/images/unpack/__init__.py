@@ -17,6 +17,7 @@ from pathlib import Path
 
 from goldclone.errors import ImageUnsupported
 from goldclone.images.checks import SNIFF_BYTES, sniff_disk
+from goldclone.images.damage import read_as_package
 from goldclone.images.unpack.sources import BZIP2_MAGIC, GZIP_MAGIC, Compression, open_source
 from goldclone.images.unpack.tar_archive import unpack_tar
 from goldclone.images.unpack.writer import UnpackLimits, Writer
@@ -83,6 +84,11 @@ def unpack(path: Path, dest: Path, limits: UnpackLimits = DEFAULT_LIMITS) -> Pac
     """
     if any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty")
+    with read_as_package("the package"):
+        return _unpack(path, dest, limits)
+
+
+def _unpack(path: Path, dest: Path, limits: UnpackLimits) -> PackageFormat:
     fmt = detect_format(path)
     writer = Writer(dest, limits)
     if fmt in _BARE_DISKS:

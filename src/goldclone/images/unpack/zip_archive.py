@@ -85,6 +85,11 @@ def _check_zip_overlaps(path: Path, members: list[zipfile.ZipInfo]) -> None:
     spans: list[tuple[int, int, str]] = []
     with path.open("rb") as f:
         for info in members:
+            if not 0 <= info.header_offset < size:
+                raise ImageUnsupported(
+                    f"member {info.orig_filename!r} starts outside the zip archive "
+                    "(its central directory is damaged)"
+                )
             f.seek(info.header_offset)
             header = f.read(_ZIP_LOCAL_HEADER)
             if len(header) < _ZIP_LOCAL_HEADER or not header.startswith(b"PK\x03\x04"):
