@@ -18,6 +18,8 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── UnsupportedMediaType            415 unsupported-media-type
     ├── StateConflict                   500 state-conflict (a state change the store refused)
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
+    ├── DataDirInUse                    500 data-dir-in-use (at start-up: another service has it)
+    ├── SchemaTooNew                    500 schema-too-new (at start-up: a newer goldclone's store)
     ├── QMPError                        500 qmp-error (QEMU's monitor failed or refused)
     ├── CommandError                    500 command-failed (an external program failed)
     │   └── CommandTimeout              500 command-timeout
@@ -144,6 +146,18 @@ class DriverUnavailable(GoldcloneError):
     """The configured hypervisor can't be used on this host; the service does not start."""
 
     code = "driver-unavailable"
+
+
+class DataDirInUse(GoldcloneError):
+    """Another service holds the data dir; this one does not start."""
+
+    code = "data-dir-in-use"
+
+
+class SchemaTooNew(GoldcloneError):
+    """The store was made by a newer goldclone; this one does not start, and changes nothing."""
+
+    code = "schema-too-new"
 
 
 class QMPError(GoldcloneError):

@@ -69,7 +69,10 @@ def build_app(
     settings: Settings, demo_dir: Path | None = None, driver: Driver | None = None
 ) -> FastAPI:
     """The API app; with ``demo_dir``, its files are served under ``/demo/`` as well."""
-    service = build_service(settings, driver)
+    return _app_for(build_service(settings, driver), settings, demo_dir)
+
+
+def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> FastAPI:
     app = create_app(service, settings.max_body_bytes, settings.api_tokens, settings.limits)
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
@@ -86,8 +89,10 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
             "can create VMs and make this host fetch URLs. Set GOLDCLONE_API_TOKENS. ***",
             settings.host,
         )
-    app = build_app(settings, demo_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    service = build_service(settings)
+    service.claim()  # before anything is served, so that a second service says why it stops
+    uvicorn.run(_app_for(service, settings, demo_dir), host=settings.host, port=settings.port,
+                log_level="info")  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:

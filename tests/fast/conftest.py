@@ -4,7 +4,6 @@ on loopback, kept in a real gold cache, with state in real SQLite. No root, no Q
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -51,10 +50,10 @@ class Service(ApiCalls):
 
     poll = 0.01
 
-    def __init__(self, settings: Settings, host: SyntheticHost) -> None:
+    def __init__(self, settings: Settings, host: SyntheticHost | None = None) -> None:
         self.settings = settings
-        self.host = host
-        self.driver = SyntheticDriver(settings.data_dir, host)
+        self.host = host or SyntheticHost()
+        self.driver = SyntheticDriver(settings.data_dir, self.host)
 
     def leftovers(self, vm_id: str) -> list[str]:
         found = []
@@ -85,10 +84,5 @@ def fast_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def service(fast_settings: Settings) -> AsyncIterator[Service]:
-    async with serving(Service(fast_settings, SyntheticHost())) as started:
+    async with serving(Service(fast_settings)) as started:
         yield started
-
-
-def with_settings(service: Service, **changes: Any) -> Service:
-    """A new service on the same data dir and synthetic host, with ``changes`` made."""
-    return Service(dataclasses.replace(service.settings, **changes), service.host)

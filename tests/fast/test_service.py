@@ -4,17 +4,20 @@ errors and the state machine. In-process, no root, no QEMU."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from goldclone.drivers.base import MachineSpec, Runtime
-from goldclone.drivers.synthetic import Machine, SyntheticDriver
-from goldclone.errors import BootFailed, CloneFailed, VMConflict
-from goldclone.settings import Limits
-from tests.fast.conftest import Service, image_of, serving, with_settings
+from goldclone.drivers.synthetic import Machine, SyntheticDriver, SyntheticHost
+from goldclone.errors import BootFailed, CloneFailed, DataDirInUse, VMConflict
+from goldclone.settings import Limits, Settings
+from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
 
 
@@ -92,8 +95,11 @@ async def test_an_idempotency_key_makes_one_vm(
     assert len(service.host.machines) <= 1  # the repeats started nothing
 
 
-async def test_capacity_is_never_exceeded(service: Service, request_body: dict[str, Any]) -> None:
-    async with serving(with_settings(service, limits=Limits(max_vms=3))) as limited:
+async def test_capacity_is_never_exceeded(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    limits = Limits(max_vms=3)
+    async with serving(Service(replace(fast_settings, limits=limits))) as limited:
         answers = await asyncio.gather(
             *(limited.client.post("/vms", json=request_body) for _ in range(8))
         )
@@ -123,10 +129,10 @@ async def test_a_failed_step_ends_in_error_with_nothing_left(
 
 
 async def test_a_guest_without_an_address_times_out(
-    service: Service, request_body: dict[str, Any]
+    fast_settings: Settings, request_body: dict[str, Any]
 ) -> None:
-    service.host.gets_ip = False
-    async with serving(with_settings(service, ip_timeout=0.2)) as impatient:
+    host = SyntheticHost(gets_ip=False)
+    async with serving(Service(replace(fast_settings, ip_timeout=0.2), host)) as impatient:
         vm = await impatient.boot(request_body)
         assert vm["error"]["code"] == "ip-timeout" and impatient.leftovers(vm["id"]) == []
 
@@ -194,16 +200,17 @@ async def test_bad_images_end_in_error(service: Service, images: FileServer) -> 
 
 
 async def test_a_restart_adopts_running_vms_and_ends_interrupted_creates(
-    service: Service, request_body: dict[str, Any]
+    fast_settings: Settings, request_body: dict[str, Any]
 ) -> None:
-    running = await service.boot(request_body)
-    service.host.boot_seconds = 30
-    creating = await service.post_vm(request_body)
-    await _until_started(service, creating["id"])
-    orphan = service.host.machines.setdefault("orphan", Machine("orphan", "gold"))
-    orphan.running = True
+    host = SyntheticHost()
+    async with serving(Service(fast_settings, host)) as first:
+        running = await first.boot(request_body)
+        host.boot_seconds = 30
+        creating = await first.post_vm(request_body)
+        await _until_started(first, creating["id"])
+    host.machines.setdefault("orphan", Machine("orphan", "gold")).running = True
 
-    async with serving(with_settings(service)) as restarted:
+    async with serving(Service(fast_settings, host)) as restarted:
         assert (await restarted.client.get(f"/vms/{running['id']}")).json() == running
         interrupted = await restarted.wait_for(creating["id"], "error")
         assert interrupted["error"]["code"] == "interrupted"
@@ -229,3 +236,41 @@ async def _until_started(service: Service, vm_id: str) -> None:
     async with asyncio.timeout(5):
         while not (vm_id in service.host.machines and service.host.machines[vm_id].running):
             await asyncio.sleep(0.01)
+
+
+async def test_a_second_service_on_a_data_dir_refuses_to_start(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot(request_body)
+    second = Service(service.settings)
+    with pytest.raises(
+        DataDirInUse, match=rf"in use by another goldclone service \(PID {os.getpid()}\)"
+    ):
+        async with serving(second):
+            pass
+    assert (await service.client.get(f"/vms/{vm['id']}")).json() == vm
+    assert second.host.machines == {}
+
+
+async def test_gold_images_of_the_first_format_are_upgraded(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    """gold.json without a version, as made up to 8682a97 (and without its url and size, as
+    before 2a3b13e), is upgraded at start; the image stays and is used as it was."""
+    async with serving(Service(fast_settings)) as first:
+        await first.boot(request_body)
+    (gold,) = (fast_settings.data_dir / "images").glob("sha256-*")
+    meta = gold / "gold.json"
+    old = {k: v for k, v in json.loads(meta.read_text()).items() if k in ("disk", "format", "vmx")}
+    gold.chmod(0o755)
+    meta.chmod(0o644)
+    meta.write_text(json.dumps(old))
+    gold.chmod(0o555)
+
+    async with serving(Service(fast_settings)) as upgraded:
+        (image,) = (await upgraded.client.get("/images")).json()["images"]
+        assert image["status"] == "ready" and image["size_bytes"] > 0
+        vm = await upgraded.boot(request_body)
+        assert vm["status"] == "running" and "downloading" not in phases(vm)
+    assert json.loads(meta.read_text())["version"] == 2
+    assert oct(meta.stat().st_mode & 0o777) == "0o444"

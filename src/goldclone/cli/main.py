@@ -126,9 +126,14 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = dataclasses.replace(settings, **overrides)
+    from goldclone.errors import GoldcloneError
     from goldclone.server import serve
 
-    serve(settings, _prepare_demo(settings) if args.demo else None)
+    try:
+        serve(settings, _prepare_demo(settings) if args.demo else None)
+    except GoldcloneError as exc:
+        print(f"goldclone serve: {exc.message}", file=sys.stderr)
+        return FAILED
     return OK
 
 

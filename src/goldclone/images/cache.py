@@ -36,6 +36,8 @@ from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, Imag
 log = logging.getLogger(__name__)
 
 _METADATA = "gold.json"
+GOLD_FORMAT = 2
+"""The format of ``gold.json``: 1 had no version (up to commit 8682a97); 2 says so."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class ImageCache:
             folder.mkdir(parents=True, exist_ok=True)
         for partial in [*self._downloads.iterdir(), *self._images.glob(".tmp-*")]:
             _remove(partial)
+        for root in self._images.glob("*-*"):
+            _upgrade_metadata(root)
 
     def lock(self, key: str) -> asyncio.Lock:
         """Held while a clone is made from the image ``key``, and while it is deleted."""
@@ -226,6 +230,7 @@ class ImageCache:
         unpack(package, content, self._limits)
         found = inspect_package(content)
         meta = {
+            "version": GOLD_FORMAT,
             "url": url,
             "size_bytes": _disk_usage(content),
             "disk": str(found.disk.path.relative_to(staging)),
@@ -236,12 +241,44 @@ class ImageCache:
 
 
 def _read_metadata(root: Path) -> dict[str, Any] | None:
-    """A gold image's ``gold.json``; ``None`` unless the image is complete."""
+    """A gold image's ``gold.json``; ``None`` unless the image is complete and of a format
+    that this code reads."""
     try:
         meta: dict[str, Any] = json.loads((root / _METADATA).read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return meta
+    return meta if meta.get("version") == GOLD_FORMAT else None
+
+
+def _upgrade_metadata(root: Path) -> None:
+    """Bring the ``gold.json`` of an image made by earlier code to ``GOLD_FORMAT``, in one
+    rename, deriving what it lacks; one made by newer code is left alone."""
+    try:
+        meta: dict[str, Any] = json.loads((root / _METADATA).read_text())
+    except (OSError, ValueError):
+        return
+    version = meta.get("version", 1)
+    if version == GOLD_FORMAT:
+        return
+    if not isinstance(version, int) or version > GOLD_FORMAT:
+        log.warning("gold image %s is of format %s, newer than this code's; not used",
+                    root.name, version)  # fmt: skip
+        return
+    # Format 1 (up to commit 8682a97): no version; before 2a3b13e, no url or size either.
+    meta |= {"version": GOLD_FORMAT}
+    meta.setdefault("url", "")
+    meta.setdefault("size_bytes", _disk_usage(root / "content"))
+    partial = root / f".{_METADATA}.new"
+    os.chmod(root, 0o755)
+    try:
+        partial.write_text(json.dumps(meta))
+        os.chmod(partial, 0o444)
+        os.replace(partial, root / _METADATA)
+    finally:
+        partial.unlink(missing_ok=True)
+        os.chmod(root, 0o555)
+    log.info("gold image %s: gold.json upgraded from format %d to %d",
+             root.name, version, GOLD_FORMAT)  # fmt: skip
 
 
 def _disk_usage(root: Path) -> int:

@@ -20,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from goldclone.errors import StateConflict, VMNotFound
 from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
+from goldclone.service import schema
 
 _metadata = MetaData()
+"""The tables as the queries see them; ``service/migrations`` makes them."""
 
 _vms = Table(
     "vms",
@@ -70,8 +72,9 @@ class Store:
         self._writer = self._engine.execution_options(goldclone_write=True)
 
     async def open(self) -> None:
+        """Bring the database to this code's schema (``service.schema``)."""
         async with self._writer.begin() as conn:
-            await conn.run_sync(_metadata.create_all)
+            await conn.run_sync(schema.upgrade)
 
     async def close(self) -> None:
         await self._engine.dispose()

@@ -11,6 +11,7 @@ import httpx
 
 from goldclone.drivers.base import Driver
 from goldclone.errors import VMNotFound
+from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
 from goldclone.models import VM, CreateVMRequest, Phase, Status
 from goldclone.outbound.policy import OutboundPolicy
@@ -33,6 +34,7 @@ class VMService:
         driver: Driver,
         http: httpx.AsyncClient,
     ) -> None:
+        self._lock = DataDirLock(settings.data_dir)
         self._store = store
         self._images = images
         self._driver = driver
@@ -43,12 +45,27 @@ class VMService:
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
         self.catalog = Catalog(store, images, self._admission)
 
+    def claim(self) -> None:
+        """Take the data dir for this service, or raise ``DataDirInUse``; ``start`` does it
+        too, and a server calls it first so that it can say so before it serves anything."""
+        self._lock.acquire()
+
     async def start(self) -> None:
-        """Open the store, check the hypervisor, and recover what a stopped service left."""
-        await self._store.open()
-        await self._driver.prepare()
-        await self._images.open()
-        await self._recovery.start()
+        """Take the data dir, bring the store to this code's schema, check the hypervisor, and
+        recover what a stopped service left. A start that fails leaves the data dir free."""
+        self.claim()
+        try:
+            await self._store.open()
+            await self._driver.prepare()
+            await self._images.open()
+            await self._recovery.start()
+        except BaseException:
+            await self._lifecycle.close()
+            await self._driver.close(vms_running=True)  # what runs was there before
+            await self._store.close()
+            await self._http.aclose()
+            self._lock.release()
+            raise
 
     async def close(self) -> None:
         """Stop background work. Running VMs keep running, with their networks; unfinished
@@ -60,6 +77,7 @@ class VMService:
         await self._driver.close(vms_running=any(running))
         await self._store.close()
         await self._http.aclose()
+        self._lock.release()
 
     async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
         """Accept a VM and start creating it in the background; see ``Admission.admit``."""
