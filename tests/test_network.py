@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from goldclone.drivers.qemu.network import Attachment, Networks
+from goldclone.drivers.qemu.network import Attachment, Networks, bridge
 from goldclone.drivers.qemu.network.dnsmasq_leases import parse
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.network.sniffer import parse_ack
@@ -247,7 +247,8 @@ async def test_changed_configuration_replaces_dnsmasq(networks: Networks, state_
     changed = Networks(replace(CONFIG, nat_subnet=IPv4Network("10.99.0.0/16")), state_dir)
     await changed.attach("nat", "vm-9")
     assert old_pid is not None and not alive(old_pid)
-    assert changed.dnsmasq("nat").adoptable_pid() is not None
+    found = await bridge.link(CONFIG.nat_bridge)
+    assert found is not None and changed.dnsmasq("nat").adoptable_pid(found.index) is not None
     assert await addresses("gctnat0") == ["10.99.0.1/16"]
     await changed.teardown()
 

@@ -209,6 +209,18 @@ class VMList(BaseModel):
     vms: list[VM]
 
 
+class Check(BaseModel):
+    ok: bool
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``: whether this service can create VMs now, part by part."""
+
+    status: Literal["ok", "failing"]
+    checks: dict[str, Check]
+
+
 class ImageStatus(StrEnum):
     DOWNLOADING = "downloading"
     READY = "ready"

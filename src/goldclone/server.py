@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from pathlib import Path
@@ -90,7 +91,7 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
             settings.host,
         )
     service = build_service(settings)
-    service.claim()  # before anything is served, so that a second service says why it stops
+    asyncio.run(service.claim())  # before anything is served, so that a refusal is one line
     uvicorn.run(_app_for(service, settings, demo_dir), host=settings.host, port=settings.port,
                 log_level="info")  # fmt: skip
 

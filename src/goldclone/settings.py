@@ -51,6 +51,8 @@ class NetworkConfig:
     hostonly_subnet: IPv4Network = field(default_factory=lambda: IPv4Network("192.168.124.0/24"))
     bridged_bridge: str | None = None
     bridged_lease_file: Path | None = None
+    check_interval: float = 2.0
+    """Seconds between two checks of the owned networks (a gone bridge, a dead dnsmasq)."""
 
     def __post_init__(self) -> None:
         _check_ifname("nat_bridge", self.nat_bridge)
@@ -226,6 +228,7 @@ class Settings:
             "GOLDCLONE_HOSTONLY_SUBNET": ("hostonly_subnet", IPv4Network),
             "GOLDCLONE_BRIDGED_BRIDGE": ("bridged_bridge", str),
             "GOLDCLONE_BRIDGED_LEASE_FILE": ("bridged_lease_file", Path),
+            "GOLDCLONE_NETWORK_CHECK_INTERVAL": ("check_interval", float),
         }
         vmware_converters: dict[str, tuple[str, Callable[[str], object]]] = {
             "GOLDCLONE_VMRUN": ("vmrun", str),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from dataclasses import replace
@@ -15,7 +16,7 @@ import pytest
 
 from goldclone.drivers.base import MachineSpec, Runtime
 from goldclone.drivers.synthetic import Machine, SyntheticDriver, SyntheticHost
-from goldclone.errors import BootFailed, CloneFailed, DataDirInUse, VMConflict
+from goldclone.errors import BootFailed, CloneFailed, DataDirInUse, NetworkFailed, VMConflict
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
@@ -274,3 +275,32 @@ async def test_gold_images_of_the_first_format_are_upgraded(
         assert vm["status"] == "running" and "downloading" not in phases(vm)
     assert json.loads(meta.read_text())["version"] == 2
     assert oct(meta.stat().st_mode & 0o777) == "0o444"
+
+
+async def test_cleanup_trouble_never_keeps_a_vm(
+    fast_settings: Settings, request_body: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A teardown that fails (a lease that cannot be released, say) does not fail the DELETE:
+    the VM is forgotten, and reconciliation retries what is left until it is gone."""
+    host = SyntheticHost()
+    settings = replace(fast_settings, reconcile_interval=0.1)
+    async with serving(Service(settings, host)) as service:
+        vm = await service.boot(request_body)
+        host.fail_next("destroy", NetworkFailed("could not release the lease of the guest"))
+        caplog.set_level(logging.INFO, logger="goldclone")
+        response = await service.client.delete(f"/vms/{vm['id']}")
+        assert response.status_code == 204, response.text
+        assert (await service.client.get(f"/vms/{vm['id']}")).status_code == 404
+        async with asyncio.timeout(5):
+            while vm["id"] in host.machines:
+                await asyncio.sleep(0.01)
+        assert service.leftovers(vm["id"]) == []
+    retried = [r.getMessage() for r in caplog.records if "retry 1 of its cleanup" in r.getMessage()]
+    assert retried == [f"VM {vm['id']}: retry 1 of its cleanup removed what was left "
+                       "(could not release the lease of the guest)"]  # fmt: skip
+
+
+async def test_readyz_reports_each_part(service: Service) -> None:
+    response = await service.client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"store": {"ok": True, "reason": None}}}

@@ -23,7 +23,16 @@ from goldclone.errors import (
     RouteNotFound,
     answer_codes,
 )
-from goldclone.models import VM, CreateVMRequest, ErrorBody, Image, ImageList, ImageSpec, VMList
+from goldclone.models import (
+    VM,
+    CreateVMRequest,
+    ErrorBody,
+    Image,
+    ImageList,
+    ImageSpec,
+    Readiness,
+    VMList,
+)
 from goldclone.service import VMService
 from goldclone.settings import Limits
 
@@ -68,6 +77,15 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """Whether the server is up; needs no token."""
         return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, operation_id="readyz",
+             responses={503: {"model": Readiness, "description": "a part is failing"}})  # fmt: skip
+    async def readyz() -> JSONResponse:
+        """Whether the store, the driver and each network this service owns work now; 503,
+        with the reason of each part that fails, when one does."""
+        readiness = await service.readiness()
+        status = 200 if readiness.status == "ok" else 503
+        return JSONResponse(readiness.model_dump(mode="json"), status_code=status)
 
     @app.post("/vms", status_code=202, response_model=VM, operation_id="create_vm",
               responses={202: {"links": _VM_LINKS}})  # fmt: skip

@@ -88,6 +88,10 @@ class Driver(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
+    async def claim(self) -> None:
+        """Refuse, with ``DriverUnavailable``, to use a shared host part (a bridge) that
+        another service owns. Cheap and safe to repeat: a server calls it before it serves."""
+
     async def prepare(self) -> None:
         """Check the hypervisor and settle its options, once, before the first VM."""
 
@@ -132,6 +136,11 @@ class Driver(Protocol):
 
     async def close(self, vms_running: bool) -> None:
         """Release the driver's resources; shared ones stay while ``vms_running``."""
+
+    async def health(self) -> dict[str, str | None]:
+        """Each part the driver relies on, such as a network, and why it fails, or ``None``
+        when it is fine. Cheap: no guest is asked anything."""
+        ...
 
 
 async def unless_exited(

@@ -107,6 +107,9 @@ class SyntheticDriver:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    async def claim(self) -> None:
+        """Nothing is shared."""
+
     async def prepare(self) -> None:
         self._vms_dir.mkdir(parents=True, exist_ok=True)
 
@@ -184,6 +187,9 @@ class SyntheticDriver:
 
     async def close(self, vms_running: bool) -> None:
         """Nothing to release."""
+
+    async def health(self) -> dict[str, str | None]:
+        return {}
 
     def _machine(self, name: str) -> Machine:
         try:

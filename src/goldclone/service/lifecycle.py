@@ -16,11 +16,18 @@ from typing import Any
 import httpx
 
 from goldclone.drivers.base import Driver, MachineSpec, PackageKind, Runtime, package_kind
-from goldclone.errors import ImageUnsupported, StateConflict, VMConflict, VMFailure, VMNotFound
+from goldclone.errors import (
+    GoldcloneError,
+    ImageUnsupported,
+    StateConflict,
+    VMConflict,
+    VMFailure,
+    VMNotFound,
+)
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, ErrorBody, Phase, Status
 from goldclone.outbound.callbacks import deliver
-from goldclone.service.store import Store
+from goldclone.service.store import Leftover, Store
 from goldclone.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,8 @@ class Lifecycle:
 
         When the hypervisor refuses with ``VMConflict`` (it holds a lock), the VM stays
         recorded, as it was unless its creation was cut off, and a retry can finish the job.
+        Any other trouble of the teardown does not keep the VM: it is forgotten, and what
+        could not be removed is retried by reconciliation.
         """
         async with self.lock(vm_id):
             before = await self._store.get(vm_id)
@@ -83,15 +92,40 @@ class Lifecycle:
                 vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
             )
             try:
-                await self.teardown(vm_id)
+                await self.destroy(vm_id)
             except VMConflict:
                 if task is None:
                     await self._store.restore(before)
                 raise
-            await self._store.forget(vm_id)
+
+    async def destroy(self, vm_id: str) -> None:
+        """Tear down a ``deleting`` VM and forget it, with whatever its teardown could not
+        remove kept for reconciliation. Raises ``VMConflict`` when the hypervisor refuses."""
+        leftover = await self._teardown_leaving(vm_id)
+        await self._store.forget(vm_id, leftover)
         self._locks.pop(vm_id, None)
         self._machines.pop(vm_id, None)
-        log.info("VM %s destroyed", vm_id)
+        log.info("VM %s destroyed%s", vm_id, " (with a cleanup left to retry)" if leftover else "")
+
+    async def _teardown_leaving(self, vm_id: str) -> Leftover | None:
+        """``teardown``, but trouble other than ``VMConflict`` becomes the ``Leftover`` that
+        reconciliation retries rather than an error."""
+        try:
+            await self.teardown(vm_id)
+        except VMConflict:
+            raise
+        except Exception as exc:
+            runtime = await self.runtime(vm_id)
+            reason = str(exc) if isinstance(exc, GoldcloneError) else repr(exc)
+            log.warning("VM %s: its teardown failed (%s); reconciliation tries again",
+                        vm_id, reason)  # fmt: skip
+            return Leftover(
+                vm_id,
+                runtime.machine if runtime is not None else vm_id,
+                runtime.record() if runtime is not None else {},
+                reason,
+            )
+        return None
 
     async def refresh(self, vm: VM) -> VM:
         """``vm``, marked ``stopped`` if its guest has powered itself off."""
@@ -117,7 +151,8 @@ class Lifecycle:
             error = ErrorBody(
                 code="internal-error", message="an internal error; see the server log"
             )
-        await self.teardown(vm.id)
+        if (leftover := await self._teardown_leaving(vm.id)) is not None:
+            await self._store.keep_leftover(leftover)
         return await self._store.advance(
             vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR, error=error
         )

@@ -68,20 +68,44 @@ class Recovery:
                     stopped = Interrupted("the service stopped while this VM was being created")
                     lifecycle.report(await lifecycle.fail(vm, stopped))
                 elif vm.status is Status.DELETING:
-                    await lifecycle.teardown(vm_id)
-                    await self._store.forget(vm_id)
+                    await lifecycle.destroy(vm_id)
         except VMNotFound:
             pass  # a DELETE came first
         except Exception:
             log.exception("could not finish VM %s; the next start tries again", vm_id)
 
     async def reconcile(self) -> None:
-        """Destroy whatever the store does not know, and mark guests that are gone
-        ``stopped``. A failed pass is logged, and the next one tries again."""
+        """Retry what teardowns left, finish DELETEs that the hypervisor refused, destroy
+        whatever the store does not know, and mark guests that are gone ``stopped``. A failed
+        pass is logged, and the next one tries again."""
         try:
+            await self._retry_leftovers()
+            for vm in await self._store.list():
+                if vm.status is Status.DELETING and not self._lifecycle.lock(vm.id).locked():
+                    await self._finish(vm.id)
             await self._driver.remove_orphans(self._store.machines)
             for vm in await self._store.list():
                 with contextlib.suppress(VMNotFound):
                     await self._lifecycle.refresh(vm)
         except Exception:
             log.exception("checking the host against the store failed")
+
+    async def _retry_leftovers(self) -> None:
+        for leftover in await self._store.leftovers():
+            runtime = (
+                self._driver.runtime_from_record(leftover.machine, leftover.runtime)
+                if leftover.runtime
+                else None
+            )
+            try:
+                await self._driver.destroy(leftover.machine, runtime)
+            except Exception as exc:
+                log.warning(
+                    "VM %s: retry %d of its cleanup failed again (%s); the next check tries "
+                    "again", leftover.vm_id, leftover.attempts + 1, exc,
+                )  # fmt: skip
+                await self._store.leftover_done(leftover, str(exc))
+                continue
+            log.info("VM %s: retry %d of its cleanup removed what was left (%s)",
+                     leftover.vm_id, leftover.attempts + 1, leftover.reason)  # fmt: skip
+            await self._store.leftover_done(leftover, None)

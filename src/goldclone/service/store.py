@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, event, select
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -37,6 +37,17 @@ _vms = Table(
     Column("request_digest", String(64), nullable=True),
 )
 
+_cleanups = Table(
+    "cleanups",
+    _metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("vm_id", String(36), nullable=False),
+    Column("machine", String(64), nullable=False),
+    Column("runtime", JSON, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
+
 # The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
 # and memory.
 HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
@@ -50,6 +61,19 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.DELETING: frozenset({Status.DELETING, Status.RUNNING, Status.STOPPED, Status.ERROR}),
 }
 """Each status, and the statuses a VM in it may change to."""
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What the teardown of a VM's machine could not remove: the machine and its runtime
+    record, for the driver to destroy again, and why the last attempt failed."""
+
+    vm_id: str
+    machine: str
+    runtime: dict[str, str]
+    reason: str
+    attempts: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,15 @@ class Store:
 
     async def close(self) -> None:
         await self._engine.dispose()
+
+    async def health(self) -> str | None:
+        """Why the database cannot be read, or ``None``."""
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(select(_vms.c.seq).limit(1))
+        except Exception as exc:  # whatever the database driver raises
+            return f"the store cannot be read: {type(exc).__name__}"
+        return None
 
     async def admit(
         self,
@@ -192,8 +225,10 @@ class Store:
             rows = await conn.execute(select(_vms.c.id, _vms.c.runtime))
             return {row.runtime.get("machine", row.id) for row in rows}
 
-    async def forget(self, vm_id: str) -> None:
-        """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go."""
+    async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
+        """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go.
+        ``leftover`` is what its teardown could not remove, recorded in the same
+        transaction for reconciliation to retry."""
         async with self._writer.begin() as conn:
             result = await conn.execute(
                 _vms.delete().where(_vms.c.id == vm_id, _vms.c.status == Status.DELETING.value)
@@ -201,6 +236,47 @@ class Store:
             if result.rowcount == 0:
                 await _locked(conn, vm_id)  # VMNotFound when it is gone already
                 raise StateConflict(f"VM {vm_id} is not deleting; it is kept")
+            if leftover is not None:
+                await _insert_leftover(conn, leftover)
+
+    async def keep_leftover(self, leftover: Leftover) -> None:
+        """Record what a teardown could not remove, for reconciliation to retry."""
+        async with self._writer.begin() as conn:
+            await _insert_leftover(conn, leftover)
+
+    async def leftovers(self) -> tuple[Leftover, ...]:
+        """What teardowns could not remove, oldest first."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(_cleanups).order_by(_cleanups.c.seq))
+            return tuple(
+                Leftover(
+                    row.vm_id, row.machine, dict(row.runtime), row.reason, row.attempts, row.seq
+                )
+                for row in rows
+            )
+
+    async def leftover_done(self, leftover: Leftover, failure: str | None) -> None:
+        """Forget ``leftover``, removed at last; or, with the ``failure`` of this attempt,
+        count the attempt."""
+        async with self._writer.begin() as conn:
+            where = _cleanups.c.seq == leftover.seq
+            if failure is None:
+                await conn.execute(_cleanups.delete().where(where))
+            else:
+                await conn.execute(
+                    _cleanups.update()
+                    .where(where)
+                    .values(reason=failure, attempts=_cleanups.c.attempts + 1)
+                )
+
+
+async def _insert_leftover(conn: AsyncConnection, leftover: Leftover) -> None:
+    await conn.execute(
+        _cleanups.insert().values(
+            vm_id=leftover.vm_id, machine=leftover.machine, runtime=leftover.runtime,
+            reason=leftover.reason, attempts=leftover.attempts,
+        )
+    )  # fmt: skip
 
 
 async def _locked(conn: AsyncConnection, vm_id: str) -> VM:

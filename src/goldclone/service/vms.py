@@ -13,7 +13,7 @@ from goldclone.drivers.base import Driver
 from goldclone.errors import VMNotFound
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
-from goldclone.models import VM, CreateVMRequest, Phase, Status
+from goldclone.models import VM, Check, CreateVMRequest, Phase, Readiness, Status
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
@@ -45,15 +45,22 @@ class VMService:
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
         self.catalog = Catalog(store, images, self._admission)
 
-    def claim(self) -> None:
-        """Take the data dir for this service, or raise ``DataDirInUse``; ``start`` does it
-        too, and a server calls it first so that it can say so before it serves anything."""
+    async def claim(self) -> None:
+        """Take the data dir for this service (or raise ``DataDirInUse``), and check that the
+        driver's shared host parts are not another's (or raise ``DriverUnavailable``).
+        ``start`` does it too; a server calls it first, so that it can say why it does not
+        start before it serves anything."""
         self._lock.acquire()
+        try:
+            await self._driver.claim()
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def start(self) -> None:
         """Take the data dir, bring the store to this code's schema, check the hypervisor, and
         recover what a stopped service left. A start that fails leaves the data dir free."""
-        self.claim()
+        await self.claim()
         try:
             await self._store.open()
             await self._driver.prepare()
@@ -99,6 +106,16 @@ class VMService:
 
     async def delete(self, vm_id: str) -> None:
         await self._lifecycle.delete(_valid_id(vm_id))
+
+    async def readiness(self) -> Readiness:
+        """Whether the store and each part of the driver work, with the reason where not."""
+        parts = {"store": await self._store.health(), **await self._driver.health()}
+        return Readiness(
+            status="ok" if all(reason is None for reason in parts.values()) else "failing",
+            checks={
+                name: Check(ok=reason is None, reason=reason) for name, reason in parts.items()
+            },
+        )
 
     def network_types(self) -> list[str]:
         """The network types that VMs can use on this host."""

@@ -63,6 +63,7 @@ class QemuDriver:
         self._accel_setting = accel
         self._accel = "tcg"
         self._shutdown_timeout = shutdown_timeout
+        self._supervisor: asyncio.Task[None] | None = None
         if len(str(data_dir.absolute())) > MAX_DATA_DIR_LENGTH:
             raise ValueError(
                 f"the data dir path is longer than {MAX_DATA_DIR_LENGTH} characters, "
@@ -81,9 +82,14 @@ class QemuDriver:
         (of a ``.vmx`` package, only its disk is booted)."""
         return self._capabilities
 
+    async def claim(self) -> None:
+        """Refuse to serve where a bridge of an owned network is another service's."""
+        await self._networks.claim()
+
     async def prepare(self) -> None:
-        """Choose the accelerator once, before the first VM."""
+        """Choose the accelerator once, and start watching the networks."""
         self._accel = await choose_accel(self._accel_setting, self._qemu)
+        self._supervisor = asyncio.create_task(self._networks.supervise(), name="networks")
 
     def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Attachment:
         return Attachment.from_record(machine, record)
@@ -233,10 +239,17 @@ class QemuDriver:
 
     async def close(self, vms_running: bool) -> None:
         """Keep the networks up for running guests; otherwise remove them."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
         if vms_running:
             await self._networks.close()
         else:
             await self._networks.teardown()
+
+    async def health(self) -> dict[str, str | None]:
+        return await self._networks.health()
 
     async def _stop(self, machine: str, pid: int, shutdown_timeout: float) -> None:
         qmp = self._qmp(machine)

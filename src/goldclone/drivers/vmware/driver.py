@@ -64,6 +64,9 @@ class VMwareDriver:
         self._changed_at = 0.0
         self._last_known: dict[str, bool] = {}
 
+    async def claim(self) -> None:
+        """Nothing to claim: VMware's networks are its own."""
+
     async def prepare(self) -> None:
         """Find vmrun and check that it works; raises ``DriverUnavailable`` otherwise."""
         path = vmrun.locate(self._config.vmrun)
@@ -209,6 +212,10 @@ class VMwareDriver:
 
     async def close(self, vms_running: bool) -> None:
         """Nothing to release: VMware's networks and processes are its own."""
+
+    async def health(self) -> dict[str, str | None]:
+        """VMware's networks are its own; only vmrun, found at start, is ours to check."""
+        return {"vmrun": None if self._vmrun is not None else "vmrun was not found"}
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ namespace that mounted it, which is not ours under ``unshare --net``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from typing import Any
 
@@ -30,15 +31,46 @@ async def _json(*argv: str) -> list[dict[str, Any]]:
     return data
 
 
-async def link_kind(name: str) -> str | None:
-    """Return the kind of link ``name`` (``"bridge"``, ``"tun"``, ``""`` for plain), or ``None``."""
+@dataclass(frozen=True)
+class Link:
+    """What ``ip`` says of a link: its kind (``"bridge"``, ``"tun"``, ``""`` for plain), its
+    alias (where goldclone records who owns it) and its index, which a link made again under
+    the same name does not keep."""
+
+    kind: str
+    alias: str
+    index: int
+
+
+async def link(name: str) -> Link | None:
+    """Return link ``name``, or ``None`` if there is none."""
     code, out, _ = await run(
         "ip", "-j", "-d", "link", "show", "dev", name, timeout=TIMEOUT, check=False
     )
-    if code != 0:
+    links: list[dict[str, Any]] = json.loads(out) if code == 0 and out.strip() else []
+    if not links:
         return None
-    links: list[dict[str, Any]] = json.loads(out)
-    return str(links[0].get("linkinfo", {}).get("info_kind", "")) if links else None
+    found = links[0]
+    return Link(
+        kind=str(found.get("linkinfo", {}).get("info_kind", "")),
+        alias=str(found.get("ifalias", "")),
+        index=int(found.get("ifindex", 0)),
+    )
+
+
+async def link_kind(name: str) -> str | None:
+    """Return the kind of link ``name``, or ``None`` if there is none."""
+    found = await link(name)
+    return found.kind if found is not None else None
+
+
+async def set_alias(name: str, alias: str) -> None:
+    await _run("ip", "link", "set", "dev", name, "alias", alias)
+
+
+async def attach(tap: str, bridge: str) -> None:
+    """Put the existing ``tap``, up, on ``bridge``."""
+    await _run("ip", "link", "set", tap, "master", bridge, "up")
 
 
 async def link_exists(name: str) -> bool:
@@ -77,7 +109,7 @@ async def add_tap(tap: str, bridge: str) -> None:
     """Create tap ``tap`` and put it, up, on ``bridge``; nothing is left if that fails."""
     await _run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
     try:
-        await _run("ip", "link", "set", tap, "master", bridge, "up")
+        await attach(tap, bridge)
     except BaseException:
         await delete_link(tap)
         raise

@@ -53,6 +53,7 @@ class Dnsmasq:
         self.state_dir = state_dir
         self.router = router
         self.pid_file = state_dir / "dnsmasq.pid"
+        self.index_file = state_dir / "bridge.index"
         self.lease_file = state_dir / "leases"
         self.hosts_file = state_dir / "hosts"
 
@@ -93,21 +94,31 @@ class Dnsmasq:
             return None
         return pid if f"--pid-file={self.pid_file}" in cmdline else None
 
-    def adoptable_pid(self) -> int | None:
-        """Return the PID of a running dnsmasq started with exactly this configuration."""
+    def adoptable_pid(self, index: int) -> int | None:
+        """Return the PID of a running dnsmasq started with exactly this configuration, on the
+        bridge whose link index is ``index``: a dnsmasq started on a bridge that has since been
+        deleted and made again serves nothing, though its command line is the same."""
         pid = self.owned_pid()
         if pid is None or processes.argv(pid) != self.argv():
             return None
-        return pid
+        try:
+            served = int(self.index_file.read_text())
+        except FileNotFoundError:
+            return pid  # started by a release that did not record it: trusted as before
+        except ValueError:
+            return None
+        return pid if served == index else None
 
-    async def start(self) -> int:
-        """Return the PID of this server, adopting a matching one or starting a new one.
+    async def start(self, index: int) -> int:
+        """Return the PID of this server on the bridge with link index ``index``, adopting a
+        matching one or starting a new one.
 
-        A dnsmasq on our pid file with another configuration is stopped first.
+        A dnsmasq on our pid file with another configuration or bridge is stopped first.
         """
-        pid = self.adoptable_pid()
+        pid = self.adoptable_pid(index)
         if pid is not None:
             log.info("adopting dnsmasq %d on %s", pid, self.bridge)
+            self.index_file.write_text(str(index))
             return pid
         await self.stop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +128,8 @@ class Dnsmasq:
             await run(*self.argv(), timeout=START_TIMEOUT)
         except CommandError as e:
             raise NetworkFailed(f"could not start dnsmasq on {self.bridge}: {e.message}") from e
-        pid = self.adoptable_pid()
+        self.index_file.write_text(str(index))
+        pid = self.adoptable_pid(index)
         if pid is None:
             raise NetworkFailed(f"dnsmasq on {self.bridge} exited at start")
         log.info("started dnsmasq %d on %s", pid, self.bridge)

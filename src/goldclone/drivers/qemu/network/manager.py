@@ -9,7 +9,9 @@ import logging
 import re
 import secrets
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 
@@ -17,16 +19,29 @@ from goldclone.drivers.qemu.network import bridge, dnsmasq_leases, firewall
 from goldclone.drivers.qemu.network.attachment import Attachment
 from goldclone.drivers.qemu.network.dnsmasq import Dnsmasq
 from goldclone.drivers.qemu.network.sniffer import DhcpAckSniffer
-from goldclone.errors import InvalidRequest, IPTimeout, NetworkFailed
+from goldclone.errors import DriverUnavailable, InvalidRequest, IPTimeout, NetworkFailed
 from goldclone.polling import until
 from goldclone.settings import BRIDGED, NAT, NETWORK_TYPES, OWNED_TYPES, NetworkConfig, host_address
 
 log = logging.getLogger(__name__)
 
 LEASE_POLL = 0.1
+LABEL = "goldclone "
+"""The start of the alias of every bridge and tap a goldclone service makes; the rest is its
+network state dir, which names its data dir."""
 BRIDGED_POLL = 1.0
 TAP_PREFIX = "gc"
 _OUR_TAP = re.compile(rf"{TAP_PREFIX}[0-9a-f]{{12}}")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One repair of an owned network: what was found, what was done, how long it took."""
+
+    network_type: str
+    found: str
+    done: str
+    seconds: float
 
 
 def tap_name(vm_id: str) -> str:
@@ -57,7 +72,9 @@ class Networks:
 
     def __init__(self, config: NetworkConfig, state_dir: Path) -> None:
         self.config = config
-        self.state_dir = state_dir
+        self.state_dir = state_dir.absolute()
+        self.label = f"{LABEL}{self.state_dir}"
+        """What this service's bridges and taps carry as their alias."""
         self._locks = {t: asyncio.Lock() for t in OWNED_TYPES}
         self._up: set[str] = set()
         self._attached: dict[str, Attachment] = {}
@@ -90,6 +107,31 @@ class Networks:
             )
         return name
 
+    async def claim(self) -> None:
+        """Refuse, with ``DriverUnavailable``, to serve where an owned network's bridge
+        exists and is not this service's: another service's, or nobody's that we know."""
+        for network_type in OWNED_TYPES:
+            if reason := await self._not_ours(network_type):
+                raise DriverUnavailable(
+                    f"{reason}; give this service bridges and subnets of its own "
+                    f"(GOLDCLONE_{network_type.upper()}_BRIDGE and "
+                    f"GOLDCLONE_{network_type.upper()}_SUBNET)"
+                )
+
+    async def _not_ours(self, network_type: str) -> str | None:
+        """Why owned network ``network_type``'s bridge is not this service's to use; ``None``
+        when it is ours, or does not exist."""
+        name = self._bridge(network_type)
+        found = await bridge.link(name)
+        if found is None or found.alias == self.label:
+            return None
+        if found.alias.startswith(LABEL):
+            owner = found.alias.removeprefix(LABEL).removesuffix("/networks")
+            return f"the bridge {name} belongs to the goldclone service of the data dir {owner}"
+        if not found.alias and self.dnsmasq(network_type).owned_pid() is not None:
+            return None  # ours, made before bridges were labelled: our dnsmasq serves it
+        return f"the bridge {name} exists and was not made by this goldclone service"
+
     async def ensure(self, network_type: str) -> None:
         """Bring owned network ``network_type`` up, or adopt it if it already runs."""
         if network_type in self._up:
@@ -97,18 +139,95 @@ class Networks:
         async with self._locks[network_type]:
             if network_type in self._up:
                 return
-            name = self._bridge(network_type)
-            subnet = self.config.subnet(network_type)
-            await bridge.ensure_bridge(
-                name, IPv4Interface(f"{host_address(subnet)}/{subnet.prefixlen}")
-            )
-            if network_type == NAT:
-                firewall.enable_forwarding()
-                await firewall.apply_nat(name, subnet)
-            else:
-                await firewall.apply_hostonly(name)
-            await self.dnsmasq(network_type).start()
+            if reason := await self._not_ours(network_type):
+                raise NetworkFailed(reason)
+            await self._bring_up(network_type)
             self._up.add(network_type)
+
+    async def _bring_up(self, network_type: str) -> None:
+        """Make the bridge (labelled as ours), its firewall table and its DHCP server, or
+        adopt what of them is already right."""
+        name = self._bridge(network_type)
+        subnet = self.config.subnet(network_type)
+        await bridge.ensure_bridge(
+            name, IPv4Interface(f"{host_address(subnet)}/{subnet.prefixlen}")
+        )
+        await bridge.set_alias(name, self.label)
+        if network_type == NAT:
+            firewall.enable_forwarding()
+            await firewall.apply_nat(name, subnet)
+        else:
+            await firewall.apply_hostonly(name)
+        found = await bridge.link(name)
+        assert found is not None  # just made
+        await self.dnsmasq(network_type).start(found.index)
+
+    async def health(self) -> dict[str, str | None]:
+        """Each owned network that is up (``network nat``, ...) and what is wrong with it;
+        ``heal`` repairs the same things within a few seconds."""
+        health: dict[str, str | None] = {}
+        for network_type in sorted(self._up):
+            name = self._bridge(network_type)
+            found = await bridge.link(name)
+            if found is None:
+                problem: str | None = f"the bridge {name} is gone"
+            elif found.alias != self.label:
+                problem = await self._not_ours(network_type)
+            elif self.dnsmasq(network_type).adoptable_pid(found.index) is None:
+                problem = f"no DHCP server serves {name}"
+            else:
+                problem = None
+            health[f"network {network_type}"] = problem
+        return health
+
+    async def supervise(self) -> None:
+        """Every ``check_interval`` seconds, repair each owned network that is up; see
+        ``heal``, which ``attach`` calls too."""
+        while True:
+            await asyncio.sleep(self.config.check_interval)
+            for network_type in sorted(self._up):
+                try:
+                    await self.heal(network_type)
+                except Exception:
+                    log.exception("network %s could not be repaired; trying again", network_type)
+
+    async def heal(self, network_type: str) -> Repair | None:
+        """Repair owned network ``network_type`` if it is up and broken: a bridge that is gone
+        is made again and the taps of its guests put back on it; a DHCP server that is dead,
+        or that serves a bridge since replaced, is started again. Each repair is logged once,
+        with what was found and what was done. Returns the repair, if one was needed."""
+        async with self._locks[network_type]:
+            if network_type not in self._up:
+                return None
+            name = self._bridge(network_type)
+            dnsmasq = self.dnsmasq(network_type)
+            started = time.monotonic()
+            found = await bridge.link(name)
+            if found is not None and dnsmasq.adoptable_pid(found.index) is not None:
+                return None
+            if found is not None and found.alias != self.label:
+                log.error(
+                    "network %s: the bridge %s was replaced by one that is not ours (alias %r); "
+                    "leaving it alone", network_type, name, found.alias,
+                )  # fmt: skip
+                return None
+            await self._bring_up(network_type)
+            taps = [a.tap for a in self._attached.values() if a.bridge == name]
+            if found is None:
+                for tap in taps:
+                    if await bridge.link_exists(tap):
+                        await bridge.attach(tap, name)
+            repair = Repair(
+                network_type,
+                "the bridge was gone" if found is None else "its DHCP server was not serving it",
+                f"made the bridge again, put {len(taps)} tap(s) back on it and restarted DHCP"
+                if found is None
+                else "restarted DHCP",
+                time.monotonic() - started,
+            )
+            log.warning("network %s (%s): %s; %s, in %.2f s", network_type, name,
+                        repair.found, repair.done, repair.seconds)  # fmt: skip
+            return repair
 
     async def attach(self, network_type: str, machine: str) -> Attachment:
         """Give ``machine`` a new tap on ``network_type``'s bridge and a new MAC.
@@ -119,6 +238,7 @@ class Networks:
         name = self._bridge(network_type)
         if network_type in OWNED_TYPES:
             await self.ensure(network_type)
+            await self.heal(network_type)  # a broken network is repaired before it is used
         elif await bridge.link_kind(name) != "bridge":
             raise NetworkFailed(f"bridge {name} for bridged networking does not exist on the host")
         tap = tap_name(machine)
@@ -128,6 +248,7 @@ class Networks:
         self._attached[tap] = attachment
         try:
             await bridge.add_tap(tap, name)
+            await bridge.set_alias(tap, self.label)
             if network_type == BRIDGED:
                 self._watch(attachment)
         except BaseException:
@@ -233,11 +354,11 @@ class Networks:
                 await self.dnsmasq(network_type).release(mac)
 
     async def vm_taps(self) -> set[str]:
-        """The names of the VM taps on the owned bridges."""
+        """The names of the VM taps on the owned bridges that are ours."""
         taps: set[str] = set()
         for network_type in OWNED_TYPES:
             name = self._bridge(network_type)
-            if await bridge.link_exists(name):
+            if await bridge.link_exists(name) and await self._not_ours(network_type) is None:
                 taps.update(await _vm_taps_on(name))
         return taps
 
@@ -270,6 +391,9 @@ class Networks:
         async with self._locks[network_type]:
             self._up.discard(network_type)
             name = self._bridge(network_type)
+            if reason := await self._not_ours(network_type):
+                log.info("network %s left as it is: %s", network_type, reason)
+                return
             dnsmasq = self.dnsmasq(network_type)
             await dnsmasq.stop()
             await firewall.remove(name)
