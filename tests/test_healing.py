@@ -131,11 +131,13 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def _serve(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
-    """``goldclone serve`` as its own process, until it exits."""
+def _serve(data_dir: Path, port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """``goldclone serve`` as its own process, with ``env`` added, until it exits."""
     command = [sys.executable, "-m", "goldclone.cli", "serve", "--port", str(port),
                "--data-dir", str(data_dir)]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False, env=os.environ | env
+    )
 
 
 async def test_a_second_service_elsewhere_leaves_the_first_alone(
@@ -155,6 +157,31 @@ async def test_a_second_service_elsewhere_leaves_the_first_alone(
     new = await goldclone.boot(demo_body)
     assert new["status"] == "running", new
     await answers(new["ip_address"])
+    for vm in (running, new):
+        await goldclone.delete(vm["id"])
+
+
+async def test_a_second_service_with_its_own_bridges_works_beside_the_first(
+    goldclone: Goldclone, demo_body: dict[str, Any], workdir: Path, taken_port: int
+) -> None:
+    """With bridges and subnets of its own, a second service starts, and when it then fails
+    to bind its port and stops, the first one's guests and networks are as they were."""
+    running = await goldclone.boot(demo_body)
+    assert running["status"] == "running", running
+    own = {
+        "GOLDCLONE_NAT_BRIDGE": "gcnat7",
+        "GOLDCLONE_NAT_SUBNET": "192.168.77.0/24",
+        "GOLDCLONE_HOSTONLY_BRIDGE": "gchost7",
+        "GOLDCLONE_HOSTONLY_SUBNET": "10.77.0.0/24",
+    }
+    second = await asyncio.to_thread(_serve, workdir / "beside", taken_port, **own)
+    assert second.returncode != 0, second
+    assert "address already in use" in second.stderr.lower(), second.stderr
+    await answers(running["ip_address"])
+    taps = await bridge.ports(NAT_BRIDGE)
+    assert len(taps) == 1, taps
+    new = await goldclone.boot(demo_body)
+    assert new["status"] == "running", new
     for vm in (running, new):
         await goldclone.delete(vm["id"])
 
