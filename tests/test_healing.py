@@ -25,7 +25,7 @@ from goldclone.host.commands import run
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
-from tests.servers import FileServer
+from tests.servers import FileServer, free_port
 
 NAT_BRIDGE = "gcnat0"
 
@@ -115,13 +115,6 @@ async def test_readyz_says_what_is_broken(settings: Settings, demo_body: dict[st
         await goldclone.delete(vm["id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     """A loopback port that something else listens on."""
@@ -192,7 +185,7 @@ async def test_a_second_service_on_the_same_data_dir_refuses(
     running = await goldclone.boot(demo_body)
     state = goldclone.data_dir / "state.db"
     before = (state.stat().st_mtime_ns, sorted(p.name for p in goldclone.data_dir.iterdir()))
-    second = await asyncio.to_thread(_serve, goldclone.data_dir, _free_port())
+    second = await asyncio.to_thread(_serve, goldclone.data_dir, free_port())
     assert second.returncode == 1, second
     assert f"in use by another goldclone service (PID {os.getpid()})" in second.stderr
     assert "Traceback" not in second.stderr

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import io
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from goldclone.service.schema import head
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
-from tests.servers import FileServer
+from tests.servers import FileServer, free_port
 
 REPO = Path(__file__).parents[1]
 BEFORE_MIGRATIONS = "8682a97"
@@ -48,19 +47,12 @@ def old_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "src"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _old_server_makes_a_vm(
     old_src: Path, data_dir: Path, body: dict[str, Any]
 ) -> dict[str, Any]:
     """Serve ``data_dir`` with the old release, boot a VM there, and stop the old server,
     leaving the VM running as any restart would."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"PYTHONPATH": str(old_src), "GOLDCLONE_SHUTDOWN_TIMEOUT": "5"}
     log = (data_dir.parent / f"{data_dir.name}-old.log").open("wb")
     server = await asyncio.create_subprocess_exec(

@@ -107,25 +107,27 @@ class Lifecycle:
         self._machines.pop(vm_id, None)
         log.info("VM %s destroyed%s", vm_id, " (with a cleanup left to retry)" if leftover else "")
 
-    async def _teardown_leaving(self, vm_id: str) -> Leftover | None:
-        """``teardown``, but trouble other than ``VMConflict`` becomes the ``Leftover`` that
-        reconciliation retries rather than an error."""
+    async def _teardown_leaving(self, vm_id: str, refused_too: bool = False) -> Leftover | None:
+        """``teardown``, but trouble becomes the ``Leftover`` that reconciliation retries
+        rather than an error; a hypervisor's refusal (``VMConflict``) too if ``refused_too``."""
         try:
             await self.teardown(vm_id)
         except VMConflict:
-            raise
+            if not refused_too:
+                raise
+            return await self._leftover(vm_id, "the hypervisor refused to remove it")
         except Exception as exc:
-            runtime = await self.runtime(vm_id)
-            reason = str(exc) if isinstance(exc, GoldcloneError) else repr(exc)
-            log.warning("VM %s: its teardown failed (%s); reconciliation tries again",
-                        vm_id, reason)  # fmt: skip
-            return Leftover(
-                vm_id,
-                runtime.machine if runtime is not None else vm_id,
-                runtime.record() if runtime is not None else {},
-                reason,
+            return await self._leftover(
+                vm_id, str(exc) if isinstance(exc, GoldcloneError) else repr(exc)
             )
         return None
+
+    async def _leftover(self, vm_id: str, reason: str) -> Leftover:
+        log.warning("VM %s: its teardown failed (%s); reconciliation tries again", vm_id, reason)
+        runtime = await self.runtime(vm_id)
+        if runtime is None:
+            return Leftover(vm_id, vm_id, {}, reason)
+        return Leftover(vm_id, runtime.machine, runtime.record(), reason)
 
     async def refresh(self, vm: VM) -> VM:
         """``vm``, marked ``stopped`` if its guest has powered itself off."""
@@ -151,7 +153,7 @@ class Lifecycle:
             error = ErrorBody(
                 code="internal-error", message="an internal error; see the server log"
             )
-        if (leftover := await self._teardown_leaving(vm.id)) is not None:
+        if (leftover := await self._teardown_leaving(vm.id, refused_too=True)) is not None:
             await self._store.keep_leftover(leftover)
         return await self._store.advance(
             vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR, error=error
