@@ -8,6 +8,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── Unauthorized                    401 unauthorized
     ├── VMNotFound                      404 vm-not-found
     ├── ImageNotFound                   404 image-not-found
+    ├── ConsoleUnavailable              404 console-unavailable
     ├── RouteNotFound                   404 not-found
     ├── MethodNotAllowed                405 method-not-allowed
     ├── VMConflict                      409 vm-conflict
@@ -88,6 +89,13 @@ class VMNotFound(GoldcloneError):
 
 class ImageNotFound(GoldcloneError):
     code = "image-not-found"
+    status = 404
+
+
+class ConsoleUnavailable(GoldcloneError):
+    """The VM's driver keeps no console of it."""
+
+    code = "console-unavailable"
     status = 404
 
 

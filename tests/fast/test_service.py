@@ -19,6 +19,7 @@ from goldclone.drivers.synthetic import Machine, SyntheticDriver, SyntheticHost
 from goldclone.errors import BootFailed, CloneFailed, DataDirInUse, NetworkFailed, VMConflict
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, image_of, serving
+from tests.harness import Goldclone
 from tests.servers import CallbackReceiver, FileServer
 
 
@@ -304,3 +305,42 @@ async def test_readyz_reports_each_part(service: Service) -> None:
     response = await service.client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "checks": {"store": {"ok": True, "reason": None}}}
+
+
+async def test_the_console_shows_what_the_guest_wrote(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot(request_body)
+    console = await service.client.get(f"/vms/{vm['id']}/console")
+    assert console.status_code == 200
+    assert console.headers["content-type"] == "text/plain; charset=utf-8"
+    assert console.text == (
+        f"synthetic machine {vm['id']} powered on, 1 CPU(s)\ngot the address {vm['ip_address']}\n"
+    )
+    missing = await service.client.get(f"/vms/{uuid.uuid4()}/console")
+    assert (missing.status_code, missing.json()["code"]) == (404, "vm-not-found")
+
+
+async def test_the_console_follows_until_the_vm_is_gone(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    """Streaming needs a real server (httpx's ASGI transport buffers whole answers): the
+    loopback harness, on the synthetic driver."""
+    server = Goldclone(replace(fast_settings, driver="synthetic"))
+    await server.start()
+    try:
+        vm = await server.boot(request_body)
+        path = fast_settings.data_dir / "vms" / vm["id"] / "console.log"
+        url = f"/vms/{vm['id']}/console?follow=true"
+        async with asyncio.timeout(20), server.client.stream("GET", url) as stream:
+            chunks = stream.aiter_text()
+            assert "powered on" in await anext(chunks)
+            with path.open("ab") as guest:
+                guest.write(b"\x1b[1mlogin:\x07 \t\xe2\x9c\x93\r\n")
+            assert await anext(chunks) == "[1mlogin: \t\u2713\n"
+            deleted = asyncio.create_task(server.client.delete(f"/vms/{vm['id']}"))
+            rest = [chunk async for chunk in chunks]  # the stream ends with the VM
+            assert (await deleted).status_code == 204
+        assert "".join(rest) == ""
+    finally:
+        await server.stop()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -109,6 +109,14 @@ def create_app(
     async def get_vm(vm_id: str) -> VM:
         return await service.get(vm_id)
 
+    @app.get("/vms/{vm_id}/console", response_class=StreamingResponse,
+             operation_id="get_console", responses={200: _TEXT})  # fmt: skip
+    async def get_console(vm_id: str, follow: bool = False) -> StreamingResponse:
+        """The guest's serial console so far (its last MiB), as text; with ``follow``, what it
+        writes next is streamed until the VM is gone."""
+        lines = await service.console(vm_id, follow)
+        return StreamingResponse(lines, media_type="text/plain; charset=utf-8")
+
     @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm")
     async def delete_vm(vm_id: str) -> Response:
         """Stop the VM and remove its clone and everything it had."""
@@ -173,6 +181,7 @@ def create_app(
     return app
 
 
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 _VM_LINKS = {
     name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
     for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))

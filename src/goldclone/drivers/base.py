@@ -13,6 +13,7 @@ import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from goldclone.errors import BootFailed
@@ -117,6 +118,11 @@ class Driver(Protocol):
 
     async def is_running(self, machine: str) -> bool:
         """Whether the machine's hypervisor process is alive."""
+        ...
+
+    def console_path(self, machine: str) -> Path | None:
+        """The file that the machine's serial console is written to, if the driver keeps
+        one."""
         ...
 
     async def adopt(self, runtime: Runtime) -> None:

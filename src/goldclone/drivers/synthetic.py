@@ -144,13 +144,20 @@ class SyntheticDriver:
         if machine.runtime != runtime:
             raise BootFailed(f"machine {spec.machine} has no NIC {runtime.mac}")
         machine.spec, machine.running = spec, True
+        self._say(spec.machine, f"synthetic machine {spec.machine} powered on, {spec.cpus} CPU(s)")
         if self.host.gets_ip:
             asyncio.get_running_loop().call_later(self.host.boot_seconds, self._boot, machine)
 
     def _boot(self, machine: Machine) -> None:
         if machine.running:
             machine.ip = self.host._address()
+            self._say(machine.name, f"got the address {machine.ip}")
             machine.booted.set()
+
+    def _say(self, machine: str, line: str) -> None:
+        """A line on the machine's console, as a guest's boot messages would be."""
+        with self.console_path(machine).open("a") as console:
+            console.write(line + "\r\n")
 
     async def wait_for_ip(self, runtime: Runtime, timeout: float) -> str:
         machine = self._machine(runtime.machine)
@@ -166,6 +173,9 @@ class SyntheticDriver:
         return await unless_exited(
             address(), lambda: self.is_running(runtime.machine), "the guest got an IP"
         )
+
+    def console_path(self, machine: str) -> Path:
+        return self._vms_dir / machine / "console.log"
 
     async def is_running(self, machine: str) -> bool:
         found = self.host.machines.get(machine)

@@ -132,7 +132,7 @@ class Lifecycle:
     async def refresh(self, vm: VM) -> VM:
         """``vm``, marked ``stopped`` if its guest has powered itself off."""
         if vm.status is not Status.RUNNING or await self._driver.is_running(
-            await self._machine(vm.id)
+            await self.machine(vm.id)
         ):
             return vm
         try:
@@ -187,8 +187,9 @@ class Lifecycle:
         """Held while the VM is destroyed, so that work on it is done once."""
         return self._locks.setdefault(vm_id, asyncio.Lock())
 
-    async def _machine(self, vm_id: str) -> str:
-        """The name of the VM's machine; remembered, since every GET of a running VM asks."""
+    async def machine(self, vm_id: str) -> str:
+        """The name of the VM's machine (``VMNotFound`` for an unknown VM); remembered,
+        since every GET of a running VM asks."""
         if (machine := self._machines.get(vm_id)) is None:
             runtime = await self.runtime(vm_id)
             if runtime is None:

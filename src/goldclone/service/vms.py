@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 
 from goldclone.drivers.base import Driver
-from goldclone.errors import VMNotFound
+from goldclone.errors import ConsoleUnavailable, VMNotFound
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
 from goldclone.models import VM, Check, CreateVMRequest, Phase, Readiness, Status
 from goldclone.outbound.policy import OutboundPolicy
+from goldclone.service import console
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
 from goldclone.service.lifecycle import Lifecycle
@@ -106,6 +108,23 @@ class VMService:
 
     async def delete(self, vm_id: str) -> None:
         await self._lifecycle.delete(_valid_id(vm_id))
+
+    async def console(self, vm_id: str, follow: bool) -> AsyncIterator[str]:
+        """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``
+        and ``ConsoleUnavailable`` before the first line."""
+        vm_id = _valid_id(vm_id)
+        path = self._driver.console_path(await self._lifecycle.machine(vm_id))
+        if path is None:
+            raise ConsoleUnavailable(f"the {self._driver.name} driver keeps no console of VMs")
+
+        async def still_there() -> bool:
+            try:
+                await self._store.get(vm_id)
+            except VMNotFound:
+                return False
+            return True
+
+        return console.read(path, follow, still_there)
 
     async def readiness(self) -> Readiness:
         """Whether the store and each part of the driver work, with the reason where not."""

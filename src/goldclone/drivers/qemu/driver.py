@@ -139,7 +139,7 @@ class QemuDriver:
             "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
             *display,
-            "-serial", f"file:{vm_dir / 'console.log'}",
+            "-serial", f"file:{self.console_path(spec.machine)}",
             "-qmp", f"unix:{self._qmp(spec.machine)},server=on,wait=off",
             "-pidfile", str(self._pidfile(spec.machine)),
             *self._confinement(),
@@ -196,6 +196,9 @@ class QemuDriver:
 
     async def is_running(self, machine: str) -> bool:
         return self._read_pid(machine) is not None
+
+    def console_path(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "console.log"
 
     async def adopt(self, runtime: Runtime) -> None:
         await self._networks.adopt(_nic(runtime))

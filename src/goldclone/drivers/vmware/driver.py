@@ -182,6 +182,10 @@ class VMwareDriver:
         self._last_known[machine] = running
         return running
 
+    def console_path(self, machine: str) -> Path | None:
+        """None: a clone's serial ports are unplugged (``clonevmx.confine``)."""
+        return None
+
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to do: the VM runs in VMware's own process and ``vmrun`` finds it by path."""
 
