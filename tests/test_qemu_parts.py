@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -90,9 +91,9 @@ def _driver(data_dir: str) -> QemuDriver:
 
 def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None:
     argv = _driver("relative-data").command_line(_spec(headless=True), NIC)
-    paths = [part.split("file=")[-1].split(",")[0].split(":", 1)[-1]
-             for part in argv if "relative-data" in part]  # fmt: skip
-    assert len(paths) == 4  # the disk, the console log, the QMP socket and the pidfile
+    paths = [token for part in argv for token in re.split(r"[,=]|:(?=/)", part)
+             if "relative-data" in token]  # fmt: skip
+    assert len(paths) == 5  # the disk, the console log, the QMP and agent sockets, the pidfile
     assert all(Path(path).is_absolute() for path in paths), paths
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
     assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "512"]

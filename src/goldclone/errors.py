@@ -36,6 +36,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         ├── BootFailed                  boot-failed
         ├── NetworkFailed               network-failed
         ├── IPTimeout                   ip-timeout
+        ├── NotReady                    not-ready (the ready_when probe never passed)
         └── Interrupted                 interrupted (the service stopped mid-create)
 
 The API layer maps these to ``{"code", "message"}``; nothing else does. An error whose status
@@ -247,6 +248,10 @@ class NetworkFailed(VMFailure):
 
 class IPTimeout(VMFailure):
     code = "ip-timeout"
+
+
+class NotReady(VMFailure):
+    code = "not-ready"
 
 
 class Interrupted(VMFailure):

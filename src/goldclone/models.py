@@ -98,6 +98,7 @@ class Phase(StrEnum):
     DOWNLOADING = "downloading"
     CLONING = "cloning"
     BOOTING = "booting"
+    READY = "ready"
     RUNNING = "running"
     STOPPED = "stopped"
     ERROR = "error"
@@ -153,6 +154,43 @@ def _integral(value: object) -> object:
 Count = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
+Port = Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1, le=65535)]
+_PATH = r"^/[!-~]*$"
+
+
+class HttpCheck(_Strict):
+    port: Port
+    path: Annotated[StrictStr, Field(max_length=1024, pattern=_PATH)] = "/"
+
+
+class ReadyWhen(_Strict):
+    """What "ready" means for a VM: exactly one of ``tcp`` (a port that accepts a
+    connection), ``http`` (a GET that answers any status below 500) and ``guest_agent`` (the
+    QEMU guest agent answers a ping), with an optional ``timeout`` in seconds."""
+
+    tcp: Port | None = None
+    http: HttpCheck | None = None
+    guest_agent: Literal[True] | None = None
+    timeout: Annotated[Count, Field(ge=1, le=86400)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReadyWhen:
+        given = [name for name in ("tcp", "http", "guest_agent") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                'give exactly one of {"tcp": PORT}, {"http": {"port": PORT, "path": "/..."}} '
+                'and {"guest_agent": true}, with an optional "timeout" in seconds'
+            )
+        return self
+
+    def describe(self) -> str:
+        if self.tcp is not None:
+            return f"TCP port {self.tcp}"
+        if self.http is not None:
+            return f"HTTP GET :{self.http.port}{self.http.path}"
+        return "the guest agent"
+
+
 class CreateVMRequest(_Strict):
     """The body of ``POST /vms``."""
 
@@ -162,6 +200,8 @@ class CreateVMRequest(_Strict):
     network_type: NetworkType = "nat"
     headless: StrictBool = True
     callback_url: HttpUrl | None = None
+    ready_when: ReadyWhen | None = None
+    """Without it, a VM is ready when its IP is known."""
 
     _callback_url = field_validator("callback_url")(_http_url)
 
@@ -194,6 +234,7 @@ class VM(BaseModel):
     network_type: NetworkType
     headless: bool
     callback_url: str | None
+    ready_when: ReadyWhen | None = None
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING

@@ -6,9 +6,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import TypeVar, cast, overload
 
 T = TypeVar("T")
+
+
+@overload
+async def until(
+    check: Callable[[], Awaitable[T | None]], *, interval: float, timeout: float | None = None
+) -> T: ...
+
+
+@overload
+async def until(
+    check: Callable[[], T | None], *, interval: float, timeout: float | None = None
+) -> T: ...
 
 
 async def until(

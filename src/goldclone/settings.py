@@ -169,7 +169,12 @@ class Settings:
     """Seconds without progress after which a download fails."""
     reserve_mb: int = 256
     """Space kept free on the data dir's disk: a download that would eat into it is refused."""
-    ip_timeout: float = 120.0
+    ip_timeout: float = 300.0
+    """Seconds a guest has to get an IP: a real cloud guest under TCG takes 35-60 s, and
+    4-5 minutes on a loaded host."""
+    ready_timeout: float = 600.0
+    """Seconds a guest has, once it has its IP, to pass its ``ready_when`` probe, unless the
+    request gives a timeout."""
     shutdown_timeout: float = 10.0
     """Seconds a guest gets to power off cleanly on DELETE before it is stopped hard."""
     reconcile_interval: float = 300.0
@@ -210,6 +215,7 @@ class Settings:
             "GOLDCLONE_DOWNLOAD_TIMEOUT": ("download_timeout", float),
             "GOLDCLONE_RESERVE_MB": ("reserve_mb", int),
             "GOLDCLONE_IP_TIMEOUT": ("ip_timeout", float),
+            "GOLDCLONE_READY_TIMEOUT": ("ready_timeout", float),
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
             "GOLDCLONE_RECONCILE_INTERVAL": ("reconcile_interval", float),
             "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),

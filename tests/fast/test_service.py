@@ -344,3 +344,42 @@ async def test_the_console_follows_until_the_vm_is_gone(
         assert "".join(rest) == ""
     finally:
         await server.stop()
+
+
+async def test_bad_ready_when_is_refused(service: Service, request_body: dict[str, Any]) -> None:
+    for ready_when, message in (
+        ({}, "give exactly one of"),
+        ({"tcp": 22, "http": {"port": 80}}, "give exactly one of"),
+        ({"tcp": 0}, "ready_when.tcp: Input should be greater than or equal to 1"),
+        ({"http": {"port": 80, "path": "health"}}, "ready_when.http.path"),
+        ({"guest_agent": False}, "ready_when.guest_agent"),
+        ({"tcp": 22, "timeout": 0}, "ready_when.timeout"),
+        ({"udp": 53}, "ready_when.udp: unknown field"),
+    ):
+        response = await service.client.post(
+            "/vms", json={**request_body, "ready_when": ready_when}
+        )
+        assert response.status_code == 400, (ready_when, response.text)
+        assert message in response.json()["message"], (ready_when, response.json())
+
+
+async def test_a_vm_is_running_once_it_is_ready(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot({**request_body, "ready_when": {"guest_agent": True}})
+    assert vm["status"] == "running", vm
+    assert phases(vm) == ["accepted", "downloading", "cloning", "booting", "ready", "running"]
+    assert vm["ready_when"] == {"tcp": None, "http": None, "guest_agent": True, "timeout": None}
+
+
+async def test_a_guest_that_never_gets_ready_ends_in_not_ready(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    host = SyntheticHost(has_agent=False)
+    async with serving(Service(fast_settings, host)) as service:
+        body = {**request_body, "ready_when": {"guest_agent": True, "timeout": 1}}
+        vm = await service.boot(body)
+        assert vm["error"]["code"] == "not-ready", vm
+        assert "the guest agent of the guest at 198.18" in vm["error"]["message"]
+        assert "within 1 s" in vm["error"]["message"]
+        assert service.leftovers(vm["id"]) == []

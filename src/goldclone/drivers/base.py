@@ -48,12 +48,14 @@ class Capabilities:
     ``network_types`` are the types VMs can use here; ``unavailable_networks`` maps each type
     the driver knows but cannot offer here to the reason, for the error a request gets.
     ``memory_templates`` says whether the driver can start a machine from a saved, booted
-    template instead of a cold boot (none can yet).
+    template instead of a cold boot (none can yet); ``guest_agent`` whether it can ping a QEMU
+    guest agent in the guest.
     """
 
     network_types: tuple[str, ...]
     package_kinds: frozenset[PackageKind]
     memory_templates: bool = False
+    guest_agent: bool = False
     unavailable_networks: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -120,6 +122,11 @@ class Driver(Protocol):
         """Whether the machine's hypervisor process is alive."""
         ...
 
+    async def agent_ping(self, runtime: Runtime) -> bool:
+        """Whether a guest agent in the machine answers a ping now; ``False`` for a driver
+        without ``capabilities.guest_agent``."""
+        ...
+
     def console_path(self, machine: str) -> Path | None:
         """The file that the machine's serial console is written to, if the driver keeps
         one."""
@@ -128,9 +135,12 @@ class Driver(Protocol):
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""
 
-    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
-        """Stop the machine (cleanly, then hard) and remove everything it had, even when the
-        service stopped before ``runtime`` was recorded."""
+    async def destroy(
+        self, machine: str, runtime: Runtime | None, *, graceful: bool = True
+    ) -> None:
+        """Stop the machine (cleanly, then hard; at once without ``graceful``, for a guest
+        that has not finished booting and would not act on the power button) and remove
+        everything it had, even when the service stopped before ``runtime`` was recorded."""
 
     async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
         """Destroy what this driver finds of machines that ``known_machines()`` does not name.

@@ -52,11 +52,13 @@ class SyntheticHost:
     """The machines of one synthetic host, and how its guests behave.
 
     ``boot_seconds`` is how long a started guest takes to get its address; with ``gets_ip``
-    false, guests never get one. ``faults`` fail the next call of a step with the error given.
+    false, guests never get one; with ``has_agent`` false, none has a guest agent.
+    ``faults`` fail the next call of a step with the error given.
     """
 
     boot_seconds: float = 0.0
     gets_ip: bool = True
+    has_agent: bool = True
     machines: dict[str, Machine] = field(default_factory=dict)
     faults: dict[Step, GoldcloneError] = field(default_factory=dict)
     _next_address: int = 1
@@ -96,6 +98,7 @@ class SyntheticDriver:
         self._capabilities = Capabilities(
             network_types=network_types,
             package_kinds=frozenset({"disk", "vmx"}),
+            guest_agent=True,
             unavailable_networks={
                 t: f"'{t}' is not offered by this synthetic host"
                 for t in ("bridged", "nat", "hostonly")
@@ -181,10 +184,18 @@ class SyntheticDriver:
         found = self.host.machines.get(machine)
         return found is not None and found.running
 
+    async def agent_ping(self, runtime: Runtime) -> bool:
+        """The synthetic guest's agent answers once it has its address, if the host says
+        guests have one."""
+        machine = self.host.machines.get(runtime.machine)
+        return self.host.has_agent and machine is not None and machine.ip is not None
+
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to take over: the machine lives in the host object, if it is there."""
 
-    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
+    async def destroy(
+        self, machine: str, runtime: Runtime | None, *, graceful: bool = True
+    ) -> None:
         self.host.check_fault("destroy")
         self.host.machines.pop(machine, None)
         await asyncio.to_thread(shutil.rmtree, self._vms_dir / machine, ignore_errors=True)

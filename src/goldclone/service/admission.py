@@ -55,6 +55,11 @@ class Admission:
                 f"{limits.max_memory_mb} MB on this host"
             )
         self.check_network(request.network_type)
+        agent = request.ready_when is not None and request.ready_when.guest_agent
+        if agent and not self._capabilities.guest_agent:
+            raise InvalidRequest(
+                "ready_when.guest_agent: this host's driver cannot ask a guest agent"
+            )
         self.check_url("image.url", request.image.url)
         if request.callback_url is not None:
             self.check_url("callback_url", request.callback_url)
@@ -120,6 +125,7 @@ def _new_vm(request: CreateVMRequest) -> VM:
         network_type=request.network_type,
         headless=request.headless,
         callback_url=request.callback_url,
+        ready_when=request.ready_when,
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )

@@ -27,6 +27,7 @@ from goldclone.errors import (
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, ErrorBody, Phase, Status
 from goldclone.outbound.callbacks import deliver
+from goldclone.service.readiness import wait_ready
 from goldclone.service.store import Leftover, Store
 from goldclone.settings import Settings
 
@@ -92,26 +93,29 @@ class Lifecycle:
                 vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
             )
             try:
-                await self.destroy(vm_id)
+                await self.destroy(vm_id, graceful=before.status is Status.RUNNING)
             except VMConflict:
                 if task is None:
                     await self._store.restore(before)
                 raise
 
-    async def destroy(self, vm_id: str) -> None:
+    async def destroy(self, vm_id: str, graceful: bool = True) -> None:
         """Tear down a ``deleting`` VM and forget it, with whatever its teardown could not
-        remove kept for reconciliation. Raises ``VMConflict`` when the hypervisor refuses."""
-        leftover = await self._teardown_leaving(vm_id)
+        remove kept for reconciliation. Raises ``VMConflict`` when the hypervisor refuses.
+        A guest is asked to power off only if ``graceful``: one still booting would not."""
+        leftover = await self._teardown_leaving(vm_id, graceful=graceful)
         await self._store.forget(vm_id, leftover)
         self._locks.pop(vm_id, None)
         self._machines.pop(vm_id, None)
         log.info("VM %s destroyed%s", vm_id, " (with a cleanup left to retry)" if leftover else "")
 
-    async def _teardown_leaving(self, vm_id: str, refused_too: bool = False) -> Leftover | None:
+    async def _teardown_leaving(
+        self, vm_id: str, refused_too: bool = False, graceful: bool = False
+    ) -> Leftover | None:
         """``teardown``, but trouble becomes the ``Leftover`` that reconciliation retries
         rather than an error; a hypervisor's refusal (``VMConflict``) too if ``refused_too``."""
         try:
-            await self.teardown(vm_id)
+            await self.teardown(vm_id, graceful)
         except VMConflict:
             if not refused_too:
                 raise
@@ -159,12 +163,12 @@ class Lifecycle:
             vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR, error=error
         )
 
-    async def teardown(self, vm_id: str) -> None:
+    async def teardown(self, vm_id: str, graceful: bool = False) -> None:
         """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
-        repeat."""
+        repeat. The guest is asked to power off first only if ``graceful``."""
         runtime = await self.runtime(vm_id)
         machine = runtime.machine if runtime is not None else vm_id
-        await self._driver.destroy(machine, runtime)
+        await self._driver.destroy(machine, runtime, graceful=graceful)
 
     async def runtime(self, vm_id: str) -> Runtime | None:
         """The driver's runtime of the VM's machine, once recorded."""
@@ -227,6 +231,10 @@ class Lifecycle:
         spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless)
         await self._driver.start(spec, runtime)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
+        if vm.ready_when is not None:
+            timeout = vm.ready_when.timeout or self._settings.ready_timeout
+            await wait_ready(ip, vm.ready_when, timeout, lambda: self._driver.agent_ping(runtime))
+            await self._step(vm, Phase.READY)
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         log.info("VM %s is running at %s", vm.id, ip)
         return vm

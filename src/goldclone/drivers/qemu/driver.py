@@ -30,7 +30,7 @@ from goldclone.drivers.base import (
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
-from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.drivers.qemu.qmp import agent_execute, qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
 from goldclone.host import processes
 from goldclone.host.commands import run
@@ -73,6 +73,7 @@ class QemuDriver:
         self._capabilities = Capabilities(
             network_types=tuple(t for t in NETWORK_TYPES if t not in unavailable),
             package_kinds=frozenset({"disk", "vmx"}),
+            guest_agent=True,
             unavailable_networks=unavailable,
         )
 
@@ -105,6 +106,9 @@ class QemuDriver:
 
     def _pidfile(self, machine: str) -> Path:
         return self.vm_dir(machine) / "qemu.pid"
+
+    def _agent(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "qga.sock"
 
     async def clone(self, machine: str, gold: GoldImage) -> None:
         vm_dir = self.vm_dir(machine)
@@ -141,6 +145,9 @@ class QemuDriver:
             *display,
             "-serial", f"file:{self.console_path(spec.machine)}",
             "-qmp", f"unix:{self._qmp(spec.machine)},server=on,wait=off",
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=qga0,path={self._agent(spec.machine)},server=on,wait=off",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-pidfile", str(self._pidfile(spec.machine)),
             *self._confinement(),
             "-daemonize",
@@ -160,6 +167,7 @@ class QemuDriver:
         if self._read_pid(spec.machine) is None:
             raise BootFailed("qemu started but is not running; see the VM's console.log")
         self._qmp(spec.machine).chmod(0o600)
+        self._agent(spec.machine).chmod(0o600)
 
     def _read_pid(self, machine: str) -> int | None:
         """The pid of this machine's qemu, if it is alive and really is that machine's."""
@@ -197,13 +205,23 @@ class QemuDriver:
     async def is_running(self, machine: str) -> bool:
         return self._read_pid(machine) is not None
 
+    async def agent_ping(self, runtime: Runtime) -> bool:
+        """Whether qemu-guest-agent in the guest answers ``guest-ping`` on its virtio port."""
+        try:
+            await agent_execute(self._agent(runtime.machine), "guest-ping", timeout=2.0)
+        except QMPError:
+            return False
+        return True
+
     def console_path(self, machine: str) -> Path:
         return self.vm_dir(machine) / "console.log"
 
     async def adopt(self, runtime: Runtime) -> None:
         await self._networks.adopt(_nic(runtime))
 
-    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
+    async def destroy(
+        self, machine: str, runtime: Runtime | None, *, graceful: bool = True
+    ) -> None:
         """Power off cleanly, then ``quit``, then SIGKILL; then remove the VM's folder and
         its NIC.
 
@@ -216,7 +234,7 @@ class QemuDriver:
         mac = next((qemu.mac for qemu in qemus if qemu.mac), None)
         pid = self._read_pid(machine)
         if pid is not None:
-            await self._stop(machine, pid, self._shutdown_timeout)
+            await self._stop(machine, pid, self._shutdown_timeout if graceful else None)
         for qemu in qemus:
             if qemu.pid != pid:
                 await processes.end(qemu.pid, (signal.SIGKILL,), KILL_GRACE)
@@ -254,9 +272,13 @@ class QemuDriver:
     async def health(self) -> dict[str, str | None]:
         return await self._networks.health()
 
-    async def _stop(self, machine: str, pid: int, shutdown_timeout: float) -> None:
+    async def _stop(self, machine: str, pid: int, shutdown_timeout: float | None) -> None:
+        """Power off (unless ``shutdown_timeout`` is None), then ``quit``, then SIGKILL."""
         qmp = self._qmp(machine)
-        for command, grace in (("system_powerdown", shutdown_timeout), ("quit", 3.0)):
+        steps = [("quit", 3.0)]
+        if shutdown_timeout is not None:
+            steps.insert(0, ("system_powerdown", shutdown_timeout))
+        for command, grace in steps:
             try:
                 await qmp_execute(qmp, command, timeout=2.0)
             except QMPError as exc:

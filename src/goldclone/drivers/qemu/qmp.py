@@ -28,11 +28,29 @@ async def qmp_execute(
         raise QMPError(f"QMP {command}: {exc.strerror or exc}") from None
 
 
-async def _execute(socket_path: Path, command: str, arguments: dict[str, Any] | None) -> Any:
+async def agent_execute(
+    socket_path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+) -> Any:
+    """Run one command of the QEMU guest agent, which speaks QMP's messages on its virtio
+    port without a greeting or capability negotiation."""
+    try:
+        return await asyncio.wait_for(
+            _execute(socket_path, command, arguments, agent=True), timeout
+        )
+    except TimeoutError:
+        raise QMPError(f"the guest agent did not answer {command} within {timeout:g} s") from None
+    except OSError as exc:
+        raise QMPError(f"guest agent {command}: {exc.strerror or exc}") from None
+
+
+async def _execute(
+    socket_path: Path, command: str, arguments: dict[str, Any] | None, agent: bool = False
+) -> Any:
     reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=1 << 20)
     try:
-        await _read_message(reader)  # greeting
-        await _call(reader, writer, "qmp_capabilities", None)
+        if not agent:
+            await _read_message(reader)  # greeting
+            await _call(reader, writer, "qmp_capabilities", None)
         return await _call(reader, writer, command, arguments)
     finally:
         writer.close()

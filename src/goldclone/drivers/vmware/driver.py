@@ -182,6 +182,10 @@ class VMwareDriver:
         self._last_known[machine] = running
         return running
 
+    async def agent_ping(self, runtime: Runtime) -> bool:
+        """False: VMware Tools is not the QEMU guest agent (``capabilities.guest_agent``)."""
+        return False
+
     def console_path(self, machine: str) -> Path | None:
         """None: a clone's serial ports are unplugged (``clonevmx.confine``)."""
         return None
@@ -189,7 +193,9 @@ class VMwareDriver:
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to do: the VM runs in VMware's own process and ``vmrun`` finds it by path."""
 
-    async def destroy(self, machine: str, runtime: Runtime | None) -> None:
+    async def destroy(
+        self, machine: str, runtime: Runtime | None, *, graceful: bool = True
+    ) -> None:
         """Stop soft, then hard; ``vmrun deleteVM``; then remove whatever is left. Raises
         ``VMConflict``, with nothing removed, while VMware holds a lock on the VM."""
         vm_dir, vmx = self.vm_dir(machine), self.vmx(machine)
@@ -197,7 +203,7 @@ class VMwareDriver:
             return
         if vmx.exists():
             if await self._listed_now(str(vmx)):
-                await self._stop(machine)
+                await self._stop(machine, graceful)
             try:
                 await self.cli("deleteVM", str(vmx))
             except CommandError as exc:
@@ -276,15 +282,16 @@ class VMwareDriver:
             lambda: vmnet_leases.lookup(self._config.lease_files, mac), interval=_LEASE_POLL
         )
 
-    async def _stop(self, machine: str) -> None:
+    async def _stop(self, machine: str, graceful: bool) -> None:
         vmx = str(self.vmx(machine))
-        try:
-            await self.cli("stop", vmx, "soft", timeout=self._shutdown_timeout)
-            return
-        except CommandError as exc:
-            log.info("VM %s: soft stop failed, stopping it hard: %s", machine, exc.message)
-        finally:
-            self._changed()
+        if graceful:
+            try:
+                await self.cli("stop", vmx, "soft", timeout=self._shutdown_timeout)
+                return
+            except CommandError as exc:
+                log.info("VM %s: soft stop failed, stopping it hard: %s", machine, exc.message)
+            finally:
+                self._changed()
         try:
             await self.cli("stop", vmx, "hard", timeout=_HARD_STOP_TIMEOUT)
         except CommandError as exc:

@@ -1,0 +1,75 @@
+"""Whether a guest is ready for work, by its ``ready_when`` probe: a TCP port that accepts a
+connection, an HTTP GET that answers any status below 500, or the guest agent's ping. Probes
+go straight to the guest (its address is ours), every second until the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from goldclone.errors import NotReady
+from goldclone.models import ReadyWhen
+from goldclone.polling import until
+
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 3.0
+
+
+async def wait_ready(
+    ip: str, ready_when: ReadyWhen, timeout: float, agent_ping: Callable[[], Awaitable[bool]]
+) -> None:
+    """Return once the guest at ``ip`` passes ``ready_when``; ``NotReady`` after ``timeout``
+    seconds."""
+
+    async def passes() -> bool:
+        if ready_when.tcp is not None:
+            return await _tcp(ip, ready_when.tcp)
+        if ready_when.http is not None:
+            return await _http(ip, ready_when.http.port, ready_when.http.path)
+        return await agent_ping()
+
+    try:
+        await until(passes, interval=PROBE_INTERVAL, timeout=timeout)
+    except TimeoutError:
+        raise NotReady(
+            f"{ready_when.describe()} of the guest at {ip} did not answer within {timeout:g} s"
+        ) from None
+
+
+async def _tcp(ip: str, port: int) -> bool:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(ip, port)
+    except (OSError, TimeoutError):
+        return False
+    await _close(writer)
+    return True
+
+
+async def _http(ip: str, port: int, path: str) -> bool:
+    """Whether ``GET path`` answers with a status below 500 (HTTP/1.0, nothing more read)."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            reader, writer = await asyncio.open_connection(ip, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                await _close(writer)
+    except (OSError, TimeoutError):
+        return False
+    parts = status_line.split()
+    return (
+        len(parts) >= 2
+        and parts[0].startswith(b"HTTP/")
+        and parts[1].isdigit()
+        and (int(parts[1]) < 500)
+    )
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
