@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
 import sqlite3
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -25,24 +23,17 @@ from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer, free_port
 
-REPO = Path(__file__).parents[1]
 BEFORE_MIGRATIONS = "8682a97"
 """The last commit whose store had no migrations."""
+RELEASE = Path(__file__).parent / "data" / f"release-{BEFORE_MIGRATIONS}-src.tar.gz"
 
 
 @pytest.fixture(scope="module")
 def old_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """goldclone's source as it was at ``BEFORE_MIGRATIONS``, from this repository's history."""
+    """goldclone's source as it was at ``BEFORE_MIGRATIONS``: ``git archive`` of that commit,
+    kept in tests/data so that a shallow clone can run the test too."""
     root = tmp_path_factory.mktemp("old-release")
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", BEFORE_MIGRATIONS, "src"],
-        capture_output=True,
-        check=False,
-    )
-    assert archive.returncode == 0, (
-        f"commit {BEFORE_MIGRATIONS} must be in this clone's history: {archive.stderr!r}"
-    )
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+    with tarfile.open(RELEASE) as tar:
         tar.extractall(root, filter="data")
     return root / "src"
 
