@@ -376,3 +376,31 @@ def test_parse_ack_reads_only_acks_for_our_mac() -> None:
     assert parse_ack(packet(1, mac, 5), mac) is None  # a request
     assert parse_ack(packet(2, "52:54:00:00:00:01", 5), mac) is None
     assert parse_ack(packet(2, mac, 5)[:100], mac) is None
+
+
+@pytest.mark.parametrize(("network_type", "subnet"), [("nat", NAT), ("hostonly", HOSTONLY)])
+async def test_owned_networks_answer_dns_with_the_hosts_names(
+    networks: Networks, tmp_path: Path, network_type: str, subnet: IPv4Network
+) -> None:
+    """DHCP names the bridge address as DNS server, and dnsmasq there answers the names in
+    the host's /etc/hosts (this test's own, bind-mounted in its private mount namespace)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.9.8.7 buildcache.example\n")
+    await run("mount", "--bind", str(hosts), "/etc/hosts")
+    try:
+        attachment = await networks.attach(network_type, "vm-dns")  # dnsmasq starts now
+        script = tmp_path / "dhcp.sh"
+        script.write_text('#!/bin/sh\n[ "$1" = bound ] && ip addr add "$ip/$mask" dev '
+                          '"$interface" && echo "$dns" > "$0.dns"\nexit 0\n')  # fmt: skip
+        script.chmod(0o755)
+        async with fake_guest(attachment.tap, attachment.mac) as guest:
+            await guest.dhcp(script)
+            servers = (tmp_path / "dhcp.sh.dns").read_text().split()
+            assert servers == [str(subnet.network_address + 1)]
+            answer = await guest.exec(
+                "busybox", "nslookup", "-type=a", "buildcache.example", servers[0]
+            )
+        assert "10.9.8.7" in answer, answer
+        await networks.detach(attachment)
+    finally:
+        await run("umount", "/etc/hosts")

@@ -124,6 +124,8 @@ async def test_original_example_end_to_end(
 
     vm = await goldclone.wait_for(accepted["id"], "running", "error")
     await assert_serves(vm)
+    host = goldclone.settings.network.subnet(network_type).network_address + 1
+    assert f"dns {host}" in await guest_page(vm["ip_address"])  # DHCP named our DNS server
     assert vm["cpus"] == 2 and vm["memory"] == 1024 and vm["network_type"] == network_type
     phases = [entry["phase"] for entry in vm["timeline"]]
     assert phases == ["accepted", "downloading", "cloning", "booting", "running"]

@@ -9,3 +9,4 @@ for path in /sys/class/net/*; do
     addrs=$(ip -4 -o addr show dev "$nic" | sed -n 's/.* inet \([0-9.]*\).*/\1/p')
     echo "$nic $(cat "$path/address")" $addrs
 done
+echo "dns" $(sed -n 's/^nameserver //p' /etc/resolv.conf 2>/dev/null)

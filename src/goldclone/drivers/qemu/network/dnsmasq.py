@@ -63,7 +63,6 @@ class Dnsmasq:
         argv = [
             "dnsmasq",
             "--conf-file=/dev/null",
-            "--port=0",
             "--bind-interfaces",
             f"--interface={self.bridge}",
             "--except-interface=lo",
@@ -74,8 +73,12 @@ class Dnsmasq:
             f"--pid-file={self.pid_file}",
             f"--dhcp-hostsfile={self.hosts_file}",
         ]
+        # DNS on the bridge address: the host's /etc/hosts, and, for a network with a route
+        # out, the host's resolvers; plain names and private reverse lookups stay here.
+        argv += ["--domain-needed", "--bogus-priv"]
         if not self.router:
             argv.append("--dhcp-option=3")  # an empty router option: no default route via us
+            argv.append("--no-resolv")  # no way out, so no names from outside
         return argv
 
     def _pid_from_file(self) -> int | None:
