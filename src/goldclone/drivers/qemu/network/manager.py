@@ -183,13 +183,19 @@ class Networks:
     async def supervise(self) -> None:
         """Every ``check_interval`` seconds, repair each owned network that is up; see
         ``heal``, which ``attach`` calls too."""
+        failing: dict[str, str] = {}  # a repair that keeps failing is logged once
         while True:
             await asyncio.sleep(self.config.check_interval)
             for network_type in sorted(self._up):
                 try:
                     await self.heal(network_type)
-                except Exception:
-                    log.exception("network %s could not be repaired; trying again", network_type)
+                except Exception as exc:
+                    if failing.get(network_type) != str(exc):
+                        log.exception("network %s could not be repaired; trying again every "
+                                      "%g s", network_type, self.config.check_interval)  # fmt: skip
+                    failing[network_type] = str(exc)
+                else:
+                    failing.pop(network_type, None)
 
     async def heal(self, network_type: str) -> Repair | None:
         """Repair owned network ``network_type`` if it is up and broken: a bridge that is gone
