@@ -92,7 +92,7 @@ async def test_a_deleted_bridge_is_made_again_under_running_guests(
     new = await goldclone.boot(demo_body)
     assert new["status"] == "running", new
     repairs = [r.getMessage() for r in caplog.records if "made the bridge again" in r.getMessage()]
-    assert len(repairs) == 1 and "put 1 tap(s) back" in repairs[0], repairs
+    assert len(repairs) == 1 and "put 1 tap(s) back on it" in repairs[0], repairs
     for vm in (running, new):
         await goldclone.delete(vm["id"])
         assert leftovers(goldclone.data_dir, vm) == []

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
+from typing import Literal
 
 from goldclone.drivers.qemu.network import bridge, dnsmasq_leases, firewall
 from goldclone.drivers.qemu.network.attachment import Attachment
@@ -42,6 +43,12 @@ class Repair:
     found: str
     done: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class _Fault:
+    kind: Literal["gone", "foreign", "no-dhcp"] | None
+    reason: str | None
 
 
 def tap_name(vm_id: str) -> str:
@@ -165,20 +172,22 @@ class Networks:
     async def health(self) -> dict[str, str | None]:
         """Each owned network that is up (``network nat``, ...) and what is wrong with it;
         ``heal`` repairs the same things within a few seconds."""
-        health: dict[str, str | None] = {}
-        for network_type in sorted(self._up):
-            name = self._bridge(network_type)
-            found = await bridge.link(name)
-            if found is None:
-                problem: str | None = f"the bridge {name} is gone"
-            elif found.alias != self.label:
-                problem = await self._not_ours(network_type)
-            elif self.dnsmasq(network_type).adoptable_pid(found.index) is None:
-                problem = f"no DHCP server serves {name}"
-            else:
-                problem = None
-            health[f"network {network_type}"] = problem
-        return health
+        return {
+            f"network {network_type}": (await self._fault(network_type)).reason
+            for network_type in sorted(self._up)
+        }
+
+    async def _fault(self, network_type: str) -> _Fault:
+        """What is wrong with owned network ``network_type`` now, if anything."""
+        name = self._bridge(network_type)
+        found = await bridge.link(name)
+        if found is None:
+            return _Fault("gone", f"the bridge {name} is gone")
+        if found.alias != self.label and (reason := await self._not_ours(network_type)):
+            return _Fault("foreign", reason)
+        if self.dnsmasq(network_type).adoptable_pid(found.index) is None:
+            return _Fault("no-dhcp", f"no DHCP server serves {name}")
+        return _Fault(None, None)
 
     async def supervise(self) -> None:
         """Every ``check_interval`` seconds, repair each owned network that is up; see
@@ -206,31 +215,25 @@ class Networks:
             if network_type not in self._up:
                 return None
             name = self._bridge(network_type)
-            dnsmasq = self.dnsmasq(network_type)
             started = time.monotonic()
-            found = await bridge.link(name)
-            if found is not None and dnsmasq.adoptable_pid(found.index) is not None:
+            fault = await self._fault(network_type)
+            if fault.kind is None:
                 return None
-            if found is not None and found.alias != self.label:
-                log.error(
-                    "network %s: the bridge %s was replaced by one that is not ours (alias %r); "
-                    "leaving it alone", network_type, name, found.alias,
-                )  # fmt: skip
+            if fault.kind == "foreign":
+                log.error("network %s: %s; leaving it alone", network_type, fault.reason)
                 return None
             await self._bring_up(network_type)
             taps = [a.tap for a in self._attached.values() if a.bridge == name]
-            if found is None:
+            if fault.kind == "gone":
                 for tap in taps:
                     if await bridge.link_exists(tap):
                         await bridge.attach(tap, name)
-            repair = Repair(
-                network_type,
-                "the bridge was gone" if found is None else "its DHCP server was not serving it",
-                f"made the bridge again, put {len(taps)} tap(s) back on it and restarted DHCP"
-                if found is None
-                else "restarted DHCP",
-                time.monotonic() - started,
-            )
+                done = (
+                    f"made the bridge again, put {len(taps)} tap(s) back on it and restarted DHCP"
+                )
+            else:
+                done = "restarted DHCP"
+            repair = Repair(network_type, str(fault.reason), done, time.monotonic() - started)
             log.warning("network %s (%s): %s; %s, in %.2f s", network_type, name,
                         repair.found, repair.done, repair.seconds)  # fmt: skip
             return repair
