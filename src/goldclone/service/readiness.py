@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
+import httpx
+
 from goldclone.errors import NotReady
 from goldclone.models import ReadyWhen
 from goldclone.polling import until
@@ -48,25 +50,14 @@ async def _tcp(ip: str, port: int) -> bool:
 
 
 async def _http(ip: str, port: int, path: str) -> bool:
-    """Whether ``GET path`` answers with a status below 500 (HTTP/1.0, nothing more read)."""
+    """Whether ``GET path`` answers with a status below 500; redirects are not followed, and
+    no proxy of the environment is used: the guest is on our own network."""
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
-            reader, writer = await asyncio.open_connection(ip, port)
-            try:
-                writer.write(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-                await writer.drain()
-                status_line = await reader.readline()
-            finally:
-                await _close(writer)
-    except (OSError, TimeoutError):
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False) as client:
+            response = await client.get(f"http://{ip}:{port}{path}")
+    except httpx.HTTPError:
         return False
-    parts = status_line.split()
-    return (
-        len(parts) >= 2
-        and parts[0].startswith(b"HTTP/")
-        and parts[1].isdigit()
-        and (int(parts[1]) < 500)
-    )
+    return response.status_code < 500
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
