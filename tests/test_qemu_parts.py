@@ -15,6 +15,7 @@ from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel, runs_guest
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.errors import CommandError, CommandTimeout
+from goldclone.guest.config import GuestConfig
 from goldclone.host.commands import run
 from goldclone.settings import NetworkConfig
 from tests.harness import processes_mentioning
@@ -81,7 +82,8 @@ NIC = Attachment(
 
 
 def _spec(headless: bool) -> MachineSpec:
-    return MachineSpec("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", 2, 512, headless)
+    machine = "282ee68a-2e4d-4bd7-9c0e-7f37e12fc489"
+    return MachineSpec(machine, 2, 512, headless, GuestConfig(machine, "vm-282ee68a"))
 
 
 def _driver(data_dir: str) -> QemuDriver:

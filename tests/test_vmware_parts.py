@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from goldclone.drivers.base import MachineSpec
 from goldclone.drivers.vmware import clonevmx, vmnet_leases
 from goldclone.drivers.vmware.vmrun import error_line, failure
 from goldclone.errors import CommandError, VMConflict
+from goldclone.guest.config import GuestConfig
 from goldclone.images.vmx import VmxFile
 from goldclone.settings import DEFAULT_LEASE_FILES, Settings
 
@@ -102,12 +105,26 @@ def test_set_nic_replaces_an_unknown_device() -> None:
 
 
 def test_set_machine() -> None:
-    vmx = VmxFile.parse(b'numvcpus = "8"\ncpuid.coresPerSocket = "4"\nmemsize = "8192"\n')
-    clonevmx.set_machine(vmx, MachineSpec("282ee68a", cpus=2, memory_mb=1024, headless=True))
+    vmx = VmxFile.parse(
+        b'numvcpus = "8"\ncpuid.coresPerSocket = "4"\nmemsize = "8192"\n'
+        b'guestinfo.userdata = "I2Nsb3VkLWNvbmZpZw=="\nGuestInfo.coordinator = "evil"\n'
+    )
+    guest = GuestConfig(
+        "282ee68a", "builder-1", ("ssh-ed25519 AAAA me",), "#!/bin/sh\n", {"token": 'a "b"|c'}
+    )
+    clonevmx.set_machine(vmx, MachineSpec("282ee68a", 2, 1024, True, guest))
     assert vmx.get("numvcpus") == "2" and vmx.get("memsize") == "1024"
     assert "cpuid.coresPerSocket" not in vmx
     assert vmx.get("displayName") == "goldclone-282ee68a"
     assert vmx.get("guestinfo.goldclone.id") == "282ee68a"
+    # what cloud-init's VMware datasource reads, and one key per metadata entry
+    metadata = json.loads(base64.b64decode(vmx.get("guestinfo.metadata") or ""))
+    assert metadata["local-hostname"] == "builder-1"
+    assert metadata["public-keys"] == ["ssh-ed25519 AAAA me"]
+    assert vmx.get("guestinfo.metadata.encoding") == "base64"
+    assert base64.b64decode(vmx.get("guestinfo.userdata") or "") == b"#!/bin/sh\n"
+    assert vmx.get("guestinfo.token") == 'a "b"|c'
+    assert "guestinfo.coordinator" not in vmx  # the package's own guestinfo goes
     assert vmx.get("msg.autoAnswer") == "TRUE"
 
 

@@ -15,6 +15,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── ImageInUse                      409 image-in-use
     ├── CapacityExceeded                409 capacity-exceeded
     ├── IdempotencyConflict             409 idempotency-conflict
+    ├── NameConflict                    409 name-conflict
     ├── BodyTooLarge                    413 body-too-large
     ├── UnsupportedMediaType            415 unsupported-media-type
     ├── StateConflict                   500 state-conflict (a state change the store refused)
@@ -131,6 +132,13 @@ class IdempotencyConflict(GoldcloneError):
     """An ``Idempotency-Key`` came again with a different request body."""
 
     code = "idempotency-conflict"
+    status = 409
+
+
+class NameConflict(GoldcloneError):
+    """Another VM that exists has the ``name`` asked for."""
+
+    code = "name-conflict"
     status = 409
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import struct
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
 import httpx
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -191,6 +195,103 @@ class ReadyWhen(_Strict):
         return "the guest agent"
 
 
+_DNS_LABEL_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_DNS_LABEL = re.compile(_DNS_LABEL_PATTERN)
+
+
+def _dns_label(name: str | None) -> str | None:
+    if name is not None and not _DNS_LABEL.fullmatch(name):
+        raise ValueError(
+            "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', "
+            "not starting or ending with '-'"
+        )
+    return name
+
+
+SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)  # fmt: skip
+
+
+def _ssh_public_key(key: str) -> str:
+    """An OpenSSH public key line, ``TYPE BASE64 [COMMENT]``, whose key data is whole: a
+    sequence of length-prefixed fields, the first naming the same type (every public key
+    format OpenSSH has is one). A private key, a fingerprint or a cut-off key is refused."""
+    fields = key.split(maxsplit=2)
+    if len(fields) < 2 or fields[0] not in SSH_KEY_TYPES:
+        raise ValueError(
+            "is not an OpenSSH public key: expected 'TYPE BASE64 [COMMENT]' with TYPE one of "
+            + ", ".join(sorted(SSH_KEY_TYPES))
+        )
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except binascii.Error:
+        raise ValueError("is not an OpenSSH public key: its key data is not base64") from None
+    parts = _ssh_fields(blob)
+    if parts is None or len(parts) < 2 or parts[0] != fields[0].encode():
+        raise ValueError(f"is not an OpenSSH public key: its key data is not a {fields[0]} key")
+    return key
+
+
+def _ssh_fields(blob: bytes) -> list[bytes] | None:
+    """``blob`` split into its length-prefixed fields, or None if it is not such a sequence."""
+    parts, at = [], 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        (length,) = struct.unpack_from(">I", blob, at)
+        at += 4 + length
+        if at > len(blob):
+            return None
+        parts.append(blob[at - length : at])
+    return parts
+
+
+SSHPublicKey = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=16384, pattern=r"^[!-~][ -~]*$"),
+    AfterValidator(_ssh_public_key),
+]
+USER_DATA_MAX_BYTES = 32 * 1024
+METADATA_MAX_ENTRIES = 64
+METADATA_MAX_BYTES = 4096
+_METADATA_KEY_PATTERN = "^[a-z0-9._-]{1,128}$"
+MetadataKey = Annotated[StrictStr, Field(pattern=_METADATA_KEY_PATTERN)]
+RESERVED_METADATA_KEYS = ("metadata", "userdata", "vendordata")
+"""What cloud-init's VMware datasource reads from ``guestinfo``; a ``metadata`` key becomes
+``guestinfo.<key>`` there, so these (and keys below them) are refused on every driver."""
+
+
+def _check_user_data(user_data: str | None) -> str | None:
+    if user_data is None:
+        return None
+    if (size := len(user_data.encode())) > USER_DATA_MAX_BYTES:
+        raise ValueError(f"is {size} bytes; at most {USER_DATA_MAX_BYTES} are allowed")
+    if not user_data.startswith(("#cloud-config", "#!")):
+        raise ValueError("must be a #cloud-config document or a #! script")
+    return user_data
+
+
+def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    if (size := sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())) > (
+        METADATA_MAX_BYTES
+    ):
+        raise ValueError(
+            f"keys and values take {size} bytes; at most {METADATA_MAX_BYTES} are allowed"
+        )
+    for key in metadata:
+        if key.split(".")[0] in RESERVED_METADATA_KEYS:
+            raise ValueError(
+                f"key {key!r} is reserved: {', '.join(RESERVED_METADATA_KEYS)} and the keys "
+                "below them are what cloud-init reads from VMware's guestinfo"
+            )
+    return metadata
+
+
 class CreateVMRequest(_Strict):
     """The body of ``POST /vms``."""
 
@@ -202,8 +303,24 @@ class CreateVMRequest(_Strict):
     callback_url: HttpUrl | None = None
     ready_when: ReadyWhen | None = None
     """Without it, a VM is ready when its IP is known."""
+    name: Annotated[StrictStr, Field(json_schema_extra={"pattern": _DNS_LABEL_PATTERN})] | None = (
+        None
+    )
+    """The guest's hostname, unique among the VMs that exist; without it, ``vm-`` and the
+    first part of the VM's ID."""
+    ssh_authorized_keys: Annotated[list[SSHPublicKey], Field(max_length=64)] = []
+    """OpenSSH public keys for the image's default user."""
+    user_data: StrictStr | None = Field(default=None, max_length=USER_DATA_MAX_BYTES)
+    """cloud-init user data: a ``#cloud-config`` document or a ``#!`` script. A secret: never
+    shown again, only its sha256."""
+    metadata: dict[MetadataKey, StrictStr] = Field(default={}, max_length=METADATA_MAX_ENTRIES)
+    """Strings the guest can read (in the NoCloud seed, QEMU's fw_cfg, VMware's guestinfo).
+    Values are secrets: only the keys are shown again."""
 
     _callback_url = field_validator("callback_url")(_http_url)
+    _name = field_validator("name")(_dns_label)
+    _user_data = field_validator("user_data")(_check_user_data)
+    _metadata = field_validator("metadata")(_check_metadata)
 
 
 class ErrorBody(BaseModel):
@@ -235,6 +352,13 @@ class VM(BaseModel):
     headless: bool
     callback_url: str | None
     ready_when: ReadyWhen | None = None
+    name: str | None = None
+    hostname: str = ""
+    ssh_authorized_keys: list[str] = []
+    user_data_sha256: str | None = None
+    """The sha256 of the ``user_data`` given, or null; the user data itself is never shown."""
+    metadata_keys: list[str] = []
+    """The keys of the ``metadata`` given; its values are never shown."""
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING

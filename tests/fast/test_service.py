@@ -17,6 +17,7 @@ import pytest
 from goldclone.drivers.base import MachineSpec, Runtime
 from goldclone.drivers.synthetic import Machine, SyntheticDriver, SyntheticHost
 from goldclone.errors import BootFailed, CloneFailed, DataDirInUse, NetworkFailed, VMConflict
+from goldclone.guest.config import GuestConfig
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, image_of, serving
 from tests.harness import Goldclone
@@ -228,7 +229,10 @@ async def test_the_synthetic_driver_keeps_the_contract(tmp_path: Path, images: F
     driver = SyntheticDriver(tmp_path)
     await driver.prepare()
     with pytest.raises(BootFailed, match="never cloned"):
-        await driver.start(MachineSpec("m", 1, 256, True), Runtime("m", "nat", "02:00:00:00:00:01"))
+        await driver.start(
+            MachineSpec("m", 1, 256, True, GuestConfig("m", "m")),
+            Runtime("m", "nat", "02:00:00:00:00:01"),
+        )
     await driver.destroy("m", None)
     await driver.destroy("m", None)
     assert list((tmp_path / "vms").iterdir()) == []

@@ -30,8 +30,10 @@ BUSYBOX = pathlib.Path("/bin/busybox")
 _PT_INTERP = 3  # an ELF program header that names a dynamic loader
 
 # virtio_pci finds the devices, virtio_net drives the NICs, and acpid reads power button
-# presses from button through an evdev device.
-GUEST_MODULES = ("virtio_pci", "virtio_net", "evdev", "button")
+# presses from button through an evdev device; virtio_blk and isofs read the NoCloud seed,
+# qemu_fw_cfg the metadata in fw_cfg.
+GUEST_MODULES = ("virtio_pci", "virtio_net", "evdev", "button", "virtio_blk", "isofs",
+                 "qemu_fw_cfg")  # fmt: skip
 
 SYSLINUX_CFG = """\
 DEFAULT linux
@@ -59,6 +61,9 @@ _GUEST_DIRS = (
     "etc",
     "etc/acpi",
     "etc/acpi/PWRF",
+    "seed",
+    "root",
+    "root/.ssh",
     "lib",
     "lib/modules",
     "var",
@@ -73,6 +78,7 @@ _GUEST_SCRIPTS = {
     "init": "init",
     "udhcpc.script": "etc/udhcpc.script",
     "power-button": "etc/acpi/PWRF/00000080",
+    "configure": "sbin/configure",
     "index.cgi": "www/cgi-bin/index.cgi",
 }
 

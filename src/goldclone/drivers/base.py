@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from goldclone.errors import BootFailed
+from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage
 from goldclone.polling import until
 
@@ -61,12 +62,13 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class MachineSpec:
-    """What one machine is to be."""
+    """What one machine is to be, and what its guest is told about itself."""
 
     machine: str
     cpus: int
     memory_mb: int
     headless: bool
+    guest: GuestConfig
 
 
 @dataclass(frozen=True)

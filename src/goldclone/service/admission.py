@@ -12,6 +12,7 @@ import uuid
 
 from goldclone.drivers.base import Capabilities
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
+from goldclone.guest.config import GuestConfig
 from goldclone.models import VM, CreateVMRequest, Phase, TimelineEntry, now_ms, now_s
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.store import Earlier, Store
@@ -29,18 +30,21 @@ class Admission:
         self._store = store
         self._policy = policy
 
-    async def admit(self, request: CreateVMRequest, idempotency_key: str | None) -> tuple[VM, bool]:
-        """The VM recorded for ``request``, ``creating``, and ``True``; or the VM that an
-        earlier request with the same ``idempotency_key`` and body made, and ``False``. The
-        same key with another body is an ``IdempotencyConflict``."""
+    async def admit(
+        self, request: CreateVMRequest, idempotency_key: str | None
+    ) -> tuple[VM, GuestConfig | None]:
+        """The VM recorded for ``request``, ``creating``, and its guest's configuration; or the
+        VM that an earlier request with the same ``idempotency_key`` and body made, and
+        ``None``. The same key with another body is an ``IdempotencyConflict``."""
         self.check(request)
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-        vm = _new_vm(request)
+        guest = GuestConfig.of(str(uuid.uuid4()), request)
+        vm = _new_vm(request, guest)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
         earlier = await self._store.admit(vm, idempotency, self._capacity_check(request))
         if earlier is None:
-            return vm, True
-        return _repeat(earlier, digest), False
+            return vm, guest
+        return _repeat(earlier, digest), None
 
     def check(self, request: CreateVMRequest) -> None:
         """Raise ``InvalidRequest`` for a request this host would never take."""
@@ -116,9 +120,9 @@ def _repeat(earlier: Earlier, digest: str) -> VM:
     return earlier.vm
 
 
-def _new_vm(request: CreateVMRequest) -> VM:
+def _new_vm(request: CreateVMRequest, guest: GuestConfig) -> VM:
     return VM(
-        id=str(uuid.uuid4()),
+        id=guest.instance_id,
         image=request.image,
         cpus=request.cpus,
         memory=request.memory,
@@ -126,6 +130,11 @@ def _new_vm(request: CreateVMRequest) -> VM:
         headless=request.headless,
         callback_url=request.callback_url,
         ready_when=request.ready_when,
+        name=request.name,
+        hostname=guest.hostname,
+        ssh_authorized_keys=list(guest.ssh_authorized_keys),
+        user_data_sha256=guest.user_data_sha256,
+        metadata_keys=list(guest.metadata),
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )

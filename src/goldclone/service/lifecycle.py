@@ -24,6 +24,7 @@ from goldclone.errors import (
     VMFailure,
     VMNotFound,
 )
+from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, ErrorBody, Phase, Status
 from goldclone.outbound.callbacks import deliver
@@ -60,9 +61,10 @@ class Lifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._machines: dict[str, str] = {}
 
-    def begin(self, vm: VM) -> None:
-        """Start creating ``vm``, which the store holds as ``creating``, in the background."""
-        task = asyncio.create_task(self._build(vm), name=f"create {vm.id}")
+    def begin(self, vm: VM, guest: GuestConfig) -> None:
+        """Start creating ``vm``, which the store holds as ``creating``, in the background,
+        with ``guest`` for its guest."""
+        task = asyncio.create_task(self._build(vm, guest), name=f"create {vm.id}")
         self._creating[vm.id] = task
         task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
 
@@ -201,9 +203,9 @@ class Lifecycle:
             machine = self._machines[vm_id] = runtime.machine
         return machine
 
-    async def _build(self, vm: VM) -> None:
+    async def _build(self, vm: VM, guest: GuestConfig) -> None:
         try:
-            vm = await self._boot(vm)
+            vm = await self._boot(vm, guest)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -214,7 +216,7 @@ class Lifecycle:
                 return
         self.report(vm)
 
-    async def _boot(self, vm: VM) -> VM:
+    async def _boot(self, vm: VM, guest: GuestConfig) -> VM:
         async def fetching() -> None:
             await self._step(vm, Phase.DOWNLOADING)
 
@@ -228,7 +230,7 @@ class Lifecycle:
         runtime = await self._driver.attach(vm.id, vm.network_type)
         await self._store.set_runtime(vm.id, runtime.record())
         await self._step(vm, Phase.BOOTING, mac_address=runtime.mac)
-        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless)
+        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless, guest)
         await self._driver.start(spec, runtime)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
         if vm.ready_when is not None:

@@ -18,7 +18,7 @@ from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text, eve
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from goldclone.errors import StateConflict, VMNotFound
+from goldclone.errors import NameConflict, StateConflict, VMNotFound
 from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
 from goldclone.service import schema
 
@@ -35,6 +35,7 @@ _vms = Table(
     Column("runtime", JSON, nullable=False),
     Column("idempotency_key", String(255), nullable=True, unique=True),
     Column("request_digest", String(64), nullable=True),
+    Column("name", String(63), nullable=True, unique=True),
 )
 
 _cleanups = Table(
@@ -123,30 +124,30 @@ class Store:
 
         ``check_capacity`` is given the VMs that hold the host's resources and raises to refuse
         the new one; it runs in the same transaction as the insert, so concurrent creates can't
-        both take the last place.
+        both take the last place. A ``vm.name`` that a recorded VM has is a ``NameConflict``.
         """
         key, digest = idempotency or (None, None)
         try:
             async with self._writer.begin() as conn:
                 if key is not None and (earlier := await _find_by_key(conn, key)) is not None:
                     return earlier
+                await _check_name_free(conn, vm.name)
                 if check_capacity is not None:
                     check_capacity(await _holding(conn))
                 await conn.execute(
                     _vms.insert().values(
                         id=vm.id, status=vm.status.value, vm=_dump(vm), runtime={},
-                        idempotency_key=key, request_digest=digest,
+                        idempotency_key=key, request_digest=digest, name=vm.name,
                     )
                 )  # fmt: skip
         except IntegrityError:
-            # another service on this database took the key between our read and our insert
-            if key is None:
-                raise
+            # another service on this database took the key or the name between our read and
+            # our insert
             async with self._engine.connect() as conn:
-                earlier = await _find_by_key(conn, key)
-            if earlier is None:
-                raise
-            return earlier
+                if key is not None and (earlier := await _find_by_key(conn, key)) is not None:
+                    return earlier
+                await _check_name_free(conn, vm.name)
+            raise
         return None
 
     async def advance(
@@ -297,6 +298,14 @@ async def _find_by_key(conn: AsyncConnection, key: str) -> Earlier | None:
     query = select(_vms.c.vm, _vms.c.request_digest).where(_vms.c.idempotency_key == key)
     row = (await conn.execute(query)).first()
     return None if row is None else Earlier(VM.model_validate(row.vm), row.request_digest)
+
+
+async def _check_name_free(conn: AsyncConnection, name: str | None) -> None:
+    if name is None:
+        return
+    row = (await conn.execute(select(_vms.c.id).where(_vms.c.name == name))).first()
+    if row is not None:
+        raise NameConflict(f"VM {row.id} is already named {name!r}; delete it or choose another")
 
 
 async def _holding(conn: AsyncConnection) -> list[VM]:

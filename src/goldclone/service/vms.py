@@ -90,9 +90,9 @@ class VMService:
 
     async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
         """Accept a VM and start creating it in the background; see ``Admission.admit``."""
-        vm, new = await self._admission.admit(request, idempotency_key)
-        if new:
-            self._lifecycle.begin(vm)
+        vm, guest = await self._admission.admit(request, idempotency_key)
+        if guest is not None:
+            self._lifecycle.begin(vm, guest)
         return self._with_progress(vm)
 
     async def get(self, vm_id: str) -> VM:

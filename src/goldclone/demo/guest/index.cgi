@@ -1,5 +1,6 @@
 #!/bin/sh
-# The page busybox httpd serves at "/": proves which VM answers, by its MACs.
+# The page busybox httpd serves at "/": proves which VM answers, by its MACs, and what it was
+# told: its hostname, SSH keys and metadata (from fw_cfg).
 
 printf 'Content-Type: text/plain\r\n\r\n'
 echo "goldclone demo guest"
@@ -10,3 +11,7 @@ for path in /sys/class/net/*; do
     echo "$nic $(cat "$path/address")" $addrs
 done
 echo "dns" $(sed -n 's/^nameserver //p' /etc/resolv.conf 2>/dev/null)
+echo "hostname $(hostname)"
+while read -r key; do echo "ssh-key $key"; done < /root/.ssh/authorized_keys
+metadata=/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw
+[ -r "$metadata" ] && echo "metadata $(cat "$metadata")"

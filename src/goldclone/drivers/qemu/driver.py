@@ -1,8 +1,9 @@
 """The QEMU driver: qcow2 linked clones, daemonized guests, QMP control.
 
-Each machine lives in ``vms/<name>/``: ``disk.qcow2`` (the clone), ``qmp.sock``, ``qemu.pid`` and
-``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service, and a restarted
-service finds them again through the pidfile and the socket.
+Each machine lives in ``vms/<name>/``: ``disk.qcow2`` (the clone), ``seed.iso`` (its NoCloud
+seed) and ``metadata.json`` (its ``metadata`` for fw_cfg), ``qmp.sock``, ``qga.sock``,
+``qemu.pid`` and ``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service,
+and a restarted service finds them again through the pidfile and the socket.
 
 A qemu is this driver's when its command line carries ``-pidfile <data dir>/vms/<id>/qemu.pid``
 and ``-name goldclone-<id>``; that is how ``destroy`` finds one that has not written its pidfile
@@ -13,6 +14,7 @@ ever signalled by PID.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import signal
@@ -32,8 +34,10 @@ from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import agent_execute, qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
+from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
 from goldclone.host.commands import run
+from goldclone.host.files import write_atomically
 from goldclone.images.cache import GoldImage
 from goldclone.settings import NETWORK_TYPES
 
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 # Linux limits a unix socket path to 107 bytes; qmp.sock sits this deep below the data dir.
 MAX_DATA_DIR_LENGTH = 107 - len("/vms/00000000-0000-0000-0000-000000000000/qmp.sock")
 KILL_GRACE = 5.0
+FW_CFG_METADATA = "opt/goldclone/metadata"
+"""The fw_cfg file with the VM's ``metadata`` as JSON; a Linux guest reads it at
+``/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw`` (module ``qemu_fw_cfg``)."""
 
 
 class QemuDriver:
@@ -110,6 +117,12 @@ class QemuDriver:
     def _agent(self, machine: str) -> Path:
         return self.vm_dir(machine) / "qga.sock"
 
+    def _seed(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "seed.iso"
+
+    def _metadata(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "metadata.json"
+
     async def clone(self, machine: str, gold: GoldImage) -> None:
         vm_dir = self.vm_dir(machine)
         vm_dir.mkdir(parents=True, mode=0o700)
@@ -140,6 +153,8 @@ class QemuDriver:
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
             "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=virtio",
+            "-drive", f"file={self._seed(spec.machine)},format=raw,if=virtio,readonly=on",
+            "-fw_cfg", f"name={FW_CFG_METADATA},file={self._metadata(spec.machine)}",
             "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
             *display,
@@ -153,6 +168,11 @@ class QemuDriver:
             "-daemonize",
         ]  # fmt: skip
 
+    def _write_guest_config(self, spec: MachineSpec, mac: str) -> None:
+        write_seed(self._seed(spec.machine), spec.guest, mac)
+        metadata = json.dumps(dict(spec.guest.metadata), sort_keys=True).encode()
+        write_atomically(self._metadata(spec.machine), metadata, 0o600)
+
     def _confinement(self) -> list[str]:
         """seccomp, as strict as ``-daemonize`` allows (its fork rules out ``spawn=deny``),
         and an unprivileged user once QEMU has opened its files, tap and sockets."""
@@ -160,6 +180,7 @@ class QemuDriver:
         return [*sandbox, "-runas", self._run_as] if self._run_as else sandbox
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
+        await asyncio.to_thread(self._write_guest_config, spec, _nic(runtime).mac)
         try:
             await run(*self.command_line(spec, runtime), timeout=30)
         except CommandError as exc:

@@ -18,6 +18,7 @@ from typing import Final
 
 from goldclone.drivers.base import MachineSpec
 from goldclone.drivers.vmware.vmnet_leases import normal_mac
+from goldclone.guest import guestinfo
 from goldclone.images.checks import vmx_disks
 from goldclone.images.vmx import VmxFile, read_vmx
 
@@ -100,8 +101,14 @@ def nic_mac(vmx: VmxFile) -> str | None:
 
 
 def set_machine(vmx: VmxFile, spec: MachineSpec) -> None:
-    """CPUs, memory and name of the VM, its ID as ``guestinfo.goldclone.id``, and no question
+    """CPUs, memory and name of the VM, what its guest is told (``guestinfo``, with the
+    machine's name as ``guestinfo.goldclone.id``; any the package had go), and no question
     that could stop a headless start waiting for an answer."""
+    for key in list(vmx):
+        if key.lower().startswith(guestinfo.PREFIX):
+            vmx.delete(key)
+    for key, value in guestinfo.guestinfo(spec.guest).items():
+        vmx.set(key, value)
     vmx.set("numvcpus", str(spec.cpus))
     vmx.delete("cpuid.coresPerSocket")  # a gold's value may not divide the requested CPUs
     vmx.set("memsize", str(spec.memory_mb))

@@ -28,6 +28,7 @@ from goldclone.errors import (
     IPTimeout,
     VMConflict,
 )
+from goldclone.host.files import write_atomically
 from goldclone.images.cache import GoldImage
 from goldclone.images.vmx import VmxFile, read_vmx
 from goldclone.polling import until
@@ -237,9 +238,7 @@ class VMwareDriver:
         except FileNotFoundError:
             raise CloneFailed("vmrun reported a clone, but its .vmx is missing") from None
         change(vmx)
-        partial = path.with_name(f".{path.name}.new")
-        partial.write_bytes(vmx.to_bytes())
-        os.replace(partial, path)
+        write_atomically(path, vmx.to_bytes(), 0o600)
 
     def _macs_in_use(self) -> set[str]:
         """The MACs of every clone, and every MAC with a lease in force."""
