@@ -14,6 +14,7 @@ repositories, e.g. Meir-Tools' VMware menu script, "vmrun version 1.17.0")::
     snapshot          Path to vmx file, Snapshot name
     listSnapshots     Path to vmx file
     getGuestIPAddress Path to vmx file [-wait]
+    readVariable      Path to vmx file [runtimeConfig|guestEnv|guestVar] variable name
     list
     deleteVM          Path to vmx file
     clone             Path to vmx file, Path to destination vmx file, full|linked,
@@ -37,6 +38,13 @@ Output and errors:
 - ``getGuestIPAddress`` prints the address; without ``-wait`` it fails while the guest has
   none (VMware Tools not up yet), with ``-wait`` it blocks until there is one
   (docker/machine#4847: headless guests need ``-wait``).
+- ``readVariable VMX guestVar NAME`` prints the VM's ``guestinfo.NAME``: what a guest reads
+  with ``vmware-rpctool "info-get guestinfo.NAME"``, and what cloud-init's VMware datasource
+  reads, so a test can ask for what the guest was told. Values come from the ``.vmx`` as it
+  was at power-on (VMware loads ``guestinfo.*`` settings into the guest's variables when it
+  starts the VM). An unset variable prints an empty line *(stand-in)*; ``runtimeConfig``
+  reads any ``.vmx`` key; ``guestEnv`` needs VMware Tools and guest credentials, which the
+  stand-in does not have, so it fails *(stand-in wording)*.
 - ``start ... nogui`` can fail on some hosts where ``gui`` works: "Error: The operation was
   canceled" (hashicorp/packer#7715 on Workstation 15.1; hashicorp/vagrant#4673 on Fusion 7).
 
@@ -87,6 +95,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -150,6 +159,12 @@ class FakeVmrun:
         """The running VMs by ``.vmx`` path, each with its ``mode`` and ``ip``."""
         running: dict[str, dict[str, Any]] = World(self.state_dir).load()["running"]
         return running
+
+    def read_variable(self, vmx: Path, name: str) -> str:
+        """``vmrun readVariable VMX guestVar NAME``: what the guest reads as ``guestinfo.NAME``."""
+        out = subprocess.run([str(self.path), "readVariable", str(vmx), "guestVar", name],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.rstrip("\n")
 
     def power_off(self, vmx: Path) -> None:
         """The guest shuts itself down."""
@@ -295,7 +310,13 @@ def _start(world: World, params: list[str]) -> str:
         subnet = _SUBNETS.get((vmx.get("ethernet0.connectionType") or "").lower(), "10.77.2")
         ip = f"{subnet}.{state['next_host']}"
         state["next_host"] += 1
-        state["running"][str(path)] = {"mode": mode, "since": time.time(), "ip": ip, "mac": mac}
+        guestinfo = {
+            key.lower().removeprefix("guestinfo."): vmx.get(key) or ""
+            for key in vmx
+            if key.lower().startswith("guestinfo.")
+        }
+        state["running"][str(path)] = {"mode": mode, "since": time.time(), "ip": ip, "mac": mac,
+                                       "guestinfo": guestinfo}  # fmt: skip
         world.save(state)
         if control.get("lease_file") and control.get("guest_ip", True):
             _write_lease(Path(control["lease_file"]), ip, mac)
@@ -333,6 +354,20 @@ def _get_guest_ip_address(world: World, params: list[str]) -> str:
         if not wait:
             raise VmrunError(f"The VMware Tools are not running in the virtual machine: {path}")
         time.sleep(_POLL)
+
+
+def _read_variable(world: World, params: list[str]) -> str:
+    vmx_path, kind, name = _params(params, 3)[:3]
+    path = _open(vmx_path)
+    world.check_unlocked(str(path))
+    vm = world.load()["running"].get(str(path))
+    if vm is None:
+        raise VmrunError(f"The virtual machine is not powered on: {path}")
+    if kind == "guestVar":
+        return str(vm["guestinfo"].get(name.lower(), "")) or "\n"
+    if kind == "runtimeConfig":
+        return (read_vmx(path).get(name) or "") or "\n"
+    raise VmrunError("Invalid user name or password for the guest OS")
 
 
 def _snapshot(world: World, params: list[str]) -> str:
@@ -399,6 +434,7 @@ _COMMANDS: dict[str, Callable[[World, list[str]], str]] = {
     "start": _start,
     "stop": _stop,
     "getguestipaddress": _get_guest_ip_address,
+    "readvariable": _read_variable,
     "snapshot": _snapshot,
     "listsnapshots": _list_snapshots,
     "clone": _clone,

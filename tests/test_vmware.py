@@ -8,8 +8,10 @@ run and how they were started, and that nothing is left afterwards.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import io
+import json
 import os
 import re
 import socket
@@ -178,6 +180,34 @@ async def test_create_get_list_delete(
     assert gold_vmx.read_text() == VMX, "the gold .vmx stays as it was packaged"
     assert sorted(p.name for p in gold_vmx.parent.iterdir()) == ["demo.vmdk", "demo.vmx"]
     assert gold_vmx.stat().st_mode & 0o222 == 0
+
+
+async def test_the_guest_is_told_its_configuration_through_guestinfo(
+    goldclone: Goldclone, fake_vmrun: FakeVmrun, request_for: Request
+) -> None:
+    """What cloud-init's VMware datasource and a guest's ``vmware-rpctool`` read, as the
+    stand-in hands it to the guest; nothing secret comes back through the API."""
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci"
+    metadata = {"coordinator": "https://ci.example.org", "job.token": "secret-4f1d"}
+    user_data = "#cloud-config\nwrite_files: [{path: /etc/job, content: secret-9a0c}]\n"
+    body = request_for(name="builder-3", ssh_authorized_keys=[key], user_data=user_data,
+                       metadata=metadata)  # fmt: skip
+    vm = await goldclone.boot(body)
+    assert vm["status"] == "running", vm
+    path = clone_vmx(goldclone, vm)
+    told = json.loads(base64.b64decode(fake_vmrun.read_variable(path, "metadata")))
+    assert told == {
+        "instance-id": vm["id"], "local-hostname": "builder-3", "public-keys": [key],
+        "goldclone_metadata": metadata,
+    }  # fmt: skip
+    assert fake_vmrun.read_variable(path, "metadata.encoding") == "base64"
+    assert base64.b64decode(fake_vmrun.read_variable(path, "userdata")).decode() == user_data
+    assert fake_vmrun.read_variable(path, "job.token") == "secret-4f1d"
+    assert fake_vmrun.read_variable(path, "coordinator") == "https://ci.example.org"
+    assert path.stat().st_mode & 0o077 == 0  # the .vmx holds secrets now
+    shown = (await goldclone.client.get(f"/vms/{vm['id']}")).text
+    assert "secret-4f1d" not in shown and "secret-9a0c" not in shown
+    await destroy_and_check(goldclone, fake_vmrun, vm)
 
 
 @pytest.mark.parametrize(
