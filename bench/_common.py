@@ -171,8 +171,9 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(data_dir: Path) -> AsyncIterator[Server]:
-    """Run the real server (``goldclone serve``) in a process of its own, as in production.
+async def serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
+    """Run the real server (``goldclone serve``) in a process of its own, as in production,
+    with ``env`` added to its environment (``GOLDCLONE_IP_TIMEOUT="900"``).
 
     Its log goes to ``data_dir/../server.log``. On exit every VM is deleted, the server is
     stopped, and every guest and network it left is removed.
@@ -180,7 +181,7 @@ async def serve(data_dir: Path) -> AsyncIterator[Server]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = _spawn(data_dir, port)
+    process = _spawn(data_dir, port, env)
     server = Server(data_dir, port, process)
     try:
         await _until_up(server)
@@ -202,9 +203,9 @@ async def serve(data_dir: Path) -> AsyncIterator[Server]:
         await networks.teardown()
 
 
-def _spawn(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _spawn(data_dir: Path, port: int, extra: dict[str, str]) -> subprocess.Popen[bytes]:
     env = os.environ | {"GOLDCLONE_DATA_DIR": str(data_dir), "PORT": str(port),
-                        "GOLDCLONE_SHUTDOWN_TIMEOUT": "5"}  # fmt: skip
+                        "GOLDCLONE_SHUTDOWN_TIMEOUT": "5"} | extra  # fmt: skip
     argv = ["-m", "goldclone.cli", "serve"]
     with (data_dir.parent / "server.log").open("wb") as log:
         return subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import socket
 import statistics
 import subprocess
 import time
@@ -39,12 +40,15 @@ from bench._common import (
 )
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.network import dnsmasq_leases
+from goldclone.guest.config import GuestConfig
+from goldclone.guest.nocloud import write_seed
 from goldclone.images.cache import ImageCache
 from goldclone.models import ImageSpec
 
 BRIDGE, TAP = "bbraw0", "bbtap0"
 SUBNET = "10.201.0"
 TARGET_MS, TARGET_PCT = 500.0, 15.0
+RAW_TIMEOUT = 900.0
 PHASES = ("accepted->cloning", "cloning->booting", "booting->running")
 LAGS = ("post->accepted", "running->seen")
 
@@ -60,11 +64,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 class RawBoot:
-    """Cold boots of plain qemu on a bridge with its own dnsmasq, not through goldclone."""
+    """Cold boots of plain qemu on a bridge with its own dnsmasq, not through goldclone; with
+    ``guest``, each boot has the NoCloud seed that goldclone would give it."""
 
-    def __init__(self, work: Path, gold: Path, cpus: int, memory: int, accel: str) -> None:
+    def __init__(
+        self, work: Path, gold: Path, cpus: int, memory: int, accel: str,
+        guest: GuestConfig | None = None,
+    ) -> None:  # fmt: skip
         self.work, self.gold = work, gold
         self.cpus, self.memory, self.accel = cpus, memory, accel
+        self.guest = guest
         self.lease_file = work / "leases"
 
     @contextmanager
@@ -90,12 +99,18 @@ class RawBoot:
                 stop(dnsmasq)
             subprocess.run(["ip", "link", "del", BRIDGE], check=False)
 
-    def boot(self, run: int) -> float:
-        """Seconds from launching qemu to the guest's lease; the guest is gone afterwards."""
+    def boot(self, run: int, port: int | None = None) -> tuple[float, float | None]:
+        """Seconds from launching qemu to the guest's lease, and (with ``port``) to that port
+        accepting a connection; the guest is gone afterwards."""
         mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
         clone, console = self.work / f"clone{run}.qcow2", self.work / f"console{run}.log"
+        seed = self.work / f"seed{run}.iso"
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.gold), "-F", "qcow2",
            str(clone))  # fmt: skip
+        seeded: list[str] = []
+        if self.guest is not None:
+            write_seed(seed, self.guest, mac)
+            seeded = ["-drive", f"file={seed},format=raw,if=virtio,readonly=on"]
         sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
         try:
             sh("ip", "link", "set", TAP, "master", BRIDGE, "up")
@@ -103,23 +118,38 @@ class RawBoot:
             qemu = subprocess.Popen(
                 [QEMU, "-name", f"bench-raw-{run}", "-accel", self.accel,
                  "-smp", str(self.cpus), "-m", str(self.memory),
-                 "-drive", f"file={clone},format=qcow2,if=virtio",
+                 "-drive", f"file={clone},format=qcow2,if=virtio", *seeded,
                  "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
                  "-display", "none", "-serial", f"file:{console}"]
             )  # fmt: skip
             try:
-                while dnsmasq_leases.lookup(self.lease_file, mac) is None:
-                    if qemu.poll() is not None or time.perf_counter() - started > 180:
+                while (ip := dnsmasq_leases.lookup(self.lease_file, mac)) is None:
+                    if qemu.poll() is not None or time.perf_counter() - started > RAW_TIMEOUT:
                         raise RuntimeError(f"raw qemu got no lease; see {console}")
                     time.sleep(POLL / 2)
-                return time.perf_counter() - started
+                leased = time.perf_counter() - started
+                if port is None:
+                    return leased, None
+                while not _accepts(ip, port):
+                    if qemu.poll() is not None or time.perf_counter() - started > RAW_TIMEOUT:
+                        raise RuntimeError(f"raw qemu's port {port} never opened; see {console}")
+                    time.sleep(POLL)
+                return leased, time.perf_counter() - started
             finally:
                 stop(qemu)
         finally:
             subprocess.run(["ip", "link", "del", TAP], check=False)
-            clone.unlink(missing_ok=True)
-            console.unlink(missing_ok=True)
+            for path in (clone, console, seed):
+                path.unlink(missing_ok=True)
+
+
+def _accepts(ip: str, port: int) -> bool:
+    try:
+        socket.create_connection((ip, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 async def service_boot(server: Server, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -168,7 +198,7 @@ async def main(runs: int) -> None:
                 for run in range(runs):
                     for side in ("service", "raw") if run % 2 == 0 else ("raw", "service"):
                         if side == "raw":
-                            bare.append(await asyncio.to_thread(raw.boot, run))
+                            bare.append((await asyncio.to_thread(raw.boot, run))[0])
                             print(f"run {run}: raw qemu launch -> lease      {ms(bare[-1])}")
                             continue
                         elapsed, vm = await service_boot(server, body)
