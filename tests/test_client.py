@@ -239,3 +239,39 @@ async def test_python_clients(goldclone: Goldclone, demo: tuple[str, str]) -> No
             client.list_vms()
 
     await asyncio.to_thread(blocking)
+
+
+async def test_create_tells_the_guest_its_name_keys_script_and_metadata(
+    goldclone: Goldclone, demo: tuple[str, str], tmp_path: Path
+) -> None:
+    url, digest = demo
+    key = tmp_path / "id_ed25519"
+    proc = await asyncio.create_subprocess_exec(
+        "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cli@test", "-f", str(key)
+    )
+    assert await proc.wait() == 0
+    script = tmp_path / "user-data.sh"
+    script.write_text("#!/bin/sh\necho from-the-cli > /www/cli.txt\n")
+    code, out, err = await cli(
+        goldclone, "create", url, "--checksum", digest, "--cpus", "1", "--memory", "256",
+        "--name", "cli-vm", "--ssh-key", f"{key}.pub", "--user-data", str(script),
+        "--metadata", "job.id=42", "--metadata", "url=http://x/?a=b", "--ready-when",
+        '{"tcp": 80}', "--wait", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    vm = json.loads(out)
+    assert (vm["name"], vm["hostname"], vm["metadata_keys"]) == (
+        "cli-vm",
+        "cli-vm",
+        ["job.id", "url"],
+    )
+    assert vm["ssh_authorized_keys"] == [Path(f"{key}.pub").read_text().strip()]
+    assert [e["phase"] for e in vm["timeline"]][-2:] == ["ready", "running"]
+    async with AsyncClient(str(goldclone.client.base_url)) as client:
+        await client.delete(vm["id"])
+    code, _, err = await cli(
+        goldclone, "create", url, "--checksum", digest, "--metadata", "novalue"
+    )
+    assert code == 2 and "--metadata novalue: expected KEY=VALUE" in err
+    code, _, err = await cli(goldclone, "create", url, "--checksum", digest, "--ssh-key", "/none")
+    assert code == 2 and "cannot read /none" in err and "Traceback" not in err

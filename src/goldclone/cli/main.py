@@ -58,6 +58,30 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--network", choices=["nat", "hostonly", "bridged"])
     create.add_argument("--callback-url")
     create.add_argument("--gui", action="store_true", help="give the VM a display")
+    create.add_argument("--name", help="the VM's name and the guest's hostname (a DNS label)")
+    create.add_argument(
+        "--ssh-key",
+        dest="ssh_keys",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="an OpenSSH public key file (.pub); repeatable",
+    )
+    create.add_argument(
+        "--user-data",
+        type=Path,
+        metavar="FILE",
+        help="cloud-init user data: a #cloud-config file or a #! script",
+    )
+    create.add_argument(
+        "--metadata",
+        action="append",
+        metavar="KEY=VALUE",
+        help="metadata the guest can read; repeatable",
+    )
+    create.add_argument(
+        "--ready-when", metavar="JSON", help='what "ready" means, e.g. \'{"tcp": 22}\''
+    )
     create.add_argument("--from", dest="from_file", type=Path,
                         help="a JSON request body, as the original project's files")  # fmt: skip
     create.add_argument("--wait", action="store_true", help="wait until it runs, showing progress")
@@ -229,10 +253,42 @@ def _create_request(args: argparse.Namespace) -> CreateVMRequest:
         "headless": False if args.gui else None,
     }
     body |= {name: value for name, value in options.items() if value is not None}
+    body |= _guest_options(args)
     try:
         return CreateVMRequest.model_validate(body)
     except ValidationError as exc:
         raise _UsageError(_first_problem(exc)) from None
+
+
+def _guest_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--name``, ``--ssh-key``, ``--user-data``, ``--metadata`` and ``--ready-when``, as
+    request fields; files are read here, so a missing one is a usage error."""
+    fields: dict[str, object] = {}
+    if args.name is not None:
+        fields["name"] = args.name
+    if args.ssh_keys:
+        keys = [line.strip() for path in args.ssh_keys for line in _read(path).splitlines()]
+        fields["ssh_authorized_keys"] = [key for key in keys if key and not key.startswith("#")]
+    if args.user_data is not None:
+        fields["user_data"] = _read(args.user_data)
+    if args.metadata:
+        pairs = [item.partition("=") for item in args.metadata]
+        if bad := [key for key, equals, _ in pairs if not equals]:
+            raise _UsageError(f"--metadata {bad[0]}: expected KEY=VALUE")
+        fields["metadata"] = {key: value for key, _, value in pairs}
+    if args.ready_when is not None:
+        try:
+            fields["ready_when"] = json.loads(args.ready_when)
+        except ValueError:
+            raise _UsageError("--ready-when: expected JSON, e.g. '{\"tcp\": 22}'") from None
+    return fields
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _UsageError(f"cannot read {path}: {exc}") from None
 
 
 def _first_problem(exc: ValidationError) -> str:
