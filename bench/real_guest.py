@@ -97,8 +97,7 @@ async def main(image_path: Path, runs: int) -> None:
     for side, values in results.items():
         print(describe(side, values))
     for side, values in timelines.items():
-        print(describe(f"  timeline accepted -> running, {side.removeprefix('service ')}",
-                       values))  # fmt: skip
+        print(describe(f"  timeline, {side.removeprefix('service POST -> ')}", values))
     print()
     for service_side, raw_side in ((SIDES[0], SIDES[2]), (SIDES[1], SIDES[3])):
         ratio = statistics.median(results[service_side]) / statistics.median(results[raw_side])
