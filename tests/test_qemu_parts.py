@@ -95,7 +95,8 @@ def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None
     argv = _driver("relative-data").command_line(_spec(headless=True), NIC)
     paths = [token for part in argv for token in re.split(r"[,=]|:(?=/)", part)
              if "relative-data" in token]  # fmt: skip
-    assert len(paths) == 5  # the disk, the console log, the QMP and agent sockets, the pidfile
+    # the disk, the seed, the metadata, the console log, the QMP and agent sockets, the pidfile
+    assert len(paths) == 7
     assert all(Path(path).is_absolute() for path in paths), paths
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
     assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "512"]

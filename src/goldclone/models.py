@@ -253,7 +253,7 @@ def _ssh_fields(blob: bytes) -> list[bytes] | None:
 
 SSHPublicKey = Annotated[
     StrictStr,
-    Field(min_length=1, max_length=16384, pattern=r"^[!-~][ -~]*$"),
+    Field(min_length=1, max_length=2048, pattern=r"^[!-~][ -~]*$"),
     AfterValidator(_ssh_public_key),
 ]
 USER_DATA_MAX_BYTES = 32 * 1024
@@ -308,7 +308,7 @@ class CreateVMRequest(_Strict):
     )
     """The guest's hostname, unique among the VMs that exist; without it, ``vm-`` and the
     first part of the VM's ID."""
-    ssh_authorized_keys: Annotated[list[SSHPublicKey], Field(max_length=64)] = []
+    ssh_authorized_keys: Annotated[list[SSHPublicKey], Field(max_length=16)] = []
     """OpenSSH public keys for the image's default user."""
     user_data: StrictStr | None = Field(default=None, max_length=USER_DATA_MAX_BYTES)
     """cloud-init user data: a ``#cloud-config`` document or a ``#!`` script. A secret: never

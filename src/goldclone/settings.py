@@ -164,7 +164,8 @@ class Settings:
     port: int = DEFAULT_PORT
     database_url: str | None = None
     limits: Limits = field(default_factory=Limits)
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 128 * 1024
+    """Room for the largest valid create: 32 KiB of user data, 16 SSH keys, 4 KiB of metadata."""
     download_timeout: float = 30.0
     """Seconds without progress after which a download fails."""
     reserve_mb: int = 256

@@ -185,3 +185,17 @@ def test_the_nocloud_seed_holds_what_cloud_init_reads(tmp_path: Path) -> None:
         assert nic["dhcp4"] is True
     finally:
         iso.close()
+
+
+async def test_the_largest_valid_configuration_fits_in_a_request(
+    service: Service, request_body: dict[str, Any], tmp_path: Path
+) -> None:
+    key = public_key(tmp_path)
+    keys = [f"{key} {'c' * (2048 - len(key) - 1)}"] * 16
+    user_data = "#!/bin/sh\n" + "x" * (32 * 1024 - 10)
+    metadata = {f"k{i:02d}": "v" * 61 for i in range(64)}  # 64 entries, 4096 bytes
+    body = {**request_body, "ssh_authorized_keys": keys, "user_data": user_data,
+            "metadata": metadata}  # fmt: skip
+    response = await service.client.post("/vms", json=body)
+    assert response.status_code == 202, response.text[:300]
+    assert len(response.json()["metadata_keys"]) == 64
