@@ -31,9 +31,11 @@ _PT_INTERP = 3  # an ELF program header that names a dynamic loader
 
 # virtio_pci finds the devices, virtio_net drives the NICs, and acpid reads power button
 # presses from button through an evdev device; virtio_blk and isofs read the NoCloud seed,
-# qemu_fw_cfg the metadata in fw_cfg.
+# qemu_fw_cfg the metadata in fw_cfg, virtio_console gives qemu-ga its port.
 GUEST_MODULES = ("virtio_pci", "virtio_net", "evdev", "button", "virtio_blk", "isofs",
-                 "qemu_fw_cfg")  # fmt: skip
+                 "qemu_fw_cfg", "virtio_console")  # fmt: skip
+GUEST_AGENT = pathlib.Path("/usr/sbin/qemu-ga")
+"""Debian's qemu-guest-agent, copied into the guest with the libraries it loads."""
 
 SYSLINUX_CFG = """\
 DEFAULT linux
@@ -79,6 +81,7 @@ _GUEST_SCRIPTS = {
     "udhcpc.script": "etc/udhcpc.script",
     "power-button": "etc/acpi/PWRF/00000080",
     "configure": "sbin/configure",
+    "agent": "sbin/agent",
     "index.cgi": "www/cgi-bin/index.cgi",
 }
 
@@ -132,9 +135,10 @@ async def build_demo_image(out: pathlib.Path, *, kernel: pathlib.Path | None = N
     """
     vmlinuz, version = await asyncio.to_thread(_kernel, kernel)
     modules = await _module_files(version, GUEST_MODULES)
+    agent = await _agent_files()
     with tempfile.TemporaryDirectory(prefix="goldclone-demo-") as tmp:
         work = pathlib.Path(tmp)
-        await asyncio.to_thread(_write_boot_files, work, modules)
+        await asyncio.to_thread(_write_boot_files, work, modules, agent)
         disk = await _make_disk(work, vmlinuz)
         return await asyncio.to_thread(_package, disk, out)
 
@@ -164,8 +168,26 @@ async def _module_files(version: str, roots: tuple[str, ...]) -> list[tuple[str,
     return ordered
 
 
-def _write_boot_files(work: pathlib.Path, modules: list[tuple[str, pathlib.Path]]) -> None:
-    (work / "initrd.gz").write_bytes(gzip.compress(_initramfs(modules), 6, mtime=0))
+async def _agent_files() -> list[pathlib.Path]:
+    """qemu-ga and every shared library it loads (as ``ldd`` finds them), by host path."""
+    if not GUEST_AGENT.is_file():
+        raise GoldcloneError(f"{GUEST_AGENT} is missing: install qemu-guest-agent")
+    _, out, _ = await run("ldd", str(GUEST_AGENT), timeout=TIMEOUT)
+    files = [GUEST_AGENT]
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux... (0x...)"
+        fields = line.split()
+        path = fields[2] if len(fields) > 2 and fields[1] == "=>" else fields[0]
+        if path.startswith("/"):
+            files.append(pathlib.Path(path))
+    return files
+
+
+def _write_boot_files(
+    work: pathlib.Path, modules: list[tuple[str, pathlib.Path]], agent: list[pathlib.Path]
+) -> None:
+    initramfs = _initramfs(modules, agent)
+    (work / "initrd.gz").write_bytes(gzip.compress(initramfs, 6, mtime=0))
     (work / "syslinux.cfg").write_text(SYSLINUX_CFG)
 
 
@@ -181,11 +203,18 @@ async def _make_disk(work: pathlib.Path, vmlinuz: pathlib.Path) -> pathlib.Path:
     return disk
 
 
-def _initramfs(modules: list[tuple[str, pathlib.Path]]) -> bytes:
+def _initramfs(modules: list[tuple[str, pathlib.Path]], agent: list[pathlib.Path]) -> bytes:
     """Return the guest's uncompressed newc cpio archive."""
     cpio = _Cpio()
+    folders = set(_GUEST_DIRS)
     for directory in _GUEST_DIRS:
         cpio.add_dir(directory)
+    for path in agent:
+        for parent in reversed(path.relative_to("/").parents[:-1]):
+            if str(parent) not in folders:
+                folders.add(str(parent))
+                cpio.add_dir(str(parent))
+        cpio.add_file(str(path.relative_to("/")), path.read_bytes(), 0o755)
     # The kernel opens /dev/console for init before init can mount devtmpfs.
     cpio.add_char_device("dev/console", 5, 1)
     cpio.add_file("bin/busybox", _static_busybox(), 0o755)
