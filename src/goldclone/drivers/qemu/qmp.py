@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,59 @@ async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise QMPError("QMP sent something that is not an object")
     return message
+
+
+async def qmp_execute_with_fd(
+    socket_path: Path,
+    fd: int,
+    command: str,
+    arguments: dict[str, Any],
+    timeout: float = 10.0,
+) -> Any:
+    """Hand QEMU the open file ``fd`` as ``fd:goldclone`` (``getfd``, over SCM_RIGHTS), then
+    run ``command`` in the same session, where that name is known. For migrations to and from
+    files that QEMU, running as an unprivileged user, could not open itself."""
+    try:
+        return await asyncio.to_thread(
+            _execute_with_fd, socket_path, fd, command, arguments, timeout
+        )
+    except TimeoutError:
+        raise QMPError(
+            f"QMP {command} on {socket_path.name} timed out after {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise QMPError(f"QMP {command}: {exc.strerror or exc}") from None
+
+
+FD_NAME = "goldclone"
+
+
+def _execute_with_fd(
+    socket_path: Path, fd: int, command: str, arguments: dict[str, Any], timeout: float
+) -> Any:
+    """``qmp_execute_with_fd`` with a blocking socket, in a worker thread."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        replies = sock.makefile("rb")
+
+        def call(name: str, args: dict[str, Any] | None, fds: list[int] | None = None) -> Any:
+            message = json.dumps({"execute": name, "arguments": args or {}}).encode() + b"\n"
+            if fds:
+                socket.send_fds(sock, [message], fds)
+            else:
+                sock.sendall(message)
+            while True:
+                line = replies.readline()
+                if not line:
+                    raise QMPError("QMP connection closed")
+                reply = json.loads(line)
+                if "return" in reply:
+                    return reply["return"]
+                if "error" in reply:
+                    raise QMPError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+
+        replies.readline()  # greeting
+        call("qmp_capabilities", None)
+        call("getfd", {"fdname": FD_NAME}, [fd])
+        return call(command, arguments)
