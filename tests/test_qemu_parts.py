@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.drivers.base import MachineSpec
+from goldclone.drivers.base import MachineSpec, TemplateFiles
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel, runs_guest
 from goldclone.drivers.qemu.network import Attachment, Networks
@@ -100,7 +101,29 @@ def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None
     assert all(Path(path).is_absolute() for path in paths), paths
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
     assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "512"]
-    assert "mac=52:54:00:12:34:56" in argv[argv.index("-device") + 1]
+    devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
+    [nic] = [device for device in devices if device.startswith("virtio-net-pci,")]
+    assert "mac=52:54:00:12:34:56" in nic and "addr=0x3" in nic
+
+
+def test_a_restored_machine_maps_the_template_privately_and_plugs_its_nic_later() -> None:
+    files = TemplateFiles(Path("/d/templates/t"))
+    template = dataclasses.replace(_spec(headless=True), template=files)
+    restored = dataclasses.replace(template, restore=True)
+    made, again = (_driver("/d").command_line(spec, NIC) for spec in (template, restored))
+    assert f"mem-path={files.ram},share=on" in made[made.index("-object") + 1]
+    assert f"mem-path={files.ram},share=off" in again[again.index("-object") + 1]
+    assert "-incoming" not in made and again[again.index("-incoming") :][:3] == [
+        "-incoming", "defer", "-S",
+    ]  # fmt: skip
+    assert not any(arg.startswith("virtio-net-pci") for arg in again)
+    # the same devices at the same addresses, but for the NIC and a new generation ID
+    assert [a for a in made if "addr=" in a and "virtio-net" not in a] == [
+        a for a in again if "addr=" in a
+    ]
+    assert "vmgenid,id=vmgen0" in made and any(
+        a.startswith("vmgenid,id=vmgen0,guid=") for a in again
+    )
 
 
 def test_headless_means_no_display() -> None:

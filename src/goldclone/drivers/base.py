@@ -61,14 +61,41 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class TemplateFiles:
+    """A memory template in ``folder``: the frozen disk, RAM and device state of a booted
+    guest, from which machines of the same shape start without booting."""
+
+    folder: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.folder / "disk.qcow2"
+
+    @property
+    def ram(self) -> Path:
+        return self.folder / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state"
+
+
+@dataclass(frozen=True)
 class MachineSpec:
-    """What one machine is to be, and what its guest is told about itself."""
+    """What one machine is to be, and what its guest is told about itself.
+
+    With ``template``, the machine's RAM is that template's RAM file: shared and written, for
+    the machine that becomes the template (``restore`` false), or mapped privately, copy on
+    write, for one restored from it (``restore`` true).
+    """
 
     machine: str
     cpus: int
     memory_mb: int
     headless: bool
     guest: GuestConfig
+    template: TemplateFiles | None = None
+    restore: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,5 +13,7 @@ done
 echo "dns" $(sed -n 's/^nameserver //p' /etc/resolv.conf 2>/dev/null)
 echo "hostname $(hostname)"
 while read -r key; do echo "ssh-key $key"; done < /root/.ssh/authorized_keys
-metadata=/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw
+# a guest restored from a memory template is told its metadata by the guest agent
+metadata=/run/goldclone/metadata.json
+[ -r "$metadata" ] || metadata=/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw
 [ -r "$metadata" ] && echo "metadata $(cat "$metadata")"

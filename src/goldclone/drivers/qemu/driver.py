@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -26,19 +29,24 @@ from goldclone.drivers.base import (
     Capabilities,
     MachineSpec,
     Runtime,
+    TemplateFiles,
     is_vm_id,
     unless_exited,
 )
+from goldclone.drivers.qemu import agent, memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import agent_execute, qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
+from goldclone.guest import identity
+from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
 from goldclone.host.commands import run
 from goldclone.host.files import write_atomically
 from goldclone.images.cache import GoldImage
+from goldclone.polling import until
 from goldclone.settings import NETWORK_TYPES
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 # Linux limits a unix socket path to 107 bytes; qmp.sock sits this deep below the data dir.
 MAX_DATA_DIR_LENGTH = 107 - len("/vms/00000000-0000-0000-0000-000000000000/qmp.sock")
 KILL_GRACE = 5.0
+PCI_NIC, PCI_DISK, PCI_SEED, PCI_SERIAL = "0x3", "0x4", "0x5", "0x6"
+NIC_ID = "nic0"
 FW_CFG_METADATA = "opt/goldclone/metadata"
 """The fw_cfg file with the VM's ``metadata`` as JSON; a Linux guest reads it at
 ``/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw`` (module ``qemu_fw_cfg``)."""
@@ -123,13 +133,20 @@ class QemuDriver:
     def _metadata(self, machine: str) -> Path:
         return self.vm_dir(machine) / "metadata.json"
 
-    async def clone(self, machine: str, gold: GoldImage) -> None:
+    async def clone(
+        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+    ) -> None:
+        """A qcow2 overlay on the gold disk, or on ``template``'s frozen disk."""
         vm_dir = self.vm_dir(machine)
         vm_dir.mkdir(parents=True, mode=0o700)
+        base, base_format = (
+            (gold.disk.path.absolute(), gold.disk.format)
+            if template is None
+            else (template.disk, "qcow2")
+        )
         try:
             await run(
-                "qemu-img", "create", "-q", "-f", "qcow2",
-                "-b", str(gold.disk.path.absolute()), "-F", gold.disk.format,
+                "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format,
                 str(self._disk(machine)),
                 timeout=30,
             )  # fmt: skip
@@ -140,30 +157,42 @@ class QemuDriver:
         return await self._networks.attach(network_type, machine)
 
     def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
-        """The qemu command that boots ``spec``'s clone; every path in it is absolute."""
+        """The qemu command that boots ``spec``'s clone; every path in it is absolute.
+
+        Every PCI device has a fixed address, so that a template's saved device state loads
+        into a machine restored from it; a restored machine gets its NIC only once it runs
+        (``restore``), and a fresh VM generation ID, which tells its kernel to reseed its
+        random number generator.
+        """
         vm_dir = self.vm_dir(spec.machine)
         nic = _nic(runtime)
         display = ["-display", "none"] if spec.headless else [
             "-display", f"vnc=unix:{vm_dir / 'vnc.sock'}",
         ]  # fmt: skip
+        generation = f",guid={uuid.uuid4()}" if spec.restore else ""
         return [
             self._qemu,
             "-name", f"goldclone-{spec.machine}",
             "-accel", self._accel,
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
-            "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=virtio",
-            "-drive", f"file={self._seed(spec.machine)},format=raw,if=virtio,readonly=on",
+            *_memory(spec),
+            "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=none,id=disk0",
+            "-device", f"virtio-blk-pci,drive=disk0,addr={PCI_DISK}",
+            "-drive", f"file={self._seed(spec.machine)},format=raw,if=none,id=seed0,readonly=on",
+            "-device", f"virtio-blk-pci,drive=seed0,addr={PCI_SEED}",
             "-fw_cfg", f"name={FW_CFG_METADATA},file={self._metadata(spec.machine)}",
             "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
+            *([] if spec.restore else ["-device", _nic_device(nic.mac)]),
             *display,
             "-serial", f"file:{self.console_path(spec.machine)}",
             "-qmp", f"unix:{self._qmp(spec.machine)},server=on,wait=off",
-            "-device", "virtio-serial-pci",
+            "-device", f"virtio-serial-pci,addr={PCI_SERIAL}",
             "-chardev", f"socket,id=qga0,path={self._agent(spec.machine)},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-device", f"vmgenid,id=vmgen0{generation}",
             "-pidfile", str(self._pidfile(spec.machine)),
+            *(["-incoming", "defer", "-S"] if spec.restore else []),
             *self._confinement(),
             "-daemonize",
         ]  # fmt: skip
@@ -189,6 +218,38 @@ class QemuDriver:
             raise BootFailed("qemu started but is not running; see the VM's console.log")
         self._qmp(spec.machine).chmod(0o600)
         self._agent(spec.machine).chmod(0o600)
+        if spec.restore:
+            assert spec.template is not None
+            try:
+                await memory.restore(
+                    self._qmp(spec.machine), spec.template, _nic_device(_nic(runtime).mac)
+                )
+            except QMPError as exc:
+                raise BootFailed(f"the template did not restore: {exc.message}") from exc
+
+    async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
+        """Turn ``machine``, booted with its RAM in ``files.ram``, into that template: unplug
+        its NIC, save its device state, stop it, and keep its disk, all read-only (0400).
+        The machine itself is gone afterwards; ``destroy`` removes what is left of it."""
+        pid = self._read_pid(machine)
+        if pid is None:
+            raise BootFailed("the template's qemu is not running")
+        await memory.save(self._qmp(machine), NIC_ID, files)
+        await processes.wait_exit(pid, KILL_GRACE)
+        await asyncio.to_thread(os.replace, self._disk(machine), files.disk)
+        for path in (files.disk, files.ram, files.state):
+            path.chmod(0o400)
+
+    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+        """Through the guest agent of a restored machine: set its clock to the host's, and give
+        it ``guest``'s identity (``guest.identity``)."""
+        socket_path = self._agent(runtime.machine)
+        try:
+            await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
+            await agent_execute(socket_path, "guest-set-time", {"time": time.time_ns()})
+            await agent.run_script(socket_path, identity.script(guest), timeout)
+        except (TimeoutError, QMPError) as exc:
+            raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
 
     def _read_pid(self, machine: str) -> int | None:
         """The pid of this machine's qemu, if it is alive and really is that machine's."""
@@ -317,6 +378,21 @@ class _Qemu(NamedTuple):
     pid: int
     machine: str
     mac: str | None
+
+
+def _memory(spec: MachineSpec) -> list[str]:
+    """RAM in the template's file: shared (written) while the template is made, private (copy
+    on write, never written back) in a machine restored from it."""
+    if spec.template is None:
+        return []
+    share = "off" if spec.restore else "on"
+    backend = (f"memory-backend-file,id=ram0,size={spec.memory_mb}M,"
+               f"mem-path={spec.template.ram},share={share}")  # fmt: skip
+    return ["-object", backend, "-machine", "pc,memory-backend=ram0"]
+
+
+def _nic_device(mac: str) -> str:
+    return f"virtio-net-pci,netdev=net0,id={NIC_ID},mac={mac},addr={PCI_NIC}"
 
 
 def _nic(runtime: Runtime) -> Attachment:

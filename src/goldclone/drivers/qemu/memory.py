@@ -1,0 +1,81 @@
+"""Memory templates over QMP: saving a booted guest whose RAM is a shared file, and restoring
+machines from it whose RAM maps that file privately.
+
+Only the device state goes through the migration stream (``x-ignore-shared`` leaves the shared
+RAM in its file): about 0.5 MB, written in a few hundredths of a second. QEMU runs as an
+unprivileged user, so the state file is opened here and handed over as a file descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from goldclone.drivers.base import TemplateFiles
+from goldclone.drivers.qemu.qmp import FD_NAME, qmp_execute, qmp_execute_with_fd
+from goldclone.errors import QMPError
+from goldclone.polling import until
+
+STEP_TIMEOUT = 30.0
+POLL = 0.02
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+async def save(qmp: Path, nic_id: str, files: TemplateFiles) -> None:
+    """Unplug the NIC (clones get their own), pause, write the device state to
+    ``files.state``, and quit. The guest must handle PCI hot-unplug (ACPI)."""
+    await qmp_execute(qmp, "device_del", {"id": nic_id})
+
+    async def unplugged() -> bool:
+        found = await qmp_execute(qmp, "qom-list", {"path": "/machine/peripheral"})
+        return all(entry.get("name") != nic_id for entry in found)
+
+    try:
+        await until(unplugged, interval=POLL * 5, timeout=STEP_TIMEOUT)
+    except TimeoutError:
+        raise QMPError("the guest did not release its NIC (no ACPI hot-unplug?)") from None
+    await qmp_execute(qmp, "stop")
+    await qmp_execute(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
+    fd = await asyncio.to_thread(
+        os.open, files.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+    )
+    try:
+        await qmp_execute_with_fd(qmp, fd, "migrate", {"uri": f"fd:{FD_NAME}"})
+    finally:
+        os.close(fd)
+    await _until_status(qmp, "query-migrate", "completed")
+    await qmp_execute(qmp, "quit")
+
+
+async def restore(qmp: Path, files: TemplateFiles, nic_device: str) -> None:
+    """Load the template's device state into a machine started with ``-incoming defer -S``,
+    run it, and plug in its own NIC (``nic_device``, at the template's NIC's address)."""
+    await qmp_execute(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
+    fd = await asyncio.to_thread(os.open, files.state, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await qmp_execute_with_fd(qmp, fd, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+    finally:
+        os.close(fd)
+    await _until_status(qmp, "query-status", "paused")
+    await qmp_execute(qmp, "cont")
+    driver, *options = nic_device.split(",")
+    await qmp_execute(qmp, "device_add", {"driver": driver} | _options(options))
+
+
+async def _until_status(qmp: Path, query: str, wanted: str) -> None:
+    async def reached() -> bool:
+        status = (await qmp_execute(qmp, query)).get("status")
+        if status in ("failed", "cancelled", "internal-error"):
+            raise QMPError(f"{query} says {status}")
+        return bool(status == wanted)
+
+    try:
+        await until(reached, interval=POLL, timeout=STEP_TIMEOUT)
+    except TimeoutError:
+        raise QMPError(f"{query} did not reach {wanted} within {STEP_TIMEOUT:g} s") from None
+
+
+def _options(options: list[str]) -> dict[str, Any]:
+    return dict(option.split("=", 1) for option in options)

@@ -1,0 +1,52 @@
+"""A restored guest's own identity, given through the QEMU guest agent: a machine restored
+from a memory template wakes up as the template, so it is told its hostname, SSH keys and
+metadata, gets new SSH host keys, and runs its ``#!`` user data.
+
+The work is one POSIX shell script, which the QEMU driver sends as ``guest-exec``'s standard
+input (never on a
+command line, since it holds the secrets). It keys the image's default user (the account
+with UID 1000, as cloud-init makes it; root where there is none) and writes the metadata to
+``/run/goldclone/metadata.json`` (0600). A ``#cloud-config`` document needs cloud-init's first
+boot, so such a VM is never restored (the service boots it cold).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from goldclone.guest.config import GuestConfig
+
+METADATA_PATH = "/run/goldclone/metadata.json"
+
+
+def script(guest: GuestConfig) -> str:
+    """The shell script that gives a restored guest ``guest``'s identity."""
+    keys = "".join(f"{key}\n" for key in guest.ssh_authorized_keys)
+    user_data = guest.user_data if guest.user_data is not None else ""
+    return f"""\
+set -eu
+umask 077
+hostname {shlex.quote(guest.hostname)}
+if [ -w /etc/hostname ]; then echo {shlex.quote(guest.hostname)} > /etc/hostname; fi
+user=$(awk -F: '$3 == 1000 {{ print $1; exit }}' /etc/passwd 2>/dev/null || true)
+user=${{user:-root}}
+home=$(awk -F: -v u="$user" '$1 == u {{ print $6 }}' /etc/passwd 2>/dev/null || true)
+home=${{home:-/root}}
+mkdir -p "$home/.ssh"
+printf %s {shlex.quote(keys)} > "$home/.ssh/authorized_keys"
+chown -R "$user" "$home/.ssh" 2>/dev/null || true
+mkdir -p /run/goldclone
+printf %s {shlex.quote(json.dumps(dict(guest.metadata), sort_keys=True))} > {METADATA_PATH}
+if [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
+    rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
+    ssh-keygen -A >/dev/null
+    systemctl restart ssh 2>/dev/null || pkill -HUP -x sshd 2>/dev/null || true
+fi
+user_data={shlex.quote(user_data)}
+if [ "${{user_data#'#!'}}" != "$user_data" ]; then
+    printf '%s' "$user_data" > /run/goldclone/user-data
+    chmod 700 /run/goldclone/user-data
+    /run/goldclone/user-data > /run/goldclone/user-data.log 2>&1 &
+fi
+"""
