@@ -24,7 +24,7 @@ from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import ImageSpec
 from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import leftovers, processes_mentioning
+from tests.harness import Goldclone, leftovers, processes_mentioning
 from tests.servers import FileServer
 
 USER_DATA = "#!/bin/sh\necho restored-{name} > /www/hello.txt\n"
@@ -152,3 +152,45 @@ async def _urandom(host: Host, machine: str) -> bytes:
     while not (status := await host.agent(machine, "guest-exec-status", reply)).get("exited"):
         await asyncio.sleep(0.05)
     return base64.b64decode(status["out-data"])
+
+
+async def test_the_api_restores_vms_of_a_templates_shape(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Path
+) -> None:
+    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
+    body = {"image": image, "cpus": 1, "memory": 256}
+    cold = await goldclone.boot(body)  # fetches the image
+    await goldclone.delete(cold["id"])
+    image_id = f"sha256-{image['checksum']}"
+    response = await goldclone.client.post(f"/images/{image_id}/templates",
+                                           json={"cpus": 1, "memory": 256})  # fmt: skip
+    assert response.status_code == 202, response.text
+    template_id = response.json()["id"]
+    async with asyncio.timeout(120):
+        while True:
+            [found] = (await goldclone.client.get("/images")).json()["images"]
+            [template] = found["templates"]
+            if template["status"] != "creating":
+                break
+            await asyncio.sleep(0.2)
+    assert template["status"] == "ready", template
+    assert processes_mentioning(template_id) == []  # the machine that made it is gone
+
+    vms = [await goldclone.boot({**body, "name": f"warm-{n}"}) for n in range(2)]
+    for vm in vms:
+        assert vm["status"] == "running" and vm["started_from"] == "template", vm
+        assert [e["phase"] for e in vm["timeline"]] == [
+            "accepted",
+            "cloning",
+            "restoring",
+            "running",
+        ]
+        async with httpx.AsyncClient(timeout=10) as client:
+            page = (await client.get(f"http://{vm['ip_address']}/")).text.splitlines()
+        assert f"hostname {vm['name']}" in page and any(vm["mac_address"] in line for line in page)
+    assert len({vm["ip_address"] for vm in vms}) == 2
+    for vm in vms:
+        await goldclone.delete(vm["id"])
+        assert leftovers(goldclone.data_dir, vm) == []
+    assert (await goldclone.client.delete(f"/images/{image_id}")).status_code == 204
+    assert not any((goldclone.data_dir / "templates").rglob("*"))

@@ -102,6 +102,7 @@ class Phase(StrEnum):
     DOWNLOADING = "downloading"
     CLONING = "cloning"
     BOOTING = "booting"
+    RESTORING = "restoring"
     READY = "ready"
     RUNNING = "running"
     STOPPED = "stopped"
@@ -292,6 +293,9 @@ def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+StartMode = Literal["auto", "cold"]
+
+
 class CreateVMRequest(_Strict):
     """The body of ``POST /vms``."""
 
@@ -316,6 +320,9 @@ class CreateVMRequest(_Strict):
     metadata: dict[MetadataKey, StrictStr] = Field(default={}, max_length=METADATA_MAX_ENTRIES)
     """Strings the guest can read (in the NoCloud seed, QEMU's fw_cfg, VMware's guestinfo).
     Values are secrets: only the keys are shown again."""
+    start: StartMode = "auto"
+    """``auto``: from a ready memory template of the image and shape when there is one;
+    ``cold``: always a cold boot."""
 
     _callback_url = field_validator("callback_url")(_http_url)
     _name = field_validator("name")(_dns_label)
@@ -359,6 +366,9 @@ class VM(BaseModel):
     """The sha256 of the ``user_data`` given, or null; the user data itself is never shown."""
     metadata_keys: list[str] = []
     """The keys of the ``metadata`` given; its values are never shown."""
+    start: StartMode = "auto"
+    started_from: Literal["cold", "template", "pool"] = "cold"
+    """How the machine started: a cold boot, or restored from a memory template."""
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING
@@ -407,6 +417,39 @@ class Image(BaseModel):
     """How many VMs use the image; it can be deleted only when none does."""
     progress: DownloadProgress | None = None
     error: ErrorBody | None = None
+    templates: list[Template] = []
+    """The image's memory templates."""
+
+
+class TemplateRequest(_Strict):
+    """The body of ``POST /images/{id}/templates``: the shape of the machines the template is
+    for, and what "ready" means before it is saved."""
+
+    cpus: Count = 2
+    memory: Count = Field(default=1024, description="Megabytes.")
+    ready_when: ReadyWhen | None = None
+
+
+class TemplateStatus(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    ERROR = "error"
+
+
+class Template(BaseModel):
+    """A memory template: a booted, ready guest of one gold image and shape, saved once; VMs
+    of that image and shape start from it instead of booting."""
+
+    id: str
+    image_id: str
+    cpus: int
+    memory: int
+    ready_when: ReadyWhen | None = None
+    status: TemplateStatus = TemplateStatus.CREATING
+    size_bytes: int = 0
+    """Space taken on disk by its RAM, device state and disk."""
+    error: ErrorBody | None = None
+    created_at: str
 
 
 class ImageList(BaseModel):

@@ -31,6 +31,8 @@ from goldclone.models import (
     ImageList,
     ImageSpec,
     Readiness,
+    Template,
+    TemplateRequest,
     VMList,
 )
 from goldclone.service import VMService
@@ -133,6 +135,14 @@ def create_app(
     async def prefetch_image(body: ImageSpec) -> Image:
         """Fetch an image ahead of time, so that the first VM does not wait for it."""
         return service.catalog.prefetch(body)
+
+    @app.post("/images/{image_id}/templates", status_code=202, response_model=Template,
+              operation_id="create_template")  # fmt: skip
+    async def create_template(image_id: str, body: TemplateRequest) -> Template:
+        """Make a memory template of a ready gold image for one shape (``cpus``, ``memory``):
+        VMs of that image and shape then start from it in about a second. A template of that
+        image and shape that exists already is the answer."""
+        return await service.templates.create(image_id, body)
 
     @app.delete("/images/{image_id}", status_code=204, response_class=Response,
                 operation_id="delete_image")  # fmt: skip

@@ -49,8 +49,8 @@ class Capabilities:
     ``network_types`` are the types VMs can use here; ``unavailable_networks`` maps each type
     the driver knows but cannot offer here to the reason, for the error a request gets.
     ``memory_templates`` says whether the driver can start a machine from a saved, booted
-    template instead of a cold boot (none can yet); ``guest_agent`` whether it can ping a QEMU
-    guest agent in the guest.
+    template instead of a cold boot; ``guest_agent`` whether it can ping a QEMU guest agent in
+    the guest.
     """
 
     network_types: tuple[str, ...]
@@ -132,8 +132,11 @@ class Driver(Protocol):
         was written before runtimes carried their machine's name."""
         ...
 
-    async def clone(self, machine: str, gold: GoldImage) -> None:
-        """Make the machine's linked clone of the gold image, whose kind the driver takes."""
+    async def clone(
+        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+    ) -> None:
+        """Make the machine's linked clone of the gold image, whose kind the driver takes, or
+        of ``template``'s frozen disk (only with ``capabilities.memory_templates``)."""
 
     async def attach(self, machine: str, network_type: str) -> Runtime:
         """Give the machine a NIC with a fresh MAC on one of ``capabilities.network_types``."""
@@ -160,6 +163,14 @@ class Driver(Protocol):
         """The file that the machine's serial console is written to, if the driver keeps
         one."""
         ...
+
+    async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
+        """Turn the running ``machine``, started with ``MachineSpec.template`` = ``files``,
+        into that template (read-only files); the machine is stopped afterwards."""
+
+    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+        """Give a machine just restored from a template its own clock and ``guest``'s
+        identity; raises ``BootFailed`` if the guest cannot be told within ``timeout``."""
 
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""

@@ -22,7 +22,14 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from goldclone.drivers.base import Capabilities, MachineSpec, Runtime, is_vm_id, unless_exited
+from goldclone.drivers.base import (
+    Capabilities,
+    MachineSpec,
+    Runtime,
+    TemplateFiles,
+    is_vm_id,
+    unless_exited,
+)
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
@@ -30,6 +37,7 @@ from goldclone.errors import (
     IPTimeout,
     NetworkFailed,
 )
+from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage
 
 Step = Literal["clone", "attach", "start", "destroy"]
@@ -45,6 +53,8 @@ class Machine:
     ip: str | None = None
     running: bool = False
     booted: asyncio.Event = field(default_factory=asyncio.Event)
+    personalized: GuestConfig | None = None
+    """The identity a restored machine was given after its restore."""
 
 
 @dataclass
@@ -98,6 +108,7 @@ class SyntheticDriver:
         self._capabilities = Capabilities(
             network_types=network_types,
             package_kinds=frozenset({"disk", "vmx"}),
+            memory_templates=True,
             guest_agent=True,
             unavailable_networks={
                 t: f"'{t}' is not offered by this synthetic host"
@@ -119,10 +130,14 @@ class SyntheticDriver:
     def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Runtime:
         return Runtime(record.get("machine", machine), record["network_type"], record["mac"])
 
-    async def clone(self, machine: str, gold: GoldImage) -> None:
+    async def clone(
+        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+    ) -> None:
         self.host.check_fault("clone")
         if not gold.disk.path.is_file():
             raise CloneFailed(f"the gold image's disk {gold.disk.path.name} is missing")
+        if template is not None and not template.disk.is_file():
+            raise CloneFailed(f"the template's disk {template.disk} is missing")
         if machine in self.host.machines:
             raise CloneFailed(f"machine {machine} exists already")
         folder = self._vms_dir / machine
@@ -146,8 +161,11 @@ class SyntheticDriver:
         machine = self._machine(spec.machine)
         if machine.runtime != runtime:
             raise BootFailed(f"machine {spec.machine} has no NIC {runtime.mac}")
+        if spec.restore and (spec.template is None or not spec.template.state.is_file()):
+            raise BootFailed("the template to restore from has no saved state")
         machine.spec, machine.running = spec, True
-        self._say(spec.machine, f"synthetic machine {spec.machine} powered on, {spec.cpus} CPU(s)")
+        how = "restored" if spec.restore else "powered on"
+        self._say(spec.machine, f"synthetic machine {spec.machine} {how}, {spec.cpus} CPU(s)")
         if self.host.gets_ip:
             asyncio.get_running_loop().call_later(self.host.boot_seconds, self._boot, machine)
 
@@ -189,6 +207,23 @@ class SyntheticDriver:
         guests have one."""
         machine = self.host.machines.get(runtime.machine)
         return self.host.has_agent and machine is not None and machine.ip is not None
+
+    async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
+        """The machine stops, leaving its disk, RAM and state in ``files``, read-only."""
+        found = self._machine(machine)
+        if not found.running:
+            raise BootFailed(f"machine {machine} is not running")
+        found.running = False
+        for path in (files.disk, files.ram, files.state):
+            path.write_text(f"{found.gold} {found.spec}")
+            path.chmod(0o400)
+
+    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+        """The restored guest takes ``guest``'s identity, if it has an agent to be told by."""
+        machine = self._machine(runtime.machine)
+        if not self.host.has_agent:
+            raise BootFailed("the restored guest could not be given its identity: no agent")
+        machine.personalized = guest
 
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to take over: the machine lives in the host object, if it is there."""

@@ -34,6 +34,12 @@ class GuestConfig:
         )
 
     @property
+    def needs_first_boot(self) -> bool:
+        """Whether the user data is a ``#cloud-config`` document, which cloud-init applies at
+        an instance's first boot: a guest restored from a template has had that boot."""
+        return self.user_data is not None and not self.user_data.startswith("#!")
+
+    @property
     def user_data_sha256(self) -> str | None:
         return None if self.user_data is None else sha256_of(self.user_data)
 

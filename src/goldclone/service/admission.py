@@ -13,7 +13,15 @@ import uuid
 from goldclone.drivers.base import Capabilities
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
 from goldclone.guest.config import GuestConfig
-from goldclone.models import VM, CreateVMRequest, Phase, TimelineEntry, now_ms, now_s
+from goldclone.models import (
+    VM,
+    CreateVMRequest,
+    Phase,
+    ReadyWhen,
+    TimelineEntry,
+    now_ms,
+    now_s,
+)
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.store import Earlier, Store
 from goldclone.settings import Limits
@@ -48,25 +56,28 @@ class Admission:
 
     def check(self, request: CreateVMRequest) -> None:
         """Raise ``InvalidRequest`` for a request this host would never take."""
+        self.check_shape(request.cpus, request.memory, request.ready_when)
+        self.check_network(request.network_type)
+        self.check_url("image.url", request.image.url)
+        if request.callback_url is not None:
+            self.check_url("callback_url", request.callback_url)
+
+    def check_shape(self, cpus: int, memory: int, ready_when: ReadyWhen | None) -> None:
+        """Raise ``InvalidRequest`` for CPUs, memory or a probe this host would never take."""
         limits = self._limits
-        if not limits.min_cpus <= request.cpus <= limits.max_cpus:
+        if not limits.min_cpus <= cpus <= limits.max_cpus:
             raise InvalidRequest(
                 f"cpus: must be between {limits.min_cpus} and {limits.max_cpus} on this host"
             )
-        if not limits.min_memory_mb <= request.memory <= limits.max_memory_mb:
+        if not limits.min_memory_mb <= memory <= limits.max_memory_mb:
             raise InvalidRequest(
                 f"memory: must be between {limits.min_memory_mb} and "
                 f"{limits.max_memory_mb} MB on this host"
             )
-        self.check_network(request.network_type)
-        agent = request.ready_when is not None and request.ready_when.guest_agent
-        if agent and not self._capabilities.guest_agent:
+        if ready_when is not None and ready_when.guest_agent and not self._capabilities.guest_agent:
             raise InvalidRequest(
                 "ready_when.guest_agent: this host's driver cannot ask a guest agent"
             )
-        self.check_url("image.url", request.image.url)
-        if request.callback_url is not None:
-            self.check_url("callback_url", request.callback_url)
 
     def check_network(self, network_type: str) -> None:
         offered = self._capabilities.network_types
@@ -135,6 +146,7 @@ def _new_vm(request: CreateVMRequest, guest: GuestConfig) -> VM:
         ssh_authorized_keys=list(guest.ssh_authorized_keys),
         user_data_sha256=guest.user_data_sha256,
         metadata_keys=list(guest.metadata),
+        start=request.start,
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )

@@ -10,20 +10,26 @@ from goldclone.images.cache import ImageCache
 from goldclone.models import Image, ImageSpec
 from goldclone.service.admission import Admission
 from goldclone.service.store import Store
+from goldclone.service.templates import Templates
 
 
 class Catalog:
-    def __init__(self, store: Store, images: ImageCache, admission: Admission) -> None:
+    def __init__(
+        self, store: Store, images: ImageCache, admission: Admission, templates: Templates
+    ) -> None:
         self._store = store
         self._images = images
         self._admission = admission
+        self._templates = templates
 
     async def images(self) -> list[Image]:
-        """Every gold image, with how many VMs use each."""
+        """Every gold image, with how many VMs use each, and its templates."""
         users = Counter(vm.image.key for vm in await self._store.list())
-        return [
-            image.model_copy(update={"vms": users[image.id]}) for image in self._images.images()
-        ]
+        found = []
+        for image in self._images.images():
+            templates = await self._templates.of_image(image.id)
+            found.append(image.model_copy(update={"vms": users[image.id], "templates": templates}))
+        return found
 
     def prefetch(self, spec: ImageSpec) -> Image:
         """Start fetching an image ahead of the first VM that needs it."""
@@ -41,4 +47,5 @@ class Catalog:
                 raise ImageInUse(
                     f"image {image_id} is used by {len(users)} VM(s); delete them first"
                 )
+            await self._templates.remove_all(image_id)
             await self._images.delete(image_id)

@@ -15,7 +15,14 @@ from typing import Any
 
 import httpx
 
-from goldclone.drivers.base import Driver, MachineSpec, PackageKind, Runtime, package_kind
+from goldclone.drivers.base import (
+    Driver,
+    MachineSpec,
+    PackageKind,
+    Runtime,
+    TemplateFiles,
+    package_kind,
+)
 from goldclone.errors import (
     GoldcloneError,
     ImageUnsupported,
@@ -30,9 +37,12 @@ from goldclone.models import VM, ErrorBody, Phase, Status
 from goldclone.outbound.callbacks import deliver
 from goldclone.service.readiness import wait_ready
 from goldclone.service.store import Leftover, Store
+from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 
 log = logging.getLogger(__name__)
+PERSONALIZE_TIMEOUT = 60.0
+"""Seconds a restored guest's agent has to answer and take its identity."""
 
 _PACKAGE_KINDS: dict[PackageKind, str] = {
     "disk": "a bare disk image",
@@ -50,8 +60,10 @@ class Lifecycle:
         images: ImageCache,
         driver: Driver,
         http: httpx.AsyncClient,
+        templates: Templates,
     ) -> None:
         self._settings = settings
+        self._templates = templates
         self._store = store
         self._images = images
         self._driver = driver
@@ -226,12 +238,18 @@ class Lifecycle:
             if not gold.root.exists():  # deleted since: fetch it again
                 gold = await self._images.ensure(vm.image, on_fetch=fetching)
             self._check_package(gold)
-            await self._driver.clone(vm.id, gold)
+            template = await self._template_for(vm, guest)
+            await self._driver.clone(vm.id, gold, template)
         runtime = await self._driver.attach(vm.id, vm.network_type)
         await self._store.set_runtime(vm.id, runtime.record())
-        await self._step(vm, Phase.BOOTING, mac_address=runtime.mac)
-        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless, guest)
+        restore = template is not None
+        await self._step(vm, Phase.RESTORING if restore else Phase.BOOTING, mac_address=runtime.mac,
+                         started_from="template" if restore else "cold")  # fmt: skip
+        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless, guest, template,
+                           restore)  # fmt: skip
         await self._driver.start(spec, runtime)
+        if restore:
+            await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
         if vm.ready_when is not None:
             timeout = vm.ready_when.timeout or self._settings.ready_timeout
@@ -240,6 +258,13 @@ class Lifecycle:
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         log.info("VM %s is running at %s", vm.id, ip)
         return vm
+
+    async def _template_for(self, vm: VM, guest: GuestConfig) -> TemplateFiles | None:
+        """The ready template to restore ``vm`` from, if it may start from one: not when cold
+        is asked for, nor for ``#cloud-config`` user data, which needs a first boot."""
+        if vm.start == "cold" or guest.needs_first_boot:
+            return None
+        return await self._templates.ready(vm.image.key, vm.cpus, vm.memory)
 
     def _check_package(self, gold: GoldImage) -> None:
         kind, taken = package_kind(gold), self._driver.capabilities.package_kinds

@@ -10,6 +10,7 @@ actors (a create task and a DELETE, two services on one database) never overwrit
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from goldclone.errors import NameConflict, StateConflict, VMNotFound
-from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
+from goldclone.models import VM, Phase, Status, Template, TimelineEntry, now_ms
 from goldclone.service import schema
 
 _metadata = MetaData()
@@ -47,6 +48,19 @@ _cleanups = Table(
     Column("runtime", JSON, nullable=False),
     Column("reason", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
+)
+
+_templates = Table(
+    "templates",
+    _metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("image_key", String(140), nullable=False, index=True),
+    Column("cpus", Integer, nullable=False),
+    Column("memory", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("template", JSON, nullable=False),
+    Column("machine", String(64), nullable=True),
 )
 
 # The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
@@ -220,11 +234,63 @@ class Store:
             return [VM.model_validate(row.vm) for row in await conn.execute(query)]
 
     async def machines(self) -> set[str]:
-        """The names of the machines of every recorded VM: the one in its runtime record, or
-        the VM's ID while it has none."""
+        """The names of the machines of every recorded VM (the one in its runtime record, or
+        the VM's ID while it has none) and of every template being made."""
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(_vms.c.id, _vms.c.runtime))
-            return {row.runtime.get("machine", row.id) for row in rows}
+            vms = {row.runtime.get("machine", row.id) for row in rows}
+            query = select(_templates.c.machine).where(_templates.c.machine.is_not(None))
+            return vms | {row.machine for row in await conn.execute(query)}
+
+    # -- memory templates ---------------------------------------------------------------
+
+    async def add_template(self, template: Template, machine: str) -> Template:
+        """Record a template being made by ``machine``, unless one of the same image and shape
+        is recorded already: then that one is returned and nothing is recorded."""
+        async with self._writer.begin() as conn:
+            query = select(_templates.c.template).where(
+                _templates.c.image_key == template.image_id,
+                _templates.c.cpus == template.cpus,
+                _templates.c.memory == template.memory,
+            )
+            if (row := (await conn.execute(query)).first()) is not None:
+                return Template.model_validate(row.template)
+            await conn.execute(_templates.insert().values(
+                id=template.id, image_key=template.image_id, cpus=template.cpus,
+                memory=template.memory, status=template.status.value,
+                template=template.model_dump(mode="json"), machine=machine,
+            ))  # fmt: skip
+        return template
+
+    async def set_template(self, template: Template, machine: str | None = None) -> None:
+        """Write ``template``'s new state; ``machine`` is the one still making it, if any."""
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                _templates.update()
+                .where(_templates.c.id == template.id)
+                .values(
+                    status=template.status.value,
+                    template=template.model_dump(mode="json"),
+                    machine=machine,
+                )
+            )
+
+    async def templates(
+        self, image_key: str | None = None
+    ) -> builtins.list[tuple[Template, str | None]]:
+        """Every template (of ``image_key``), oldest first, with the machine making it."""
+        query = select(_templates.c.template, _templates.c.machine).order_by(_templates.c.seq)
+        if image_key is not None:
+            query = query.where(_templates.c.image_key == image_key)
+        async with self._engine.connect() as conn:
+            return [
+                (Template.model_validate(row.template), row.machine)
+                for row in await conn.execute(query)
+            ]
+
+    async def forget_template(self, template_id: str) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(_templates.delete().where(_templates.c.id == template_id))
 
     async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
         """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go.

@@ -22,6 +22,7 @@ from goldclone.service.catalog import Catalog
 from goldclone.service.lifecycle import Lifecycle
 from goldclone.service.recovery import Recovery
 from goldclone.service.store import Store
+from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 
 
@@ -43,9 +44,10 @@ class VMService:
         self._http = http
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
         self._admission = Admission(settings.limits, driver.capabilities, store, policy)
-        self._lifecycle = Lifecycle(settings, store, images, driver, http)
+        self.templates = Templates(settings, store, images, driver, self._admission)
+        self._lifecycle = Lifecycle(settings, store, images, driver, http, self.templates)
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
-        self.catalog = Catalog(store, images, self._admission)
+        self.catalog = Catalog(store, images, self._admission, self.templates)
 
     async def claim(self) -> None:
         """Take the data dir for this service (or raise ``DataDirInUse``), and check that the
@@ -67,6 +69,7 @@ class VMService:
             await self._store.open()
             await self._driver.prepare()
             await self._images.open()
+            await self.templates.recover()
             await self._recovery.start()
         except BaseException:
             await self._lifecycle.close()
@@ -81,6 +84,7 @@ class VMService:
         creates are cut off and finished as ``interrupted`` at the next start. With no VM
         running, the networks are removed too, so a stopped service leaves nothing behind."""
         await self._lifecycle.close()
+        await self.templates.close()
         await self._images.close()
         running = [await self._driver.is_running(m) for m in await self._store.machines()]
         await self._driver.close(vms_running=any(running))

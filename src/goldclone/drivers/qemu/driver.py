@@ -90,6 +90,7 @@ class QemuDriver:
         self._capabilities = Capabilities(
             network_types=tuple(t for t in NETWORK_TYPES if t not in unavailable),
             package_kinds=frozenset({"disk", "vmx"}),
+            memory_templates=True,
             guest_agent=True,
             unavailable_networks=unavailable,
         )
@@ -193,7 +194,7 @@ class QemuDriver:
             "-device", f"vmgenid,id=vmgen0{generation}",
             "-pidfile", str(self._pidfile(spec.machine)),
             *(["-incoming", "defer", "-S"] if spec.restore else []),
-            *self._confinement(),
+            *self._confinement(spec),
             "-daemonize",
         ]  # fmt: skip
 
@@ -202,11 +203,18 @@ class QemuDriver:
         metadata = json.dumps(dict(spec.guest.metadata), sort_keys=True).encode()
         write_atomically(self._metadata(spec.machine), metadata, 0o600)
 
-    def _confinement(self) -> list[str]:
+    def _confinement(self, spec: MachineSpec) -> list[str]:
         """seccomp, as strict as ``-daemonize`` allows (its fork rules out ``spawn=deny``),
-        and an unprivileged user once QEMU has opened its files, tap and sockets."""
+        and an unprivileged user once QEMU has opened its files, tap and sockets.
+
+        Not the user for a machine that makes a memory template or is restored from one: QEMU
+        reopens its disks by path when it saves or loads a machine's state, which the
+        unprivileged user cannot do in the owner-only folders (docs/design.md, known limits).
+        """
         sandbox = ["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]
-        return [*sandbox, "-runas", self._run_as] if self._run_as else sandbox
+        if self._run_as is None or spec.template is not None:
+            return sandbox
+        return [*sandbox, "-runas", self._run_as]
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         await asyncio.to_thread(self._write_guest_config, spec, _nic(runtime).mac)

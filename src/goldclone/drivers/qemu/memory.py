@@ -66,9 +66,10 @@ async def restore(qmp: Path, files: TemplateFiles, nic_device: str) -> None:
 
 async def _until_status(qmp: Path, query: str, wanted: str) -> None:
     async def reached() -> bool:
-        status = (await qmp_execute(qmp, query)).get("status")
+        reply = await qmp_execute(qmp, query)
+        status = reply.get("status")
         if status in ("failed", "cancelled", "internal-error"):
-            raise QMPError(f"{query} says {status}")
+            raise QMPError(f"{query} says {status}: {reply.get('error-desc', 'no reason given')}")
         return bool(status == wanted)
 
     try:

@@ -17,7 +17,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from goldclone.drivers.base import Capabilities, MachineSpec, Runtime, is_vm_id, unless_exited
+from goldclone.drivers.base import (
+    Capabilities,
+    MachineSpec,
+    Runtime,
+    TemplateFiles,
+    is_vm_id,
+    unless_exited,
+)
 from goldclone.drivers.vmware import clonevmx, vmnet_leases, vmrun
 from goldclone.drivers.vmware.templates import Templates
 from goldclone.errors import (
@@ -28,6 +35,7 @@ from goldclone.errors import (
     IPTimeout,
     VMConflict,
 )
+from goldclone.guest.config import GuestConfig
 from goldclone.host.files import write_atomically
 from goldclone.images.cache import GoldImage
 from goldclone.images.vmx import VmxFile, read_vmx
@@ -35,6 +43,10 @@ from goldclone.polling import until
 from goldclone.settings import VMwareConfig
 
 log = logging.getLogger(__name__)
+_NO_MEMORY_TEMPLATES = (
+    "the vmware driver has no memory templates: a linked clone of a snapshot taken while the "
+    "template runs could not be checked without a real VMware host, so VMs boot cold"
+)
 
 LIST_CACHE = 1.0
 """How long one ``vmrun list`` answers ``is_running`` for every VM."""
@@ -96,15 +108,19 @@ class VMwareDriver:
     def vmx(self, machine: str) -> Path:
         return self.vm_dir(machine) / f"{machine}.vmx"
 
-    async def clone(self, machine: str, gold: GoldImage) -> None:
+    async def clone(
+        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+    ) -> None:
         """``vmrun clone TEMPLATE.vmx vms/<m>/<m>.vmx linked -snapshot=NAME -cloneName=<m>``,
         then take out of the clone's ``.vmx`` whatever names files outside its folder."""
         assert self._templates is not None
+        if template is not None:
+            raise CloneFailed(_NO_MEMORY_TEMPLATES)
         try:
-            template = await self._templates.ensure(gold)
+            source = await self._templates.ensure(gold)
             self._vms_dir.mkdir(parents=True, exist_ok=True)
             await self.cli(
-                "clone", str(template), str(self.vmx(machine)), "linked",
+                "clone", str(source), str(self.vmx(machine)), "linked",
                 f"-snapshot={self._templates.snapshot}", f"-cloneName={machine}",
             )  # fmt: skip
         except (CommandError, VMConflict) as exc:
@@ -182,6 +198,12 @@ class VMwareDriver:
             return self._last_known.get(machine, True)
         self._last_known[machine] = running
         return running
+
+    async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
+        raise BootFailed(_NO_MEMORY_TEMPLATES)
+
+    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+        raise BootFailed(_NO_MEMORY_TEMPLATES)
 
     async def agent_ping(self, runtime: Runtime) -> bool:
         """False: VMware Tools is not the QEMU guest agent (``capabilities.guest_agent``)."""

@@ -1,0 +1,210 @@
+"""Memory templates: booted, ready guests of one gold image and shape, saved once, from which
+VMs of that image and shape are restored in about a second instead of booting.
+
+A template is made like a VM that nobody sees: a linked clone of the gold image boots with its
+RAM in the template's file, gets an IP, answers its guest agent (a restored VM is given its
+own clock and identity through it, so a guest without one gets no template) and passes the
+template's ``ready_when``; then the driver saves it (``save_template``) and the machine is
+gone. Its files live in ``templates/<image>/<template id>/``, read-only, and go with the image.
+A template cut off by a restart of the service ends in ``error`` (``interrupted``) at the
+next start, with its machine and files removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+from goldclone.drivers.base import Driver, MachineSpec, Runtime, TemplateFiles
+from goldclone.errors import (
+    ImageNotFound,
+    Interrupted,
+    InvalidRequest,
+    NotReady,
+    VMFailure,
+)
+from goldclone.guest.config import GuestConfig
+from goldclone.images.cache import GoldImage, ImageCache
+from goldclone.models import (
+    ErrorBody,
+    ImageSpec,
+    ImageStatus,
+    Template,
+    TemplateRequest,
+    TemplateStatus,
+    now_s,
+)
+from goldclone.polling import until
+from goldclone.service.admission import Admission
+from goldclone.service.readiness import wait_ready
+from goldclone.service.store import Store
+from goldclone.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Templates:
+    """The memory templates of this host's gold images."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        images: ImageCache,
+        driver: Driver,
+        admission: Admission,
+    ) -> None:
+        self._settings = settings
+        self._root = settings.data_dir.absolute() / "templates"
+        self._store = store
+        self._images = images
+        self._driver = driver
+        self._admission = admission
+        self._building: dict[str, asyncio.Task[None]] = {}
+
+    def files(self, template: Template) -> TemplateFiles:
+        return TemplateFiles(self._root / template.image_id / template.id)
+
+    async def create(self, image_id: str, request: TemplateRequest) -> Template:
+        """Start making a template of gold image ``image_id`` for ``request``'s shape; if one
+        of that image and shape exists already (in any state), that one is the answer."""
+        if not self._driver.capabilities.memory_templates:
+            raise InvalidRequest(
+                f"the {self._driver.name} driver has no memory templates; its VMs boot cold"
+            )
+        self._admission.check_shape(request.cpus, request.memory, request.ready_when)
+        gold = self._gold(image_id)
+        template = Template(
+            id=str(uuid.uuid4()), image_id=image_id, cpus=request.cpus, memory=request.memory,
+            ready_when=request.ready_when, created_at=now_s(),
+        )  # fmt: skip
+        recorded = await self._store.add_template(template, machine=template.id)
+        if recorded.id == template.id:
+            task = asyncio.create_task(self._make(template, gold), name=f"template {template.id}")
+            self._building[template.id] = task
+            task.add_done_callback(lambda _: self._building.pop(template.id, None))
+        return recorded
+
+    async def ready(self, image_id: str, cpus: int, memory: int) -> TemplateFiles | None:
+        """The files of the ready template of this image and shape, if there is one."""
+        for template, _ in await self._store.templates(image_id):
+            if (template.cpus, template.memory, template.status) == (
+                cpus, memory, TemplateStatus.READY,
+            ):  # fmt: skip
+                return self.files(template)
+        return None
+
+    async def of_image(self, image_id: str) -> list[Template]:
+        return [template for template, _ in await self._store.templates(image_id)]
+
+    async def remove_all(self, image_id: str) -> None:
+        """Remove every template of the image, those being made included. The caller holds
+        the image's lock and has made sure that no VM uses the image."""
+        for template, machine in await self._store.templates(image_id):
+            if (task := self._building.get(template.id)) is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await self._remove(template, machine)
+        await asyncio.to_thread(shutil.rmtree, self._root / image_id, ignore_errors=True)
+
+    async def recover(self) -> None:
+        """End the templates that a stopped service was making as ``interrupted``."""
+        for template, machine in await self._store.templates():
+            if template.status is TemplateStatus.CREATING:
+                await self._remove(template, machine, keep_record=True)
+                failed = _failed(template, Interrupted("the service stopped while it was made"))
+                await self._store.set_template(failed)
+
+    async def close(self) -> None:
+        tasks = list(self._building.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _gold(self, image_id: str) -> GoldImage:
+        image = self._images.image(image_id)
+        if image is not None and image.status is ImageStatus.READY:
+            spec = ImageSpec(url=image.url or "http://unknown/", checksum=image.checksum,
+                             checksum_type=image.checksum_type)  # fmt: skip
+            if (gold := self._images.cached(spec)) is not None:
+                return gold
+        raise ImageNotFound(f"there is no ready gold image {image_id}")
+
+    async def _make(self, template: Template, gold: GoldImage) -> None:
+        files = self.files(template)
+        machine, runtime = template.id, None
+        try:
+            await asyncio.to_thread(files.folder.mkdir, parents=True, mode=0o700)
+            async with self._images.lock(template.image_id):
+                await self._driver.clone(machine, gold)
+            runtime = await self._driver.attach(machine, self._driver.capabilities.network_types[0])
+            await self._boot_and_save(template, files, runtime)
+            size = await asyncio.to_thread(_size, files.folder)
+            done = template.model_copy(update={"status": TemplateStatus.READY, "size_bytes": size})
+            log.info("template %s of image %s is ready (%d MB)", template.id, template.image_id,
+                     size >> 20)  # fmt: skip
+        except asyncio.CancelledError:
+            await self._discard(machine, runtime, files)
+            raise
+        except Exception as exc:
+            log.warning("template %s of image %s failed: %s", template.id, template.image_id, exc)
+            await self._discard(machine, runtime, files)
+            done = _failed(template, exc)
+        else:
+            await self._driver.destroy(machine, runtime, graceful=False)
+        await self._store.set_template(done)
+
+    async def _boot_and_save(
+        self, template: Template, files: TemplateFiles, runtime: Runtime
+    ) -> None:
+        guest = GuestConfig(template.id, f"template-{template.id.split('-')[0]}")
+        spec = MachineSpec(runtime.machine, template.cpus, template.memory, True, guest, files)
+        await self._driver.start(spec, runtime)
+        ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
+        timeout = self._settings.ready_timeout
+
+        async def agent_answers() -> bool:
+            return await self._driver.agent_ping(runtime)
+
+        try:
+            await until(agent_answers, interval=1.0, timeout=timeout)
+        except TimeoutError:
+            raise NotReady(
+                f"the guest's agent (qemu-guest-agent on org.qemu.guest_agent.0) did not answer "
+                f"within {timeout:g} s: a VM restored from it could not be given its own "
+                "clock, hostname and keys, so no template is made of it"
+            ) from None
+        if template.ready_when is not None:
+            limit = template.ready_when.timeout or timeout
+            await wait_ready(ip, template.ready_when, limit, agent_answers)
+        await self._driver.save_template(runtime.machine, runtime, files)
+
+    async def _discard(self, machine: str, runtime: Runtime | None, files: TemplateFiles) -> None:
+        await self._driver.destroy(machine, runtime, graceful=False)
+        await asyncio.to_thread(shutil.rmtree, files.folder, ignore_errors=True)
+
+    async def _remove(
+        self, template: Template, machine: str | None, keep_record: bool = False
+    ) -> None:
+        if machine is not None:
+            await self._driver.destroy(machine, None, graceful=False)
+        await asyncio.to_thread(shutil.rmtree, self.files(template).folder, ignore_errors=True)
+        if not keep_record:
+            await self._store.forget_template(template.id)
+
+
+def _failed(template: Template, exc: Exception) -> Template:
+    """``template`` in ``error``: a step's failure as it is, anything else as internal."""
+    if isinstance(exc, VMFailure):
+        error = ErrorBody(code=exc.code, message=exc.message)
+    else:
+        log.error("template %s failed unexpectedly", template.id, exc_info=exc)
+        error = ErrorBody(code="internal-error", message="an internal error; see the server log")
+    return template.model_copy(update={"status": TemplateStatus.ERROR, "error": error})
+
+
+def _size(folder: Path) -> int:
+    return sum(path.stat().st_blocks * 512 for path in folder.iterdir() if path.is_file())
