@@ -182,6 +182,10 @@ class Settings:
     """Seconds between two checks of the host against the store (orphans, stopped guests)."""
     callback_attempts: int = 5
     callback_backoff: float = 0.5
+    template_after: int = 0
+    """Make a memory template of an image and shape once this many VMs of it have booted
+    cold since the service started (``start: auto``); 0: only ``POST /images/{id}/templates``
+    makes them."""
     qemu_binary: str = "qemu-system-x86_64"
     qemu_user: str | None = field(default_factory=lambda: "nobody" if os.geteuid() == 0 else None)
     """The user QEMU drops to once it has opened its files; ``None`` keeps the service's."""
@@ -220,6 +224,7 @@ class Settings:
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
             "GOLDCLONE_RECONCILE_INTERVAL": ("reconcile_interval", float),
             "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
+            "GOLDCLONE_TEMPLATE_AFTER": ("template_after", int),
             "GOLDCLONE_QEMU": ("qemu_binary", str),
             "GOLDCLONE_QEMU_USER": ("qemu_user", lambda user: None if user == "none" else user),
             "GOLDCLONE_ACCEL": ("accel", str),

@@ -145,3 +145,25 @@ async def test_a_template_cut_off_by_a_restart_ends_interrupted(
         assert ended["status"] == "error" and ended["error"]["code"] == "interrupted"
         assert template_id not in host.machines
         assert not (fast_settings.data_dir / "templates" / image_id / template_id).exists()
+
+
+async def test_a_shape_booted_cold_often_gets_a_template(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    settings = dataclasses.replace(fast_settings, template_after=2)
+    async with serving(Service(settings)) as service:
+        image_id = f"sha256-{request_body['image']['checksum']}"
+        first = await service.boot(request_body)
+        await service.boot({**request_body, "start": "cold"})  # asked for: does not count
+        await service.boot({**request_body, "cpus": 2})  # another shape
+        assert [i["templates"] for i in (await service.client.get("/images")).json()["images"]] == [
+            []
+        ]
+        second = await service.boot(request_body)
+        assert first["started_from"] == second["started_from"] == "cold"
+        [image] = (await service.client.get("/images")).json()["images"]
+        [template] = image["templates"]
+        assert (template["cpus"], template["memory"]) == (1, 256)
+        await wait_template(service, image_id, template["id"])
+        third = await service.boot(request_body)
+        assert third["started_from"] == "template"

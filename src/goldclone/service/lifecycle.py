@@ -257,6 +257,8 @@ class Lifecycle:
             await self._step(vm, Phase.READY)
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         log.info("VM %s is running at %s", vm.id, ip)
+        if not restore and vm.start == "auto" and not guest.needs_first_boot:
+            await self._templates.booted_cold(vm.image.key, vm.cpus, vm.memory)
         return vm
 
     async def _template_for(self, vm: VM, guest: GuestConfig) -> TemplateFiles | None:

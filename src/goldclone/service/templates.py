@@ -16,10 +16,12 @@ import asyncio
 import logging
 import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from goldclone.drivers.base import Driver, MachineSpec, Runtime, TemplateFiles
 from goldclone.errors import (
+    GoldcloneError,
     ImageNotFound,
     Interrupted,
     InvalidRequest,
@@ -64,6 +66,7 @@ class Templates:
         self._driver = driver
         self._admission = admission
         self._building: dict[str, asyncio.Task[None]] = {}
+        self._cold_boots: Counter[tuple[str, int, int]] = Counter()
 
     def files(self, template: Template) -> TemplateFiles:
         return TemplateFiles(self._root / template.image_id / template.id)
@@ -87,6 +90,22 @@ class Templates:
             self._building[template.id] = task
             task.add_done_callback(lambda _: self._building.pop(template.id, None))
         return recorded
+
+    async def booted_cold(self, image_id: str, cpus: int, memory: int) -> None:
+        """Count a cold boot that a template could have spared; at the configured count
+        (``template_after``), make the template of that image and shape."""
+        after = self._settings.template_after
+        if after <= 0 or not self._driver.capabilities.memory_templates:
+            return
+        shape = (image_id, cpus, memory)
+        self._cold_boots[shape] += 1
+        if self._cold_boots[shape] == after:
+            log.info("image %s booted cold %d times at %d CPU(s), %d MB: making a template",
+                     image_id, after, cpus, memory)  # fmt: skip
+            try:
+                await self.create(image_id, TemplateRequest(cpus=cpus, memory=memory))
+            except GoldcloneError as exc:
+                log.warning("no template of image %s: %s", image_id, exc.message)
 
     async def ready(self, image_id: str, cpus: int, memory: int) -> TemplateFiles | None:
         """The files of the ready template of this image and shape, if there is one."""
