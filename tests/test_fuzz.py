@@ -35,5 +35,17 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
         )  # fmt: skip
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    assert "No issues found" in report
+    # A fuzzed server never has a ready gold image, so POST /images/{id}/templates never gets
+    # past its 404 or 400: schemathesis's two coverage heuristics warn about that operation.
+    # Those warnings are expected; any other is not.
+    warnings = report.partition("\nWarnings:\n")[2].partition("\n\n")[0].splitlines()
+    expected = {
+        "Missing test data: 1 operation repeatedly returned 404 responses",
+        "Schema validation mismatch: 1 operation mostly rejected generated data",
+    }
+    assert "No issues found" in report or {w.strip(" ⚠️") for w in warnings} <= expected, report
+    for heading in ("Missing test data", "Schema validation mismatch"):
+        if heading in report:
+            section = report.partition(heading)[2].partition("💡")[0]
+            assert section.count("  - ") == 1 and "POST /images/{image_id}/templates" in section
     assert "Traceback" not in log.text(), log.text()

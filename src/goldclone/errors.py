@@ -13,6 +13,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── MethodNotAllowed                405 method-not-allowed
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
+    ├── ImageNotReady                   409 image-not-ready
     ├── CapacityExceeded                409 capacity-exceeded
     ├── IdempotencyConflict             409 idempotency-conflict
     ├── NameConflict                    409 name-conflict
@@ -118,6 +119,13 @@ class VMConflict(GoldcloneError):
 
 class ImageInUse(GoldcloneError):
     code = "image-in-use"
+    status = 409
+
+
+class ImageNotReady(GoldcloneError):
+    """The image is known but not on disk yet (being fetched), or its last fetch failed."""
+
+    code = "image-not-ready"
     status = 409
 
 

@@ -13,7 +13,8 @@ import pytest
 from goldclone.drivers.synthetic import SyntheticHost
 from goldclone.guest.config import GuestConfig
 from goldclone.settings import Settings
-from tests.fast.conftest import Service, serving
+from tests.fast.conftest import Service, image_of, serving
+from tests.servers import FileServer
 
 SHAPE = {"cpus": 1, "memory": 256}
 
@@ -107,9 +108,17 @@ async def test_a_guest_without_an_agent_gets_no_template(
         assert vm["started_from"] == "cold"
 
 
-async def test_bad_template_requests(service: Service, request_body: dict[str, Any]) -> None:
+async def test_bad_template_requests(
+    service: Service, request_body: dict[str, Any], images: FileServer
+) -> None:
     unknown = await service.client.post("/images/sha256-00/templates", json=SHAPE)
     assert (unknown.status_code, unknown.json()["code"]) == (404, "image-not-found")
+    other = image_of(images, "other.raw")
+    stalled = {**other, "url": other["url"].replace("/other.raw", "/stall/other.raw")}
+    pulled = (await service.client.post("/images", json=stalled)).json()
+    early = await service.client.post(f"/images/{pulled['id']}/templates", json=SHAPE)
+    assert (early.status_code, early.json()["code"]) == (409, "image-not-ready")
+    assert "is downloading" in early.json()["message"]
     image_id = await ready_image(service, request_body)
     for body, message in (({"cpus": 1000}, "cpus: must be between"),
                           ({"colour": "red"}, "colour: unknown field")):  # fmt: skip

@@ -23,6 +23,7 @@ from goldclone.drivers.base import Driver, MachineSpec, Runtime, TemplateFiles
 from goldclone.errors import (
     GoldcloneError,
     ImageNotFound,
+    ImageNotReady,
     Interrupted,
     InvalidRequest,
     NotReady,
@@ -145,12 +146,16 @@ class Templates:
 
     def _gold(self, image_id: str) -> GoldImage:
         image = self._images.image(image_id)
-        if image is not None and image.status is ImageStatus.READY:
-            spec = ImageSpec(url=image.url or "http://unknown/", checksum=image.checksum,
-                             checksum_type=image.checksum_type)  # fmt: skip
-            if (gold := self._images.cached(spec)) is not None:
-                return gold
-        raise ImageNotFound(f"there is no ready gold image {image_id}")
+        if image is None:
+            raise ImageNotFound(f"there is no image {image_id}")
+        spec = ImageSpec(url=image.url or "http://unknown/", checksum=image.checksum,
+                         checksum_type=image.checksum_type)  # fmt: skip
+        gold = self._images.cached(spec) if image.status is ImageStatus.READY else None
+        if gold is None:
+            raise ImageNotReady(
+                f"image {image_id} is {image.status.value}: a template needs it ready on disk"
+            )
+        return gold
 
     async def _make(self, template: Template, gold: GoldImage) -> None:
         files = self.files(template)

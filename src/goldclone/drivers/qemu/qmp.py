@@ -83,7 +83,11 @@ async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
     line = await reader.readline()
     if not line:
         raise QMPError("QMP connection closed")
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except ValueError:
+        # e.g. what a guest agent's channel still held from before a restore
+        raise QMPError("QMP sent a line that is not JSON") from None
     if not isinstance(message, dict):
         raise QMPError("QMP sent something that is not an object")
     return message
