@@ -231,7 +231,7 @@ class QemuDriver:
             assert spec.template is not None
             try:
                 await memory.restore(
-                    self._qmp(spec.machine), spec.template, _nic_device(_nic(runtime).mac)
+                    self._qmp(spec.machine), spec.template, _nic_options(_nic(runtime).mac)
                 )
             except QMPError as exc:
                 raise BootFailed(f"the template did not restore: {exc.message}") from exc
@@ -413,8 +413,15 @@ def _memory(spec: MachineSpec) -> list[str]:
     return ["-object", backend, "-machine", "pc,memory-backend=ram0"]
 
 
+def _nic_options(mac: str) -> dict[str, str]:
+    """The VM's NIC, as ``device_add`` takes it (``-device`` takes it as ``_nic_device``)."""
+    return {"driver": "virtio-net-pci", "netdev": "net0", "id": NIC_ID, "mac": mac,
+            "addr": PCI_NIC}  # fmt: skip
+
+
 def _nic_device(mac: str) -> str:
-    return f"virtio-net-pci,netdev=net0,id={NIC_ID},mac={mac},addr={PCI_NIC}"
+    options = _nic_options(mac)
+    return ",".join([options.pop("driver"), *(f"{k}={v}" for k, v in options.items())])
 
 
 def _nic(runtime: Runtime) -> Attachment:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 from goldclone.drivers.base import TemplateFiles
 from goldclone.drivers.qemu.qmp import FD_NAME, qmp_execute, qmp_execute_with_fd
@@ -37,31 +36,30 @@ async def save(qmp: Path, nic_id: str, files: TemplateFiles) -> None:
     except TimeoutError:
         raise QMPError("the guest did not release its NIC (no ACPI hot-unplug?)") from None
     await qmp_execute(qmp, "stop")
-    await qmp_execute(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
-    fd = await asyncio.to_thread(
-        os.open, files.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-    )
-    try:
-        await qmp_execute_with_fd(qmp, fd, "migrate", {"uri": f"fd:{FD_NAME}"})
-    finally:
-        os.close(fd)
+    await _migrate(qmp, "migrate", files.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     await _until_status(qmp, "query-migrate", "completed")
     await qmp_execute(qmp, "quit")
 
 
-async def restore(qmp: Path, files: TemplateFiles, nic_device: str) -> None:
+async def restore(qmp: Path, files: TemplateFiles, nic: dict[str, str]) -> None:
     """Load the template's device state into a machine started with ``-incoming defer -S``,
-    run it, and plug in its own NIC (``nic_device``, at the template's NIC's address)."""
-    await qmp_execute(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
-    fd = await asyncio.to_thread(os.open, files.state, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        await qmp_execute_with_fd(qmp, fd, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-    finally:
-        os.close(fd)
+    run it, and plug in its own NIC (``nic``: ``device_add``'s arguments, with the template
+    NIC's address)."""
+    await _migrate(qmp, "migrate-incoming", files.state, os.O_RDONLY)
     await _until_status(qmp, "query-status", "paused")
     await qmp_execute(qmp, "cont")
-    driver, *options = nic_device.split(",")
-    await qmp_execute(qmp, "device_add", {"driver": driver} | _options(options))
+    await qmp_execute(qmp, "device_add", nic)
+
+
+async def _migrate(qmp: Path, command: str, state: Path, flags: int) -> None:
+    """``command`` (``migrate`` or ``migrate-incoming``) with ``x-ignore-shared``, through
+    ``state`` opened here with ``flags``."""
+    await qmp_execute(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
+    fd = await asyncio.to_thread(os.open, state, flags | os.O_CLOEXEC, 0o600)
+    try:
+        await qmp_execute_with_fd(qmp, fd, command, {"uri": f"fd:{FD_NAME}"})
+    finally:
+        os.close(fd)
 
 
 async def _until_status(qmp: Path, query: str, wanted: str) -> None:
@@ -76,7 +74,3 @@ async def _until_status(qmp: Path, query: str, wanted: str) -> None:
         await until(reached, interval=POLL, timeout=STEP_TIMEOUT)
     except TimeoutError:
         raise QMPError(f"{query} did not reach {wanted} within {STEP_TIMEOUT:g} s") from None
-
-
-def _options(options: list[str]) -> dict[str, Any]:
-    return dict(option.split("=", 1) for option in options)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,9 @@ async def qmp_execute(
     socket_path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
 ) -> Any:
     """Run one QMP ``command`` and return its ``return`` value."""
-    try:
-        return await asyncio.wait_for(_execute(socket_path, command, arguments), timeout)
-    except TimeoutError:
-        raise QMPError(
-            f"QMP {command} on {socket_path.name} timed out after {timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise QMPError(f"QMP {command}: {exc.strerror or exc}") from None
+    work = asyncio.wait_for(_execute(socket_path, command, arguments), timeout)
+    return await _as_qmp_error(work, f"QMP {command}", f"on {socket_path.name} timed out "
+                               f"after {timeout:g} s")  # fmt: skip
 
 
 async def agent_execute(
@@ -34,14 +30,9 @@ async def agent_execute(
 ) -> Any:
     """Run one command of the QEMU guest agent, which speaks QMP's messages on its virtio
     port without a greeting or capability negotiation."""
-    try:
-        return await asyncio.wait_for(
-            _execute(socket_path, command, arguments, agent=True), timeout
-        )
-    except TimeoutError:
-        raise QMPError(f"the guest agent did not answer {command} within {timeout:g} s") from None
-    except OSError as exc:
-        raise QMPError(f"guest agent {command}: {exc.strerror or exc}") from None
+    work = asyncio.wait_for(_execute(socket_path, command, arguments, agent=True), timeout)
+    return await _as_qmp_error(work, f"guest agent {command}",
+                               f"did not answer within {timeout:g} s")  # fmt: skip
 
 
 async def _execute(
@@ -103,16 +94,20 @@ async def qmp_execute_with_fd(
     """Hand QEMU the open file ``fd`` as ``fd:goldclone`` (``getfd``, over SCM_RIGHTS), then
     run ``command`` in the same session, where that name is known. For migrations to and from
     files that QEMU, running as an unprivileged user, could not open itself."""
+    work = asyncio.to_thread(_execute_with_fd, socket_path, fd, command, arguments, timeout)
+    return await _as_qmp_error(work, f"QMP {command}", f"on {socket_path.name} timed out "
+                               f"after {timeout:g} s")  # fmt: skip
+
+
+async def _as_qmp_error(work: Awaitable[Any], what: str, timed_out: str) -> Any:
+    """``work``'s result; its timeout and socket errors become a ``QMPError`` naming
+    ``what``."""
     try:
-        return await asyncio.to_thread(
-            _execute_with_fd, socket_path, fd, command, arguments, timeout
-        )
+        return await work
     except TimeoutError:
-        raise QMPError(
-            f"QMP {command} on {socket_path.name} timed out after {timeout:g} s"
-        ) from None
+        raise QMPError(f"{what} {timed_out}") from None
     except OSError as exc:
-        raise QMPError(f"QMP {command}: {exc.strerror or exc}") from None
+        raise QMPError(f"{what}: {exc.strerror or exc}") from None
 
 
 FD_NAME = "goldclone"
