@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -69,6 +70,15 @@ def file_server(workdir: Path, demo_package: Path) -> Iterator[FileServer]:
 def callbacks() -> Iterator[CallbackReceiver]:
     with CallbackReceiver().running() as receiver:
         yield receiver
+
+
+def ssh_key(folder: Path, comment: str = "ci@goldclone-test") -> tuple[Path, str]:
+    """A new ed25519 key pair made by OpenSSH's ssh-keygen in ``folder``: the private key's
+    path, and the public key line."""
+    key = folder / f"id_ed25519_{len(list(folder.glob('id_ed25519_*.pub')))}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                    "-f", str(key)], check=True)  # fmt: skip
+    return key, key.with_name(key.name + ".pub").read_text().strip()
 
 
 def checksum(path: Path, kind: str = "sha256") -> str:

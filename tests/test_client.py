@@ -16,7 +16,7 @@ import pytest
 
 from goldclone.client import APIError, AsyncClient, Client, ServerUnreachable, VMFailed
 from goldclone.models import CreateVMRequest, ImageSpec
-from tests.conftest import checksum
+from tests.conftest import checksum, ssh_key
 from tests.harness import Goldclone, leftovers
 from tests.servers import FileServer
 
@@ -245,11 +245,7 @@ async def test_create_tells_the_guest_its_name_keys_script_and_metadata(
     goldclone: Goldclone, demo: tuple[str, str], tmp_path: Path
 ) -> None:
     url, digest = demo
-    key = tmp_path / "id_ed25519"
-    proc = await asyncio.create_subprocess_exec(
-        "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cli@test", "-f", str(key)
-    )
-    assert await proc.wait() == 0
+    key, public = ssh_key(tmp_path, "cli@test")
     script = tmp_path / "user-data.sh"
     script.write_text("#!/bin/sh\necho from-the-cli > /www/cli.txt\n")
     code, out, err = await cli(
@@ -265,7 +261,7 @@ async def test_create_tells_the_guest_its_name_keys_script_and_metadata(
         "cli-vm",
         ["job.id", "url"],
     )
-    assert vm["ssh_authorized_keys"] == [Path(f"{key}.pub").read_text().strip()]
+    assert vm["ssh_authorized_keys"] == [public]
     assert [e["phase"] for e in vm["timeline"]][-2:] == ["ready", "running"]
     async with AsyncClient(str(goldclone.client.base_url)) as client:
         await client.delete(vm["id"])

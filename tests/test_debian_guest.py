@@ -25,7 +25,7 @@ import pytest
 
 from goldclone.host.commands import run
 from goldclone.settings import Settings
-from tests.conftest import checksum
+from tests.conftest import checksum, ssh_key
 from tests.harness import Goldclone, goldclone_server, leftovers, processes_mentioning
 from tests.servers import CallbackReceiver, FileServer
 
@@ -128,13 +128,6 @@ class Ssh:
         return out
 
 
-def make_key(folder: Path) -> tuple[Path, str]:
-    key = folder / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci@goldclone-test",
-                    "-f", str(key)], check=True)  # fmt: skip
-    return key, (folder / "id_ed25519.pub").read_text().strip()
-
-
 @pytest.mark.parametrize("package", ["qcow2", "vmware"])
 async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
     server: Goldclone,
@@ -145,7 +138,7 @@ async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
     package: str,
 ) -> None:
     served = debian_packages[package]
-    key, public_key = make_key(tmp_path)
+    key, public_key = ssh_key(tmp_path)
     name = f"debian-{package}"
     body = {
         "image": {"url": file_server.url(served.name), "checksum": checksum(served)},
@@ -214,7 +207,7 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
             await asyncio.sleep(1)
     assert template["status"] == "ready", template
 
-    key, public_key = make_key(tmp_path)
+    key, public_key = ssh_key(tmp_path)
     seen = {}
     for name in ("warm-1", "warm-2"):
         metadata = {"job": f"job-of-{name}"}

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import checksum
+from tests.conftest import checksum, ssh_key
 from tests.harness import Goldclone, leftovers, processes_mentioning
 from tests.servers import CallbackReceiver, FileServer
 
@@ -28,13 +27,6 @@ def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
     return {"image": image, "cpus": 1, "memory": 256}
 
 
-def public_key(folder: Path) -> str:
-    key = folder / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci@test",
-                    "-f", str(key)], check=True)  # fmt: skip
-    return (folder / "id_ed25519.pub").read_text().strip()
-
-
 async def test_the_demo_guest_is_told_its_name_keys_script_and_metadata(
     goldclone: Goldclone,
     demo_body: dict[str, Any],
@@ -43,7 +35,7 @@ async def test_the_demo_guest_is_told_its_name_keys_script_and_metadata(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    key = public_key(tmp_path)
+    _, key = ssh_key(tmp_path)
     body = {**demo_body, "name": "builder-7", "ssh_authorized_keys": [key],
             "user_data": USER_DATA, "metadata": METADATA,
             "callback_url": callbacks.url}  # fmt: skip

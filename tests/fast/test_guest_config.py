@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from goldclone.errors import CloneFailed
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
+from tests.conftest import ssh_key
 from tests.fast.conftest import Service
 from tests.servers import CallbackReceiver
 
@@ -27,13 +27,8 @@ METADATA = {"coordinator": "metadata-secret-c0ffee", "job.token": "metadata-secr
 SECRETS = ("user-data-secret-7f3a", "metadata-secret-c0ffee", "metadata-secret-t0ken")
 
 
-def public_key(tmp_path: Path, name: str = "key") -> str:
-    key = tmp_path / name
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test", "-f", str(key)],
-        check=True,
-    )
-    return (tmp_path / f"{name}.pub").read_text().strip()
+def public_key(folder: Path, name: str = "key") -> str:
+    return ssh_key(folder, f"{name}@test")[1]
 
 
 async def test_the_guest_is_told_everything_and_no_secret_comes_back(
