@@ -72,6 +72,29 @@ class ApiCalls:
                 raise AssertionError(f"VM never reached {phase}: {vm}")
             await asyncio.sleep(self.poll / 2)
 
+    async def put_pool(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.client.put(f"/pools/{name}", json=body)
+        assert response.status_code in (200, 201), response.text
+        pool: dict[str, Any] = response.json()
+        return pool
+
+    async def wait_pool(
+        self, name: str, ready: int, timeout: float = BOOT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Poll ``GET /pools/{name}`` until the pool has ``ready`` VMs ready and none
+        filling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            response = await self.client.get(f"/pools/{name}")
+            assert response.status_code == 200, response.text
+            pool: dict[str, Any] = response.json()
+            if (pool["ready"], pool["filling"]) == (ready, 0):
+                return pool
+            if loop.time() > deadline:
+                raise AssertionError(f"pool not at {ready} ready after {timeout} s: {pool}")
+            await asyncio.sleep(self.poll)
+
     async def delete(self, vm_id: str) -> None:
         response = await self.client.delete(f"/vms/{vm_id}")
         assert response.status_code == 204, response.text

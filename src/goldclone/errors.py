@@ -95,6 +95,11 @@ class ImageNotFound(GoldcloneError):
     status = 404
 
 
+class PoolNotFound(GoldcloneError):
+    code = "pool-not-found"
+    status = 404
+
+
 class ConsoleUnavailable(GoldcloneError):
     """The VM's driver keeps no console of it."""
 
@@ -268,6 +273,13 @@ class IPTimeout(VMFailure):
 
 class NotReady(VMFailure):
     code = "not-ready"
+
+
+class TemplateFailed(GoldcloneError):
+    """The memory template that a warm pool restores its machines from could not be made: a
+    pool's ``error``, never an answer."""
+
+    code = "template-failed"
 
 
 class Interrupted(VMFailure):

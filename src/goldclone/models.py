@@ -103,6 +103,7 @@ class Phase(StrEnum):
     CLONING = "cloning"
     BOOTING = "booting"
     RESTORING = "restoring"
+    CLAIMED = "claimed"
     READY = "ready"
     RUNNING = "running"
     STOPPED = "stopped"
@@ -200,8 +201,12 @@ _DNS_LABEL_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DNS_LABEL = re.compile(_DNS_LABEL_PATTERN)
 
 
+def is_dns_label(name: str) -> bool:
+    return _DNS_LABEL.fullmatch(name) is not None
+
+
 def _dns_label(name: str | None) -> str | None:
-    if name is not None and not _DNS_LABEL.fullmatch(name):
+    if name is not None and not is_dns_label(name):
         raise ValueError(
             "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', "
             "not starting or ending with '-'"
@@ -294,6 +299,7 @@ def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 
 StartMode = Literal["auto", "cold"]
+POOL_MAX_SIZE = 256
 
 
 class CreateVMRequest(_Strict):
@@ -321,8 +327,8 @@ class CreateVMRequest(_Strict):
     """Strings the guest can read (in the NoCloud seed, QEMU's fw_cfg, VMware's guestinfo).
     Values are secrets: only the keys are shown again."""
     start: StartMode = "auto"
-    """``auto``: from a ready memory template of the image and shape when there is one;
-    ``cold``: always a cold boot."""
+    """``auto``: claimed from a warm pool of the image and shape, or restored from its ready
+    memory template, when there is one; ``cold``: always a cold boot."""
 
     _callback_url = field_validator("callback_url")(_http_url)
     _name = field_validator("name")(_dns_label)
@@ -368,7 +374,10 @@ class VM(BaseModel):
     """The keys of the ``metadata`` given; its values are never shown."""
     start: StartMode = "auto"
     started_from: Literal["cold", "template", "pool"] = "cold"
-    """How the machine started: a cold boot, or restored from a memory template."""
+    """How the machine started: a cold boot, restored from a memory template, or claimed from
+    a warm pool."""
+    pool: str | None = None
+    """The warm pool the machine was claimed from."""
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING
@@ -454,6 +463,50 @@ class Template(BaseModel):
 
 class ImageList(BaseModel):
     images: list[Image]
+
+
+class PoolRequest(_Strict):
+    """The body of ``PUT /pools/{name}``: the image and shape of the VMs that the pool keeps
+    running, and how many."""
+
+    image: ImageSpec
+    cpus: Count = 2
+    memory: Count = Field(default=1024, description="Megabytes.")
+    network_type: NetworkType = "nat"
+    size: Annotated[Count, Field(ge=0, le=POOL_MAX_SIZE)] = 1
+
+
+class PoolStatus(StrEnum):
+    FILLING = "filling"
+    """Fewer VMs are ready than the pool's size; more are being restored."""
+    READY = "ready"
+    ERROR = "error"
+    """The pool cannot be filled (its image or template failed); ``error`` says why."""
+
+
+class Pool(BaseModel):
+    """A warm pool: ``size`` VMs of one image and shape kept restored and running, each
+    claimed by the next ``POST /vms`` of that image and shape."""
+
+    name: str
+    image: ImageSpec
+    cpus: int
+    memory: int
+    network_type: NetworkType
+    size: int
+    status: PoolStatus = PoolStatus.FILLING
+    ready: int = 0
+    """VMs waiting to be claimed."""
+    filling: int = 0
+    """VMs being restored."""
+    claimed: int = 0
+    """VMs claimed from the pool since it was made."""
+    error: ErrorBody | None = None
+    created_at: str
+
+
+class PoolList(BaseModel):
+    pools: list[Pool]
 
 
 def now_ms() -> str:

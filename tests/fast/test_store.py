@@ -8,10 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
-from goldclone.models import VM, ImageSpec, Phase, Status, TimelineEntry, now_ms, now_s
-from goldclone.service.store import TRANSITIONS, Store
+from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry, now_ms, now_s
+from goldclone.service import schema, tables
+from goldclone.service.store import TRANSITIONS, Earlier, Held, Store
 
 
 def make_vm() -> VM:
@@ -42,7 +46,7 @@ async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path
     await store.open()
     vms = [make_vm() for _ in range(5)]
     for vm in vms:
-        assert await store.admit(vm) is None
+        assert await store.admit(vm) == vm
     await store.set_runtime(vms[0].id, {"machine": "m0", "mac": "52:54:00:00:00:01"})
     running = await store.advance(
         vms[2].id,
@@ -124,9 +128,11 @@ async def test_a_repeated_idempotency_key_returns_the_first_vm(tmp_path: Path) -
                 for i, vm in enumerate(vms)
             )
         )
-        new = [vm for vm, outcome in zip(vms, outcomes, strict=True) if outcome is None]
+        new = [outcome for outcome in outcomes if isinstance(outcome, VM)]
         assert len(new) == 1
-        assert all(o.vm.id == new[0].id and o.digest == "digest" for o in outcomes if o)
+        repeats = [outcome for outcome in outcomes if isinstance(outcome, Earlier)]
+        assert len(repeats) == 5
+        assert all(o.vm.id == new[0].id and o.digest == "digest" for o in repeats)
         assert [vm.id for vm in await first.list()] == [new[0].id]
     finally:
         await first.close()
@@ -161,3 +167,42 @@ async def test_only_a_deleting_vm_is_forgotten_or_restored(store: Store) -> None
         await store.forget(vm.id)
     with pytest.raises(VMNotFound):
         await store.runtime(vm.id)
+
+
+async def test_concurrent_admissions_on_one_database_never_claim_one_pooled_machine_twice(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    first, second = Store(url), Store(url)
+    await first.open()
+    await second.open()
+    try:
+        image = ImageSpec(url="http://127.0.0.1/x", checksum="0" * 64)  # type: ignore[arg-type]
+        pool = Pool(name="ci", image=image, cpus=1, memory=256, network_type="nat", size=3,
+                    created_at=now_s())  # fmt: skip
+        assert await first.put_pool(pool)
+        for n in range(3):
+            machine = str(uuid.uuid4())
+            await first.add_member("ci", machine, Held(1, 256), None)
+            await first.set_member(machine, "ready", {"machine": machine, "mac": f"m{n}"})
+        outcomes = await asyncio.gather(
+            *((first if i % 2 else second).admit(make_vm(), pools=["ci"]) for i in range(8))
+        )
+        claimed = [vm for vm in outcomes if isinstance(vm, VM) and vm.started_from == "pool"]
+        assert len(claimed) == 3
+        runtimes = {(await first.runtime(vm.id))["mac"] for vm in claimed}
+        assert runtimes == {"m0", "m1", "m2"}
+        assert await first.members() == []
+        assert (await first.pool("ci")).claimed == 3
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_the_migrations_make_the_tables_that_the_queries_use(tmp_path: Path) -> None:
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    with engine.begin() as connection:
+        schema.upgrade(connection)
+        differences = compare_metadata(MigrationContext.configure(connection), tables.metadata)
+    engine.dispose()
+    assert differences == []

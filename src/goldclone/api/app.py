@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import Scope
 
 from goldclone.api.guards import BearerGuard, BodyGuard, error_response
 from goldclone.errors import (
@@ -30,6 +31,9 @@ from goldclone.models import (
     Image,
     ImageList,
     ImageSpec,
+    Pool,
+    PoolList,
+    PoolRequest,
     Readiness,
     Template,
     TemplateRequest,
@@ -147,8 +151,34 @@ def create_app(
     @app.delete("/images/{image_id}", status_code=204, response_class=Response,
                 operation_id="delete_image")  # fmt: skip
     async def delete_image(image_id: str) -> Response:
-        """Remove a gold image; 409 ``image-in-use`` while any VM uses it."""
+        """Remove a gold image; 409 ``image-in-use`` while any VM or warm pool uses it."""
         await service.catalog.delete(image_id)
+        return Response(status_code=204)
+
+    @app.get("/pools", response_model=PoolList, operation_id="list_pools")
+    async def list_pools() -> PoolList:
+        """The warm pools, with how many VMs each has ready and being restored."""
+        return PoolList(pools=await service.pools.all())
+
+    @app.put("/pools/{name}", response_model=Pool, operation_id="put_pool",
+             responses={201: {"model": Pool, "description": "The pool was made."}})  # fmt: skip
+    async def put_pool(name: str, body: PoolRequest, response: Response) -> Pool:
+        """Make a warm pool, or change one: ``size`` VMs of the image and shape, restored from
+        its memory template (made if need be) and kept running, for ``POST /vms`` of that
+        image and shape to claim. 200 for a pool changed, 201 for a new one."""
+        pool, created = await service.pools.put(name, body)
+        response.status_code = 201 if created else 200
+        return pool
+
+    @app.get("/pools/{name}", response_model=Pool, operation_id="get_pool")
+    async def get_pool(name: str) -> Pool:
+        return await service.pools.get(name)
+
+    @app.delete("/pools/{name}", status_code=204, response_class=Response,
+                operation_id="delete_pool")  # fmt: skip
+    async def delete_pool(name: str) -> Response:
+        """Remove a warm pool and the VMs it holds unclaimed; VMs claimed from it stay."""
+        await service.pools.delete(name)
         return Response(status_code=204)
 
     @app.exception_handler(GoldcloneError)
@@ -184,8 +214,7 @@ def create_app(
         return error_response(_INTERNAL)
 
     _describe_host(app, service, limits)
-    posts = {r.path for r in app.routes if isinstance(r, APIRoute) and "POST" in (r.methods or ())}
-    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, paths=posts)
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
     if tokens:
         app.add_middleware(BearerGuard, tokens=tokens)  # outermost: before any body is read
     return app
@@ -200,6 +229,18 @@ _IMAGE_LINKS = {
     "DeleteImage": {"operationId": "delete_image",
                     "parameters": {"image_id": "$response.body#/id"}},
 }  # fmt: skip
+
+
+def _takes_body(app: FastAPI) -> Callable[[Scope], bool]:
+    """Whether a request is for an endpoint that reads a body (its path and method match
+    one)."""
+    with_body = [route for route in app.routes if isinstance(route, APIRoute)
+                 and route.body_field is not None]  # fmt: skip
+
+    def takes_body(scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in with_body)
+
+    return takes_body
 
 
 def _methods_of(app: FastAPI, request: Request) -> list[str]:

@@ -4,6 +4,7 @@ media type."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,19 +46,22 @@ class BearerGuard:
 
 
 class BodyGuard:
-    """Refuses bodies that are too large (413) or not JSON (415) before any parsing.
+    """Refuses bodies that are too large (413) or not JSON (415) before any parsing, for the
+    requests that ``takes_body`` says are for an endpoint that reads one.
 
     It reads the body up to the limit itself and hands it on, so a chunked upload without
     ``Content-Length`` is bounded too.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, paths: set[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, takes_body: Callable[[Scope], bool]
+    ) -> None:
         self._app = app
         self._max = max_body_bytes
-        self._paths = paths
+        self._takes_body = takes_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self._paths:
+        if scope["type"] != "http" or not self._takes_body(scope):
             await self._app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -168,9 +168,13 @@ class Driver(Protocol):
         """Turn the running ``machine``, started with ``MachineSpec.template`` = ``files``,
         into that template (read-only files); the machine is stopped afterwards."""
 
-    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
-        """Give a machine just restored from a template its own clock and ``guest``'s
-        identity; raises ``BootFailed`` if the guest cannot be told within ``timeout``."""
+    async def personalize(
+        self, runtime: Runtime, guest: GuestConfig, timeout: float, new_machine: bool = True
+    ) -> None:
+        """Give a restored machine its own clock and ``guest``'s identity; and, if it is a
+        ``new_machine`` just restored rather than one a pool kept, what makes it its own
+        machine (new SSH host keys). Raises ``BootFailed`` if the guest cannot be told within
+        ``timeout``."""
 
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""

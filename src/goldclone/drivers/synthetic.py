@@ -54,7 +54,9 @@ class Machine:
     running: bool = False
     booted: asyncio.Event = field(default_factory=asyncio.Event)
     personalized: GuestConfig | None = None
-    """The identity a restored machine was given after its restore."""
+    """The identity a restored machine was given last."""
+    personalizations: list[bool] = field(default_factory=list)
+    """``new_machine`` of each time it was given an identity."""
 
 
 @dataclass
@@ -218,12 +220,15 @@ class SyntheticDriver:
             path.write_text(f"{found.gold} {found.spec}")
             path.chmod(0o400)
 
-    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+    async def personalize(
+        self, runtime: Runtime, guest: GuestConfig, timeout: float, new_machine: bool = True
+    ) -> None:
         """The restored guest takes ``guest``'s identity, if it has an agent to be told by."""
         machine = self._machine(runtime.machine)
         if not self.host.has_agent:
             raise BootFailed("the restored guest could not be given its identity: no agent")
         machine.personalized = guest
+        machine.personalizations.append(new_machine)
 
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to take over: the machine lives in the host object, if it is there."""

@@ -1,6 +1,7 @@
 """A restored guest's own identity, given through the QEMU guest agent: a machine restored
 from a memory template wakes up as the template, so it is told its hostname, SSH keys and
-metadata, gets new SSH host keys, and runs its ``#!`` user data.
+metadata, gets new SSH host keys, and runs its ``#!`` user data. A machine of a warm pool gets
+its host keys when it is restored into the pool, and the rest when a request claims it.
 
 The work is one POSIX shell script, which the QEMU driver sends as ``guest-exec``'s standard
 input (never on a
@@ -20,8 +21,10 @@ from goldclone.guest.config import GuestConfig
 METADATA_PATH = "/run/goldclone/metadata.json"
 
 
-def script(guest: GuestConfig) -> str:
-    """The shell script that gives a restored guest ``guest``'s identity."""
+def script(guest: GuestConfig, new_machine: bool) -> str:
+    """The shell script that gives a restored guest ``guest``'s identity; and, if it is a
+    ``new_machine`` just restored (not a pooled one, which got them when it was), new SSH
+    host keys."""
     keys = "".join(f"{key}\n" for key in guest.ssh_authorized_keys)
     user_data = guest.user_data if guest.user_data is not None else ""
     return f"""\
@@ -38,7 +41,7 @@ printf %s {shlex.quote(keys)} > "$home/.ssh/authorized_keys"
 chown -R "$user" "$home/.ssh" 2>/dev/null || true
 mkdir -p /run/goldclone
 printf %s {shlex.quote(json.dumps(dict(guest.metadata), sort_keys=True))} > {METADATA_PATH}
-if [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
+if {"true" if new_machine else "false"} && [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
     rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
     ssh-keygen -A >/dev/null
     systemctl restart ssh 2>/dev/null || pkill -HUP -x sshd 2>/dev/null || true

@@ -106,7 +106,9 @@ class ImageCache:
         vmx = root / meta["vmx"] if meta.get("vmx") else None
         return GoldImage(spec.key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
 
-    async def ensure(self, spec: ImageSpec, on_fetch: Callable[[], Awaitable[None]]) -> GoldImage:
+    async def ensure(
+        self, spec: ImageSpec, on_fetch: Callable[[], Awaitable[None]] | None = None
+    ) -> GoldImage:
         """Return the gold image for ``spec``, fetching it first unless it is cached.
 
         ``on_fetch`` is called when this caller has to wait for a download (its own or a
@@ -115,7 +117,8 @@ class ImageCache:
         gold = self.cached(spec)
         if gold is not None:
             return gold
-        await on_fetch()
+        if on_fetch is not None:
+            await on_fetch()
         gold = self.cached(spec)  # a shared fetch may have finished while on_fetch ran
         if gold is not None:
             return gold

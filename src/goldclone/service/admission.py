@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable, Sequence
 
 from goldclone.drivers.base import Capabilities
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
@@ -23,7 +24,7 @@ from goldclone.models import (
     now_s,
 )
 from goldclone.outbound.policy import OutboundPolicy
-from goldclone.service.store import Earlier, Store
+from goldclone.service.store import Earlier, Held, Store
 from goldclone.settings import Limits
 
 
@@ -39,20 +40,21 @@ class Admission:
         self._policy = policy
 
     async def admit(
-        self, request: CreateVMRequest, idempotency_key: str | None
+        self, request: CreateVMRequest, idempotency_key: str | None, pools: Sequence[str] = ()
     ) -> tuple[VM, GuestConfig | None]:
-        """The VM recorded for ``request``, ``creating``, and its guest's configuration; or the
-        VM that an earlier request with the same ``idempotency_key`` and body made, and
-        ``None``. The same key with another body is an ``IdempotencyConflict``."""
+        """The VM recorded for ``request``, ``creating`` (with a machine claimed from one of
+        ``pools`` if one has a ready machine), and its guest's configuration; or the VM that
+        an earlier request with the same ``idempotency_key`` and body made, and ``None``.
+        The same key with another body is an ``IdempotencyConflict``."""
         self.check(request)
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
-        vm = _new_vm(request, guest)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
-        earlier = await self._store.admit(vm, idempotency, self._capacity_check(request))
-        if earlier is None:
-            return vm, guest
-        return _repeat(earlier, digest), None
+        capacity = self.capacity_check(Held(request.cpus, request.memory))
+        recorded = await self._store.admit(_new_vm(request, guest), idempotency, capacity, pools)
+        if isinstance(recorded, Earlier):
+            return _repeat(recorded, digest), None
+        return recorded, guest
 
     def check(self, request: CreateVMRequest) -> None:
         """Raise ``InvalidRequest`` for a request this host would never take."""
@@ -94,33 +96,28 @@ class Admission:
         except URLForbidden as exc:
             raise InvalidRequest(f"{field}: {exc.message}") from None
 
-    def _capacity_check(self, request: CreateVMRequest) -> _CapacityCheck | None:
+    def capacity_check(self, wanted: Held) -> Callable[[list[Held]], None] | None:
+        """What raises ``CapacityExceeded`` if a machine of shape ``wanted`` would take the
+        host past a total, given what is held; ``None`` when the host has no totals (no need
+        to read every VM on each create)."""
         limits = self._limits
         if all(t is None for t in (limits.max_vms, limits.total_cpus, limits.total_memory_mb)):
-            return None  # no totals: no need to read every VM on each create
-        return _CapacityCheck(limits, request)
+            return None
 
+        def check(held: list[Held]) -> None:
+            for name, total, used, asked in (
+                ("VMs", limits.max_vms, len(held), 1),
+                ("vCPUs", limits.total_cpus, sum(h.cpus for h in held), wanted.cpus),
+                ("MB of memory", limits.total_memory_mb, sum(h.memory for h in held),
+                 wanted.memory),
+            ):  # fmt: skip
+                if total is not None and used + asked > total:
+                    raise CapacityExceeded(
+                        f"this host allows {total} {name} in all; {used} are in use (VMs and "
+                        f"warm pools) and this VM needs {asked}"
+                    )
 
-class _CapacityCheck:
-    """Raises ``CapacityExceeded`` if the VM would take the host past a total."""
-
-    def __init__(self, limits: Limits, request: CreateVMRequest) -> None:
-        self._limits = limits
-        self._request = request
-
-    def __call__(self, held: list[VM]) -> None:
-        limits, request = self._limits, self._request
-        for name, total, used, wanted in (
-            ("VMs", limits.max_vms, len(held), 1),
-            ("vCPUs", limits.total_cpus, sum(vm.cpus for vm in held), request.cpus),
-            ("MB of memory", limits.total_memory_mb, sum(vm.memory for vm in held),
-             request.memory),
-        ):  # fmt: skip
-            if total is not None and used + wanted > total:
-                raise CapacityExceeded(
-                    f"this host allows {total} {name} in all; {used} are in use and this VM "
-                    f"needs {wanted}"
-                )
+        return check
 
 
 def _repeat(earlier: Earlier, digest: str) -> VM:

@@ -1,5 +1,5 @@
 """The gold images as the API shows them: with the VMs that use each, fetched ahead of time,
-and deleted only when unused."""
+and deleted only when no VM or pool uses it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,22 @@ from goldclone.errors import ImageInUse
 from goldclone.images.cache import ImageCache
 from goldclone.models import Image, ImageSpec
 from goldclone.service.admission import Admission
+from goldclone.service.pools import Pools
 from goldclone.service.store import Store
 from goldclone.service.templates import Templates
 
 
 class Catalog:
     def __init__(
-        self, store: Store, images: ImageCache, admission: Admission, templates: Templates
+        self,
+        store: Store,
+        images: ImageCache,
+        admission: Admission,
+        templates: Templates,
+        pools: Pools,
     ) -> None:
         self._store = store
+        self._pools = pools
         self._images = images
         self._admission = admission
         self._templates = templates
@@ -40,7 +47,12 @@ class Catalog:
         return image
 
     async def delete(self, image_id: str) -> None:
-        """Remove a gold image; refused with ``ImageInUse`` while any VM uses it."""
+        """Remove a gold image; refused with ``ImageInUse`` while any VM or pool uses it."""
+        if pools := self._pools.image_users(image_id):
+            raise ImageInUse(
+                f"image {image_id} is kept by the warm pool(s) {', '.join(pools)}; delete "
+                "them first"
+            )
         async with self._images.lock(image_id):
             users = [vm.id for vm in await self._store.list() if vm.image.key == image_id]
             if users:

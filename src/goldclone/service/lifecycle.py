@@ -35,14 +35,13 @@ from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, ErrorBody, Phase, Status
 from goldclone.outbound.callbacks import deliver
+from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
 from goldclone.service.store import Leftover, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 
 log = logging.getLogger(__name__)
-PERSONALIZE_TIMEOUT = 60.0
-"""Seconds a restored guest's agent has to answer and take its identity."""
 
 _PACKAGE_KINDS: dict[PackageKind, str] = {
     "disk": "a bare disk image",
@@ -229,6 +228,9 @@ class Lifecycle:
         self.report(vm)
 
     async def _boot(self, vm: VM, guest: GuestConfig) -> VM:
+        if vm.started_from == "pool":
+            return await self._claim(vm, guest)
+
         async def fetching() -> None:
             await self._step(vm, Phase.DOWNLOADING)
 
@@ -240,25 +242,40 @@ class Lifecycle:
             self._check_package(gold)
             template = await self._template_for(vm, guest)
             await self._driver.clone(vm.id, gold, template)
-        runtime = await self._driver.attach(vm.id, vm.network_type)
-        await self._store.set_runtime(vm.id, runtime.record())
         restore = template is not None
-        await self._step(vm, Phase.RESTORING if restore else Phase.BOOTING, mac_address=runtime.mac,
-                         started_from="template" if restore else "cold")  # fmt: skip
-        spec = MachineSpec(runtime.machine, vm.cpus, vm.memory, vm.headless, guest, template,
-                           restore)  # fmt: skip
-        await self._driver.start(spec, runtime)
-        if restore:
-            await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT)
+
+        async def attached(runtime: Runtime) -> None:
+            await self._store.set_runtime(vm.id, runtime.record())
+            await self._step(vm, Phase.RESTORING if restore else Phase.BOOTING,
+                             mac_address=runtime.mac,
+                             started_from="template" if restore else "cold")  # fmt: skip
+
+        spec = MachineSpec(vm.id, vm.cpus, vm.memory, vm.headless, guest, template, restore)
+        runtime, ip = await bring_up(self._driver, spec, vm.network_type, attached,
+                                     self._settings.ip_timeout)  # fmt: skip
+        vm = await self._running(vm, runtime, ip)
+        if not restore and vm.start == "auto" and not guest.needs_first_boot:
+            await self._templates.booted_cold(vm.image.key, vm.cpus, vm.memory)
+        return vm
+
+    async def _claim(self, vm: VM, guest: GuestConfig) -> VM:
+        """Give the machine that ``vm`` claimed from a warm pool (at admission) the request's
+        identity; it has run since the pool restored it, so it has its IP already."""
+        runtime = await self.runtime(vm.id)
+        assert runtime is not None  # the pooled machine's, recorded with the claim
+        await self._step(vm, Phase.CLAIMED, mac_address=runtime.mac)
+        await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT, new_machine=False)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
+        return await self._running(vm, runtime, ip)
+
+    async def _running(self, vm: VM, runtime: Runtime, ip: str) -> VM:
+        """``vm``, whose machine is up at ``ip``, once it passes its ``ready_when``."""
         if vm.ready_when is not None:
             timeout = vm.ready_when.timeout or self._settings.ready_timeout
             await wait_ready(ip, vm.ready_when, timeout, lambda: self._driver.agent_ping(runtime))
             await self._step(vm, Phase.READY)
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         log.info("VM %s is running at %s", vm.id, ip)
-        if not restore and vm.start == "auto" and not guest.needs_first_boot:
-            await self._templates.booted_cold(vm.image.key, vm.cpus, vm.memory)
         return vm
 
     async def _template_for(self, vm: VM, guest: GuestConfig) -> TemplateFiles | None:

@@ -11,57 +11,23 @@ actors (a create task and a DELETE, two services on one database) never overwrit
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text, event, select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from goldclone.errors import NameConflict, StateConflict, VMNotFound
-from goldclone.models import VM, Phase, Status, Template, TimelineEntry, now_ms
+from goldclone.errors import NameConflict, PoolNotFound, StateConflict, VMNotFound
+from goldclone.models import VM, Phase, Pool, PoolStatus, Status, Template, TimelineEntry, now_ms
 from goldclone.service import schema
-
-_metadata = MetaData()
-"""The tables as the queries see them; ``service/migrations`` makes them."""
-
-_vms = Table(
-    "vms",
-    _metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(36), nullable=False, unique=True),
-    Column("status", String(16), nullable=False, index=True),
-    Column("vm", JSON, nullable=False),
-    Column("runtime", JSON, nullable=False),
-    Column("idempotency_key", String(255), nullable=True, unique=True),
-    Column("request_digest", String(64), nullable=True),
-    Column("name", String(63), nullable=True, unique=True),
-)
-
-_cleanups = Table(
-    "cleanups",
-    _metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("vm_id", String(36), nullable=False),
-    Column("machine", String(64), nullable=False),
-    Column("runtime", JSON, nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("attempts", Integer, nullable=False),
-)
-
-_templates = Table(
-    "templates",
-    _metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(36), nullable=False, unique=True),
-    Column("image_key", String(140), nullable=False, index=True),
-    Column("cpus", Integer, nullable=False),
-    Column("memory", Integer, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("template", JSON, nullable=False),
-    Column("machine", String(64), nullable=True),
-)
+from goldclone.service.tables import cleanups as _cleanups
+from goldclone.service.tables import pool_members as _members
+from goldclone.service.tables import pools as _pools
+from goldclone.service.tables import templates as _templates
+from goldclone.service.tables import vms as _vms
 
 # The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
 # and memory.
@@ -89,6 +55,27 @@ class Leftover:
     reason: str
     attempts: int = 0
     seq: int = 0
+
+
+class Held(NamedTuple):
+    """What one VM or pooled machine holds of the host."""
+
+    cpus: int
+    memory: int
+
+
+MemberStatus = Literal["filling", "ready"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A machine that a warm pool keeps: being restored (``filling``), or ``ready`` to be
+    claimed; with its driver's runtime record once it has one."""
+
+    machine: str
+    pool: str
+    status: MemberStatus
+    runtime: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -131,14 +118,20 @@ class Store:
         self,
         vm: VM,
         idempotency: tuple[str, str] | None = None,
-        check_capacity: Callable[[list[VM]], None] | None = None,
-    ) -> Earlier | None:
-        """Record a new VM, unless ``idempotency`` (the request's key and the digest of its
-        body) was seen before: then nothing is recorded and the earlier VM is returned.
+        check_capacity: Callable[[builtins.list[Held]], None] | None = None,
+        pools: Sequence[str] = (),
+    ) -> VM | Earlier:
+        """Record a new VM and return it as recorded, unless ``idempotency`` (the request's
+        key and the digest of its body) was seen before: then nothing is recorded and the
+        earlier VM is returned.
 
-        ``check_capacity`` is given the VMs that hold the host's resources and raises to refuse
-        the new one; it runs in the same transaction as the insert, so concurrent creates can't
-        both take the last place. A ``vm.name`` that a recorded VM has is a ``NameConflict``.
+        If one of ``pools`` has a ready machine, the VM claims it in the same transaction:
+        the machine leaves its pool and becomes the VM's (its runtime record is the VM's),
+        and the VM is recorded ``started_from: "pool"``; so no two VMs claim one machine.
+        Otherwise ``check_capacity`` is given what holds the host's resources and raises to
+        refuse the new VM; it runs in the same transaction as the insert, so concurrent
+        creates can't both take the last place. A ``vm.name`` that a recorded VM has is a
+        ``NameConflict``.
         """
         key, digest = idempotency or (None, None)
         try:
@@ -146,11 +139,15 @@ class Store:
                 if key is not None and (earlier := await _find_by_key(conn, key)) is not None:
                     return earlier
                 await _check_name_free(conn, vm.name)
-                if check_capacity is not None:
+                runtime: dict[str, str] = {}
+                if (member := await _claim(conn, pools)) is not None:
+                    vm = vm.model_copy(update={"started_from": "pool", "pool": member.pool})
+                    runtime = member.runtime
+                elif check_capacity is not None:
                     check_capacity(await _holding(conn))
                 await conn.execute(
                     _vms.insert().values(
-                        id=vm.id, status=vm.status.value, vm=_dump(vm), runtime={},
+                        id=vm.id, status=vm.status.value, vm=_dump(vm), runtime=runtime,
                         idempotency_key=key, request_digest=digest, name=vm.name,
                     )
                 )  # fmt: skip
@@ -162,7 +159,7 @@ class Store:
                     return earlier
                 await _check_name_free(conn, vm.name)
             raise
-        return None
+        return vm
 
     async def advance(
         self,
@@ -235,12 +232,15 @@ class Store:
 
     async def machines(self) -> set[str]:
         """The names of the machines of every recorded VM (the one in its runtime record, or
-        the VM's ID while it has none) and of every template being made."""
+        the VM's ID while it has none), of every template being made and of every machine
+        that a pool keeps."""
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(_vms.c.id, _vms.c.runtime))
             vms = {row.runtime.get("machine", row.id) for row in rows}
             query = select(_templates.c.machine).where(_templates.c.machine.is_not(None))
-            return vms | {row.machine for row in await conn.execute(query)}
+            templates = {row.machine for row in await conn.execute(query)}
+            members = {row.machine for row in await conn.execute(select(_members.c.machine))}
+            return vms | templates | members
 
     # -- memory templates ---------------------------------------------------------------
 
@@ -291,6 +291,88 @@ class Store:
     async def forget_template(self, template_id: str) -> None:
         async with self._writer.begin() as conn:
             await conn.execute(_templates.delete().where(_templates.c.id == template_id))
+
+    # -- warm pools ---------------------------------------------------------------------
+
+    async def put_pool(self, pool: Pool) -> bool:
+        """Record ``pool``, or replace the one of its name; whether it is new."""
+        record = pool.model_dump(mode="json", include=_POOL_FIELDS)
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                _pools.update().where(_pools.c.name == pool.name).values(pool=record)
+            )
+            if result.rowcount == 0:
+                await conn.execute(_pools.insert().values(name=pool.name, pool=record))
+                return True
+        return False
+
+    async def pools(self) -> builtins.list[Pool]:
+        """Every pool, oldest first, with how many machines it has ready and filling."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(_pools.c.pool).order_by(_pools.c.seq))
+            found = [Pool.model_validate(row.pool) for row in rows]
+            query = select(_members.c.pool, _members.c.status)
+            counts = Counter((row.pool, row.status) for row in await conn.execute(query))
+        return [_counted(pool, counts[pool.name, "ready"], counts[pool.name, "filling"])
+                for pool in found]  # fmt: skip
+
+    async def pool(self, name: str) -> Pool:
+        for pool in await self.pools():
+            if pool.name == name:
+                return pool
+        raise PoolNotFound(f"there is no pool {name!r}")
+
+    async def forget_pool(self, name: str) -> None:
+        """Forget the pool; its machines are the caller's to destroy and forget."""
+        async with self._writer.begin() as conn:
+            await conn.execute(_pools.delete().where(_pools.c.name == name))
+
+    async def add_member(
+        self,
+        pool: str,
+        machine: str,
+        held: Held,
+        check_capacity: Callable[[builtins.list[Held]], None] | None,
+    ) -> None:
+        """Record a machine that ``pool`` is about to restore, if the host has room for it
+        (``check_capacity``, as in ``admit``, in the same transaction)."""
+        async with self._writer.begin() as conn:
+            if check_capacity is not None:
+                check_capacity(await _holding(conn))
+            await conn.execute(_members.insert().values(
+                machine=machine, pool=pool, status="filling", cpus=held.cpus,
+                memory=held.memory, runtime={},
+            ))  # fmt: skip
+
+    async def set_member(
+        self,
+        machine: str,
+        status: MemberStatus | None = None,
+        runtime: Mapping[str, str] | None = None,
+    ) -> None:
+        """Change a pooled machine's status or runtime record, unless it was claimed or
+        forgotten meanwhile."""
+        values: dict[str, Any] = {}
+        if status is not None:
+            values["status"] = status
+        if runtime is not None:
+            values["runtime"] = dict(runtime)
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                _members.update().where(_members.c.machine == machine).values(values)
+            )
+
+    async def members(self, pool: str | None = None) -> builtins.list[Member]:
+        """The machines of ``pool`` (or of every pool), oldest first."""
+        query = select(_members).order_by(_members.c.seq)
+        if pool is not None:
+            query = query.where(_members.c.pool == pool)
+        async with self._engine.connect() as conn:
+            return [_member(row) for row in await conn.execute(query)]
+
+    async def forget_member(self, machine: str) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(_members.delete().where(_members.c.machine == machine))
 
     async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
         """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go.
@@ -374,9 +456,47 @@ async def _check_name_free(conn: AsyncConnection, name: str | None) -> None:
         raise NameConflict(f"VM {row.id} is already named {name!r}; delete it or choose another")
 
 
-async def _holding(conn: AsyncConnection) -> list[VM]:
+async def _holding(conn: AsyncConnection) -> list[Held]:
     query = select(_vms.c.vm).where(_vms.c.status.in_([s.value for s in HOLDING]))
-    return [VM.model_validate(row.vm) for row in await conn.execute(query)]
+    vms = [VM.model_validate(row.vm) for row in await conn.execute(query)]
+    members = await conn.execute(select(_members.c.cpus, _members.c.memory))
+    return [Held(vm.cpus, vm.memory) for vm in vms] + [Held(*row) for row in members]
+
+
+async def _claim(conn: AsyncConnection, pools: Sequence[str]) -> Member | None:
+    """Take the oldest ready machine of ``pools`` out of its pool, and count the claim."""
+    if not pools:
+        return None
+    query = (
+        select(_members)
+        .where(_members.c.pool.in_(pools), _members.c.status == "ready")
+        .order_by(_members.c.seq)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if (row := (await conn.execute(query)).first()) is None:
+        return None
+    await conn.execute(_members.delete().where(_members.c.seq == row.seq))
+    found = (await conn.execute(select(_pools.c.pool).where(_pools.c.name == row.pool))).first()
+    if found is not None:
+        record = {**found.pool, "claimed": found.pool.get("claimed", 0) + 1}
+        await conn.execute(_pools.update().where(_pools.c.name == row.pool).values(pool=record))
+    return _member(row)
+
+
+def _counted(pool: Pool, ready: int, filling: int) -> Pool:
+    status = PoolStatus.READY if ready >= pool.size else PoolStatus.FILLING
+    status = PoolStatus.ERROR if pool.error is not None else status
+    return pool.model_copy(update={"ready": ready, "filling": filling, "status": status})
+
+
+def _member(row: Any) -> Member:
+    return Member(row.machine, row.pool, row.status, dict(row.runtime))
+
+
+_POOL_FIELDS = {"name", "image", "cpus", "memory", "network_type", "size", "claimed", "error",
+                "created_at"}  # fmt: skip
+"""What the ``pools`` table keeps of a pool; the counts of machines are read from theirs."""
 
 
 def _sqlite_for_concurrency(connection: Any, _: object) -> None:

@@ -27,6 +27,7 @@ from goldclone.errors import (
     Interrupted,
     InvalidRequest,
     NotReady,
+    TemplateFailed,
     VMFailure,
 )
 from goldclone.guest.config import GuestConfig
@@ -116,6 +117,24 @@ class Templates:
             ):  # fmt: skip
                 return self.files(template)
         return None
+
+    async def made(self, image_id: str, cpus: int, memory: int) -> TemplateFiles:
+        """The files of the ready template of this image and shape, made first if there is
+        none. A template that failed is removed and raises ``TemplateFailed``, so that the
+        next call makes it again."""
+        template = await self.create(image_id, TemplateRequest(cpus=cpus, memory=memory))
+        if (task := self._building.get(template.id)) is not None:
+            await asyncio.shield(task)  # whoever waits for it, the template is made once
+        for found, machine in await self._store.templates(image_id):
+            if found.id != template.id:
+                continue
+            if found.status is TemplateStatus.READY:
+                return self.files(found)
+            if found.status is TemplateStatus.ERROR:
+                await self._remove(found, machine)
+                error = found.error or ErrorBody(code="internal-error", message="unknown")
+                raise TemplateFailed(f"its template failed: {error.code}: {error.message}")
+        raise TemplateFailed(f"template {template.id} was removed while it was made")
 
     async def of_image(self, image_id: str) -> list[Template]:
         return [template for template, _ in await self._store.templates(image_id)]

@@ -20,6 +20,7 @@ from goldclone.service import console
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
 from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
 from goldclone.service.store import Store
 from goldclone.service.templates import Templates
@@ -45,9 +46,10 @@ class VMService:
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
         self._admission = Admission(settings.limits, driver.capabilities, store, policy)
         self.templates = Templates(settings, store, images, driver, self._admission)
+        self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
         self._lifecycle = Lifecycle(settings, store, images, driver, http, self.templates)
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
-        self.catalog = Catalog(store, images, self._admission, self.templates)
+        self.catalog = Catalog(store, images, self._admission, self.templates, self.pools)
 
     async def claim(self) -> None:
         """Take the data dir for this service (or raise ``DataDirInUse``), and check that the
@@ -71,7 +73,9 @@ class VMService:
             await self._images.open()
             await self.templates.recover()
             await self._recovery.start()
+            await self.pools.start()
         except BaseException:
+            await self.pools.close()
             await self._lifecycle.close()
             await self._driver.close(vms_running=True)  # what runs was there before
             await self._store.close()
@@ -83,6 +87,7 @@ class VMService:
         """Stop background work. Running VMs keep running, with their networks; unfinished
         creates are cut off and finished as ``interrupted`` at the next start. With no VM
         running, the networks are removed too, so a stopped service leaves nothing behind."""
+        await self.pools.close()
         await self._lifecycle.close()
         await self.templates.close()
         await self._images.close()
@@ -94,9 +99,12 @@ class VMService:
 
     async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
         """Accept a VM and start creating it in the background; see ``Admission.admit``."""
-        vm, guest = await self._admission.admit(request, idempotency_key)
+        pools = self.pools.matching(request)
+        vm, guest = await self._admission.admit(request, idempotency_key, pools)
         if guest is not None:
             self._lifecycle.begin(vm, guest)
+            if vm.pool is not None:
+                self.pools.wake(vm.pool)  # to refill
         return self._with_progress(vm)
 
     async def get(self, vm_id: str) -> VM:
@@ -112,6 +120,7 @@ class VMService:
 
     async def delete(self, vm_id: str) -> None:
         await self._lifecycle.delete(_valid_id(vm_id))
+        self.pools.wake()  # the room it held may be what a pool waits for
 
     async def console(self, vm_id: str, follow: bool) -> AsyncIterator[str]:
         """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``

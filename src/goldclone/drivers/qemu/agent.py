@@ -9,7 +9,8 @@ from pathlib import Path
 from goldclone.drivers.qemu.qmp import agent_execute
 from goldclone.errors import QMPError
 
-_POLL = 0.1
+_POLL = 0.02
+"""Seconds between asks whether the script has exited: a claim from a pool waits for it."""
 
 
 async def run_script(agent_socket: Path, script: str, timeout: float) -> None:

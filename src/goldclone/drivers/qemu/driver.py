@@ -57,6 +57,8 @@ KILL_GRACE = 5.0
 PCI_NIC, PCI_DISK, PCI_SEED, PCI_SERIAL = "0x3", "0x4", "0x5", "0x6"
 NIC_ID = "nic0"
 CLOCK_TOLERANCE_NS = 500_000_000
+CLOCK_TIMEOUT = 20.0
+CLOCK_ATTEMPTS = 3
 FW_CFG_METADATA = "opt/goldclone/metadata"
 """The fw_cfg file with the VM's ``metadata`` as JSON; a Linux guest reads it at
 ``/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw`` (module ``qemu_fw_cfg``)."""
@@ -249,14 +251,16 @@ class QemuDriver:
         for path in (files.disk, files.ram, files.state):
             path.chmod(0o400)
 
-    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+    async def personalize(
+        self, runtime: Runtime, guest: GuestConfig, timeout: float, new_machine: bool = True
+    ) -> None:
         """Through the guest agent of a restored machine: set its clock to the host's, and give
         it ``guest``'s identity (``guest.identity``)."""
         socket_path = self._agent(runtime.machine)
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
             await _set_clock(socket_path)
-            await agent.run_script(socket_path, identity.script(guest), timeout)
+            await agent.run_script(socket_path, identity.script(guest, new_machine), timeout)
         except (TimeoutError, QMPError) as exc:
             raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
 
@@ -390,16 +394,22 @@ class _Qemu(NamedTuple):
 
 
 async def _set_clock(agent_socket: Path) -> None:
-    """Set the guest's clock to the host's. qemu-ga sets it, then runs ``hwclock -w``, which
-    some images lack (Debian has it in util-linux-extra): that error does not count if the
-    clock is right."""
-    try:
-        await agent_execute(agent_socket, "guest-set-time", {"time": time.time_ns()})
-    except QMPError as exc:
+    """Set the guest's clock to the host's, and check it. qemu-ga sets it, then runs
+    ``hwclock -w``, which some images lack (Debian has it in util-linux-extra): that error does
+    not count if the clock is right. A guest just restored can be slow to answer, and then
+    sets a time that is late by as much: so it is checked, and set again if need be."""
+    trouble = "no answer"
+    for _ in range(CLOCK_ATTEMPTS):
+        try:
+            await agent_execute(agent_socket, "guest-set-time", {"time": time.time_ns()},
+                                timeout=CLOCK_TIMEOUT)  # fmt: skip
+        except QMPError as exc:
+            trouble = exc.message
         skew = abs(await agent_execute(agent_socket, "guest-get-time") - time.time_ns())
-        if skew > CLOCK_TOLERANCE_NS:
-            raise
-        log.debug("guest-set-time: %s; the clock is %d ms off, which will do", exc, skew // 10**6)
+        if skew <= CLOCK_TOLERANCE_NS:
+            return
+        log.debug("guest-set-time: %s; the clock is %d ms off", trouble, skew // 10**6)
+    raise QMPError(f"the guest's clock is still {skew / 1e9:.1f} s off ({trouble})")
 
 
 def _memory(spec: MachineSpec) -> list[str]:

@@ -202,7 +202,9 @@ class VMwareDriver:
     async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
         raise BootFailed(_NO_MEMORY_TEMPLATES)
 
-    async def personalize(self, runtime: Runtime, guest: GuestConfig, timeout: float) -> None:
+    async def personalize(
+        self, runtime: Runtime, guest: GuestConfig, timeout: float, new_machine: bool = True
+    ) -> None:
         raise BootFailed(_NO_MEMORY_TEMPLATES)
 
     async def agent_ping(self, runtime: Runtime) -> bool:

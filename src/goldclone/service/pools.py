@@ -1,0 +1,273 @@
+"""Warm pools: machines of one gold image and shape, restored from its memory template and
+kept running, with nothing of any request in them, so that a ``POST /vms`` of that image and
+shape claims one (in its admission's transaction, ``Store.admit``) and is running as soon as
+the guest has taken the request's identity.
+
+Each pool has a keeper task: it fetches the image, has the template made, restores machines
+until the pool is full, and replaces those that died or were claimed. Trouble (a failed image
+or template, a host at capacity) is shown as the pool's ``error`` and tried again later, less
+often each time. Pools and their machines are stored; after a restart, the machines that still
+run stay in their pool and the others are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from goldclone.drivers.base import Driver, MachineSpec, Runtime
+from goldclone.errors import GoldcloneError, InvalidRequest, PoolNotFound
+from goldclone.guest.config import GuestConfig
+from goldclone.images.cache import ImageCache
+from goldclone.models import (
+    CreateVMRequest,
+    ErrorBody,
+    Pool,
+    PoolRequest,
+    is_dns_label,
+    now_s,
+)
+from goldclone.service.admission import Admission
+from goldclone.service.machines import bring_up
+from goldclone.service.store import Held, Member, Store
+from goldclone.service.templates import Templates
+from goldclone.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST = 2.0
+RETRY_MOST = 300.0
+"""Seconds before a keeper tries again after trouble: doubling from the first to the most."""
+
+
+class Pools:
+    """The warm pools of this host."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        images: ImageCache,
+        driver: Driver,
+        admission: Admission,
+        templates: Templates,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._images = images
+        self._driver = driver
+        self._admission = admission
+        self._templates = templates
+        self._pools: dict[str, Pool] = {}
+        """Each pool's definition, for ``matching`` to read without the store."""
+        self._keepers: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        """Keep the stored pools: their machines that still run stay, the others go."""
+        self._pools = {pool.name: pool for pool in await self._store.pools()}
+        for member in await self._store.members():
+            pool = self._pools.get(member.pool)
+            if pool is None or member.status != "ready" or not await self._runs(member):
+                await self._remove(member)
+        for name in self._pools:
+            self._keep(name)
+
+    async def close(self) -> None:
+        """Stop the keepers; the machines being restored are removed, the ready ones run on."""
+        keepers = list(self._keepers.values())
+        for keeper in keepers:
+            keeper.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
+
+    def matching(self, request: CreateVMRequest) -> list[str]:
+        """The pools whose machines ``request`` may claim: those of its image and shape,
+        unless it asks for a cold boot, a window, or ``#cloud-config`` user data (which needs
+        a first boot)."""
+        if request.start == "cold" or not request.headless:
+            return []
+        if request.user_data is not None and not request.user_data.startswith("#!"):
+            return []
+        shape = (request.image.key, request.cpus, request.memory, request.network_type)
+        return [
+            pool.name
+            for pool in self._pools.values()
+            if (pool.image.key, pool.cpus, pool.memory, pool.network_type) == shape
+        ]
+
+    async def put(self, name: str, request: PoolRequest) -> tuple[Pool, bool]:
+        """Make the pool ``name``, or change it: the pool and whether it is new. A pool whose
+        image or shape changes loses its machines and fills again."""
+        self._check(name, request)
+        earlier = self._pools.get(name)
+        pool = Pool(
+            name=name, **request.model_dump(), created_at=now_s(),
+            claimed=earlier.claimed if earlier is not None else 0,
+        )  # fmt: skip
+        created = await self._store.put_pool(pool)
+        self._pools[name] = pool
+        if earlier is not None and _kind(earlier) != _kind(pool):
+            await self._stop_keeper(name)
+            for member in await self._store.members(name):
+                await self._remove(member)
+        self._keep(name)
+        self.wake(name)
+        return await self._store.pool(name), created
+
+    async def get(self, name: str) -> Pool:
+        if name not in self._pools:
+            raise PoolNotFound(f"there is no pool {name!r}")
+        return await self._store.pool(name)
+
+    async def all(self) -> list[Pool]:
+        return await self._store.pools()
+
+    async def delete(self, name: str) -> None:
+        """Remove the pool and its unclaimed machines; VMs claimed from it stay."""
+        if name not in self._pools:
+            raise PoolNotFound(f"there is no pool {name!r}")
+        await self._stop_keeper(name)
+        del self._pools[name]
+        await self._store.forget_pool(name)
+        for member in await self._store.members(name):
+            await self._remove(member)
+
+    def image_users(self, image_key: str) -> list[str]:
+        """The pools that keep machines of gold image ``image_key``."""
+        return [pool.name for pool in self._pools.values() if pool.image.key == image_key]
+
+    def wake(self, name: str | None = None) -> None:
+        """Have the keeper of pool ``name`` (or of every pool) look again: a machine was
+        claimed, or room was made on the host."""
+        for pool, event in self._wake.items():
+            if name is None or pool == name:
+                event.set()
+
+    def _check(self, name: str, request: PoolRequest) -> None:
+        if not is_dns_label(name):
+            raise InvalidRequest(
+                "name: must be a DNS label: 1-63 characters of a-z, 0-9 and '-', not starting "
+                "or ending with '-'"
+            )
+        if not self._driver.capabilities.memory_templates:
+            raise InvalidRequest(
+                f"the {self._driver.name} driver has no memory templates, which pools restore "
+                "their VMs from"
+            )
+        self._admission.check_shape(request.cpus, request.memory, None)
+        self._admission.check_network(request.network_type)
+        self._admission.check_url("image.url", request.image.url)
+        most = self._settings.limits.max_vms
+        if most is not None and request.size > most:
+            raise InvalidRequest(f"size: this host allows {most} VMs in all")
+
+    def _keep(self, name: str) -> None:
+        if name not in self._keepers:
+            self._wake[name] = asyncio.Event()
+            keeper = asyncio.create_task(self._keeper(name), name=f"pool {name}")
+            self._keepers[name] = keeper
+
+    async def _stop_keeper(self, name: str) -> None:
+        keeper = self._keepers.pop(name, None)
+        self._wake.pop(name, None)
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keeper(self, name: str) -> None:
+        wait = RETRY_FIRST
+        while True:
+            wake = self._wake[name]
+            wake.clear()
+            try:
+                await self._fill(self._pools[name])
+            except (GoldcloneError, OSError) as exc:
+                await self._trouble(name, exc)
+                pause, wait = wait, min(2 * wait, RETRY_MOST)
+            else:
+                await self._trouble(name, None)
+                pause, wait = self._settings.reconcile_interval, RETRY_FIRST
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):  # not wait_for, which can lose a cancel
+                    await wake.wait()
+
+    async def _fill(self, pool: Pool) -> None:
+        """Remove the pool's machines that died, or that it has too many of; restore the
+        ones it lacks, one at a time."""
+        members = await self._store.members(pool.name)
+        for member in members:
+            if member.status == "ready" and not await self._runs(member):
+                log.warning("pool %s: machine %s stopped; it is replaced", pool.name,
+                            member.machine)  # fmt: skip
+                await self._remove(member)
+                members.remove(member)
+        for member in members[pool.size :]:
+            await self._remove(member)
+        for _ in range(pool.size - len(members)):
+            await self._restore_one(pool)
+
+    async def _restore_one(self, pool: Pool) -> None:
+        gold = await self._images.ensure(pool.image)
+        template = await self._templates.made(pool.image.key, pool.cpus, pool.memory)
+        machine = str(uuid.uuid4())
+        held = Held(pool.cpus, pool.memory)
+        await self._store.add_member(pool.name, machine, held, self._admission.capacity_check(held))
+        member = Member(machine, pool.name, "filling", {})
+        try:
+            async with self._images.lock(pool.image.key):
+                await self._driver.clone(machine, gold, template)
+
+            async def attached(runtime: Runtime) -> None:
+                await self._store.set_member(machine, runtime=runtime.record())
+
+            guest = GuestConfig(machine, f"pool-{pool.name}"[:63].rstrip("-"))
+            spec = MachineSpec(machine, pool.cpus, pool.memory, True, guest, template, True)
+            await bring_up(self._driver, spec, pool.network_type, attached,
+                           self._settings.ip_timeout)  # fmt: skip
+        except BaseException:
+            await self._remove(member)
+            raise
+        await self._store.set_member(machine, status="ready")
+        log.info("pool %s: machine %s is ready", pool.name, machine)
+
+    async def _runs(self, member: Member) -> bool:
+        return await self._driver.is_running(member.machine)
+
+    async def _remove(self, member: Member) -> None:
+        """Destroy a pooled machine and forget it; what cannot be removed is left to
+        reconciliation, which finds it unknown."""
+        runtime = None
+        if member.runtime:
+            runtime = self._driver.runtime_from_record(member.machine, member.runtime)
+        try:
+            await self._driver.destroy(member.machine, runtime, graceful=False)
+        except GoldcloneError as exc:
+            log.warning("pool %s: machine %s: %s; reconciliation removes it", member.pool,
+                        member.machine, exc)  # fmt: skip
+        await self._store.forget_member(member.machine)
+
+    async def _trouble(self, name: str, exc: BaseException | None) -> None:
+        """Show ``exc`` as the pool's error, or clear the error it had."""
+        pool = self._pools.get(name)
+        if pool is None:
+            return
+        error = None
+        if exc is not None:
+            error = _error_of(exc)
+            log.warning("pool %s cannot be filled: %s", name, error.message)
+        if pool.error != error:
+            pool = self._pools[name] = pool.model_copy(update={"error": error})
+            await self._store.put_pool(pool)
+
+
+def _kind(pool: Pool) -> tuple[object, ...]:
+    """What a pool's machines are: those of another kind are of no use to it."""
+    return (pool.image.key, pool.cpus, pool.memory, pool.network_type)
+
+
+def _error_of(exc: BaseException) -> ErrorBody:
+    if isinstance(exc, GoldcloneError):
+        return ErrorBody(code=exc.code, message=exc.message)
+    return ErrorBody(code="internal-error", message=f"{type(exc).__name__}: {exc}")

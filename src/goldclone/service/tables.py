@@ -1,0 +1,65 @@
+"""The store's tables as its queries see them; ``service/migrations`` makes them."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+vms = Table(
+    "vms",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("vm", JSON, nullable=False),
+    Column("runtime", JSON, nullable=False),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("request_digest", String(64), nullable=True),
+    Column("name", String(63), nullable=True),
+    Index("ix_vms_name", "name", unique=True),
+)
+
+cleanups = Table(
+    "cleanups",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("vm_id", String(36), nullable=False),
+    Column("machine", String(64), nullable=False),
+    Column("runtime", JSON, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("image_key", String(140), nullable=False, index=True),
+    Column("cpus", Integer, nullable=False),
+    Column("memory", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("template", JSON, nullable=False),
+    Column("machine", String(64), nullable=True),
+)
+
+pools = Table(
+    "pools",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(63), nullable=False, unique=True),
+    Column("pool", JSON, nullable=False),
+)
+
+pool_members = Table(
+    "pool_members",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("machine", String(64), nullable=False, unique=True),
+    Column("pool", String(63), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
+    Column("cpus", Integer, nullable=False),
+    Column("memory", Integer, nullable=False),
+    Column("runtime", JSON, nullable=False),
+)
