@@ -259,8 +259,9 @@ async def wait_running(server: Server, vm_id: str, timeout: float = 180.0) -> di
 
 
 @asynccontextmanager
-async def demo_server(work: Path) -> AsyncIterator[tuple[Server, dict[str, Any]]]:
-    """A goldclone server whose cache holds the demo image, with the request that boots it.
+async def demo_server(work: Path, **env: str) -> AsyncIterator[tuple[Server, dict[str, Any]]]:
+    """A goldclone server (with ``env`` added to its environment, as for ``serve``) whose cache
+    holds the demo image, with the request that boots it.
 
     The cache is warmed, and the nat network brought up, by one VM that is booted and deleted.
     The image is served by a real HTTP server on loopback.
@@ -270,7 +271,7 @@ async def demo_server(work: Path) -> AsyncIterator[tuple[Server, dict[str, Any]]
     digest = await build_demo_image(package)
     with FileServer(package.parent).running() as files:
         body = vm_request(files.url(package.name), digest)
-        async with serve(work / "data") as server:
+        async with serve(work / "data", **env) as server:
             vm = await wait_running(server, (await server.post_vm(body))["id"])
             await server.delete(vm["id"])
             yield server, body

@@ -16,8 +16,10 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,3 +181,56 @@ async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
         assert processes_mentioning(secret) == []
     await server.delete(vm["id"])
     assert leftovers(server.data_dir, vm) == []
+
+
+async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
+    server: Goldclone, debian_packages: dict[str, Path], file_server: FileServer, tmp_path: Path
+) -> None:
+    served = debian_packages["qcow2"]
+    image = {"url": file_server.url(served.name), "checksum": checksum(served)}
+    assert (await server.client.post("/images", json=image)).status_code == 202
+    image_id = f"sha256-{image['checksum']}"
+    shape = {"cpus": 1, "memory": 1024}
+
+    async def image_now() -> dict[str, Any]:
+        [found] = (await server.client.get("/images")).json()["images"]
+        return dict(found)
+
+    async with asyncio.timeout(BOOT_TIMEOUT):
+        while (await image_now())["status"] == "downloading":
+            await asyncio.sleep(0.5)
+    request = {**shape, "ready_when": {"tcp": 22, "timeout": int(BOOT_TIMEOUT)}}
+    response = await server.client.post(f"/images/{image_id}/templates", json=request)
+    assert response.status_code == 202, response.text
+    async with asyncio.timeout(2 * BOOT_TIMEOUT):
+        while (template := (await image_now())["templates"][0])["status"] == "creating":
+            await asyncio.sleep(1)
+    assert template["status"] == "ready", template
+
+    key, public_key = ssh_key(tmp_path)
+    pool = {"image": image, **shape, "size": 1}
+    seen = {}
+    for name, started_from in (("warm-1", "template"), ("warm-2", "pool"), ("warm-3", "pool")):
+        if started_from == "pool":
+            await server.put_pool("debian", pool)
+            await server.wait_pool("debian", 1)  # made, or refilled since the last claim
+        metadata = {"job": f"job-of-{name}"}
+        body = {"image": image, **shape, "name": name, "ssh_authorized_keys": [public_key],
+                "metadata": metadata, "ready_when": {"tcp": 22, "timeout": 120}}  # fmt: skip
+        vm = await server.boot(body)
+        assert vm["status"] == "running" and vm["started_from"] == started_from, vm
+        ssh = Ssh(key, vm["ip_address"])
+        assert (await ssh("hostname")).strip() == name
+        assert json.loads(await ssh("sudo cat /run/goldclone/metadata.json")) == metadata
+        assert abs(float(await ssh("date +%s.%N")) - time.time()) < 2  # ssh's own delay included
+        random = await ssh("head -c 16 /dev/urandom | od -An -tx1")
+        _, host_key, _ = await run("ssh-keyscan", "-t", "ed25519", vm["ip_address"], timeout=30)
+        seen[name] = {"address": (vm["ip_address"], vm["mac_address"]),
+                      "host key": host_key.split()[-1], "random bytes": random}  # fmt: skip
+    for part in ("address", "host key", "random bytes"):  # each VM's own, all running at once
+        assert len({found[part] for found in seen.values()}) == 3, part
+    assert (await server.client.delete("/pools/debian")).status_code == 204
+    for vm in (await server.client.get("/vms")).json()["vms"]:
+        await server.delete(vm["id"])
+        assert leftovers(server.data_dir, vm) == []
+    assert list((server.data_dir / "vms").iterdir()) == []  # the pool's machine too

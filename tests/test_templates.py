@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import ImageSpec
 from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import Goldclone, leftovers, processes_mentioning
+from tests.harness import Goldclone, leftovers, links, processes_mentioning
 from tests.servers import FileServer
 
 USER_DATA = "#!/bin/sh\necho restored-{name} > /www/hello.txt\n"
@@ -194,3 +195,30 @@ async def test_the_api_restores_vms_of_a_templates_shape(
         assert leftovers(goldclone.data_dir, vm) == []
     assert (await goldclone.client.delete(f"/images/{image_id}")).status_code == 204
     assert not any((goldclone.data_dir / "templates").rglob("*"))
+
+
+async def test_the_api_claims_vms_from_a_warm_pool_and_refills_it(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Path
+) -> None:
+    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
+    shape = {"cpus": 1, "memory": 256}
+    made = await goldclone.put_pool("ci", {"image": image, **shape, "size": 2})
+    assert made["status"] == "filling"  # it fetches the image and makes the template itself
+    await goldclone.wait_pool("ci", 2, timeout=240)
+    vms = [await goldclone.boot({"image": image, **shape, "name": f"job-{n}"}) for n in range(2)]
+    for vm in vms:
+        assert (vm["status"], vm["started_from"], vm["pool"]) == ("running", "pool", "ci"), vm
+        assert [e["phase"] for e in vm["timeline"]] == ["accepted", "claimed", "running"]
+        async with httpx.AsyncClient(timeout=10) as client:
+            page = (await client.get(f"http://{vm['ip_address']}/")).text.splitlines()
+        assert f"hostname {vm['name']}" in page and any(vm["mac_address"] in line for line in page)
+    assert len({vm["ip_address"] for vm in vms}) == 2
+    refilled = await goldclone.wait_pool("ci", 2, timeout=120)
+    assert refilled["claimed"] == 2
+    for vm in vms:
+        await goldclone.delete(vm["id"])
+        assert leftovers(goldclone.data_dir, vm) == []
+    assert (await goldclone.client.delete("/pools/ci")).status_code == 204
+    assert list((goldclone.data_dir / "vms").iterdir()) == []  # the pooled machines' too
+    assert processes_mentioning(str(goldclone.data_dir.absolute() / "vms")) == []  # no QEMU
+    assert [link for link in links() if re.fullmatch("gc[0-9a-f]{12}", link)] == []  # taps

@@ -161,7 +161,9 @@ def create_app(
         return PoolList(pools=await service.pools.all())
 
     @app.put("/pools/{name}", response_model=Pool, operation_id="put_pool",
-             responses={201: {"model": Pool, "description": "The pool was made."}})  # fmt: skip
+             responses={200: {"links": _POOL_LINKS},
+                        201: {"model": Pool, "description": "The pool was made.",
+                              "links": _POOL_LINKS}})  # fmt: skip
     async def put_pool(name: str, body: PoolRequest, response: Response) -> Pool:
         """Make a warm pool, or change one: ``size`` VMs of the image and shape, restored from
         its memory template (made if need be) and kept running, for ``POST /vms`` of that
@@ -224,6 +226,10 @@ _TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 _VM_LINKS = {
     name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
     for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))
+}
+_POOL_LINKS = {
+    name: {"operationId": operation, "parameters": {"name": "$response.body#/name"}}
+    for name, operation in (("GetPool", "get_pool"), ("DeletePool", "delete_pool"))
 }
 _IMAGE_LINKS = {
     "DeleteImage": {"operationId": "delete_image",

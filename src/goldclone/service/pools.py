@@ -102,10 +102,10 @@ class Pools:
         image or shape changes loses its machines and fills again."""
         self._check(name, request)
         earlier = self._pools.get(name)
-        pool = Pool(
-            name=name, **request.model_dump(), created_at=now_s(),
-            claimed=earlier.claimed if earlier is not None else 0,
-        )  # fmt: skip
+        kept: dict[str, object] = {"created_at": now_s(), "claimed": 0}
+        if earlier is not None:
+            kept = {"created_at": earlier.created_at, "claimed": earlier.claimed}
+        pool = Pool.model_validate({"name": name, **request.model_dump(), **kept})
         created = await self._store.put_pool(pool)
         self._pools[name] = pool
         if earlier is not None and _kind(earlier) != _kind(pool):
