@@ -19,7 +19,6 @@ import pytest
 from goldclone.drivers.base import MachineSpec, TemplateFiles
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.network import Attachment, Networks
-from goldclone.drivers.qemu.qmp import agent_execute
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import ImageSpec
@@ -48,7 +47,7 @@ class Host:
     async def agent(
         self, machine: str, command: str, arguments: dict[str, Any] | None = None
     ) -> Any:
-        return await agent_execute(self.driver.vm_dir(machine) / "qga.sock", command, arguments)
+        return await self.driver.agent_link(machine).execute(command, arguments)
 
     async def destroy(self, machine: str) -> None:
         await self.driver.destroy(machine, self.machines.pop(machine))

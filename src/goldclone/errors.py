@@ -196,6 +196,10 @@ class QMPError(GoldcloneError):
     code = "qmp-error"
 
 
+class QMPRefused(QMPError):
+    """QEMU or its guest agent answered a command with an error: the channel is fine."""
+
+
 class CommandError(GoldcloneError):
     """An external program exited non-zero; carries the command and its first stderr line."""
 

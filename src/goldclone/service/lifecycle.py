@@ -72,12 +72,13 @@ class Lifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._machines: dict[str, str] = {}
 
-    def begin(self, vm: VM, guest: GuestConfig) -> None:
+    def begin(self, vm: VM, guest: GuestConfig) -> asyncio.Task[None]:
         """Start creating ``vm``, which the store holds as ``creating``, in the background,
-        with ``guest`` for its guest."""
+        with ``guest`` for its guest; the task that does it."""
         task = asyncio.create_task(self._build(vm, guest), name=f"create {vm.id}")
         self._creating[vm.id] = task
         task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
+        return task
 
     async def close(self) -> None:
         """Cut off the creates under way and the background work; the creates are finished

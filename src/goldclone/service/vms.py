@@ -102,9 +102,9 @@ class VMService:
         pools = self.pools.matching(request)
         vm, guest = await self._admission.admit(request, idempotency_key, pools)
         if guest is not None:
-            self._lifecycle.begin(vm, guest)
-            if vm.pool is not None:
-                self.pools.wake(vm.pool)  # to refill
+            task = self._lifecycle.begin(vm, guest)
+            if (pool := vm.pool) is not None:  # refilled once the claim is done: not during it
+                task.add_done_callback(lambda _: self.pools.wake(pool))
         return self._with_progress(vm)
 
     async def get(self, vm_id: str) -> VM:

@@ -33,11 +33,12 @@ from goldclone.drivers.base import (
     is_vm_id,
     unless_exited,
 )
-from goldclone.drivers.qemu import agent, memory
+from goldclone.drivers.qemu import memory
 from goldclone.drivers.qemu.accel import choose_accel
+from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
-from goldclone.drivers.qemu.qmp import agent_execute, qmp_execute
+from goldclone.drivers.qemu.qmp import qmp_execute
 from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
 from goldclone.guest import identity
 from goldclone.guest.config import GuestConfig
@@ -84,6 +85,7 @@ class QemuDriver:
         self._accel = "tcg"
         self._shutdown_timeout = shutdown_timeout
         self._supervisor: asyncio.Task[None] | None = None
+        self._agents: dict[str, AgentLink] = {}
         if len(str(data_dir.absolute())) > MAX_DATA_DIR_LENGTH:
             raise ValueError(
                 f"the data dir path is longer than {MAX_DATA_DIR_LENGTH} characters, "
@@ -256,11 +258,11 @@ class QemuDriver:
     ) -> None:
         """Through the guest agent of a restored machine: set its clock to the host's, and give
         it ``guest``'s identity (``guest.identity``)."""
-        socket_path = self._agent(runtime.machine)
+        link = self.agent_link(runtime.machine)
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
-            await _set_clock(socket_path)
-            await agent.run_script(socket_path, identity.script(guest, new_machine), timeout)
+            await _set_clock(link)
+            await link.run_script(identity.script(guest, new_machine), timeout)
         except (TimeoutError, QMPError) as exc:
             raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
 
@@ -303,10 +305,17 @@ class QemuDriver:
     async def agent_ping(self, runtime: Runtime) -> bool:
         """Whether qemu-guest-agent in the guest answers ``guest-ping`` on its virtio port."""
         try:
-            await agent_execute(self._agent(runtime.machine), "guest-ping", timeout=2.0)
+            await self.agent_link(runtime.machine).execute("guest-ping", timeout=2.0)
         except QMPError:
             return False
         return True
+
+    def agent_link(self, machine: str) -> AgentLink:
+        """The one connection to the machine's guest agent, kept while the machine lives; no
+        other client can connect to the agent while it is open."""
+        if (link := self._agents.get(machine)) is None:
+            link = self._agents[machine] = AgentLink(self._agent(machine))
+        return link
 
     def console_path(self, machine: str) -> Path:
         return self.vm_dir(machine) / "console.log"
@@ -325,6 +334,8 @@ class QemuDriver:
         the store forgot the VM), the tap is the one named after the VM, and the MAC whose
         lease goes is read from its qemu's command line.
         """
+        if (link := self._agents.pop(machine, None)) is not None:
+            await link.close()
         qemus = [qemu for qemu in await self._qemus() if qemu.machine == machine]
         mac = next((qemu.mac for qemu in qemus if qemu.mac), None)
         pid = self._read_pid(machine)
@@ -359,6 +370,9 @@ class QemuDriver:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
+        for link in self._agents.values():
+            await link.close()
+        self._agents.clear()
         if vms_running:
             await self._networks.close()
         else:
@@ -393,19 +407,22 @@ class _Qemu(NamedTuple):
     mac: str | None
 
 
-async def _set_clock(agent_socket: Path) -> None:
-    """Set the guest's clock to the host's, and check it. qemu-ga sets it, then runs
-    ``hwclock -w``, which some images lack (Debian has it in util-linux-extra): that error does
-    not count if the clock is right. A guest just restored can be slow to answer, and then
-    sets a time that is late by as much: so it is checked, and set again if need be."""
+async def _set_clock(link: AgentLink) -> None:
+    """Set the guest's clock to the host's. qemu-ga sets it, then runs ``hwclock -w``, which
+    some images lack (Debian has it in util-linux-extra): that error does not count if the
+    clock is right. A guest just restored can be slow to answer, and then sets a time that is
+    late by as much: so a slow or failed set is checked, and done again if need be."""
     trouble = "no answer"
     for _ in range(CLOCK_ATTEMPTS):
+        sent = time.time_ns()
         try:
-            await agent_execute(agent_socket, "guest-set-time", {"time": time.time_ns()},
-                                timeout=CLOCK_TIMEOUT)  # fmt: skip
+            await link.execute("guest-set-time", {"time": sent}, timeout=CLOCK_TIMEOUT)
+            if time.time_ns() - sent <= CLOCK_TOLERANCE_NS:
+                return
+            trouble = "a slow answer"
         except QMPError as exc:
             trouble = exc.message
-        skew = abs(await agent_execute(agent_socket, "guest-get-time") - time.time_ns())
+        skew = abs(await link.execute("guest-get-time") - time.time_ns())
         if skew <= CLOCK_TOLERANCE_NS:
             return
         log.debug("guest-set-time: %s; the clock is %d ms off", trouble, skew // 10**6)

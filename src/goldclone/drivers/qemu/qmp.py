@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from goldclone.errors import QMPError
+from goldclone.errors import QMPError, QMPRefused
 
 
 async def qmp_execute(
@@ -26,36 +25,19 @@ async def qmp_execute(
                                f"after {timeout:g} s")  # fmt: skip
 
 
-async def agent_execute(
-    socket_path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
-) -> Any:
-    """Run one command of the QEMU guest agent, which speaks QMP's messages on its virtio
-    port without a greeting or capability negotiation, and first syncs with it: the port is
-    one stream for every client, so it can hold the reply to an earlier client that gave up
-    waiting, which would otherwise be read as this command's."""
-    work = asyncio.wait_for(_execute(socket_path, command, arguments, agent=True), timeout)
-    return await _as_qmp_error(work, f"guest agent {command}",
-                               f"did not answer within {timeout:g} s")  # fmt: skip
-
-
-async def _execute(
-    socket_path: Path, command: str, arguments: dict[str, Any] | None, agent: bool = False
-) -> Any:
+async def _execute(socket_path: Path, command: str, arguments: dict[str, Any] | None) -> Any:
     reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=1 << 20)
     try:
-        if agent:
-            await _agent_sync(reader, writer)
-        else:
-            await _read_message(reader)  # greeting
-            await _call(reader, writer, "qmp_capabilities", None)
-        return await _call(reader, writer, command, arguments)
+        await read_message(reader)  # greeting
+        await call(reader, writer, "qmp_capabilities", None)
+        return await call(reader, writer, command, arguments)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
 
-async def _call(
+async def call(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     command: str,
@@ -67,33 +49,15 @@ async def _call(
     writer.write(json.dumps(message).encode() + b"\n")
     await writer.drain()
     while True:
-        reply = await _read_message(reader)
+        reply = await read_message(reader)
         if "return" in reply:
             return reply["return"]
         if "error" in reply:
-            raise QMPError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            raise QMPRefused(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
         # anything else is an asynchronous event; skip it
 
 
-async def _agent_sync(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """``guest-sync-delimited`` with a fresh ID: the 0xFF sent first resets the agent's parser,
-    and everything the agent sends before the 0xFF that precedes the reply with that ID is
-    stale."""
-    token = secrets.randbelow(1 << 31)
-    sync = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
-    writer.write(b"\xff" + json.dumps(sync).encode() + b"\n")
-    await writer.drain()
-    while True:
-        try:
-            await reader.readuntil(b"\xff")
-        except asyncio.IncompleteReadError:
-            raise QMPError("the guest agent's channel closed") from None
-        with contextlib.suppress(QMPError):  # half a stale line; look for the next 0xFF
-            if (await _read_message(reader)).get("return") == token:
-                return
-
-
-async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
     line = await reader.readline()
     if not line:
         raise QMPError("QMP connection closed")
