@@ -16,6 +16,7 @@ import pycdlib
 import pytest
 
 from goldclone.errors import CloneFailed
+from goldclone.guest import identity
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from tests.conftest import ssh_key
@@ -194,3 +195,30 @@ async def test_the_largest_valid_configuration_fits_in_a_request(
     response = await service.client.post("/vms", json=body)
     assert response.status_code == 202, response.text[:300]
     assert len(response.json()["metadata_keys"]) == 64
+
+
+def test_a_restored_guest_is_told_its_identity_in_files_for_its_default_user() -> None:
+    passwd = "root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n" \
+             "debian:x:1000:1000:Debian:/home/debian:/bin/bash\n"  # fmt: skip
+    account = identity.default_account(passwd)
+    assert account == identity.Account("debian", "/home/debian")
+    assert identity.default_account("") == identity.Account("root", "/root")
+    guest = GuestConfig("id", "job-7", ("ssh-ed25519 AAAA a", "ssh-rsa BBBB b"),
+                        "#!/bin/sh\necho hi\n", {"token": "s3cret"})  # fmt: skip
+    written = {file.path: file.content for file in identity.files(guest, account)}
+    assert written == {
+        "/proc/sys/kernel/hostname": "job-7\n",
+        "/etc/hostname": "job-7\n",
+        "/home/debian/.ssh/authorized_keys": "ssh-ed25519 AAAA a\nssh-rsa BBBB b\n",
+        "/run/goldclone/metadata.json": '{"token": "s3cret"}',
+        "/run/goldclone/user-data": "#!/bin/sh\necho hi\n",
+    }
+    assert identity.user_data_script(guest) == (
+        "/run/goldclone/user-data > /run/goldclone/user-data.log 2>&1 &"
+    )
+    plain = GuestConfig("id", "job-8")
+    assert "/run/goldclone/user-data" not in {f.path for f in identity.files(plain, account)}
+    assert identity.user_data_script(plain) is None
+    script = identity.new_machine_script(account)
+    assert "s3cret" not in script and "touch /home/debian/.ssh/authorized_keys" in script
+    assert "chown -R debian /home/debian/.ssh" in script and "ssh-keygen -A" in script

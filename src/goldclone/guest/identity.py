@@ -3,53 +3,93 @@ from a memory template wakes up as the template, so it is told its hostname, SSH
 metadata, gets new SSH host keys, and runs its ``#!`` user data. A machine of a warm pool gets
 its host keys when it is restored into the pool, and the rest when a request claims it.
 
-The work is one POSIX shell script, which the QEMU driver sends as ``guest-exec``'s standard
-input (never on a command line, since it holds the secrets). It forks as few programs as it
-can: each costs a guest under TCG milliseconds, and a claim from a warm pool waits for it.
-It keys the image's default user (the account with UID 1000, as cloud-init makes it; root
-where there is none) and writes the metadata to ``/run/goldclone/metadata.json`` (0600). A
-``#cloud-config`` document needs cloud-init's first boot, so such a VM is never restored (the
-service boots it cold).
+What a request gives is written as files, with the agent's file commands (``guest-file-*``,
+never a command line, since they hold the secrets): a claim from a warm pool waits for it,
+and each program a guest under TCG forks costs it milliseconds. The files go to the image's
+default user (the account with UID 1000, as cloud-init makes it; root where there is none)
+and to ``/run/goldclone/`` (``metadata.json``, 0600). They are made, with their owners and
+modes, by the script that a machine runs once when it is restored (``new_machine_script``);
+writing keeps both. A ``#cloud-config`` document needs cloud-init's first boot, so such a VM
+is never restored (the service boots it cold).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 
 from goldclone.guest.config import GuestConfig
 
-METADATA_PATH = "/run/goldclone/metadata.json"
+RUN_DIR = "/run/goldclone"
+METADATA_PATH = f"{RUN_DIR}/metadata.json"
+USER_DATA_PATH = f"{RUN_DIR}/user-data"
+HOSTNAME_PATHS = ("/proc/sys/kernel/hostname", "/etc/hostname")
+"""Writing the first sets the running kernel's hostname; the second keeps it after a reboot."""
+DEFAULT_UID = "1000"
 
 
-def script(guest: GuestConfig, new_machine: bool) -> str:
-    """The shell script that gives a restored guest ``guest``'s identity; and, if it is a
-    ``new_machine`` just restored (not a pooled one, which got them when it was), new SSH
-    host keys."""
-    keys = "".join(f"{key}\n" for key in guest.ssh_authorized_keys)
-    user_data = guest.user_data if guest.user_data is not None else ""
+@dataclass(frozen=True)
+class Account:
+    """The user that gets the SSH keys, and its home."""
+
+    name: str
+    home: str
+
+    @property
+    def authorized_keys(self) -> str:
+        return f"{self.home}/.ssh/authorized_keys"
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    path: str
+    content: str
+
+
+def default_account(passwd: str) -> Account:
+    """The account with UID 1000 in ``passwd`` (``/etc/passwd``'s text), or root."""
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) == 7 and fields[2] == DEFAULT_UID:
+            return Account(fields[0], fields[5])
+    return Account("root", "/root")
+
+
+def new_machine_script(account: Account) -> str:
+    """The script that a machine runs once, just restored: new SSH host keys, and the files
+    that ``files`` writes, made with their owners and modes."""
+    ssh_dir = shlex.quote(f"{account.home}/.ssh")
+    keys = shlex.quote(account.authorized_keys)
     return f"""\
 set -eu
 umask 077
-hostname {shlex.quote(guest.hostname)}
-if [ -w /etc/hostname ]; then echo {shlex.quote(guest.hostname)} > /etc/hostname; fi
-user=root home=/root
-while IFS=: read -r name _ uid _ _ dir _; do
-    if [ "$uid" = 1000 ]; then user=$name home=$dir; break; fi
-done < /etc/passwd
-mkdir -p "$home/.ssh" /run/goldclone
-printf %s {shlex.quote(keys)} > "$home/.ssh/authorized_keys"
-chown -R "$user" "$home/.ssh" 2>/dev/null || true
-printf %s {shlex.quote(json.dumps(dict(guest.metadata), sort_keys=True))} > {METADATA_PATH}
-if {"true" if new_machine else "false"} && [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
+mkdir -p {ssh_dir} {RUN_DIR}
+touch {keys} {METADATA_PATH} {USER_DATA_PATH}
+chmod 700 {USER_DATA_PATH}
+chown -R {shlex.quote(account.name)} {ssh_dir} 2>/dev/null || true
+if [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
     rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
     ssh-keygen -A >/dev/null
     systemctl restart ssh 2>/dev/null || pkill -HUP -x sshd 2>/dev/null || true
 fi
-user_data={shlex.quote(user_data)}
-if [ "${{user_data#'#!'}}" != "$user_data" ]; then
-    printf '%s' "$user_data" > /run/goldclone/user-data
-    chmod 700 /run/goldclone/user-data
-    /run/goldclone/user-data > /run/goldclone/user-data.log 2>&1 &
-fi
 """
+
+
+def files(guest: GuestConfig, account: Account) -> list[GuestFile]:
+    """What the guest is told, as the files to write (each replaced whole)."""
+    written = [GuestFile(path, f"{guest.hostname}\n") for path in HOSTNAME_PATHS]
+    keys = "".join(f"{key}\n" for key in guest.ssh_authorized_keys)
+    written.append(GuestFile(account.authorized_keys, keys))
+    written.append(GuestFile(METADATA_PATH, json.dumps(dict(guest.metadata), sort_keys=True)))
+    if user_data_script(guest) is not None:
+        written.append(GuestFile(USER_DATA_PATH, guest.user_data or ""))
+    return written
+
+
+def user_data_script(guest: GuestConfig) -> str | None:
+    """The command line that starts a ``#!`` user data script, in the background, its output
+    logged beside it; ``None`` without one."""
+    if guest.user_data is None or not guest.user_data.startswith("#!"):
+        return None
+    return f"{USER_DATA_PATH} > {USER_DATA_PATH}.log 2>&1 &"

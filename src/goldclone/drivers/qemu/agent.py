@@ -24,6 +24,7 @@ from goldclone.drivers.qemu.qmp import call, read_message
 from goldclone.errors import QMPError, QMPRefused
 
 _POLL = 0.01
+_CHUNK = 65536
 """Seconds between asks whether a script has exited: a claim from a pool waits for it."""
 
 
@@ -72,6 +73,36 @@ class AgentLink:
             errors = base64.b64decode(str(status.get("err-data", ""))).decode(errors="replace")
             last = errors.strip().splitlines()[-1:] or ["no message"]
             raise QMPError(f"the guest's script exited with {status.get('exitcode')}: {last[0]}")
+
+    async def read_file(self, path: str) -> str:
+        """The text of the guest's file ``path``."""
+        handle = await self.execute("guest-file-open", {"path": path, "mode": "r"})
+        chunks = []
+        try:
+            while True:
+                read = await self.execute("guest-file-read", {"handle": handle, "count": _CHUNK})
+                chunks.append(base64.b64decode(read["buf-b64"]))
+                if read["eof"] or not read["count"]:
+                    break
+        finally:
+            await self.execute("guest-file-close", {"handle": handle})
+        return b"".join(chunks).decode(errors="replace")
+
+    async def write_file(self, path: str, content: str) -> None:
+        """Replace the text of the guest's file ``path`` (made if missing; an existing one
+        keeps its owner and mode)."""
+        handle = await self.execute("guest-file-open", {"path": path, "mode": "w"})
+        try:
+            data = content.encode()
+            await self.execute("guest-file-write", {
+                "handle": handle, "buf-b64": base64.b64encode(data).decode(),
+            })  # fmt: skip
+        finally:
+            await self.execute("guest-file-close", {"handle": handle})
+
+    async def start_command(self, command: str) -> None:
+        """Start ``/bin/sh -c command`` in the guest, without waiting for it."""
+        await self.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command]})
 
     async def close(self) -> None:
         if self._streams is not None:

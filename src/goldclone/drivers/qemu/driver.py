@@ -39,7 +39,7 @@ from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
-from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError
+from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError, QMPRefused
 from goldclone.guest import identity
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
@@ -256,13 +256,20 @@ class QemuDriver:
     async def personalize(
         self, runtime: Runtime, guest: GuestConfig, timeout: float, new_machine: bool = True
     ) -> None:
-        """Through the guest agent of a restored machine: set its clock to the host's, and give
-        it ``guest``'s identity (``guest.identity``)."""
+        """Through the guest agent of a restored machine: set its clock to the host's, make it
+        a machine of its own if it is new (``identity.new_machine_script``), and write
+        ``guest``'s identity into it (``identity.files``)."""
         link = self.agent_link(runtime.machine)
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
             await _set_clock(link)
-            await link.run_script(identity.script(guest, new_machine), timeout)
+            account = identity.default_account(await _passwd(link))
+            if new_machine:
+                await link.run_script(identity.new_machine_script(account), timeout)
+            for file in identity.files(guest, account):
+                await link.write_file(file.path, file.content)
+            if (user_data := identity.user_data_script(guest)) is not None:
+                await link.start_command(user_data)
         except (TimeoutError, QMPError) as exc:
             raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
 
@@ -405,6 +412,14 @@ class _Qemu(NamedTuple):
     pid: int
     machine: str
     mac: str | None
+
+
+async def _passwd(link: AgentLink) -> str:
+    """The guest's ``/etc/passwd``; empty in a guest without one (the demo guest)."""
+    try:
+        return await link.read_file("/etc/passwd")
+    except QMPRefused:
+        return ""
 
 
 async def _set_clock(link: AgentLink) -> None:
