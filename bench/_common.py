@@ -97,10 +97,17 @@ def machine() -> str:
 
 @contextmanager
 def scratch() -> Iterator[Path]:
-    """A short temporary folder (QMP socket paths must stay short), removed afterwards."""
+    """A short temporary folder (QMP socket paths must stay short), removed afterwards; the
+    logs in it are kept in the temp dir if the run fails."""
     path = Path(tempfile.mkdtemp(prefix="gcb"))
     try:
         yield path
+    except BaseException:
+        for log in path.glob("*.log"):  # what the server said is what a failed run needs
+            kept = Path(tempfile.gettempdir()) / f"{path.name}-{log.name}"
+            shutil.copyfile(log, kept)
+            print(f"kept {kept}", file=sys.stderr)
+        raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -10,9 +10,11 @@ actors (a create task and a DELETE, two services on one database) never overwrit
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -96,10 +98,22 @@ class Store:
             event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
         self._writer = self._engine.execution_options(goldclone_write=True)
+        self._one_writer = asyncio.Lock() if self._engine.dialect.name == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. SQLite has one writer at a time: this service's writers queue
+        here, on the event loop, rather than in SQLite's busy handler, which gives up after
+        ``busy_timeout`` (50 concurrent creates on a loaded host waited longer, and failed
+        with "database is locked"); the busy handler is left to other processes."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._one_writer is not None:
+                await stack.enter_async_context(self._one_writer)
+            yield await stack.enter_async_context(self._writer.begin())
 
     async def open(self) -> None:
         """Bring the database to this code's schema (``service.schema``)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.run_sync(schema.upgrade)
 
     async def close(self) -> None:
@@ -135,7 +149,7 @@ class Store:
         """
         key, digest = idempotency or (None, None)
         try:
-            async with self._writer.begin() as conn:
+            async with self._write() as conn:
                 if key is not None and (earlier := await _find_by_key(conn, key)) is not None:
                     return earlier
                 await _check_name_free(conn, vm.name)
@@ -176,7 +190,7 @@ class Store:
         or if the change is not one that ``TRANSITIONS`` allows.
         """
         expected = (expect,) if isinstance(expect, Status) else expect
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             current = await _locked(conn, vm_id)
             target = status or current.status
             if current.status not in expected or target not in TRANSITIONS[current.status]:
@@ -194,7 +208,7 @@ class Store:
     async def restore(self, vm: VM) -> None:
         """Put back ``vm`` as it was before a DELETE that the hypervisor refused, if the VM is
         still ``deleting``."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             current = await _locked(conn, vm.id)
             if current.status is not Status.DELETING:
                 raise StateConflict(f"VM {vm.id} is {current.status.value}, not deleting")
@@ -202,7 +216,7 @@ class Store:
 
     async def set_runtime(self, vm_id: str, record: Mapping[str, str]) -> None:
         """Record the driver's runtime of the VM's machine."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 _vms.update().where(_vms.c.id == vm_id).values(runtime=dict(record))
             )
@@ -247,7 +261,7 @@ class Store:
     async def add_template(self, template: Template, machine: str) -> Template:
         """Record a template being made by ``machine``, unless one of the same image and shape
         is recorded already: then that one is returned and nothing is recorded."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             query = select(_templates.c.template).where(
                 _templates.c.image_key == template.image_id,
                 _templates.c.cpus == template.cpus,
@@ -264,7 +278,7 @@ class Store:
 
     async def set_template(self, template: Template, machine: str | None = None) -> None:
         """Write ``template``'s new state; ``machine`` is the one still making it, if any."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 _templates.update()
                 .where(_templates.c.id == template.id)
@@ -289,7 +303,7 @@ class Store:
             ]
 
     async def forget_template(self, template_id: str) -> None:
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(_templates.delete().where(_templates.c.id == template_id))
 
     # -- warm pools ---------------------------------------------------------------------
@@ -297,7 +311,7 @@ class Store:
     async def put_pool(self, pool: Pool) -> bool:
         """Record ``pool``, or replace the one of its name; whether it is new."""
         record = pool.model_dump(mode="json", include=_POOL_FIELDS)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 _pools.update().where(_pools.c.name == pool.name).values(pool=record)
             )
@@ -324,7 +338,7 @@ class Store:
 
     async def forget_pool(self, name: str) -> None:
         """Forget the pool; its machines are the caller's to destroy and forget."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(_pools.delete().where(_pools.c.name == name))
 
     async def add_member(
@@ -336,7 +350,7 @@ class Store:
     ) -> None:
         """Record a machine that ``pool`` is about to restore, if the host has room for it
         (``check_capacity``, as in ``admit``, in the same transaction)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             if check_capacity is not None:
                 check_capacity(await _holding(conn))
             await conn.execute(_members.insert().values(
@@ -357,7 +371,7 @@ class Store:
             values["status"] = status
         if runtime is not None:
             values["runtime"] = dict(runtime)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 _members.update().where(_members.c.machine == machine).values(values)
             )
@@ -371,14 +385,14 @@ class Store:
             return [_member(row) for row in await conn.execute(query)]
 
     async def forget_member(self, machine: str) -> None:
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(_members.delete().where(_members.c.machine == machine))
 
     async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
         """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go.
         ``leftover`` is what its teardown could not remove, recorded in the same
         transaction for reconciliation to retry."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 _vms.delete().where(_vms.c.id == vm_id, _vms.c.status == Status.DELETING.value)
             )
@@ -390,7 +404,7 @@ class Store:
 
     async def keep_leftover(self, leftover: Leftover) -> None:
         """Record what a teardown could not remove, for reconciliation to retry."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await _insert_leftover(conn, leftover)
 
     async def leftovers(self) -> tuple[Leftover, ...]:
@@ -407,7 +421,7 @@ class Store:
     async def leftover_done(self, leftover: Leftover, failure: str | None) -> None:
         """Forget ``leftover``, removed at last; or, with the ``failure`` of this attempt,
         count the attempt."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             where = _cleanups.c.seq == leftover.seq
             if failure is None:
                 await conn.execute(_cleanups.delete().where(where))
