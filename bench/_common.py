@@ -257,7 +257,10 @@ async def wait_running(server: Server, vm_id: str, timeout: float = 180.0) -> di
     """Poll GET /vms/{id} every 20 ms until the VM runs; an error or a timeout raises."""
     deadline = time.perf_counter() + timeout
     while True:
-        vm: dict[str, Any] = (await server.client.get(f"/vms/{vm_id}")).json()
+        try:
+            vm: dict[str, Any] = (await server.client.get(f"/vms/{vm_id}")).json()
+        except (httpx.RemoteProtocolError, httpx.ReadError):  # a kept-alive connection closed
+            continue
         if vm["status"] == "running":
             return vm
         if vm["status"] != "creating" or time.perf_counter() > deadline:
