@@ -237,8 +237,8 @@ class SyntheticDriver:
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:
         self.host.check_fault("destroy")
-        self.host.machines.pop(machine, None)
         await asyncio.to_thread(shutil.rmtree, self._vms_dir / machine, ignore_errors=True)
+        self.host.machines.pop(machine, None)  # last: a machine that is gone has no folder
 
     async def remove_orphans(self, known_machines: Callable[[], Awaitable[set[str]]]) -> None:
         found = set(self.host.machines)

@@ -50,13 +50,13 @@ async def fetch(
             )
             _check_room(spec, dest.parent, progress.bytes_total, reserve_bytes)
             on_start(progress)
-            out = await asyncio.to_thread(dest.open, "wb")
+            sink = _Sink(dest, digest)
             try:
                 async for chunk in response.aiter_raw(CHUNK):
-                    await asyncio.to_thread(_absorb, chunk, digest, out)
+                    await _to_the_end(sink.write, chunk)
                     progress.bytes_done += len(chunk)
             finally:
-                await asyncio.to_thread(out.close)
+                await _to_the_end(sink.close)
     except httpx.TimeoutException:
         raise DownloadFailed(f"GET {spec.url} timed out (no data for {timeout:g} s)") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -69,9 +69,36 @@ async def fetch(
         )
 
 
-def _absorb(chunk: bytes, digest: Any, out: IO[bytes]) -> None:
-    digest.update(chunk)
-    out.write(chunk)
+class _Sink:
+    """The download's file, hashed as it is written; opened by the first write, in the worker
+    thread that does it."""
+
+    def __init__(self, path: Path, digest: Any) -> None:
+        self._path, self._digest = path, digest
+        self._file: IO[bytes] | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            self._file = self._path.open("wb")
+        self._digest.update(chunk)
+        self._file.write(chunk)
+
+    def close(self) -> None:
+        if self._file is None:
+            self._file = self._path.open("wb")  # an empty download is an empty file
+        self._file.close()
+
+
+async def _to_the_end(func: Callable[..., None], *args: Any) -> None:
+    """``func(*args)`` in a worker thread, always to its end: a cancel waits for it before it
+    is raised, since the thread runs on regardless and would race the caller's cleanup (a
+    close of the file it writes)."""
+    job = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.gather(job, return_exceptions=True)
+        raise
 
 
 def _check_room(spec: ImageSpec, folder: Path, size: int | None, reserve_bytes: int) -> None:
