@@ -34,6 +34,21 @@ SIDES = ("service POST -> IP", "service POST -> ready (tcp 22)", "raw launch -> 
          "raw launch -> sshd")  # fmt: skip
 
 
+def debian_image(parser: argparse.ArgumentParser) -> Path:
+    """The Debian guest's qcow2 that ``--image`` (which this adds to ``parser``) or
+    ``GOLDCLONE_DEBIAN_IMAGE`` names, with the arguments parsed; the parser's error without."""
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=os.environ.get("GOLDCLONE_DEBIAN_IMAGE"),
+        help="the Debian guest's qcow2 (scripts/debian-guest prints it)",
+    )
+    args = parser.parse_args()
+    if args.image is None:
+        parser.error("give --image or set GOLDCLONE_DEBIAN_IMAGE (see scripts/debian-guest)")
+    return Path(args.image).absolute()
+
+
 async def prefetch(server: Server, image: dict[str, str]) -> None:
     response = await server.client.post("/images", json=image)
     if response.status_code != 202:
@@ -106,15 +121,7 @@ async def main(image_path: Path, runs: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--image",
-        type=Path,
-        default=os.environ.get("GOLDCLONE_DEBIAN_IMAGE"),
-        help="the Debian guest's qcow2 (scripts/debian-guest prints it)",
-    )
     parser.add_argument("--runs", type=int, default=2, help="runs of the three boots")
-    args = parser.parse_args()
-    if args.image is None:
-        parser.error("give --image or set GOLDCLONE_DEBIAN_IMAGE (see scripts/debian-guest)")
+    image = debian_image(parser)
     start("real guest: POST /vms -> IP and -> ready, against raw qemu -> lease and -> sshd")
-    asyncio.run(main(args.image.absolute(), args.runs))
+    asyncio.run(main(image, parser.parse_args().runs))

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 from pathlib import Path
 
 from bench._common import describe, ms, scratch, serve, start, verdict
-from bench.real_guest import BOOT_TIMEOUT, prefetch, service_boot
-from bench.template import KINDS, fill_pool, make_template
+from bench.real_guest import BOOT_TIMEOUT, debian_image, prefetch, service_boot
+from bench.template import KINDS, make_template, ready_for
 from tests.conftest import checksum
 from tests.servers import FileServer
 
@@ -44,12 +43,8 @@ async def main(image_path: Path, runs: int) -> None:
                 await make_template(server, body, {"tcp": 22, "timeout": int(BOOT_TIMEOUT)})
                 for run in range(runs):
                     for kind in KINDS if run % 2 == 0 else KINDS[::-1]:
-                        if kind == "pool":
-                            await fill_pool(server, body)
-                        elif (await server.client.get("/pools")).json()["pools"]:
-                            await server.client.delete("/pools/bench")
-                        request = {**body, "name": f"job-{run}-{kind}",
-                                   "start": "cold" if kind == "cold" else "auto"}  # fmt: skip
+                        request = await ready_for(server, body, kind)
+                        request["name"] = f"job-{run}-{kind}"
                         elapsed, _ = await service_boot(server, request)
                         results[kind].append(elapsed)
                         print(f"run {run}: {kind:<8} POST -> ready (tcp 22) {ms(elapsed)}")
@@ -65,15 +60,7 @@ async def main(image_path: Path, runs: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--image",
-        type=Path,
-        default=os.environ.get("GOLDCLONE_DEBIAN_IMAGE"),
-        help="the Debian guest's qcow2 (scripts/debian-guest prints it)",
-    )
     parser.add_argument("--runs", type=int, default=2, help="runs of the three kinds")
-    args = parser.parse_args()
-    if args.image is None:
-        parser.error("give --image or set GOLDCLONE_DEBIAN_IMAGE (see scripts/debian-guest)")
+    image = debian_image(parser)
     start("real guest: POST /vms -> ready from a warm pool and a template, against a cold boot")
-    asyncio.run(main(args.image.absolute(), args.runs))
+    asyncio.run(main(image, parser.parse_args().runs))

@@ -73,6 +73,16 @@ async def fill_pool(server: Server, body: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def ready_for(server: Server, body: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Set the server up for a VM of ``kind`` (a pool of one, full, for ``pool``; no pool for
+    the others) and return the request that gets one."""
+    if kind == "pool":
+        await fill_pool(server, body)
+    elif (await server.client.get("/pools")).json()["pools"]:
+        await server.client.delete("/pools/bench")
+    return {**body, "start": "cold" if kind == "cold" else "auto"}
+
+
 async def main(runs: int) -> None:
     results: dict[str, list[float]] = {kind: [] for kind in KINDS}
     timelines: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -81,11 +91,7 @@ async def main(runs: int) -> None:
             await make_template(server, body)
             for run in range(runs):
                 for kind in KINDS if run % 2 == 0 else KINDS[::-1]:
-                    if kind == "pool":
-                        await fill_pool(server, body)
-                    elif (await server.client.get("/pools")).json()["pools"]:
-                        await server.client.delete("/pools/bench")
-                    request = body if kind != "cold" else {**body, "start": "cold"}
+                    request = await ready_for(server, body, kind)
                     elapsed, timeline, started_from = await boot(server, request)
                     assert started_from == kind, started_from
                     results[kind].append(elapsed)
