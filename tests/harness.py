@@ -81,15 +81,15 @@ class ApiCalls:
     async def wait_pool(
         self, name: str, ready: int, timeout: float = BOOT_TIMEOUT
     ) -> dict[str, Any]:
-        """Poll ``GET /pools/{name}`` until the pool has ``ready`` VMs ready and none
-        filling."""
+        """Poll ``GET /pools/{name}`` until the pool has ``ready`` VMs ready, none filling,
+        and no error (its keeper clears one after the fill that mends it)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             response = await self.client.get(f"/pools/{name}")
             assert response.status_code == 200, response.text
             pool: dict[str, Any] = response.json()
-            if (pool["ready"], pool["filling"]) == (ready, 0):
+            if (pool["ready"], pool["filling"], pool["error"]) == (ready, 0, None):
                 return pool
             if loop.time() > deadline:
                 raise AssertionError(f"pool not at {ready} ready after {timeout} s: {pool}")

@@ -183,7 +183,9 @@ class Pools:
             wake.clear()
             try:
                 await self._fill(self._pools[name])
-            except (GoldcloneError, OSError) as exc:
+            except Exception as exc:  # shown and tried again: a keeper never gives up
+                if not isinstance(exc, GoldcloneError):
+                    log.error("pool %s: unexpected trouble", name, exc_info=exc)
                 await self._trouble(name, exc)
                 pause, wait = wait, min(2 * wait, RETRY_MOST)
             else:
@@ -196,13 +198,14 @@ class Pools:
     async def _fill(self, pool: Pool) -> None:
         """Remove the pool's machines that died, or that it has too many of; restore the
         ones it lacks, one at a time."""
-        members = await self._store.members(pool.name)
-        for member in members:
+        members = []
+        for member in await self._store.members(pool.name):
             if member.status == "ready" and not await self._runs(member):
                 log.warning("pool %s: machine %s stopped; it is replaced", pool.name,
                             member.machine)  # fmt: skip
                 await self._remove(member)
-                members.remove(member)
+            else:
+                members.append(member)
         for member in members[pool.size :]:
             await self._remove(member)
         for _ in range(pool.size - len(members)):
@@ -270,4 +273,6 @@ def _kind(pool: Pool) -> tuple[object, ...]:
 def _error_of(exc: BaseException) -> ErrorBody:
     if isinstance(exc, GoldcloneError):
         return ErrorBody(code=exc.code, message=exc.message)
-    return ErrorBody(code="internal-error", message=f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError):  # its text may name a path on the host: not for the API
+        return ErrorBody(code="internal-error", message=f"a host error: {exc.strerror}")
+    return ErrorBody(code="internal-error", message="an internal error; see the server log")
