@@ -260,20 +260,21 @@ def _methods_of(app: FastAPI, request: Request) -> list[str]:
 
 def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> None:
     """Put what this host accepts into the OpenAPI description: its bounds on ``cpus`` and
-    ``memory`` (of VMs and templates), and the network types it offers."""
+    ``memory`` (of VMs, templates and pools), and the network types it offers."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = generate()
         schemas = schema["components"]["schemas"]
-        for name in ("CreateVMRequest", "TemplateRequest"):
+        for name in ("CreateVMRequest", "TemplateRequest", "PoolRequest"):
             if limits is not None:
                 fields = schemas[name]["properties"]
                 fields["cpus"] |= {"minimum": limits.min_cpus, "maximum": limits.max_cpus}
                 fields["memory"] |= {
                     "minimum": limits.min_memory_mb, "maximum": limits.max_memory_mb,
                 }  # fmt: skip
-        schemas["CreateVMRequest"]["properties"]["network_type"]["enum"] = service.network_types()
+        for name in ("CreateVMRequest", "PoolRequest"):
+            schemas[name]["properties"]["network_type"]["enum"] = service.network_types()
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
