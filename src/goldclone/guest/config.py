@@ -37,11 +37,17 @@ class GuestConfig:
     def needs_first_boot(self) -> bool:
         """Whether the user data is a ``#cloud-config`` document, which cloud-init applies at
         an instance's first boot: a guest restored from a template has had that boot."""
-        return self.user_data is not None and not self.user_data.startswith("#!")
+        return needs_first_boot(self.user_data)
 
     @property
     def user_data_sha256(self) -> str | None:
         return None if self.user_data is None else sha256_of(self.user_data)
+
+
+def needs_first_boot(user_data: str | None) -> bool:
+    """Whether ``user_data`` is a ``#cloud-config`` document (anything but a ``#!`` script),
+    which only cloud-init's first boot of an instance applies."""
+    return user_data is not None and not user_data.startswith("#!")
 
 
 def default_hostname(vm_id: str) -> str:

@@ -90,6 +90,6 @@ def files(guest: GuestConfig, account: Account) -> list[GuestFile]:
 def user_data_script(guest: GuestConfig) -> str | None:
     """The command line that starts a ``#!`` user data script, in the background, its output
     logged beside it; ``None`` without one."""
-    if guest.user_data is None or not guest.user_data.startswith("#!"):
+    if guest.user_data is None or guest.needs_first_boot:
         return None
     return f"{USER_DATA_PATH} > {USER_DATA_PATH}.log 2>&1 &"

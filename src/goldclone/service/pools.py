@@ -19,7 +19,7 @@ import uuid
 
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import GoldcloneError, InvalidRequest, PoolNotFound
-from goldclone.guest.config import GuestConfig
+from goldclone.guest.config import GuestConfig, needs_first_boot
 from goldclone.images.cache import ImageCache
 from goldclone.models import (
     CreateVMRequest,
@@ -88,7 +88,7 @@ class Pools:
         a first boot)."""
         if request.start == "cold" or not request.headless:
             return []
-        if request.user_data is not None and not request.user_data.startswith("#!"):
+        if needs_first_boot(request.user_data):
             return []
         shape = (request.image.key, request.cpus, request.memory, request.network_type)
         return [
