@@ -150,7 +150,7 @@ class Goldclone(ApiCalls):
 
 @asynccontextmanager
 async def goldclone_server(settings: Settings) -> AsyncIterator[Goldclone]:
-    """A started server; on exit every VM is deleted and every network removed."""
+    """A started server; on exit every pool and VM is deleted and every network removed."""
     server = Goldclone(settings)
     await server.start()
     try:
@@ -158,6 +158,8 @@ async def goldclone_server(settings: Settings) -> AsyncIterator[Goldclone]:
     finally:
         if server._server is None:
             await server.start()
+        for pool in (await server.client.get("/pools")).json()["pools"]:
+            await server.client.delete(f"/pools/{pool['name']}")  # with what it was restoring
         for vm in (await server.client.get("/vms")).json()["vms"]:
             await server.client.delete(f"/vms/{vm['id']}")
         await server.stop()

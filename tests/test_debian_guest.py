@@ -221,12 +221,17 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
         assert vm["status"] == "running" and vm["started_from"] == started_from, vm
         ssh = Ssh(key, vm["ip_address"])
         assert (await ssh("hostname")).strip() == name
+        # saved once it had finished starting, so no clone starts it again
+        assert (await ssh("systemctl is-system-running || true")).strip() in {"running", "degraded"}
         assert json.loads(await ssh("sudo cat /run/goldclone/metadata.json")) == metadata
         assert abs(float(await ssh("date +%s.%N")) - time.time()) < 2  # ssh's own delay included
         random = await ssh("head -c 16 /dev/urandom | od -An -tx1")
-        _, host_key, _ = await run("ssh-keyscan", "-t", "ed25519", vm["ip_address"], timeout=30)
+        _, scanned, _ = await run("ssh-keyscan", "-t", "rsa,ecdsa,ed25519", vm["ip_address"],
+                                  timeout=30)  # fmt: skip
+        host_keys = {line.split()[1]: line.split()[2] for line in scanned.splitlines()}
+        assert len(host_keys) == 3, scanned  # all three kinds, each read by sshd (so 0600)
         seen[name] = {"address": (vm["ip_address"], vm["mac_address"]),
-                      "host key": host_key.split()[-1], "random bytes": random}  # fmt: skip
+                      "host key": host_keys["ssh-ed25519"], "random bytes": random}  # fmt: skip
     for part in ("address", "host key", "random bytes"):  # each VM's own, all running at once
         assert len({found[part] for found in seen.values()}) == 3, part
     assert (await server.client.delete("/pools/debian")).status_code == 204

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pycdlib
 import pytest
 
 from goldclone.errors import CloneFailed
-from goldclone.guest import identity
+from goldclone.guest import hostkeys, identity
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from tests.conftest import ssh_key
@@ -219,6 +220,22 @@ def test_a_restored_guest_is_told_its_identity_in_files_for_its_default_user() -
     plain = GuestConfig("id", "job-8")
     assert "/run/goldclone/user-data" not in {f.path for f in identity.files(plain, account)}
     assert identity.user_data_script(plain) is None
-    script = identity.new_machine_script(account)
+    keys = [hostkeys.HostKey("ed25519", "PRIVATE\n", "ssh-ed25519 PUBLIC\n")]
+    script = identity.new_machine_script(account, keys, b"\x00" * 32)
+    assert f"echo {'A' * 43}= | base64 -d > /dev/urandom" in script
     assert "s3cret" not in script and "touch /home/debian/.ssh/authorized_keys" in script
-    assert "chown -R debian /home/debian/.ssh" in script and "ssh-keygen -A" in script
+    assert "chown -R debian /home/debian/.ssh" in script
+    assert "cat > /etc/ssh/ssh_host_ed25519_key <<'GOLDCLONE_END_OF_FILE'\nPRIVATE\n" in script
+
+
+def test_host_keys_are_made_in_openssh_formats_that_ssh_keygen_reads(tmp_path: Path) -> None:
+    made = hostkeys.new_host_keys()
+    assert [key.kind for key in made] == ["rsa", "ecdsa", "ed25519"]
+    for key in made:
+        private = tmp_path / f"{key.kind}_key"
+        private.write_text(key.private)
+        private.chmod(0o600)
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], check=True,
+                                 capture_output=True, text=True).stdout  # fmt: skip
+        assert derived.split()[:2] == key.public.split()[:2]
+    assert len({key.public for key in hostkeys.new_host_keys()} | {k.public for k in made}) == 6

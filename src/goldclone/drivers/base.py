@@ -164,6 +164,12 @@ class Driver(Protocol):
         one."""
         ...
 
+    async def settle(self, runtime: Runtime, timeout: float) -> None:
+        """Wait until the running guest has finished starting up (under systemd: every boot
+        job, cloud-init's among them), so that a template saved next holds no start-up work
+        that each machine restored from it would do again. Raises ``NotReady`` if it has not
+        within ``timeout``."""
+
     async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
         """Turn the running ``machine``, started with ``MachineSpec.template`` = ``files``,
         into that template (read-only files); the machine is stopped afterwards."""

@@ -210,6 +210,9 @@ class SyntheticDriver:
         machine = self.host.machines.get(runtime.machine)
         return self.host.has_agent and machine is not None and machine.ip is not None
 
+    async def settle(self, runtime: Runtime, timeout: float) -> None:
+        """A synthetic guest has nothing left to start."""
+
     async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
         """The machine stops, leaving its disk, RAM and state in ``files``, read-only."""
         found = self._machine(machine)

@@ -1,7 +1,8 @@
 """A restored guest's own identity, given through the QEMU guest agent: a machine restored
 from a memory template wakes up as the template, so it is told its hostname, SSH keys and
-metadata, gets new SSH host keys, and runs its ``#!`` user data. A machine of a warm pool gets
-its host keys when it is restored into the pool, and the rest when a request claims it.
+metadata, gets new SSH host keys (made on the host: ``hostkeys``), and runs its ``#!`` user
+data. A machine of a warm pool gets its host keys when it is restored into the pool, and the
+rest when a request claims it.
 
 What a request gives is written as files, with the agent's file commands (``guest-file-*``,
 never a command line, since they hold the secrets): a claim from a warm pool waits for it,
@@ -15,11 +16,13 @@ is never restored (the service boots it cold).
 
 from __future__ import annotations
 
+import base64
 import json
 import shlex
 from dataclasses import dataclass
 
 from goldclone.guest.config import GuestConfig
+from goldclone.guest.hostkeys import SSH_DIR, HostKey
 
 RUN_DIR = "/run/goldclone"
 METADATA_PATH = f"{RUN_DIR}/metadata.json"
@@ -27,6 +30,9 @@ USER_DATA_PATH = f"{RUN_DIR}/user-data"
 HOSTNAME_PATHS = ("/proc/sys/kernel/hostname", "/etc/hostname")
 """Writing the first sets the running kernel's hostname; the second keeps it after a reboot."""
 DEFAULT_UID = "1000"
+_END = "GOLDCLONE_END_OF_FILE"
+_RNDRESEEDCRNG = 0x5207
+"""``_IO('R', 0x07)``, from linux/random.h."""
 
 
 @dataclass(frozen=True)
@@ -56,22 +62,39 @@ def default_account(passwd: str) -> Account:
     return Account("root", "/root")
 
 
-def new_machine_script(account: Account) -> str:
-    """The script that a machine runs once, just restored: new SSH host keys, and the files
-    that ``files`` writes, made with their owners and modes."""
+def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes) -> str:
+    """The script that a machine runs once, just restored: ``seed`` (random bytes from the
+    host) goes into the kernel's random pool, which is reseeded from it at once, ``host_keys``
+    (from ``hostkeys.new_host_keys``) replace its SSH host keys, if it has an SSH server, and
+    the files that ``files`` writes are made with their owners and modes.
+
+    The reseed is the kernel's ``RNDRESEEDCRNG`` ioctl, through perl (essential on Debian and
+    Ubuntu) or python3: a kernel without the vmgenid driver (Debian's cloud kernel has none)
+    would otherwise go on with the template's generator state for up to a minute, and two
+    clones read the same bytes from ``/dev/urandom``."""
     ssh_dir = shlex.quote(f"{account.home}/.ssh")
     keys = shlex.quote(account.authorized_keys)
+    written = "".join(
+        f"    cat > {key.path} <<'{_END}'\n{key.private}{_END}\n"
+        f"    cat > {key.path}.pub <<'{_END}'\n{key.public}{_END}\n"
+        for key in host_keys
+    )
     return f"""\
 set -eu
 umask 077
+echo {base64.b64encode(seed).decode()} | base64 -d > /dev/urandom
+perl -e 'open(my $r, ">", "/dev/urandom") or exit 1; ioctl($r, {_RNDRESEEDCRNG}, 0) or exit 1' \\
+    2>/dev/null || python3 -c 'import fcntl, os
+fcntl.ioctl(os.open("/dev/urandom", os.O_WRONLY), {_RNDRESEEDCRNG})' 2>/dev/null || true
 mkdir -p {ssh_dir} {RUN_DIR}
 touch {keys} {METADATA_PATH} {USER_DATA_PATH}
 chmod 700 {USER_DATA_PATH}
 chown -R {shlex.quote(account.name)} {ssh_dir} 2>/dev/null || true
-if [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null; then
-    rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
-    ssh-keygen -A >/dev/null
-    systemctl restart ssh 2>/dev/null || pkill -HUP -x sshd 2>/dev/null || true
+if [ -d {SSH_DIR} ] && {{ [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null; }}; then
+    rm -f {SSH_DIR}/ssh_host_*key {SSH_DIR}/ssh_host_*key.pub
+{written}    chmod 644 {SSH_DIR}/ssh_host_*key.pub
+    systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
+        || pkill -HUP -x sshd 2>/dev/null || true
 fi
 """
 

@@ -223,6 +223,7 @@ class Templates:
         if template.ready_when is not None:
             limit = template.ready_when.timeout or timeout
             await wait_ready(ip, template.ready_when, limit, agent_answers)
+        await self._driver.settle(runtime, timeout)
         await self._driver.save_template(runtime.machine, runtime, files)
 
     async def _discard(self, machine: str, runtime: Runtime | None, files: TemplateFiles) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -39,8 +40,15 @@ from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
-from goldclone.errors import BootFailed, CloneFailed, CommandError, QMPError, QMPRefused
-from goldclone.guest import identity
+from goldclone.errors import (
+    BootFailed,
+    CloneFailed,
+    CommandError,
+    NotReady,
+    QMPError,
+    QMPRefused,
+)
+from goldclone.guest import hostkeys, identity, settling
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
@@ -60,6 +68,8 @@ NIC_ID = "nic0"
 CLOCK_TOLERANCE_NS = 500_000_000
 CLOCK_TIMEOUT = 20.0
 CLOCK_ATTEMPTS = 3
+SEED_BYTES = 32
+"""Bytes of the host's randomness a restored guest's random pool is reseeded with."""
 FW_CFG_METADATA = "opt/goldclone/metadata"
 """The fw_cfg file with the VM's ``metadata`` as JSON; a Linux guest reads it at
 ``/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw`` (module ``qemu_fw_cfg``)."""
@@ -240,6 +250,13 @@ class QemuDriver:
             except QMPError as exc:
                 raise BootFailed(f"the template did not restore: {exc.message}") from exc
 
+    async def settle(self, runtime: Runtime, timeout: float) -> None:
+        """Wait, through the guest agent, until the guest's init has finished starting it."""
+        try:
+            await self.agent_link(runtime.machine).run_script(settling.SCRIPT, timeout)
+        except QMPError as exc:
+            raise NotReady(f"the guest did not finish starting: {exc.message}") from exc
+
     async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
         """Turn ``machine``, booted with its RAM in ``files.ram``, into that template: unplug
         its NIC, save its device state, stop it, and keep its disk, all read-only (0400).
@@ -260,18 +277,27 @@ class QemuDriver:
         a machine of its own if it is new (``identity.new_machine_script``), and write
         ``guest``'s identity into it (``identity.files``)."""
         link = self.agent_link(runtime.machine)
+        # made meanwhile, and only for a new machine (a claim from a pool must not wait)
+        host_keys = (
+            asyncio.create_task(asyncio.to_thread(hostkeys.new_host_keys)) if new_machine else None
+        )
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
             await _set_clock(link)
             account = identity.default_account(await _passwd(link))
-            if new_machine:
-                await link.run_script(identity.new_machine_script(account), timeout)
+            if host_keys is not None:
+                seed = secrets.token_bytes(SEED_BYTES)
+                script = identity.new_machine_script(account, await host_keys, seed)
+                await link.run_script(script, timeout)
             for file in identity.files(guest, account):
                 await link.write_file(file.path, file.content)
             if (user_data := identity.user_data_script(guest)) is not None:
                 await link.start_command(user_data)
         except (TimeoutError, QMPError) as exc:
             raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
+        finally:
+            if host_keys is not None:
+                host_keys.cancel()  # its thread still ends; the keys are dropped
 
     def _read_pid(self, machine: str) -> int | None:
         """The pid of this machine's qemu, if it is alive and really is that machine's."""

@@ -199,6 +199,9 @@ class VMwareDriver:
         self._last_known[machine] = running
         return running
 
+    async def settle(self, runtime: Runtime, timeout: float) -> None:
+        raise BootFailed(_NO_MEMORY_TEMPLATES)
+
     async def save_template(self, machine: str, runtime: Runtime, files: TemplateFiles) -> None:
         raise BootFailed(_NO_MEMORY_TEMPLATES)
 
