@@ -90,7 +90,7 @@ def checksum(path: Path, kind: str = "sha256") -> str:
 def settings(workdir: Path) -> Iterator[Settings]:
     data_dir = Path(tempfile.mkdtemp(prefix="d", dir=workdir))
     yield Settings(data_dir=data_dir, ip_timeout=90.0, download_timeout=5.0,
-                   shutdown_timeout=5.0, callback_backoff=0.05)  # fmt: skip
+                   shutdown_timeout=5.0, callback_schedule=(0, 0.05, 0.2))  # fmt: skip
     shutil.rmtree(data_dir, ignore_errors=True)
 
 

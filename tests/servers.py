@@ -28,8 +28,8 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler], owner: Any) -> Iterator[_Server]:
-    server = _Server(("127.0.0.1", 0), handler)
+def _serving(handler: type[BaseHTTPRequestHandler], owner: Any, port: int = 0) -> Iterator[_Server]:
+    server = _Server(("127.0.0.1", port), handler)
     server.owner = owner  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -106,13 +106,19 @@ class _FileHandler(BaseHTTPRequestHandler):
 
 class CallbackReceiver:
     """Records the JSON bodies POSTed to it, and the headers of every attempt; answers 503 to
-    the first ``fail_first`` attempts, with ``Retry-After: retry_after`` if that is set, or
-    redirects them to ``redirect``."""
+    the first ``fail_first`` attempts (or ``fail_status``), with ``Retry-After: retry_after``
+    if that is set, or redirects them to ``redirect``. ``port`` 0 takes a free one."""
 
     def __init__(
-        self, fail_first: int = 0, retry_after: str | None = None, redirect: str | None = None
+        self,
+        fail_first: int = 0,
+        retry_after: str | None = None,
+        redirect: str | None = None,
+        fail_status: int = 503,
+        port: int = 0,
     ) -> None:
         self.fail_first = fail_first
+        self.fail_status = fail_status
         self.retry_after = retry_after
         self.redirect = redirect
         self.attempts = 0
@@ -121,7 +127,7 @@ class CallbackReceiver:
         self.headers: list[dict[str, str]] = []
         self.times: list[float] = []
         self._cond = threading.Condition()
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
@@ -129,7 +135,7 @@ class CallbackReceiver:
 
     @contextmanager
     def running(self) -> Iterator[CallbackReceiver]:
-        with _serving(_CallbackHandler, self) as server:
+        with _serving(_CallbackHandler, self, self.port) as server:
             self.port = server.server_address[1]
             yield self
 
@@ -170,7 +176,7 @@ class _CallbackHandler(BaseHTTPRequestHandler):
             self.send_response(307)
             self.send_header("Location", owner.redirect)
         else:
-            self.send_response(503)
+            self.send_response(owner.fail_status)
             if owner.retry_after is not None:
                 self.send_header("Retry-After", owner.retry_after)
         self.send_header("Content-Length", "0")

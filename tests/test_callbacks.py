@@ -1,19 +1,29 @@
-"""Callback delivery against a real receiver on loopback: signing, retries, Retry-After."""
+"""Callback delivery against a real receiver on loopback, with its pending deliveries in a real
+SQLite store: signing, the retry schedule, Retry-After, 410, and a receiver that is down while
+the service restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
+import pytest
 
+from goldclone import __version__
 from goldclone.models import VM, ImageSpec, now_s
-from goldclone.outbound.callbacks import deliver, signing_key
+from goldclone.outbound.callbacks import Outcome, attempt, new_message_id, signing_key
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
-from tests.servers import CallbackReceiver
+from goldclone.service.deliveries import Deliveries
+from goldclone.service.store import Store
+from tests.servers import CallbackReceiver, free_port
 
 SECRET = "whsec_" + base64.b64encode(b"a shared secret of the receiver").decode()
 
@@ -36,26 +46,53 @@ def verify(headers: dict[str, str], body: bytes, key: bytes) -> bool:
     )
 
 
-async def test_signed_deliveries_keep_their_id_across_retries() -> None:
-    with CallbackReceiver(fail_first=2).running() as receiver:
-        vm = vm_for(receiver.url)
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@asynccontextmanager
+async def delivering(
+    store: Store, schedule: tuple[float, ...], secret: str | None = None
+) -> AsyncIterator[tuple[Deliveries, list[str]]]:
+    """Deliveries on ``store`` with ``schedule``, and the outcomes of those that end."""
+    ended: list[str] = []
+    async with httpx.AsyncClient() as http:
+        deliveries = Deliveries(store, http, schedule, secret, ended.append)
+        deliveries.start()
+        try:
+            yield deliveries, ended
+        finally:
+            await deliveries.close()
+
+
+async def until_ended(ended: list[str], count: int = 1, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while len(ended) < count:
+            await asyncio.sleep(0.02)
+
+
+async def test_a_signed_attempt_names_goldclone_and_verifies() -> None:
+    with CallbackReceiver().running() as receiver:
+        body, message_id = b'{"id": "x"}', new_message_id()
         async with httpx.AsyncClient() as http:
-            assert await deliver(http, vm, attempts=3, backoff=0.01, secret=SECRET)
-    assert receiver.attempts == 3
-    ids = {headers["webhook-id"] for headers in receiver.headers}
-    assert len(ids) == 1 and ids.pop().startswith("msg_")
-    for headers in receiver.headers:
-        assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
-    [body] = receiver.raw_bodies
-    assert verify(receiver.headers[-1], body, base64.b64decode(SECRET.removeprefix("whsec_")))
-    assert not verify(receiver.headers[-1], body, b"another key")
-    assert receiver.bodies == [vm.model_dump(mode="json")]
+            tried = await attempt(http, receiver.url, body, message_id, SECRET)
+    assert tried.outcome is Outcome.DELIVERED
+    [headers] = receiver.headers
+    assert headers["user-agent"] == f"goldclone/{__version__}" and __version__ != "0.0.0"
+    assert headers["webhook-id"] == message_id and message_id.startswith("msg_")
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    assert verify(headers, body, base64.b64decode(SECRET.removeprefix("whsec_")))
+    assert not verify(headers, body, b"another key")
 
 
 async def test_unsigned_without_a_secret() -> None:
     with CallbackReceiver().running() as receiver:
         async with httpx.AsyncClient() as http:
-            assert await deliver(http, vm_for(receiver.url))
+            await attempt(http, receiver.url, b"{}", new_message_id())
     assert not any(name.startswith("webhook-") for name in receiver.headers[0])
 
 
@@ -64,25 +101,72 @@ def test_a_plain_secret_is_its_own_key() -> None:
     assert signing_key(SECRET) == b"a shared secret of the receiver"
 
 
-async def test_retry_after_is_honoured() -> None:
+async def test_retries_follow_the_schedule_with_one_id_and_the_vm_as_it_was(store: Store) -> None:
+    with CallbackReceiver(fail_first=2).running() as receiver:
+        async with delivering(store, (0, 0.2, 0.4), SECRET) as (deliveries, ended):
+            vm = vm_for(receiver.url)
+            await deliveries.send(vm)
+            await until_ended(ended)
+    assert ended == ["delivered"] and receiver.attempts == 3
+    assert len({headers["webhook-id"] for headers in receiver.headers}) == 1
+    first, second, third = receiver.times
+    assert second - first >= 0.19 and third - second >= 0.39
+    assert receiver.bodies == [vm.model_dump(mode="json")]
+    assert await store.next_delivery_at() is None  # nothing left to deliver
+
+
+async def test_retry_after_puts_the_next_attempt_no_sooner(store: Store) -> None:
     with CallbackReceiver(fail_first=1, retry_after="1").running() as receiver:
-        async with httpx.AsyncClient() as http:
-            assert await deliver(http, vm_for(receiver.url), attempts=2, backoff=0.01)
-    assert receiver.attempts == 2
-    assert receiver.times[1] - receiver.times[0] >= 0.95
+        async with delivering(store, (0, 0.01)) as (deliveries, ended):
+            sent = time.monotonic()
+            await deliveries.send(vm_for(receiver.url))
+            await until_ended(ended)
+            took = time.monotonic() - sent
+    assert ended == ["delivered"] and receiver.attempts == 2
+    assert took >= 0.95
 
 
-async def test_a_receiver_that_never_answers_well_gets_each_attempt_then_is_let_go() -> None:
+async def test_a_receiver_that_answers_410_gets_no_more(store: Store) -> None:
+    with CallbackReceiver(fail_first=10**6, fail_status=410).running() as receiver:
+        async with delivering(store, (0, 0.01, 0.01, 0.01)) as (deliveries, ended):
+            await deliveries.send(vm_for(receiver.url))
+            await until_ended(ended)
+            await deliveries.send(vm_for(receiver.url))
+            await until_ended(ended, 2)
+    assert ended == ["gone", "gone"] and receiver.attempts == 2
+
+
+async def test_a_receiver_that_never_answers_well_gets_each_attempt_then_is_let_go(
+    store: Store,
+) -> None:
     with CallbackReceiver(fail_first=10**6).running() as receiver:
-        async with httpx.AsyncClient() as http:
-            assert not await deliver(http, vm_for(receiver.url), attempts=3, backoff=0.01)
-    assert receiver.attempts == 3
+        async with delivering(store, (0, 0.01, 0.01)) as (deliveries, ended):
+            await deliveries.send(vm_for(receiver.url))
+            await until_ended(ended)
+    assert ended == ["failed"] and receiver.attempts == 3
+    assert await store.next_delivery_at() is None
 
 
-async def test_a_forbidden_callback_address_is_not_contacted_or_retried() -> None:
+async def test_a_receiver_that_is_down_across_a_restart_still_gets_its_callback(
+    store: Store,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/vm-ready"
+    schedule = (0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5)
+    async with delivering(store, schedule) as (deliveries, ended):  # the service before
+        await deliveries.send(vm_for(url))
+        async with asyncio.timeout(10):
+            while (await store.due_deliveries("9999", 1))[0].attempts < 2:
+                await asyncio.sleep(0.05)  # two attempts refused: nothing listens
+    assert ended == []
+    with CallbackReceiver(port=port).running() as receiver:
+        async with delivering(store, schedule) as (_, ended):  # the service, restarted
+            await until_ended(ended)
+    assert ended == ["delivered"] and len(receiver.bodies) == 1
+
+
+async def test_a_forbidden_callback_address_is_not_contacted_or_retried(store: Store) -> None:
     transport = PolicyTransport(OutboundPolicy(allow_private=True))
     async with httpx.AsyncClient(transport=transport) as http:
-        started = time.monotonic()
-        delivered = await deliver(http, vm_for("http://169.254.169.254/latest"), backoff=5)
-    assert not delivered
-    assert time.monotonic() - started < 1, "no retries, no connection attempts"
+        tried = await attempt(http, "http://169.254.169.254/latest", b"{}", new_message_id())
+    assert tried.outcome is Outcome.REFUSED

@@ -104,7 +104,7 @@ class Service:
             "GOLDCLONE_ACCEL": "tcg",
             "GOLDCLONE_IP_TIMEOUT": "60",
             "GOLDCLONE_SHUTDOWN_TIMEOUT": "1",
-            "GOLDCLONE_CALLBACK_ATTEMPTS": "2",
+            "GOLDCLONE_CALLBACK_SCHEDULE": "0,0.1",
             "PATH": f"{self.gates}:{os.environ['PATH']}",
         }
         self.port = free_port()

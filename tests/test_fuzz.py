@@ -24,7 +24,7 @@ SEED = os.environ.get("GOLDCLONE_FUZZ_SEED", "20261126")
 def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -> None:
     port = free_port()
     argv = [*GOLDCLONE, "serve", "--port", str(port), "--data-dir", str(workdir / "fuzz")]
-    env = {"GOLDCLONE_DOWNLOAD_TIMEOUT": "2", "GOLDCLONE_CALLBACK_ATTEMPTS": "1"}
+    env = {"GOLDCLONE_DOWNLOAD_TIMEOUT": "2", "GOLDCLONE_CALLBACK_SCHEDULE": "0"}
     with serving(argv, env, port) as log:
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run",

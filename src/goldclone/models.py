@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 import struct
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from goldclone.labels import Labels
 
 ChecksumType = Literal["md5", "sha1", "sha256", "sha512"]
 NetworkType = Literal["bridged", "nat", "hostonly"]
@@ -108,6 +110,7 @@ class Phase(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     ERROR = "error"
+    EXPIRED = "expired"
     DELETING = "deleting"
 
 
@@ -298,7 +301,10 @@ def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+MAX_WAIT = 300.0
+"""The longest ``GET /vms/{id}?wait=true`` waits, in seconds."""
 StartMode = Literal["auto", "cold"]
+Seconds = Annotated[StrictInt, Field(ge=0, le=10 * 365 * 86400)]
 POOL_MAX_SIZE = 256
 
 
@@ -329,11 +335,30 @@ class CreateVMRequest(_Strict):
     start: StartMode = "auto"
     """``auto``: claimed from a warm pool of the image and shape, or restored from its ready
     memory template, when there is one; ``cold``: always a cold boot."""
+    labels: Labels = {}
+    ttl: Seconds | None = None
+    """The lease, in seconds from now: the VM is destroyed when it ends, unless renewed. Left
+    out, the server's default; 0 or null, no lease, where the server allows that."""
 
     _callback_url = field_validator("callback_url")(_http_url)
     _name = field_validator("name")(_dns_label)
     _user_data = field_validator("user_data")(_check_user_data)
     _metadata = field_validator("metadata")(_check_metadata)
+
+
+class UpdateVMRequest(_Strict):
+    """The body of ``PATCH /vms/{id}``: a field left out is left as it is."""
+
+    ttl: Seconds | None = None
+    """Renews the lease: it ends this many seconds from now (0 or null: no lease)."""
+    labels: Labels | None = None
+    """Replaces the VM's labels."""
+
+    @model_validator(mode="after")
+    def _something(self) -> UpdateVMRequest:
+        if not self.model_fields_set:
+            raise ValueError('give "ttl", "labels" or both')
+        return self
 
 
 class ErrorBody(BaseModel):
@@ -378,6 +403,9 @@ class VM(BaseModel):
     a warm pool."""
     pool: str | None = None
     """The warm pool the machine was claimed from."""
+    labels: dict[str, str] = {}
+    expires_at: str | None = None
+    """When its lease ends and it is destroyed; null: it has none."""
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING
@@ -512,6 +540,25 @@ class PoolList(BaseModel):
 def now_ms() -> str:
     """The current UTC time as RFC 3339 with milliseconds, e.g. ``2026-11-26T18:25:40.123Z``."""
     return _utc_now("milliseconds")
+
+
+def in_ms(seconds: float) -> str:
+    """``now_ms`` of ``seconds`` from now."""
+    return rfc3339_ms(datetime.now(UTC) + timedelta(seconds=seconds))
+
+
+def parse_time(stamp: str) -> datetime:
+    """A time as ``now_ms`` and ``now_s`` write it."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def seconds_until(stamp: str) -> float:
+    """Seconds from now until ``stamp`` (negative once it has passed)."""
+    return (parse_time(stamp) - datetime.now(UTC)).total_seconds()
+
+
+def rfc3339_ms(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def now_s() -> str:

@@ -74,7 +74,8 @@ def build_app(
 
 
 def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> FastAPI:
-    app = create_app(service, settings.max_body_bytes, settings.api_tokens, settings.limits)
+    app = create_app(service, settings.max_body_bytes, settings.api_tokens, settings.limits,
+                     settings.metrics_tokens)  # fmt: skip
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app

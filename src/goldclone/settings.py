@@ -157,6 +157,11 @@ class Limits:
     total_memory_mb: int | None = None
 
 
+STANDARD_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+"""Seconds before each attempt of a callback, after the one before: at once, 5 s, 5 min,
+30 min, 2 h, 5 h, 10 h and 10 h, as Standard Webhooks retries."""
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
@@ -180,8 +185,14 @@ class Settings:
     """Seconds a guest gets to power off cleanly on DELETE before it is stopped hard."""
     reconcile_interval: float = 300.0
     """Seconds between two checks of the host against the store (orphans, stopped guests)."""
-    callback_attempts: int = 5
-    callback_backoff: float = 0.5
+    callback_schedule: tuple[float, ...] = STANDARD_SCHEDULE
+    """Seconds before each attempt of a callback, after the attempt before."""
+    default_ttl: int = 12 * 3600
+    """Seconds of a VM's lease when its request gives no ``ttl``; 0: no lease."""
+    max_ttl: int = 7 * 86400
+    """The longest lease a request or a renewal may ask for."""
+    allow_no_lease: bool = False
+    """Whether a request may ask for no lease (``ttl`` 0 or null)."""
     template_after: int = 0
     """Make a memory template of an image and shape once this many VMs of it have booted
     cold since the service started (``start: auto``); 0: only ``POST /images/{id}/templates``
@@ -202,6 +213,9 @@ class Settings:
     """Signs callbacks (Standard Webhooks) when set."""
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     """Bearer tokens; when set, every endpoint but ``/healthz`` needs one of them."""
+    metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens good for ``/metrics`` only (for a Prometheus server); when set,
+    ``/metrics`` needs one of them or an API token."""
 
     @property
     def db_url(self) -> str:
@@ -223,7 +237,10 @@ class Settings:
             "GOLDCLONE_READY_TIMEOUT": ("ready_timeout", float),
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
             "GOLDCLONE_RECONCILE_INTERVAL": ("reconcile_interval", float),
-            "GOLDCLONE_CALLBACK_ATTEMPTS": ("callback_attempts", int),
+            "GOLDCLONE_CALLBACK_SCHEDULE": ("callback_schedule", _schedule),
+            "GOLDCLONE_DEFAULT_TTL": ("default_ttl", int),
+            "GOLDCLONE_MAX_TTL": ("max_ttl", int),
+            "GOLDCLONE_ALLOW_NO_LEASE": ("allow_no_lease", _flag),
             "GOLDCLONE_TEMPLATE_AFTER": ("template_after", int),
             "GOLDCLONE_QEMU": ("qemu_binary", str),
             "GOLDCLONE_QEMU_USER": ("qemu_user", lambda user: None if user == "none" else user),
@@ -232,6 +249,7 @@ class Settings:
             "GOLDCLONE_ALLOW_PRIVATE_URLS": ("allow_private_urls", _flag),
             "GOLDCLONE_CALLBACK_SECRET": ("callback_secret", str),
             "GOLDCLONE_API_TOKENS": ("api_tokens", _tokens),
+            "GOLDCLONE_METRICS_TOKENS": ("metrics_tokens", _tokens),
         }
         network_converters: dict[str, tuple[str, Callable[[str], object]]] = {
             "GOLDCLONE_NAT_BRIDGE": ("nat_bridge", str),
@@ -276,6 +294,13 @@ def _flag(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _schedule(value: str) -> tuple[float, ...]:
+    delays = tuple(float(part) for part in value.split(",") if part.strip())
+    if not delays or any(delay < 0 for delay in delays):
+        raise ValueError("must be seconds before each attempt, such as 0,5,300,1800")
+    return delays
 
 
 def _tokens(value: str) -> tuple[str, ...]:

@@ -78,7 +78,10 @@ async def serving(service: Service) -> AsyncIterator[Service]:
 @pytest.fixture
 def fast_settings(tmp_path: Path) -> Settings:
     return Settings(
-        data_dir=tmp_path / "data", ip_timeout=5.0, download_timeout=5.0, callback_backoff=0.01
+        data_dir=tmp_path / "data",
+        ip_timeout=5.0,
+        download_timeout=5.0,
+        callback_schedule=(0, 0.05, 0.1),
     )
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -15,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from goldclone.api.guards import BearerGuard, BodyGuard, error_response
+from goldclone.api.guards import BearerGuard, BodyGuard, RequestCounter, error_response
 from goldclone.errors import (
     GoldcloneError,
     InvalidJSON,
@@ -24,7 +25,9 @@ from goldclone.errors import (
     RouteNotFound,
     answer_codes,
 )
+from goldclone.labels import parse_selectors
 from goldclone.models import (
+    MAX_WAIT,
     VM,
     CreateVMRequest,
     ErrorBody,
@@ -35,11 +38,15 @@ from goldclone.models import (
     PoolList,
     PoolRequest,
     Readiness,
+    Status,
     Template,
     TemplateRequest,
+    UpdateVMRequest,
     VMList,
 )
 from goldclone.service import VMService
+from goldclone.service.events import Event, VMFilter
+from goldclone.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from goldclone.settings import Limits
 
 log = logging.getLogger(__name__)
@@ -56,10 +63,12 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     tokens: tuple[str, ...] = (),
     limits: Limits | None = None,
+    metrics_tokens: tuple[str, ...] = (),
 ) -> FastAPI:
     """The goldclone API over ``service``, which it starts and closes with the server.
 
-    With ``tokens``, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``.
+    With ``tokens``, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``;
+    ``metrics_tokens`` are good for ``/metrics`` only.
     ``limits`` bound ``cpus`` and ``memory`` in the OpenAPI description as they do in requests.
     """
 
@@ -83,6 +92,13 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """Whether the server is up; needs no token."""
         return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response, operation_id="metrics",
+             responses={200: _TEXT})  # fmt: skip
+    async def metrics() -> Response:
+        """Prometheus metrics in its text format; with the API's tokens, or the metrics
+        token."""
+        return Response(await service.metrics_text(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/readyz", response_model=Readiness, operation_id="readyz",
              responses={503: {"model": Readiness, "description": "a part is failing"}})  # fmt: skip
@@ -108,12 +124,43 @@ def create_app(
         return await service.create(body, idempotency_key)
 
     @app.get("/vms", response_model=VMList, operation_id="list_vms")
-    async def list_vms() -> VMList:
-        return VMList(vms=await service.list_vms())
+    async def list_vms(label: _Labels = (), status: _Statuses = ()) -> VMList:
+        """Every VM, oldest first; or those with every ``label=KEY=VALUE`` given and one of
+        the ``status`` values given."""
+        return VMList(vms=await service.list_vms(_filter(label, status)))
 
     @app.get("/vms/{vm_id}", response_model=VM, operation_id="get_vm")
-    async def get_vm(vm_id: str) -> VM:
-        return await service.get(vm_id)
+    async def get_vm(
+        vm_id: str,
+        wait: bool = False,
+        timeout: Annotated[float, Query(ge=0, le=MAX_WAIT)] = DEFAULT_WAIT,
+    ) -> VM:
+        """The VM. With ``wait=true``, the answer comes as soon as the VM is no longer
+        ``creating``, or after ``timeout`` seconds with the VM as it is then."""
+        return await service.get(vm_id, timeout if wait else 0.0)
+
+    @app.patch("/vms/{vm_id}", response_model=VM, operation_id="update_vm")
+    async def update_vm(vm_id: str, body: UpdateVMRequest) -> VM:
+        """Renew the VM's lease (``ttl``: it ends that many seconds from now) or replace its
+        ``labels``; 409 once the VM is being deleted."""
+        return await service.update(vm_id, body)
+
+    @app.get("/events", response_class=StreamingResponse, operation_id="events",
+             responses={200: _EVENT_STREAM})  # fmt: skip
+    async def events(
+        label: _Labels = (),
+        status: _Statuses = (),
+        last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+    ) -> StreamingResponse:
+        """Server-Sent Events: one per change of a VM (``vm``, ``vm.deleted``), an image
+        (``image``, ``image.deleted``) or a pool (``pool``, ``pool.deleted``), its ``data``
+        the object as the change left it. With ``Last-Event-ID``, the events after that one
+        come first (``dropped`` says that some of them are no longer kept); without it, the
+        stream starts now. ``label`` and ``status`` keep only the VMs' events that match."""
+        wanted = _filter(label, status)
+        stream = service.events(last_event_id, wanted)
+        return StreamingResponse(_server_sent(stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/vms/{vm_id}/console", response_class=StreamingResponse,
              operation_id="get_console", responses={200: _TEXT})  # fmt: skip
@@ -217,12 +264,43 @@ def create_app(
 
     _describe_host(app, service, limits)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
-    if tokens:
-        app.add_middleware(BearerGuard, tokens=tokens)  # outermost: before any body is read
+    if tokens or metrics_tokens:  # before any body is read
+        app.add_middleware(BearerGuard, tokens=tokens, metrics_tokens=metrics_tokens)
+    app.add_middleware(RequestCounter, count=service.metrics.request)  # refusals too
     return app
 
 
 _TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+_EVENT_STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+DEFAULT_WAIT = 30.0
+"""Seconds that ``GET /vms/{id}?wait=true`` waits without a ``timeout``."""
+_Labels = Annotated[
+    tuple[str, ...], Query(description="KEY=VALUE; several are ANDed", max_length=64)
+]
+_Statuses = Annotated[tuple[Status, ...], Query(max_length=8)]
+
+
+def _filter(labels: Sequence[str], statuses: Sequence[Status]) -> VMFilter | None:
+    if not labels and not statuses:
+        return None
+    try:
+        wanted = parse_selectors(labels)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return VMFilter(wanted, frozenset(statuses))
+
+
+async def _server_sent(stream: AsyncIterator[Event | None]) -> AsyncIterator[str]:
+    """Each event in the text/event-stream format; a comment when there is none for a while,
+    so that proxies and clients know the stream is alive."""
+    yield "retry: 1000\n\n"
+    async for event in stream:
+        if event is None:
+            yield ": keepalive\n\n"
+        else:
+            yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.data)}\n\n"
+
+
 _VM_LINKS = {
     name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
     for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))

@@ -24,25 +24,61 @@ class BearerGuard:
     about which token came close. Tokens are never logged.
     """
 
-    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, tokens: tuple[str, ...], metrics_tokens: tuple[str, ...] = ()
+    ) -> None:
         self._app = app
         self._tokens = [token.encode() for token in tokens]
+        self._metrics_tokens = [token.encode() for token in metrics_tokens]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz" or self._allowed(scope):
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self._app(scope, receive, send)
+            return
+        tokens = self._tokens + (self._metrics_tokens if scope["path"] == "/metrics" else [])
+        if not tokens or self._allowed(scope, tokens):
             await self._app(scope, receive, send)
             return
         response = error_response(Unauthorized())
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
-    def _allowed(self, scope: Scope) -> bool:
+    @staticmethod
+    def _allowed(scope: Scope, tokens: list[bytes]) -> bool:
         presented = b""
         for name, value in scope["headers"]:
             if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
                 presented = value[7:].strip()
-        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
+        matches = [hmac.compare_digest(presented, token) for token in tokens]
         return any(matches)
+
+
+class RequestCounter:
+    """Counts each HTTP request by method, route (the path template, such as
+    ``/vms/{vm_id}``, so that IDs make no series of their own) and status."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, str, int], None]) -> None:
+        self._app = app
+        self._count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self._count(scope["method"], template, status)
 
 
 class BodyGuard:

@@ -21,12 +21,15 @@ from goldclone.models import VM, Image, Phase
 
 
 def vm_table(vms: list[VM]) -> Table:
-    table = Table("ID", "STATUS", "IP", "CPUS", "MEMORY", "NETWORK", "CREATED", box=None)
+    table = Table("ID", "NAME", "STATUS", "IP", "CPUS", "MEMORY", "NETWORK", "CREATED",
+                  "EXPIRES", "LABELS", box=None)  # fmt: skip
     for vm in vms:
         status = f"{vm.status.value} ({vm.error.code})" if vm.error else vm.status.value
+        labels = ",".join(f"{key}={value}" for key, value in sorted(vm.labels.items()))
         table.add_row(
-            vm.id, status, vm.ip_address or "-", str(vm.cpus), f"{vm.memory} MB",
-            vm.network_type, vm.created_at,
+            vm.id, vm.name or "-", status, vm.ip_address or "-", str(vm.cpus),
+            f"{vm.memory} MB", vm.network_type, vm.created_at, vm.expires_at or "never",
+            labels or "-",
         )  # fmt: skip
     return table
 

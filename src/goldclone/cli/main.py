@@ -15,18 +15,19 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from goldclone.client import APIError, Client, ServerUnreachable, VMFailed, WaitTimeout, default_url
-from goldclone.models import VM, CreateVMRequest, ImageSpec
+from goldclone.models import VM, CreateVMRequest, ImageSpec, Status, UpdateVMRequest
 
 if TYPE_CHECKING:
     from goldclone.settings import Settings
 
 DEMO_PACKAGE = "goldclone-demo.tar.gz"
+_Request = TypeVar("_Request", bound=BaseModel)
 OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
 
@@ -82,15 +83,30 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--ready-when", metavar="JSON", help='what "ready" means, e.g. \'{"tcp": 22}\''
     )
+    create.add_argument("--ttl", type=int, metavar="SECONDS",
+                        help="its lease: destroyed this long from now unless renewed "
+                             "(default: the server's)")  # fmt: skip
+    create.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
+                        help="a label; repeatable")  # fmt: skip
     create.add_argument("--from", dest="from_file", type=Path,
                         help="a JSON request body, as the original project's files")  # fmt: skip
     create.add_argument("--wait", action="store_true", help="wait until it runs, showing progress")
 
     get = commands.add_parser("get", parents=[client], help="show a VM")
     get.add_argument("id")
-    commands.add_parser("list", parents=[client], help="list the VMs")
+    listing = commands.add_parser("list", parents=[client], help="list the VMs")
+    _filter_options(listing, "list only the VMs with this label; repeatable (ANDed)")
+    listing.add_argument("--status", dest="statuses", action="append", default=[],
+                         choices=[status.value for status in Status],
+                         help="list only the VMs in this status; repeatable")  # fmt: skip
     delete = commands.add_parser("delete", parents=[client], help="destroy VMs")
-    delete.add_argument("ids", nargs="+", metavar="ID")
+    delete.add_argument("ids", nargs="*", metavar="ID")
+    _filter_options(delete, "destroy every VM with this label (they are listed first); "
+                            "repeatable (ANDed)")  # fmt: skip
+    renew = commands.add_parser("renew", parents=[client], help="renew a VM's lease")
+    renew.add_argument("id")
+    renew.add_argument("--ttl", type=int, required=True, metavar="SECONDS",
+                       help="the lease ends this long from now")  # fmt: skip
     wait = commands.add_parser("wait", parents=[client], help="wait until a VM runs")
     wait.add_argument("id")
     wait.add_argument("--timeout", type=float, default=600.0)
@@ -107,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     remove = image_commands.add_parser("delete", parents=[client], help="delete a gold image")
     remove.add_argument("id", help="<checksum_type>-<checksum>, as `goldclone images` lists")
     return parser
+
+
+def _filter_options(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--label", dest="labels", action="append", default=[],
+                        metavar="KEY=VALUE", help=text)  # fmt: skip
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -254,8 +275,12 @@ def _create_request(args: argparse.Namespace) -> CreateVMRequest:
     }
     body |= {name: value for name, value in options.items() if value is not None}
     body |= _guest_options(args)
+    return _validated(CreateVMRequest, body)
+
+
+def _validated(model: type[_Request], body: dict[str, object]) -> _Request:
     try:
-        return CreateVMRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise _UsageError(_first_problem(exc)) from None
 
@@ -272,16 +297,25 @@ def _guest_options(args: argparse.Namespace) -> dict[str, object]:
     if args.user_data is not None:
         fields["user_data"] = _read(args.user_data)
     if args.metadata:
-        pairs = [item.partition("=") for item in args.metadata]
-        if bad := [key for key, equals, _ in pairs if not equals]:
-            raise _UsageError(f"--metadata {bad[0]}: expected KEY=VALUE")
-        fields["metadata"] = {key: value for key, _, value in pairs}
+        fields["metadata"] = _pairs("--metadata", args.metadata)
+    if args.ttl is not None:
+        fields["ttl"] = args.ttl
+    if args.labels:
+        fields["labels"] = _pairs("--label", args.labels)
     if args.ready_when is not None:
         try:
             fields["ready_when"] = json.loads(args.ready_when)
         except ValueError:
             raise _UsageError("--ready-when: expected JSON, e.g. '{\"tcp\": 22}'") from None
     return fields
+
+
+def _pairs(option: str, items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as a map; a usage error names the option of one without ``=``."""
+    pairs = [item.partition("=") for item in items]
+    if bad := [key for key, equals, _ in pairs if not equals]:
+        raise _UsageError(f"{option} {bad[0]}: expected KEY=VALUE")
+    return {key: value for key, _, value in pairs}
 
 
 def _read(path: Path) -> str:
@@ -334,7 +368,8 @@ def _get(client: Client, args: argparse.Namespace, out: Console) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace, out: Console) -> int:
-    vms = client.list_vms()
+    statuses = [Status(status) for status in args.statuses]
+    vms = client.list_vms(_pairs("--label", args.labels), statuses)
     if args.json:
         _print_json({"vms": [vm.model_dump(mode="json") for vm in vms]})
     else:
@@ -345,10 +380,30 @@ def _list(client: Client, args: argparse.Namespace, out: Console) -> int:
 
 
 def _delete(client: Client, args: argparse.Namespace, out: Console) -> int:
-    for vm_id in args.ids:
+    if bool(args.ids) == bool(args.labels):
+        raise _UsageError("give the IDs of the VMs, or --label KEY=VALUE, not both")
+    ids = args.ids
+    if args.labels:
+        matching = client.list_vms(_pairs("--label", args.labels))
+        ids = [vm.id for vm in matching]
+        if not args.json:
+            from goldclone.cli.display import vm_table
+
+            out.print(f"deleting {len(ids)} VM{'s' if len(ids) != 1 else ''}:", highlight=False)
+            out.print(vm_table(matching))
+    for vm_id in ids:
         client.delete(vm_id)
         if not args.json:
             out.print(f"deleted {vm_id}", highlight=False)
+    return OK
+
+
+def _renew(client: Client, args: argparse.Namespace, out: Console) -> int:
+    vm = client.update(args.id, _validated(UpdateVMRequest, {"ttl": args.ttl}))
+    if args.json:
+        _print_json(vm)
+    else:
+        out.print(f"{vm.id} expires at {vm.expires_at or 'never'}", highlight=False)
     return OK
 
 
@@ -362,11 +417,8 @@ def _wait_command(client: Client, args: argparse.Namespace, out: Console) -> int
 def _images(client: Client, args: argparse.Namespace, out: Console) -> int:
     action = args.image_command or "list"
     if action == "pull":
-        try:
-            spec = ImageSpec(url=args.image_url, checksum=args.checksum,
-                             checksum_type=args.checksum_type)  # fmt: skip
-        except ValidationError as exc:
-            raise _UsageError(_first_problem(exc)) from None
+        spec = _validated(ImageSpec, {"url": args.image_url, "checksum": args.checksum,
+                                      "checksum_type": args.checksum_type})  # fmt: skip
         image = client.pull_image(spec)
         if args.json:
             _print_json(image)
@@ -392,6 +444,7 @@ _CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]
     "get": _get,
     "list": _list,
     "delete": _delete,
+    "renew": _renew,
     "wait": _wait_command,
     "images": _images,
 }

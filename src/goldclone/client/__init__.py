@@ -13,17 +13,27 @@ Errors::
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
-from goldclone.models import VM, CreateVMRequest, Image, ImageList, ImageSpec, Status, VMList
+from goldclone.models import (
+    MAX_WAIT,
+    VM,
+    CreateVMRequest,
+    Image,
+    ImageList,
+    ImageSpec,
+    Status,
+    UpdateVMRequest,
+    VMList,
+)
 
 DEFAULT_URL = "http://127.0.0.1:12345"
 T = TypeVar("T")
@@ -82,10 +92,13 @@ class _Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     body: BaseModel | None = None
+    waits: float = 0.0
+    """Seconds the server may take on purpose (a ``?wait=true``), beyond the usual timeout."""
 
-    def request(self) -> dict[str, Any]:
+    def request(self, timeout: float) -> dict[str, Any]:
         body = self.body.model_dump(mode="json", exclude_unset=True) if self.body else None
-        return {"method": self.method, "url": self.path, "json": body}
+        return {"method": self.method, "url": self.path, "json": body,
+                "timeout": timeout + self.waits}  # fmt: skip
 
     def result(self, response: httpx.Response) -> T:
         if response.is_error:
@@ -114,12 +127,24 @@ class _Calls:
         return _Call("POST", "/vms", _model(VM), request)
 
     @staticmethod
-    def get(vm_id: str) -> _Call[VM]:
-        return _Call("GET", f"/vms/{vm_id}", _model(VM))
+    def get(vm_id: str, wait: float = 0.0) -> _Call[VM]:
+        query = f"?wait=true&timeout={wait:.3f}" if wait > 0 else ""
+        return _Call("GET", f"/vms/{vm_id}{query}", _model(VM), waits=wait)
 
     @staticmethod
-    def list_vms() -> _Call[list[VM]]:
-        return _Call("GET", "/vms", lambda r: VMList.model_validate_json(r.content).vms)
+    def update(vm_id: str, change: UpdateVMRequest) -> _Call[VM]:
+        return _Call("PATCH", f"/vms/{vm_id}", _model(VM), change)
+
+    @staticmethod
+    def list_vms(
+        labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+    ) -> _Call[list[VM]]:
+        query = "&".join(
+            [f"label={quote(f'{key}={value}')}" for key, value in (labels or {}).items()]
+            + [f"status={status.value}" for status in statuses]
+        )
+        path = f"/vms?{query}" if query else "/vms"
+        return _Call("GET", path, lambda r: VMList.model_validate_json(r.content).vms)
 
     @staticmethod
     def delete(vm_id: str) -> _Call[None]:
@@ -138,13 +163,35 @@ class _Calls:
         return _Call("DELETE", f"/images/{image_id}", _nothing)
 
 
-def _settled(vm: VM) -> bool:
-    """Whether waiting for ``vm`` is over; raises ``VMFailed`` if it ended badly."""
-    if vm.status is Status.RUNNING and vm.ip_address:
-        return True
-    if vm.status in (Status.ERROR, Status.STOPPED, Status.DELETING):
-        raise VMFailed(vm)
-    return False
+class _Waiter:
+    """Waiting for a VM to run, as a sequence of ``GET ?wait=true`` calls (the server answers
+    as soon as the VM is no longer ``creating``): each at most ``STEP`` seconds when the
+    caller wants to see each update (``on_update``: a download's progress is no change the
+    server waits for), else as long as the wait has left."""
+
+    STEP = 0.25
+
+    def __init__(self, vm_id: str, timeout: float, on_update: Callable[[VM], None] | None) -> None:
+        self._vm_id, self._timeout, self._on_update = vm_id, timeout, on_update
+        self._deadline = time.monotonic() + timeout
+
+    def call(self) -> _Call[VM]:
+        left = max(0.0, self._deadline - time.monotonic())
+        step = min(left, self.STEP if self._on_update else MAX_WAIT)
+        return _Calls.get(self._vm_id, wait=step or 0.001)
+
+    def settled(self, vm: VM) -> bool:
+        """Whether waiting is over with ``vm``; raises ``VMFailed`` if it ended badly and
+        ``WaitTimeout`` when the time is up."""
+        if self._on_update is not None:
+            self._on_update(vm)
+        if vm.status is Status.RUNNING and vm.ip_address:
+            return True
+        if vm.status in (Status.ERROR, Status.STOPPED, Status.DELETING):
+            raise VMFailed(vm)
+        if time.monotonic() >= self._deadline:
+            raise WaitTimeout(vm, self._timeout)
+        return False
 
 
 class Client:
@@ -158,6 +205,7 @@ class Client:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        self._timeout = timeout
         self._http = httpx.Client(
             base_url=url or default_url(), headers=_auth_headers(token), timeout=timeout,
             transport=transport,
@@ -174,7 +222,7 @@ class Client:
 
     def _do(self, call: _Call[T]) -> T:
         try:
-            response = self._http.request(**call.request())
+            response = self._http.request(**call.request(self._timeout))
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
         return call.result(response)
@@ -185,8 +233,15 @@ class Client:
     def get(self, vm_id: str) -> VM:
         return self._do(_Calls.get(vm_id))
 
-    def list_vms(self) -> list[VM]:
-        return self._do(_Calls.list_vms())
+    def list_vms(
+        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+    ) -> list[VM]:
+        """Every VM, or those with every one of ``labels`` and one of ``statuses``."""
+        return self._do(_Calls.list_vms(labels, statuses))
+
+    def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
+        """Renew the VM's lease or replace its labels (``PATCH``)."""
+        return self._do(_Calls.update(vm_id, change))
 
     def delete(self, vm_id: str) -> None:
         self._do(_Calls.delete(vm_id))
@@ -201,23 +256,13 @@ class Client:
         self._do(_Calls.delete_image(image_id))
 
     def wait_until_running(
-        self,
-        vm_id: str,
-        timeout: float = 600.0,
-        interval: float = 0.25,
-        on_update: Callable[[VM], None] | None = None,
+        self, vm_id: str, timeout: float = 600.0, on_update: Callable[[VM], None] | None = None
     ) -> VM:
-        """Poll until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            vm = self.get(vm_id)
-            if on_update is not None:
-                on_update(vm)
-            if _settled(vm):
-                return vm
-            if time.monotonic() > deadline:
-                raise WaitTimeout(vm, timeout)
-            time.sleep(interval)
+        """Wait until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
+        waiter = _Waiter(vm_id, timeout, on_update)
+        while not waiter.settled(vm := self._do(waiter.call())):
+            pass
+        return vm
 
 
 class AsyncClient:
@@ -231,6 +276,7 @@ class AsyncClient:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=url or default_url(), headers=_auth_headers(token), timeout=timeout,
             transport=transport,
@@ -247,7 +293,7 @@ class AsyncClient:
 
     async def _do(self, call: _Call[T]) -> T:
         try:
-            response = await self._http.request(**call.request())
+            response = await self._http.request(**call.request(self._timeout))
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
         return call.result(response)
@@ -258,8 +304,15 @@ class AsyncClient:
     async def get(self, vm_id: str) -> VM:
         return await self._do(_Calls.get(vm_id))
 
-    async def list_vms(self) -> list[VM]:
-        return await self._do(_Calls.list_vms())
+    async def list_vms(
+        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+    ) -> list[VM]:
+        """Every VM, or those with every one of ``labels`` and one of ``statuses``."""
+        return await self._do(_Calls.list_vms(labels, statuses))
+
+    async def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
+        """Renew the VM's lease or replace its labels (``PATCH``)."""
+        return await self._do(_Calls.update(vm_id, change))
 
     async def delete(self, vm_id: str) -> None:
         await self._do(_Calls.delete(vm_id))
@@ -274,21 +327,10 @@ class AsyncClient:
         await self._do(_Calls.delete_image(image_id))
 
     async def wait_until_running(
-        self,
-        vm_id: str,
-        timeout: float = 600.0,
-        interval: float = 0.25,
-        on_update: Callable[[VM], None] | None = None,
+        self, vm_id: str, timeout: float = 600.0, on_update: Callable[[VM], None] | None = None
     ) -> VM:
-        """Poll until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            vm = await self.get(vm_id)
-            if on_update is not None:
-                on_update(vm)
-            if _settled(vm):
-                return vm
-            if loop.time() > deadline:
-                raise WaitTimeout(vm, timeout)
-            await asyncio.sleep(interval)
+        """Wait until the VM runs with an IP; raises ``VMFailed`` or ``WaitTimeout``."""
+        waiter = _Waiter(vm_id, timeout, on_update)
+        while not waiter.settled(vm := await self._do(waiter.call())):
+            pass
+        return vm

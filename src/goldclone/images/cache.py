@@ -70,6 +70,8 @@ class ImageCache:
         self._progress: dict[str, DownloadProgress] = {}
         self._failures: dict[str, VMFailure] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.on_change: Callable[[Image, bool], None] | None = None
+        """Told of each image that starts or ends a fetch, and of each deleted one (``True``)."""
 
     async def open(self) -> None:
         """Create the folders and drop what a crash may have left half-made."""
@@ -138,6 +140,7 @@ class ImageCache:
             self._specs[spec.key] = spec
             self._failures.pop(spec.key, None)
             task.add_done_callback(lambda done: self._fetched(spec.key, done))
+            self._changed(spec.key)
         return task
 
     def _fetched(self, key: str, task: asyncio.Task[GoldImage]) -> None:
@@ -145,6 +148,12 @@ class ImageCache:
         self._progress.pop(key, None)
         if not task.cancelled() and isinstance(task.exception(), VMFailure):
             self._failures[key] = cast(VMFailure, task.exception())
+        self._changed(key)
+
+    def _changed(self, key: str, last: Image | None = None) -> None:
+        image = last or self.image(key)
+        if self.on_change is not None and image is not None:
+            self.on_change(image, last is not None)
 
     def progress(self, spec: ImageSpec) -> DownloadProgress | None:
         """How far the download of ``spec`` has come, while it runs."""
@@ -187,16 +196,19 @@ class ImageCache:
         """
         if key in self._inflight:
             raise ImageInUse(f"image {key} is being downloaded")
+        last = self.image(key)
         root = self._images / key
         if key.startswith(".") or "/" in key or not root.is_dir():
             if self._failures.pop(key, None) is None:
                 raise ImageNotFound(f"there is no image {key}")
             self._specs.pop(key, None)  # a failed fetch: deleting forgets it
+            self._changed(key, last)
             return
         doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
         root.rename(doomed)
         await asyncio.to_thread(_remove, doomed)
         self._specs.pop(key, None)
+        self._changed(key, last)
         log.info("gold image %s deleted", key)
 
     async def _fetch(self, spec: ImageSpec) -> GoldImage:

@@ -1,4 +1,5 @@
-"""Telling a client's ``callback_url`` that its VM is ready or has failed.
+"""One attempt to tell a client's ``callback_url`` about its VM (``service/deliveries.py``
+keeps trying, on a schedule that survives restarts).
 
 With a secret configured, every delivery is signed as Standard Webhooks describes: the headers
 ``webhook-id`` (the same on every retry of one delivery), ``webhook-timestamp`` (Unix
@@ -8,25 +9,22 @@ seconds) and ``webhook-signature`` (``v1,`` and the base64 HMAC-SHA256 of
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import email.utils
 import hashlib
 import hmac
-import logging
-import random
 import time
 import uuid
+from dataclasses import dataclass
+from enum import StrEnum
 
 import httpx
 
+from goldclone import __version__
 from goldclone.errors import URLForbidden
-from goldclone.models import VM
 
-log = logging.getLogger(__name__)
-
-MAX_RETRY_AFTER = 300.0
+USER_AGENT = f"goldclone/{__version__}"
 
 
 def signing_key(secret: str) -> bytes:
@@ -59,48 +57,53 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def deliver(
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    GONE = "gone"
+    """The receiver answered 410: it wants no more of these."""
+    RETRY = "retry"
+    REFUSED = "refused"
+    """The URL leads to an address that the outbound policy refuses: never retried."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    outcome: Outcome
+    reason: str = ""
+    retry_after: float | None = None
+    """What the receiver asked to wait, in seconds, with ``Retry-After``."""
+
+
+async def attempt(
     http: httpx.AsyncClient,
-    vm: VM,
-    attempts: int = 5,
-    backoff: float = 0.5,
+    url: str,
+    body: bytes,
+    message_id: str,
     secret: str | None = None,
     timeout: float = 10.0,
-) -> bool:
-    """POST the VM object to its callback URL, retrying with jittered exponential backoff.
+) -> Attempt:
+    """POST ``body`` (JSON) to ``url`` once, signed with ``secret`` if there is one. Any 2xx
+    answer is ``DELIVERED``; never raises, since a failed callback must not harm the VM."""
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    if secret:
+        timestamp = int(time.time())
+        headers |= {
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(signing_key(secret), message_id, timestamp, body),
+        }
+    try:
+        response = await http.post(url, content=body, headers=headers, timeout=timeout)
+    except URLForbidden as exc:
+        return Attempt(Outcome.REFUSED, exc.message)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return Attempt(Outcome.RETRY, str(exc) or type(exc).__name__)
+    if response.is_success:
+        return Attempt(Outcome.DELIVERED)
+    if response.status_code == 410:
+        return Attempt(Outcome.GONE, "HTTP 410")
+    return Attempt(Outcome.RETRY, f"HTTP {response.status_code}", _retry_after(response))
 
-    Any 2xx answer counts as delivered; a ``Retry-After`` answer sets the next wait (up to
-    five minutes). Returns whether it was delivered; never raises, since a failed callback
-    must not harm the VM.
-    """
-    if vm.callback_url is None:
-        return True
-    body = vm.model_dump_json().encode()
-    message_id = f"msg_{uuid.uuid4().hex}"
-    key = signing_key(secret) if secret else None
-    for attempt in range(1, attempts + 1):
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            timestamp = int(time.time())
-            headers |= {
-                "webhook-id": message_id,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign(key, message_id, timestamp, body),
-            }
-        wait = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-        try:
-            response = await http.post(vm.callback_url, content=body, headers=headers,
-                                       timeout=timeout)  # fmt: skip
-            if response.is_success:
-                return True
-            reason = f"HTTP {response.status_code}"
-            wait = min(_retry_after(response) or wait, MAX_RETRY_AFTER)
-        except URLForbidden as exc:
-            log.warning("callback for VM %s not sent: %s", vm.id, exc.message)
-            return False
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            reason = str(exc) or type(exc).__name__
-        log.warning("callback for VM %s, attempt %d of %d: %s", vm.id, attempt, attempts, reason)
-        if attempt < attempts:
-            await asyncio.sleep(wait)
-    return False
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"

@@ -24,6 +24,7 @@ from goldclone.models import (
     now_s,
 )
 from goldclone.outbound.policy import OutboundPolicy
+from goldclone.service.leases import LeasePolicy
 from goldclone.service.store import Earlier, Held, Store
 from goldclone.settings import Limits
 
@@ -32,9 +33,15 @@ class Admission:
     """Checks and records the create requests of one host."""
 
     def __init__(
-        self, limits: Limits, capabilities: Capabilities, store: Store, policy: OutboundPolicy
+        self,
+        limits: Limits,
+        capabilities: Capabilities,
+        store: Store,
+        policy: OutboundPolicy,
+        leases: LeasePolicy,
     ) -> None:
         self._limits = limits
+        self.leases = leases
         self._capabilities = capabilities
         self._store = store
         self._policy = policy
@@ -47,11 +54,14 @@ class Admission:
         an earlier request with the same ``idempotency_key`` and body made, and ``None``.
         The same key with another body is an ``IdempotencyConflict``."""
         self.check(request)
+        expires_at = self.leases.expiry(request.ttl, "ttl" in request.model_fields_set)
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
         capacity = self.capacity_check(Held(request.cpus, request.memory))
-        recorded = await self._store.admit(_new_vm(request, guest), idempotency, capacity, pools)
+        recorded = await self._store.admit(
+            _new_vm(request, guest, expires_at), idempotency, capacity, pools
+        )
         if isinstance(recorded, Earlier):
             return _repeat(recorded, digest), None
         return recorded, guest
@@ -128,7 +138,7 @@ def _repeat(earlier: Earlier, digest: str) -> VM:
     return earlier.vm
 
 
-def _new_vm(request: CreateVMRequest, guest: GuestConfig) -> VM:
+def _new_vm(request: CreateVMRequest, guest: GuestConfig, expires_at: str | None) -> VM:
     return VM(
         id=guest.instance_id,
         image=request.image,
@@ -144,6 +154,8 @@ def _new_vm(request: CreateVMRequest, guest: GuestConfig) -> VM:
         user_data_sha256=guest.user_data_sha256,
         metadata_keys=list(guest.metadata),
         start=request.start,
+        labels=request.labels,
+        expires_at=expires_at,
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )

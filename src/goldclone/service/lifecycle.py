@@ -13,8 +13,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from goldclone.drivers.base import (
     Driver,
     MachineSpec,
@@ -34,10 +32,10 @@ from goldclone.errors import (
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, ErrorBody, Phase, Status
-from goldclone.outbound.callbacks import deliver
+from goldclone.service.deliveries import Deliveries
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
-from goldclone.service.store import Leftover, Store
+from goldclone.service.store import LIVE, Leftover, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 
@@ -58,15 +56,15 @@ class Lifecycle:
         store: Store,
         images: ImageCache,
         driver: Driver,
-        http: httpx.AsyncClient,
         templates: Templates,
+        deliveries: Deliveries,
     ) -> None:
         self._settings = settings
+        self._deliveries = deliveries
         self._templates = templates
         self._store = store
         self._images = images
         self._driver = driver
-        self._http = http
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -88,8 +86,10 @@ class Lifecycle:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def delete(self, vm_id: str) -> None:
-        """Cancel the VM's creation if it is under way, then destroy it and forget it.
+    async def delete(self, vm_id: str, expired: bool = False) -> None:
+        """Cancel the VM's creation if it is under way, then destroy it and forget it. A VM
+        whose lease ended (``expired``) gets the phase ``expired`` instead of ``deleting``,
+        and its callback is told; one already being deleted is left to that.
 
         When the hypervisor refuses with ``VMConflict`` (it holds a lock), the VM stays
         recorded, as it was unless its creation was cut off, and a retry can finish the job.
@@ -103,9 +103,16 @@ class Lifecycle:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 before = await self._store.get(vm_id)
-            await self._store.advance(
-                vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
-            )
+            if expired:
+                vm = await self._store.advance(
+                    vm_id, Phase.EXPIRED, expect=LIVE, status=Status.DELETING
+                )
+                log.info("VM %s: its lease ended at %s", vm_id, vm.expires_at)
+                await self.report(vm)
+            else:
+                await self._store.advance(
+                    vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
+                )
             try:
                 await self.destroy(vm_id, graceful=before.status is Status.RUNNING)
             except VMConflict:
@@ -189,11 +196,9 @@ class Lifecycle:
         record = await self._store.runtime(vm_id)
         return self._driver.runtime_from_record(vm_id, record) if record else None
 
-    def report(self, vm: VM) -> None:
-        """Deliver the VM's callback in the background."""
-        settings = self._settings
-        self.spawn(deliver(self._http, vm, settings.callback_attempts,
-                           settings.callback_backoff, settings.callback_secret))  # fmt: skip
+    async def report(self, vm: VM) -> None:
+        """Have the VM's callback delivered, as the VM is now (``service.deliveries``)."""
+        await self._deliveries.send(vm)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background until it ends or the service closes."""
@@ -226,7 +231,7 @@ class Lifecycle:
             except (VMNotFound, StateConflict) as lost:
                 log.info("VM %s failed (%s), but %s", vm.id, exc, lost)
                 return
-        self.report(vm)
+        await self.report(vm)
 
     async def _boot(self, vm: VM, guest: GuestConfig) -> VM:
         if vm.started_from == "pool":

@@ -66,7 +66,7 @@ class Recovery:
                 vm = await self._store.get(vm_id)
                 if vm.status is Status.CREATING:
                     stopped = Interrupted("the service stopped while this VM was being created")
-                    lifecycle.report(await lifecycle.fail(vm, stopped))
+                    await lifecycle.report(await lifecycle.fail(vm, stopped))
                 elif vm.status is Status.DELETING:
                     await lifecycle.destroy(vm_id)
         except VMNotFound:

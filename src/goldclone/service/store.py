@@ -18,14 +18,16 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from goldclone.errors import NameConflict, PoolNotFound, StateConflict, VMNotFound
 from goldclone.models import VM, Phase, Pool, PoolStatus, Status, Template, TimelineEntry, now_ms
-from goldclone.service import schema
+from goldclone.service import events, schema
+from goldclone.service.events import Changes, Event, EventKind
 from goldclone.service.tables import cleanups as _cleanups
+from goldclone.service.tables import deliveries as _deliveries
 from goldclone.service.tables import pool_members as _members
 from goldclone.service.tables import pools as _pools
 from goldclone.service.tables import templates as _templates
@@ -34,6 +36,8 @@ from goldclone.service.tables import vms as _vms
 # The VMs that count against the host's totals: they hold, or are about to hold, its CPUs
 # and memory.
 HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
+LIVE = tuple(status for status in Status if status is not Status.DELETING)
+"""The VMs that a change (a renewal, an expiry) may still reach."""
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.CREATING: frozenset({Status.CREATING, Status.RUNNING, Status.ERROR, Status.DELETING}),
@@ -44,6 +48,19 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.DELETING: frozenset({Status.DELETING, Status.RUNNING, Status.STOPPED, Status.ERROR}),
 }
 """Each status, and the statuses a VM in it may change to."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A callback still to deliver: the VM as it was when it was told, and the attempts so
+    far."""
+
+    message_id: str
+    vm_id: str
+    url: str
+    body: str
+    attempts: int
+    next_at: str
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,9 @@ class Store:
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
         self._writer = self._engine.execution_options(goldclone_write=True)
         self._one_writer = asyncio.Lock() if self._engine.dialect.name == "sqlite" else None
+        self.changes = Changes()
+        self.on_phase: Callable[[VM], None] | None = None
+        """Told of each VM that got a new phase, once it is committed."""
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -110,6 +130,7 @@ class Store:
             if self._one_writer is not None:
                 await stack.enter_async_context(self._one_writer)
             yield await stack.enter_async_context(self._writer.begin())
+        self.changes.notify()  # committed
 
     async def open(self) -> None:
         """Bring the database to this code's schema (``service.schema``)."""
@@ -163,8 +184,12 @@ class Store:
                     _vms.insert().values(
                         id=vm.id, status=vm.status.value, vm=_dump(vm), runtime=runtime,
                         idempotency_key=key, request_digest=digest, name=vm.name,
+                        expires_at=vm.expires_at,
                     )
                 )  # fmt: skip
+                await events.record(conn, EventKind.VM, vm.id, _dump(vm))
+                if member is not None:
+                    await _pool_event(conn, member.pool)
         except IntegrityError:
             # another service on this database took the key or the name between our read and
             # our insert
@@ -189,21 +214,48 @@ class Store:
         Raises ``VMNotFound`` if it is gone and ``StateConflict`` if it is in another state,
         or if the change is not one that ``TRANSITIONS`` allows.
         """
+        return await self._change(vm_id, phase, expect, status, fields)
+
+    async def amend(self, vm_id: str, expect: Status | tuple[Status, ...], **fields: Any) -> VM:
+        """Set the VM's ``fields`` (its labels, its lease), without a phase, if its status is
+        ``expect`` now; raises as ``advance``."""
+        return await self._change(vm_id, None, expect, None, fields)
+
+    async def _change(
+        self,
+        vm_id: str,
+        phase: Phase | None,
+        expect: Status | tuple[Status, ...],
+        status: Status | None,
+        fields: Mapping[str, Any],
+    ) -> VM:
         expected = (expect,) if isinstance(expect, Status) else expect
         async with self._write() as conn:
             current = await _locked(conn, vm_id)
             target = status or current.status
-            if current.status not in expected or target not in TRANSITIONS[current.status]:
+            allowed = phase is None or target in TRANSITIONS[current.status]
+            if current.status not in expected or not allowed:
+                change = "this change" if phase is None else phase.value
                 raise StateConflict(
-                    f"VM {vm_id} is {current.status.value}; {phase.value} needs it "
+                    f"VM {vm_id} is {current.status.value}; {change} needs it "
                     f"{' or '.join(s.value for s in expected)}"
                 )
-            entry = TimelineEntry(phase=phase, at=now_ms())
-            vm = current.model_copy(
-                update={**fields, "status": target, "timeline": [*current.timeline, entry]}
-            )
+            timeline = current.timeline
+            if phase is not None:
+                timeline = [*timeline, TimelineEntry(phase=phase, at=now_ms())]
+            vm = current.model_copy(update={**fields, "status": target, "timeline": timeline})
             await _write(conn, vm)
+        if phase is not None and self.on_phase is not None:
+            self.on_phase(vm)
         return vm
+
+    async def expired(self, now: str) -> builtins.list[str]:
+        """The IDs of the VMs whose lease ended at ``now`` or before, but not deleting yet."""
+        query = select(_vms.c.id).where(
+            _vms.c.expires_at <= now, _vms.c.status != Status.DELETING.value
+        )
+        async with self._engine.connect() as conn:
+            return [row.id for row in await conn.execute(query.order_by(_vms.c.expires_at))]
 
     async def restore(self, vm: VM) -> None:
         """Put back ``vm`` as it was before a DELETE that the hypervisor refused, if the VM is
@@ -244,6 +296,11 @@ class Store:
         async with self._engine.connect() as conn:
             return [VM.model_validate(row.vm) for row in await conn.execute(query)]
 
+    async def holding(self) -> builtins.list[Held]:
+        """What holds the host's resources now: VMs and the machines of warm pools."""
+        async with self._engine.connect() as conn:
+            return await _holding(conn)
+
     async def machines(self) -> set[str]:
         """The names of the machines of every recorded VM (the one in its runtime record, or
         the VM's ID while it has none), of every template being made and of every machine
@@ -255,6 +312,60 @@ class Store:
             templates = {row.machine for row in await conn.execute(query)}
             members = {row.machine for row in await conn.execute(select(_members.c.machine))}
             return vms | templates | members
+
+    # -- callbacks still to deliver --------------------------------------------------------
+
+    async def add_delivery(self, delivery: Delivery) -> None:
+        async with self._write() as conn:
+            await conn.execute(_deliveries.insert().values(
+                message_id=delivery.message_id, vm_id=delivery.vm_id, url=delivery.url,
+                body=delivery.body, attempts=delivery.attempts, next_at=delivery.next_at,
+            ))  # fmt: skip
+
+    async def due_deliveries(self, now: str, limit: int) -> builtins.list[Delivery]:
+        """The deliveries whose next attempt is due at ``now``, the earliest first."""
+        query = (
+            select(_deliveries)
+            .where(_deliveries.c.next_at <= now)
+            .order_by(_deliveries.c.next_at)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [_delivery(row) for row in await conn.execute(query)]
+
+    async def next_delivery_at(self) -> str | None:
+        query = select(func.min(_deliveries.c.next_at))
+        async with self._engine.connect() as conn:
+            found: str | None = (await conn.execute(query)).scalar()
+            return found
+
+    async def delivery_tried(self, message_id: str, next_at: str | None) -> None:
+        """Count an attempt of the delivery, due again at ``next_at``; without one, it is
+        over and forgotten."""
+        where = _deliveries.c.message_id == message_id
+        async with self._write() as conn:
+            if next_at is None:
+                await conn.execute(_deliveries.delete().where(where))
+            else:
+                await conn.execute(_deliveries.update().where(where).values(
+                    attempts=_deliveries.c.attempts + 1, next_at=next_at
+                ))  # fmt: skip
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def record_event(self, kind: EventKind, subject: str, data: Mapping[str, Any]) -> None:
+        """Log a change that is not the store's own (an image's)."""
+        async with self._write() as conn:
+            await events.record(conn, kind, subject, data)
+
+    async def events_after(self, after: int, limit: int = 500) -> tuple[builtins.list[Event], int]:
+        """See ``events.read_after``."""
+        async with self._engine.connect() as conn:
+            return await events.read_after(conn, after, limit)
+
+    async def last_event_id(self) -> int:
+        async with self._engine.connect() as conn:
+            return await events.last_id(conn)
 
     # -- memory templates ---------------------------------------------------------------
 
@@ -315,20 +426,16 @@ class Store:
             result = await conn.execute(
                 _pools.update().where(_pools.c.name == pool.name).values(pool=record)
             )
-            if result.rowcount == 0:
+            new = result.rowcount == 0
+            if new:
                 await conn.execute(_pools.insert().values(name=pool.name, pool=record))
-                return True
-        return False
+            await _pool_event(conn, pool.name)
+        return new
 
     async def pools(self) -> builtins.list[Pool]:
         """Every pool, oldest first, with how many machines it has ready and filling."""
         async with self._engine.connect() as conn:
-            rows = await conn.execute(select(_pools.c.pool).order_by(_pools.c.seq))
-            found = [Pool.model_validate(row.pool) for row in rows]
-            query = select(_members.c.pool, _members.c.status)
-            counts = Counter((row.pool, row.status) for row in await conn.execute(query))
-        return [_counted(pool, counts[pool.name, "ready"], counts[pool.name, "filling"])
-                for pool in found]  # fmt: skip
+            return await _pools_in(conn)
 
     async def pool(self, name: str) -> Pool:
         for pool in await self.pools():
@@ -339,7 +446,9 @@ class Store:
     async def forget_pool(self, name: str) -> None:
         """Forget the pool; its machines are the caller's to destroy and forget."""
         async with self._write() as conn:
-            await conn.execute(_pools.delete().where(_pools.c.name == name))
+            for last in await _pools_in(conn, name):
+                await conn.execute(_pools.delete().where(_pools.c.name == name))
+                await events.record(conn, EventKind.POOL_DELETED, name, _dump(last))
 
     async def add_member(
         self,
@@ -357,6 +466,7 @@ class Store:
                 machine=machine, pool=pool, status="filling", cpus=held.cpus,
                 memory=held.memory, runtime={},
             ))  # fmt: skip
+            await _pool_event(conn, pool)
 
     async def set_member(
         self,
@@ -375,6 +485,8 @@ class Store:
             await conn.execute(
                 _members.update().where(_members.c.machine == machine).values(values)
             )
+            if status is not None and (pool := await _pool_of(conn, machine)) is not None:
+                await _pool_event(conn, pool)
 
     async def members(self, pool: str | None = None) -> builtins.list[Member]:
         """The machines of ``pool`` (or of every pool), oldest first."""
@@ -386,19 +498,21 @@ class Store:
 
     async def forget_member(self, machine: str) -> None:
         async with self._write() as conn:
+            pool = await _pool_of(conn, machine)
             await conn.execute(_members.delete().where(_members.c.machine == machine))
+            if pool is not None:
+                await _pool_event(conn, pool)
 
     async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
         """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go.
         ``leftover`` is what its teardown could not remove, recorded in the same
         transaction for reconciliation to retry."""
         async with self._write() as conn:
-            result = await conn.execute(
-                _vms.delete().where(_vms.c.id == vm_id, _vms.c.status == Status.DELETING.value)
-            )
-            if result.rowcount == 0:
-                await _locked(conn, vm_id)  # VMNotFound when it is gone already
+            last = await _locked(conn, vm_id)  # VMNotFound when it is gone already
+            if last.status is not Status.DELETING:
                 raise StateConflict(f"VM {vm_id} is not deleting; it is kept")
+            await conn.execute(_vms.delete().where(_vms.c.id == vm_id))
+            await events.record(conn, EventKind.VM_DELETED, vm_id, _dump(last))
             if leftover is not None:
                 await _insert_leftover(conn, leftover)
 
@@ -452,8 +566,11 @@ async def _locked(conn: AsyncConnection, vm_id: str) -> VM:
 
 async def _write(conn: AsyncConnection, vm: VM) -> None:
     await conn.execute(
-        _vms.update().where(_vms.c.id == vm.id).values(status=vm.status.value, vm=_dump(vm))
+        _vms.update()
+        .where(_vms.c.id == vm.id)
+        .values(status=vm.status.value, vm=_dump(vm), expires_at=vm.expires_at)
     )
+    await events.record(conn, EventKind.VM, vm.id, _dump(vm))
 
 
 async def _find_by_key(conn: AsyncConnection, key: str) -> Earlier | None:
@@ -498,10 +615,35 @@ async def _claim(conn: AsyncConnection, pools: Sequence[str]) -> Member | None:
     return _member(row)
 
 
+async def _pools_in(conn: AsyncConnection, name: str | None = None) -> list[Pool]:
+    """Every pool (or the one named ``name``), oldest first, with its machines counted."""
+    pools, members = select(_pools.c.pool).order_by(_pools.c.seq), select(_members)
+    if name is not None:
+        pools, members = pools.where(_pools.c.name == name), members.where(_members.c.pool == name)
+    found = [Pool.model_validate(row.pool) for row in await conn.execute(pools)]
+    counts = Counter((row.pool, row.status) for row in await conn.execute(members))
+    return [_counted(pool, counts[pool.name, "ready"], counts[pool.name, "filling"])
+            for pool in found]  # fmt: skip
+
+
+async def _pool_of(conn: AsyncConnection, machine: str) -> str | None:
+    query = select(_members.c.pool).where(_members.c.machine == machine)
+    return (await conn.execute(query)).scalar()
+
+
+async def _pool_event(conn: AsyncConnection, name: str) -> None:
+    for pool in await _pools_in(conn, name):
+        await events.record(conn, EventKind.POOL, name, _dump(pool))
+
+
 def _counted(pool: Pool, ready: int, filling: int) -> Pool:
     status = PoolStatus.READY if ready >= pool.size else PoolStatus.FILLING
     status = PoolStatus.ERROR if pool.error is not None else status
     return pool.model_copy(update={"ready": ready, "filling": filling, "status": status})
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(row.message_id, row.vm_id, row.url, row.body, row.attempts, row.next_at)
 
 
 def _member(row: Any) -> Member:
@@ -534,5 +676,5 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _dump(vm: VM) -> dict[str, Any]:
-    return vm.model_dump(mode="json")
+def _dump(record: VM | Pool) -> dict[str, Any]:
+    return record.model_dump(mode="json")

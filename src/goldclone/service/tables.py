@@ -17,6 +17,7 @@ vms = Table(
     Column("idempotency_key", String(255), nullable=True, unique=True),
     Column("request_digest", String(64), nullable=True),
     Column("name", String(63), nullable=True),
+    Column("expires_at", String(24), nullable=True, index=True),
     Index("ix_vms_name", "name", unique=True),
 )
 
@@ -62,4 +63,27 @@ pool_members = Table(
     Column("cpus", Integer, nullable=False),
     Column("memory", Integer, nullable=False),
     Column("runtime", JSON, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("subject", String(140), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("at", String(24), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(40), nullable=False, unique=True),
+    Column("vm_id", String(36), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_at", String(24), nullable=False, index=True),
 )

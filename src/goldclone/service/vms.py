@@ -4,9 +4,11 @@ and the image catalog."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -14,15 +16,28 @@ from goldclone.drivers.base import Driver
 from goldclone.errors import ConsoleUnavailable, VMNotFound
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
-from goldclone.models import VM, Check, CreateVMRequest, Phase, Readiness, Status
+from goldclone.models import (
+    VM,
+    Check,
+    CreateVMRequest,
+    Image,
+    Phase,
+    Readiness,
+    Status,
+    UpdateVMRequest,
+)
 from goldclone.outbound.policy import OutboundPolicy
-from goldclone.service import console
+from goldclone.service import console, events
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
+from goldclone.service.deliveries import Deliveries
+from goldclone.service.events import Event, EventKind, VMFilter
+from goldclone.service.leases import LeasePolicy, Sweeper
 from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.metrics import Metrics
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
-from goldclone.service.store import Store
+from goldclone.service.store import LIVE, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 
@@ -44,12 +59,21 @@ class VMService:
         self._driver = driver
         self._http = http
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
-        self._admission = Admission(settings.limits, driver.capabilities, store, policy)
+        leases = LeasePolicy.of(settings)
+        self._admission = Admission(settings.limits, driver.capabilities, store, policy, leases)
         self.templates = Templates(settings, store, images, driver, self._admission)
         self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
-        self._lifecycle = Lifecycle(settings, store, images, driver, http, self.templates)
+        self.metrics = Metrics(settings.limits)
+        store.on_phase = self.metrics.phase_added
+        self._deliveries = Deliveries(store, http, settings.callback_schedule,
+                                      settings.callback_secret, self.metrics.delivered)  # fmt: skip
+        self._lifecycle = Lifecycle(
+            settings, store, images, driver, self.templates, self._deliveries
+        )
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
         self.catalog = Catalog(store, images, self._admission, self.templates, self.pools)
+        self._sweeper = Sweeper(store, self.expire)
+        images.on_change = self._image_changed
 
     async def claim(self) -> None:
         """Take the data dir for this service (or raise ``DataDirInUse``), and check that the
@@ -73,9 +97,13 @@ class VMService:
             await self._images.open()
             await self.templates.recover()
             await self._recovery.start()
+            self._deliveries.start()
+            await self._sweeper.start()
             await self.pools.start()
         except BaseException:
             await self.pools.close()
+            await self._sweeper.close()
+            await self._deliveries.close()
             await self._lifecycle.close()
             await self._driver.close(vms_running=True)  # what runs was there before
             await self._store.close()
@@ -88,7 +116,9 @@ class VMService:
         creates are cut off and finished as ``interrupted`` at the next start. With no VM
         running, the networks are removed too, so a stopped service leaves nothing behind."""
         await self.pools.close()
+        await self._sweeper.close()
         await self._lifecycle.close()
+        await self._deliveries.close()
         await self.templates.close()
         await self._images.close()
         running = [await self._driver.is_running(m) for m in await self._store.machines()]
@@ -107,20 +137,53 @@ class VMService:
                 task.add_done_callback(lambda _: self.pools.wake(pool))
         return self._with_progress(vm)
 
-    async def get(self, vm_id: str) -> VM:
-        vm = await self._store.get(_valid_id(vm_id))
-        return self._with_progress(await self._lifecycle.refresh(vm))
+    async def get(self, vm_id: str, wait: float = 0.0) -> VM:
+        """The VM; with ``wait``, once it is no longer ``creating`` or after ``wait`` seconds,
+        whichever comes first."""
+        vm_id = _valid_id(vm_id)
+        changes = self._store.changes
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            seen = changes.version
+            vm = self._with_progress(await self._lifecycle.refresh(await self._store.get(vm_id)))
+            left = deadline - asyncio.get_running_loop().time()
+            if vm.status is not Status.CREATING or left <= 0:
+                return vm
+            await changes.wait(seen, left)
 
-    async def list_vms(self) -> list[VM]:
+    async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
+        """Every VM, or those that ``wanted`` matches."""
         vms = []
         for vm in await self._store.list():
             with contextlib.suppress(VMNotFound):  # deleted since the list was read
-                vms.append(self._with_progress(await self._lifecycle.refresh(vm)))
+                vm = self._with_progress(await self._lifecycle.refresh(vm))
+                if wanted is None or wanted.matches(vm):
+                    vms.append(vm)
         return vms
+
+    async def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
+        """Renew the VM's lease, change its labels, or both; 409 once it is being deleted."""
+        fields: dict[str, Any] = {}
+        if "ttl" in change.model_fields_set:
+            fields["expires_at"] = self._admission.leases.expiry(change.ttl, given=True)
+        if change.labels is not None:
+            fields["labels"] = change.labels
+        vm = await self._store.amend(_valid_id(vm_id), LIVE, **fields)
+        return self._with_progress(vm)
 
     async def delete(self, vm_id: str) -> None:
         await self._lifecycle.delete(_valid_id(vm_id))
         self.pools.wake()  # the room it held may be what a pool waits for
+
+    async def expire(self, vm_id: str) -> None:
+        """Destroy a VM whose lease has ended, as ``delete`` does."""
+        await self._lifecycle.delete(vm_id, expired=True)
+        self.pools.wake()
+
+    def events(self, after: int | None, wanted: VMFilter | None) -> AsyncIterator[Event | None]:
+        """The change log from after the event ``after`` (from now, without it); see
+        ``service.events.stream``."""
+        return events.stream(self._store, after, wanted)
 
     async def console(self, vm_id: str, follow: bool) -> AsyncIterator[str]:
         """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``
@@ -152,6 +215,16 @@ class VMService:
     def network_types(self) -> list[str]:
         """The network types that VMs can use on this host."""
         return list(self._driver.capabilities.network_types)
+
+    async def metrics_text(self) -> bytes:
+        """Every metric in Prometheus' text format (``service.metrics``)."""
+        images = await self.catalog.images()
+        return self.metrics.text(await self._store.list(), images, await self._store.holding())
+
+    def _image_changed(self, image: Image, deleted: bool) -> None:
+        kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE
+        data = image.model_dump(mode="json", exclude={"progress"})
+        self._lifecycle.spawn(self._store.record_event(kind, image.id, data))
 
     def _with_progress(self, vm: VM) -> VM:
         if vm.status is Status.CREATING and vm.timeline[-1].phase is Phase.DOWNLOADING:

@@ -1,0 +1,147 @@
+"""The change log that ``GET /events`` streams and ``?wait=true`` waits on.
+
+Every change of a VM, pool or image is written to the ``events`` table in the transaction
+that makes it, so the log misses nothing that was committed and survives restarts (and, on a
+shared database, every service sees every host's changes). Each event's ``id`` is its row's
+sequence number, so IDs only grow; the table keeps the last ``WINDOW`` events. ``Changes``
+wakes, on this service, whoever waits for the next commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from goldclone.labels import matches
+from goldclone.models import VM, Status, now_ms
+from goldclone.service.tables import events as _events
+
+if TYPE_CHECKING:
+    from goldclone.service.store import Store
+
+WINDOW = 10_000
+"""Events kept; a client that comes back after more than that many is told with ``dropped``."""
+KEEPALIVE = 15.0
+"""Seconds of quiet after which a stream says it is still there."""
+_BATCH = 500
+
+
+class EventKind(StrEnum):
+    VM = "vm"
+    VM_DELETED = "vm.deleted"
+    IMAGE = "image"
+    IMAGE_DELETED = "image.deleted"
+    POOL = "pool"
+    POOL_DELETED = "pool.deleted"
+    DROPPED = "dropped"
+
+
+class Event(BaseModel):
+    """One change: ``data`` is the VM, image or pool object as the change left it (for a
+    ``*.deleted`` event, as it last was)."""
+
+    id: int
+    kind: EventKind
+    subject: str
+    at: str
+    data: dict[str, Any]
+
+
+async def record(
+    conn: AsyncConnection, kind: EventKind, subject: str, data: Mapping[str, Any]
+) -> None:
+    """Add an event in ``conn``'s transaction, and drop those beyond the window."""
+    inserted = await conn.execute(
+        _events.insert().values(kind=kind.value, subject=subject, data=dict(data), at=now_ms())
+    )
+    (seq,) = inserted.inserted_primary_key or (None,)
+    if seq is not None and seq > WINDOW:
+        await conn.execute(_events.delete().where(_events.c.seq <= seq - WINDOW))
+
+
+async def read_after(conn: AsyncConnection, after: int, limit: int) -> tuple[list[Event], int]:
+    """Up to ``limit`` events after the one with ID ``after``, oldest first, and the ID of the
+    oldest event still kept (0 when there is none)."""
+    query = select(_events).where(_events.c.seq > after).order_by(_events.c.seq).limit(limit)
+    found = [
+        Event(id=row.seq, kind=row.kind, subject=row.subject, at=row.at, data=row.data)
+        for row in await conn.execute(query)
+    ]
+    oldest = (await conn.execute(select(func.min(_events.c.seq)))).scalar()
+    return found, oldest or 0
+
+
+async def last_id(conn: AsyncConnection) -> int:
+    return (await conn.execute(select(func.max(_events.c.seq)))).scalar() or 0
+
+
+class Changes:
+    """A counter of this service's commits, and a way to wait for the next one."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._next = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._next.set()
+        self._next = asyncio.Event()
+
+    async def wait(self, seen: int, timeout: float) -> None:
+        """Return once ``version`` is past ``seen``, or after ``timeout`` seconds."""
+        if self.version != seen:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._next.wait()
+
+
+@dataclass(frozen=True)
+class VMFilter:
+    """``GET /vms``'s and ``GET /events``'s filters: every label given, and one of the
+    statuses given (any, without)."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    statuses: frozenset[Status] = frozenset()
+
+    def matches(self, vm: VM) -> bool:
+        return matches(vm.labels, self.labels) and (not self.statuses or vm.status in self.statuses)
+
+    def passes(self, event: Event) -> bool:
+        """A VM's event if its VM matches; the others only without filters."""
+        if event.kind in (EventKind.VM, EventKind.VM_DELETED):
+            return self.matches(VM.model_validate(event.data))
+        return not self.labels and not self.statuses
+
+
+async def stream(
+    store: Store, after: int | None, wanted: VMFilter | None
+) -> AsyncIterator[Event | None]:
+    """The events after the one with ID ``after`` (those still kept, then each new one as it
+    is committed), or from now without ``after``; ``None`` after each ``KEEPALIVE`` seconds
+    without one. If events after ``after`` were dropped from the window, a ``dropped``
+    event comes first, with the ID of the last one dropped."""
+    last = await store.last_event_id() if after is None else after
+    while True:
+        seen = store.changes.version
+        found, oldest = await store.events_after(last, _BATCH)
+        if found and oldest > last + 1:
+            missed = {"after": last, "resumes_at": found[0].id}
+            yield Event(id=found[0].id - 1, kind=EventKind.DROPPED, subject="", at=now_ms(),
+                        data=missed)  # fmt: skip
+        for event in found:
+            last = event.id
+            if wanted is None or wanted.passes(event):
+                yield event
+        if len(found) < _BATCH:
+            await store.changes.wait(seen, KEEPALIVE)
+            if store.changes.version == seen:
+                yield None

@@ -1,0 +1,212 @@
+"""Fleet lifecycle on real QEMU demo guests through the real HTTP server (issue #12): leases
+that end, are renewed and end while the service is stopped; the event stream, its label
+filter and its resumption with ``Last-Event-ID``; and ``?wait=true``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from goldclone.host import processes
+from tests.conftest import checksum
+from tests.harness import Goldclone, leftovers
+from tests.servers import CallbackReceiver, FileServer
+from tests.test_client import cli
+from tests.test_vms import small
+
+
+@dataclass
+class Received:
+    id: int
+    kind: str
+    data: dict[str, Any]
+
+
+class EventStream:
+    """A Server-Sent Events client of ``GET /events``, keeping what it receives."""
+
+    def __init__(self, client: httpx.AsyncClient, query: str = "", last: int | None = None):
+        self.client, self.query, self.last = client, query, last
+        self.received: list[Received] = []
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[EventStream]:
+        self._task = asyncio.create_task(self._read())
+        try:
+            async with asyncio.timeout(10):
+                await self._connected.wait()
+            yield self
+        finally:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _read(self) -> None:
+        headers = {} if self.last is None else {"Last-Event-ID": str(self.last)}
+        url = f"/events?{self.query}"
+        async with self.client.stream("GET", url, headers=headers, timeout=None) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            self._connected.set()
+            fields: dict[str, str] = {}
+            async for line in response.aiter_lines():
+                if line:
+                    name, _, value = line.partition(":")
+                    fields[name] = value.removeprefix(" ")
+                    continue
+                if "data" in fields:
+                    self.received.append(
+                        Received(int(fields["id"]), fields["event"], json.loads(fields["data"]))
+                    )
+                fields = {}
+
+    async def until(self, found: Any, timeout: float = 60) -> Received:
+        """The first event received for which ``found(event)`` is true, once it comes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.received:
+                    if found(event):
+                        return event
+                await asyncio.sleep(0.05)
+
+    def of(self, vm_id: str) -> list[Received]:
+        return [event for event in self.received if event.data.get("id") == vm_id]
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def test_leases_end_vms_unless_renewed_and_say_so_by_event_and_callback(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Any, callbacks: CallbackReceiver
+) -> None:
+    body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
+    async with (
+        EventStream(goldclone.client).open() as everything,
+        EventStream(goldclone.client, "label=job=renewed").open() as renewed_only,
+    ):
+        created = time.monotonic()
+        doomed, renewed = await asyncio.gather(
+            goldclone.post_vm(body | {"ttl": 20, "callback_url": callbacks.url,
+                                      "labels": {"job": "doomed"}}),
+            goldclone.post_vm(body | {"ttl": 20, "labels": {"job": "renewed"}}),
+        )  # fmt: skip
+        for vm in (doomed, renewed):
+            assert (await goldclone.wait_for(vm["id"], "running"))["status"] == "running"
+        await asyncio.sleep(max(0.0, 15 - (time.monotonic() - created)))  # the renewal's hour
+        response = await goldclone.client.patch(f"/vms/{renewed['id']}", json={"ttl": 600})
+        assert response.status_code == 200, response.text
+
+        gone = await everything.until(
+            lambda e: e.kind == "vm.deleted" and e.data["id"] == doomed["id"], timeout=25
+        )
+        assert time.monotonic() - created < 25
+        assert (await goldclone.client.get(f"/vms/{doomed['id']}")).status_code == 404
+        assert leftovers(goldclone.data_dir, doomed) == []
+        *_, expired = gone.data["timeline"]
+        assert expired["phase"] == "expired" and gone.data["status"] == "deleting"
+        assert _epoch(expired["at"]) - _epoch(doomed["expires_at"]) < 5  # within 5 s of it
+
+        [told] = [b for b in await asyncio.to_thread(callbacks.wait_for, 2, 30)
+                  if b["timeline"][-1]["phase"] == "expired"]  # fmt: skip
+        assert told["id"] == doomed["id"] and told["status"] == "deleting"
+        assert (await goldclone.client.get(f"/vms/{renewed['id']}")).json()["status"] == "running"
+
+        # the label filter: only the renewed VM's events, each of them
+        assert {e.data["id"] for e in renewed_only.received} == {renewed["id"]}
+        assert [e.id for e in renewed_only.received] == [e.id for e in everything.of(renewed["id"])]
+        ids = [event.id for event in everything.received]
+        assert ids == sorted(set(ids))
+
+
+async def test_a_lease_that_ends_while_the_service_is_stopped_ends_at_its_start(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Any
+) -> None:
+    body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
+    vm = await goldclone.boot(body | {"ttl": 8})
+    assert vm["status"] == "running", vm
+    pid = int((goldclone.data_dir / "vms" / vm["id"] / "qemu.pid").read_text())
+    await goldclone.stop()
+    assert processes.alive(pid)  # a stopped service leaves its guests running
+    await asyncio.sleep(max(0.0, _epoch(vm["expires_at"]) - time.time()))  # its lease ends
+    await goldclone.start()
+    assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
+    assert not processes.alive(pid)
+    assert leftovers(goldclone.data_dir, vm) == []
+
+
+async def test_a_stream_resumed_with_last_event_id_gets_every_event_it_missed_in_order(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Any
+) -> None:
+    body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
+    async with EventStream(goldclone.client).open() as steady:
+        async with EventStream(goldclone.client).open() as dropped_out:
+            first = await goldclone.boot(body)
+            await dropped_out.until(lambda e: e.data.get("status") == "running")
+        last = dropped_out.received[-1].id
+        missed = await goldclone.boot(body)  # while it is away
+        await goldclone.delete(first["id"])
+        async with EventStream(goldclone.client, last=last).open() as resumed:
+            await resumed.until(lambda e: e.kind == "vm.deleted")
+            await goldclone.delete(missed["id"])
+            await resumed.until(lambda e: e.kind == "vm.deleted" and e.data["id"] == missed["id"])
+        await steady.until(lambda e: e.kind == "vm.deleted" and e.data["id"] == missed["id"])
+    expected = [e.id for e in steady.received if e.id > last]
+    assert [e.id for e in resumed.received][: len(expected)] == expected
+    assert [(e.kind, e.data) for e in resumed.received[: len(expected)]] == [
+        (e.kind, e.data) for e in steady.received if e.id > last
+    ]
+    assert any(e.data.get("id") == missed["id"] and e.data["status"] == "running"
+               for e in resumed.received)  # fmt: skip
+
+
+async def test_wait_answers_within_100_ms_of_the_vms_change(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Any
+) -> None:
+    vm = await goldclone.post_vm(small(file_server.url("demo.tar.gz"), checksum(demo_package)))
+    response = await goldclone.client.get(f"/vms/{vm['id']}?wait=true&timeout=120", timeout=130)
+    answered = time.time()
+    assert response.status_code == 200
+    found = response.json()
+    assert found["status"] == "running", found
+    assert answered - _epoch(found["timeline"][-1]["at"]) < 0.1
+
+
+async def test_the_cli_creates_lists_and_deletes_by_label(
+    goldclone: Goldclone, file_server: FileServer, demo_package: Any
+) -> None:
+    url, digest = file_server.url("demo.tar.gz"), checksum(demo_package)
+    ids = {}
+    for name, team in (("web-1", "web"), ("web-2", "web"), ("db-1", "db")):
+        code, out, err = await cli(goldclone, "create", url, "--checksum", digest, "--cpus", "1",
+                                   "--memory", "256", "--name", name, "--label", f"team={team}",
+                                   "--label", "ci=yes", "--ttl", "600")  # fmt: skip
+        assert code == 0, err
+        ids[name] = out.strip()
+    code, out, _ = await cli(
+        goldclone, "list", "--json", "--label", "team=web", "--label", "ci=yes"
+    )
+    assert code == 0
+    assert {vm["id"] for vm in json.loads(out)["vms"]} == {ids["web-1"], ids["web-2"]}
+    code, out, _ = await cli(goldclone, "list", "--json", "--status", "error")
+    assert (code, json.loads(out)["vms"]) == (0, [])
+    code, out, _ = await cli(goldclone, "renew", ids["db-1"], "--ttl", "900")
+    assert code == 0 and ids["db-1"] in out
+    code, out, err = await cli(goldclone, "delete", "--label", "team=web")
+    assert code == 0, err
+    assert "deleting 2 VMs" in out and "web-1" in out and "web-2" in out and "db-1" not in out
+    remaining = (await goldclone.client.get("/vms")).json()["vms"]
+    assert [vm["id"] for vm in remaining] == [ids["db-1"]]
+    code, _, err = await cli(goldclone, "delete", ids["db-1"], "--label", "team=db")
+    assert code == 2 and "not both" in err
+    code, _, err = await cli(goldclone, "list", "--label", "team")
+    assert code == 2 and "KEY=VALUE" in err
