@@ -452,6 +452,8 @@ class Image(BaseModel):
     """Space taken on disk by the unpacked image."""
     vms: int = 0
     """How many VMs use the image; it can be deleted only when none does."""
+    last_used_at: str | None = None
+    """When a VM or a pool last took the image (its fetch counts as a use)."""
     progress: DownloadProgress | None = None
     error: ErrorBody | None = None
     templates: list[Template] = []

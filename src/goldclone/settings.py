@@ -173,6 +173,8 @@ class Settings:
     """Room for the largest valid create: 32 KiB of user data, 16 SSH keys, 4 KiB of metadata."""
     download_timeout: float = 30.0
     """Seconds without progress after which a download fails."""
+    image_cache_bytes: int | None = None
+    """The gold cache's budget: past it, the least recently used unused images go."""
     reserve_mb: int = 256
     """Space kept free on the data dir's disk: a download that would eat into it is refused."""
     ip_timeout: float = 300.0
@@ -233,6 +235,7 @@ class Settings:
             "GOLDCLONE_DATABASE_URL": ("database_url", str),
             "GOLDCLONE_DOWNLOAD_TIMEOUT": ("download_timeout", float),
             "GOLDCLONE_RESERVE_MB": ("reserve_mb", int),
+            "GOLDCLONE_IMAGE_CACHE_BYTES": ("image_cache_bytes", int),
             "GOLDCLONE_IP_TIMEOUT": ("ip_timeout", float),
             "GOLDCLONE_READY_TIMEOUT": ("ready_timeout", float),
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),

@@ -25,9 +25,9 @@ DISK = "disk.raw"
 @pytest.fixture(scope="session")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
     """Serves ``disk.raw``: 64 KiB with an MBR signature, the smallest package the image
-    checks take, and ``other.raw``, a second image."""
+    checks take, and ``other.raw`` and ``third.raw``, two more images."""
     root = tmp_path_factory.mktemp("served")
-    for name, fill in ((DISK, b"\0"), ("other.raw", b"\1")):
+    for name, fill in ((DISK, b"\0"), ("other.raw", b"\1"), ("third.raw", b"\2")):
         disk = bytearray(fill * 65536)
         disk[510:512] = b"\x55\xaa"
         (root / name).write_bytes(bytes(disk))

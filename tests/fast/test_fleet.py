@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from goldclone.settings import Settings
-from tests.fast.conftest import Service, serving
-from tests.servers import CallbackReceiver
+from tests.fast.conftest import Service, image_of, serving
+from tests.servers import CallbackReceiver, FileServer
 
 
 def _seconds_until(stamp: str) -> float:
@@ -236,3 +236,27 @@ async def test_metrics_take_the_metrics_token_which_opens_nothing_else(
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             response = await service.client.get(path, headers=headers)
             assert response.status_code == status, (token, path)
+
+
+async def test_the_cache_budget_removes_the_least_recently_used_unused_image(
+    fast_settings: Settings, images: FileServer
+) -> None:
+    settings = dataclasses.replace(fast_settings, image_cache_bytes=65536 * 5 // 2)
+    async with serving(Service(settings)) as service:
+        in_use = await service.boot({"image": image_of(images), "cpus": 1, "memory": 256})
+        unused = await service.boot({"image": image_of(images, "other.raw"), "cpus": 1,
+                                     "memory": 256})  # fmt: skip
+        await service.delete(unused["id"])
+        third = image_of(images, "third.raw")
+        assert (await service.client.post("/images", json=third)).status_code == 202
+
+        async def kept() -> dict[str, dict[str, Any]]:
+            listed = (await service.client.get("/images")).json()["images"]
+            return {image["checksum"]: image for image in listed}
+
+        async with asyncio.timeout(10):
+            while third["checksum"] not in (found := await kept()) or len(found) > 2:
+                await asyncio.sleep(0.05)
+        assert set(found) == {in_use["image"]["checksum"], third["checksum"]}
+        assert all(image["last_used_at"] for image in found.values())
+        assert (await service.client.get(f"/vms/{in_use['id']}")).json()["status"] == "running"

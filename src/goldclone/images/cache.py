@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +32,14 @@ from goldclone.errors import (
 from goldclone.images.checks import DiskImage, inspect_package
 from goldclone.images.download import fetch
 from goldclone.images.unpack import UnpackLimits, unpack
-from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
+from goldclone.models import (
+    DownloadProgress,
+    ErrorBody,
+    Image,
+    ImageSpec,
+    ImageStatus,
+    rfc3339_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class ImageCache:
         reserve_bytes: int = 0,
     ) -> None:
         self._images = data_dir.absolute() / "images"
+        self._uses = self._images / ".last-used"
         self._downloads = data_dir.absolute() / "downloads"
         self._http = http
         self._timeout = download_timeout
@@ -78,7 +87,7 @@ class ImageCache:
         await asyncio.to_thread(self._clean)
 
     def _clean(self) -> None:
-        for folder in (self._images, self._downloads):
+        for folder in (self._images, self._downloads, self._uses):
             folder.mkdir(parents=True, exist_ok=True)
         for partial in [*self._downloads.iterdir(), *self._images.glob(".tmp-*")]:
             _remove(partial)
@@ -117,14 +126,18 @@ class ImageCache:
         shared one). Cancelling one caller does not cancel a download that others share.
         """
         gold = self.cached(spec)
-        if gold is not None:
-            return gold
-        if on_fetch is not None:
-            await on_fetch()
-        gold = self.cached(spec)  # a shared fetch may have finished while on_fetch ran
-        if gold is not None:
-            return gold
-        return await asyncio.shield(self._fetch_task(spec))
+        if gold is None:
+            if on_fetch is not None:
+                await on_fetch()
+            gold = self.cached(spec)  # a shared fetch may have finished while on_fetch ran
+        if gold is None:
+            gold = await asyncio.shield(self._fetch_task(spec))
+        await asyncio.to_thread(self._used, spec.key)
+        return gold
+
+    def _used(self, key: str) -> None:
+        """Mark the image as used now: the mtime of its file in ``.last-used``."""
+        (self._uses / key).touch()
 
     def prefetch(self, spec: ImageSpec) -> None:
         """Start fetching ``spec`` unless it is cached or already on its way."""
@@ -174,7 +187,7 @@ class ImageCache:
             return Image.model_validate({
                 "id": key, "checksum": checksum, "checksum_type": kind,
                 "url": meta["url"], "status": ImageStatus.READY,
-                "size_bytes": meta["size_bytes"],
+                "size_bytes": meta["size_bytes"], "last_used_at": self._last_use(key),
             })  # fmt: skip
         spec, failure = self._specs.get(key), self._failures.get(key)
         if spec is None or (key not in self._inflight and failure is None):
@@ -188,6 +201,13 @@ class ImageCache:
             id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
             url=spec.url, status=status, progress=self._progress.get(key), error=error,
         )  # fmt: skip
+
+    def _last_use(self, key: str) -> str | None:
+        try:
+            used = (self._uses / key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return rfc3339_ms(datetime.fromtimestamp(used, UTC))
 
     async def delete(self, key: str) -> None:
         """Remove the gold image ``key``. The caller makes sure that no VM uses it.
@@ -208,6 +228,7 @@ class ImageCache:
         root.rename(doomed)
         await asyncio.to_thread(_remove, doomed)
         self._specs.pop(key, None)
+        (self._uses / key).unlink(missing_ok=True)
         self._changed(key, last)
         log.info("gold image %s deleted", key)
 
@@ -224,6 +245,7 @@ class ImageCache:
             await asyncio.to_thread(_remove, download)
             await asyncio.to_thread(_make_read_only, staging)
             staging.rename(self.gold_dir(spec))
+            self._used(spec.key)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise

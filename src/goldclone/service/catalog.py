@@ -1,17 +1,22 @@
 """The gold images as the API shows them: with the VMs that use each, fetched ahead of time,
-and deleted only when no VM or pool uses it."""
+deleted only when no VM or pool uses it, and kept within the cache budget (the least recently
+used unused ones go first)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
 
-from goldclone.errors import ImageInUse
+from goldclone.errors import ImageInUse, ImageNotFound
 from goldclone.images.cache import ImageCache
-from goldclone.models import Image, ImageSpec
+from goldclone.models import Image, ImageSpec, ImageStatus, TemplateStatus
 from goldclone.service.admission import Admission
 from goldclone.service.pools import Pools
 from goldclone.service.store import Store
 from goldclone.service.templates import Templates
+
+log = logging.getLogger(__name__)
 
 
 class Catalog:
@@ -22,12 +27,15 @@ class Catalog:
         admission: Admission,
         templates: Templates,
         pools: Pools,
+        budget: int | None = None,
     ) -> None:
         self._store = store
         self._pools = pools
         self._images = images
         self._admission = admission
         self._templates = templates
+        self._budget = budget
+        self._trimming = asyncio.Lock()
 
     async def images(self) -> list[Image]:
         """Every gold image, with how many VMs use each, and its templates."""
@@ -46,6 +54,37 @@ class Catalog:
         assert image is not None  # cached, or its fetch was just started
         return image
 
+    async def trim(self) -> None:
+        """Remove the least recently used gold images that nothing needs (no VM, pool or
+        template being made), with their templates, until the ready ones and their
+        templates fit the budget; an image in use is never removed."""
+        if self._budget is None:
+            return
+        async with self._trimming:
+            tried: set[str] = set()
+            while (over := cache_bytes(images := await self.images()) - self._budget) > 0:
+                unused = [i for i in images if i.id not in tried and self._unneeded(i)]
+                if not unused:
+                    log.warning("gold images take %d bytes over the cache budget, but every "
+                                "one is in use", over)  # fmt: skip
+                    return
+                oldest = min(unused, key=lambda image: image.last_used_at or "")
+                tried.add(oldest.id)
+                try:
+                    await self.delete(oldest.id)
+                except (ImageInUse, ImageNotFound):
+                    continue  # taken or deleted meanwhile: look again
+                log.info("gold image %s removed: the cache was %d bytes over its budget",
+                         oldest.id, over)  # fmt: skip
+
+    def _unneeded(self, image: Image) -> bool:
+        return (
+            image.status is ImageStatus.READY
+            and image.vms == 0
+            and not self._pools.image_users(image.id)
+            and all(t.status is not TemplateStatus.CREATING for t in image.templates)
+        )
+
     async def delete(self, image_id: str) -> None:
         """Remove a gold image; refused with ``ImageInUse`` while any VM or pool uses it."""
         if pools := self._pools.image_users(image_id):
@@ -61,3 +100,9 @@ class Catalog:
                 )
             await self._templates.remove_all(image_id)
             await self._images.delete(image_id)
+
+
+def cache_bytes(images: list[Image]) -> int:
+    """Bytes that the ready images and their templates take."""
+    ready = [image for image in images if image.status is ImageStatus.READY]
+    return sum(image.size_bytes + sum(t.size_bytes for t in image.templates) for image in ready)

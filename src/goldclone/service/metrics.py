@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from goldclone.models import VM, Image, ImageStatus, Phase, Status, parse_time
+from goldclone.service.catalog import cache_bytes
 from goldclone.service.store import Held
 from goldclone.settings import Limits
 
@@ -98,9 +99,7 @@ class Metrics:
         for status in Status:
             self._vms.labels(status.value).set(by_status[status])
         images = list(images)
-        ready = [image for image in images if image.status is ImageStatus.READY]
-        self._gold_bytes.set(sum(i.size_bytes + sum(t.size_bytes for t in i.templates)
-                                 for i in ready))  # fmt: skip
+        self._gold_bytes.set(cache_bytes(images))
         image_statuses = Tally(image.status for image in images)
         for image_status in ImageStatus:
             self._images.labels(image_status.value).set(image_statuses[image_status])

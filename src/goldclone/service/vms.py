@@ -21,6 +21,7 @@ from goldclone.models import (
     Check,
     CreateVMRequest,
     Image,
+    ImageStatus,
     Phase,
     Readiness,
     Status,
@@ -71,7 +72,8 @@ class VMService:
             settings, store, images, driver, self.templates, self._deliveries
         )
         self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
-        self.catalog = Catalog(store, images, self._admission, self.templates, self.pools)
+        self.catalog = Catalog(store, images, self._admission, self.templates, self.pools,
+                               settings.image_cache_bytes)  # fmt: skip
         self._sweeper = Sweeper(store, self.expire)
         images.on_change = self._image_changed
 
@@ -100,6 +102,7 @@ class VMService:
             self._deliveries.start()
             await self._sweeper.start()
             await self.pools.start()
+            await self.catalog.trim()
         except BaseException:
             await self.pools.close()
             await self._sweeper.close()
@@ -173,12 +176,18 @@ class VMService:
 
     async def delete(self, vm_id: str) -> None:
         await self._lifecycle.delete(_valid_id(vm_id))
-        self.pools.wake()  # the room it held may be what a pool waits for
+        self._freed()
+
+    def _freed(self) -> None:
+        """A VM is gone: the room it held may be what a pool waits for, and its image may be
+        what the cache budget can give up now."""
+        self.pools.wake()
+        self._lifecycle.spawn(self.catalog.trim())
 
     async def expire(self, vm_id: str) -> None:
         """Destroy a VM whose lease has ended, as ``delete`` does."""
         await self._lifecycle.delete(vm_id, expired=True)
-        self.pools.wake()
+        self._freed()
 
     def events(self, after: int | None, wanted: VMFilter | None) -> AsyncIterator[Event | None]:
         """The change log from after the event ``after`` (from now, without it); see
@@ -225,6 +234,8 @@ class VMService:
         kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE
         data = image.model_dump(mode="json", exclude={"progress"})
         self._lifecycle.spawn(self._store.record_event(kind, image.id, data))
+        if image.status is ImageStatus.READY and not deleted:
+            self._lifecycle.spawn(self.catalog.trim())  # the cache grew
 
     def _with_progress(self, vm: VM) -> VM:
         if vm.status is Status.CREATING and vm.timeline[-1].phase is Phase.DOWNLOADING:
