@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from goldclone import logs
 from goldclone.api import create_app
 from goldclone.drivers.base import Driver
 from goldclone.images.cache import ImageCache
@@ -82,9 +83,7 @@ def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> F
 
 
 def serve(settings: Settings, demo_dir: Path | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_format, settings.log_level)
     if not settings.api_tokens and not _is_loopback(settings.host):
         log.warning(
             "*** goldclone is listening on %s WITHOUT authentication: anyone who can reach it "
@@ -94,7 +93,7 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
     service = build_service(settings)
     asyncio.run(service.claim())  # before anything is served, so that a refusal is one line
     uvicorn.run(_app_for(service, settings, demo_dir), host=settings.host, port=settings.port,
-                log_level="info")  # fmt: skip
+                log_config=None, access_log=False)  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:

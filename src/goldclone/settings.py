@@ -173,6 +173,9 @@ class Settings:
     """Room for the largest valid create: 32 KiB of user data, 16 SSH keys, 4 KiB of metadata."""
     download_timeout: float = 30.0
     """Seconds without progress after which a download fails."""
+    log_format: str = "text"
+    """``text`` or ``json`` (one JSON object per line)."""
+    log_level: str = "info"
     image_cache_bytes: int | None = None
     """The gold cache's budget: past it, the least recently used unused images go."""
     reserve_mb: int = 256
@@ -236,6 +239,8 @@ class Settings:
             "GOLDCLONE_DOWNLOAD_TIMEOUT": ("download_timeout", float),
             "GOLDCLONE_RESERVE_MB": ("reserve_mb", int),
             "GOLDCLONE_IMAGE_CACHE_BYTES": ("image_cache_bytes", int),
+            "GOLDCLONE_LOG_FORMAT": ("log_format", _one_of(("text", "json"))),
+            "GOLDCLONE_LOG_LEVEL": ("log_level", _one_of(("debug", "info", "warning", "error"))),
             "GOLDCLONE_IP_TIMEOUT": ("ip_timeout", float),
             "GOLDCLONE_READY_TIMEOUT": ("ready_timeout", float),
             "GOLDCLONE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
+import logging
 import sqlite3
 import time
 from datetime import datetime
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from goldclone import logs
 from goldclone.settings import Settings
 from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
@@ -260,3 +263,37 @@ async def test_the_cache_budget_removes_the_least_recently_used_unused_image(
         assert set(found) == {in_use["image"]["checksum"], third["checksum"]}
         assert all(image["last_used_at"] for image in found.values())
         assert (await service.client.get(f"/vms/{in_use['id']}")).json()["status"] == "running"
+
+
+async def test_each_phase_is_logged_once_and_polls_are_not_at_info(
+    service: Service, request_body: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    vm = await service.boot(request_body)
+    await service.delete(vm["id"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "goldclone.vm"]
+    phases = [entry["phase"] for entry in vm["timeline"]] + ["deleting"]
+    assert [line.split()[2].rstrip(":") for line in lines] == phases
+    assert all(line.startswith(f"VM {vm['id']} ") for line in lines)
+    assert all(" took " in line for line in lines[1:])
+    requests = [r for r in caplog.records if r.name == "goldclone.http"]
+    assert {r.levelno for r in requests if r.getMessage().startswith("GET ")} == {logging.DEBUG}
+    assert {r.levelno for r in requests if r.getMessage().startswith("POST ")} == {logging.INFO}
+
+
+def test_json_lines_are_one_object_per_line_with_a_utc_time() -> None:
+    stream, root = io.StringIO(), logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    logs.configure("json", "info")
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    try:
+        logging.getLogger("goldclone.test").info("hello %s", "world")
+        logging.getLogger("goldclone.test").debug("not shown")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    [line] = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["message"] == "hello world" and entry["level"] == "INFO"
+    assert entry["logger"] == "goldclone.test" and entry["time"].endswith("Z")

@@ -221,11 +221,12 @@ def test_a_restored_guest_is_told_its_identity_in_files_for_its_default_user() -
     assert "/run/goldclone/user-data" not in {f.path for f in identity.files(plain, account)}
     assert identity.user_data_script(plain) is None
     keys = [hostkeys.HostKey("ed25519", "PRIVATE\n", "ssh-ed25519 PUBLIC\n")]
-    script = identity.new_machine_script(account, keys, b"\x00" * 32)
-    assert f"echo {'A' * 43}= | base64 -d > /dev/urandom" in script
-    assert "s3cret" not in script and "touch /home/debian/.ssh/authorized_keys" in script
+    script = identity.new_machine_script(account, keys, b"\x00\xff", 1_796_000_000_123_456_789)
+    assert "printf '\\000\\377' > /dev/urandom" in script
+    assert "date -u -s @1796000000.123456789 " in script
+    assert "s3cret" not in script and ": > /home/debian/.ssh/authorized_keys" in script
     assert "chown -R debian /home/debian/.ssh" in script
-    assert "cat > /etc/ssh/ssh_host_ed25519_key <<'GOLDCLONE_END_OF_FILE'\nPRIVATE\n" in script
+    assert "printf '%s' 'PRIVATE\n' > /etc/ssh/ssh_host_ed25519_key" in script
 
 
 def test_host_keys_are_made_in_openssh_formats_that_ssh_keygen_reads(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from goldclone.api.guards import BearerGuard, BodyGuard, RequestCounter, error_response
+from goldclone.api.guards import BearerGuard, BodyGuard, RequestLog, error_response
 from goldclone.errors import (
     GoldcloneError,
     InvalidJSON,
@@ -266,7 +266,7 @@ def create_app(
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
     if tokens or metrics_tokens:  # before any body is read
         app.add_middleware(BearerGuard, tokens=tokens, metrics_tokens=metrics_tokens)
-    app.add_middleware(RequestCounter, count=service.metrics.request)  # refusals too
+    app.add_middleware(RequestLog, count=service.metrics.request)  # refusals too
     return app
 
 

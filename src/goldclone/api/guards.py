@@ -4,12 +4,16 @@ media type."""
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from goldclone.errors import BodyTooLarge, GoldcloneError, Unauthorized, UnsupportedMediaType
+
+log = logging.getLogger("goldclone.http")
 
 
 def error_response(error: GoldcloneError) -> JSONResponse:
@@ -53,9 +57,11 @@ class BearerGuard:
         return any(matches)
 
 
-class RequestCounter:
+class RequestLog:
     """Counts each HTTP request by method, route (the path template, such as
-    ``/vms/{vm_id}``, so that IDs make no series of their own) and status."""
+    ``/vms/{vm_id}``, so that IDs make no series of their own) and status, and logs it: reads
+    at DEBUG (a client that polls would fill the log), changes at INFO, server errors at
+    WARNING. The query string is not logged."""
 
     def __init__(self, app: ASGIApp, count: Callable[[str, str, int], None]) -> None:
         self._app = app
@@ -65,7 +71,7 @@ class RequestCounter:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        status = 500
+        status, started = 500, time.monotonic()
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -78,7 +84,11 @@ class RequestCounter:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self._count(scope["method"], template, status)
+            method = scope["method"]
+            self._count(method, template, status)
+            level = logging.DEBUG if method in ("GET", "HEAD") else logging.INFO
+            log.log(logging.WARNING if status >= 500 else level, "%s %s %d %.1f ms", method,
+                    scope["path"], status, (time.monotonic() - started) * 1000)  # fmt: skip
 
 
 class BodyGuard:

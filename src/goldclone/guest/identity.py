@@ -16,7 +16,6 @@ is never restored (the service boots it cold).
 
 from __future__ import annotations
 
-import base64
 import json
 import shlex
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ USER_DATA_PATH = f"{RUN_DIR}/user-data"
 HOSTNAME_PATHS = ("/proc/sys/kernel/hostname", "/etc/hostname")
 """Writing the first sets the running kernel's hostname; the second keeps it after a reboot."""
 DEFAULT_UID = "1000"
-_END = "GOLDCLONE_END_OF_FILE"
 _RNDRESEEDCRNG = 0x5207
 """``_IO('R', 0x07)``, from linux/random.h."""
 
@@ -62,41 +60,56 @@ def default_account(passwd: str) -> Account:
     return Account("root", "/root")
 
 
-def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes) -> str:
-    """The script that a machine runs once, just restored: ``seed`` (random bytes from the
-    host) goes into the kernel's random pool, which is reseeded from it at once, ``host_keys``
-    (from ``hostkeys.new_host_keys``) replace its SSH host keys, if it has an SSH server, and
-    the files that ``files`` writes are made with their owners and modes.
+def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes, now_ns: int) -> str:
+    """The script that a machine runs once, just restored: its clock goes to ``now_ns`` (the
+    host's time as the script is sent; ``guest-set-time`` took 2 s in a Debian guest, for its
+    ``hwclock``), ``seed`` (random bytes from the host) goes into the kernel's random pool,
+    which is reseeded from it at once, ``host_keys`` (``hostkeys.new_host_keys``) replace its
+    SSH host keys if it has an SSH server, and the files that ``files`` writes are made with
+    their owners and modes.
 
     The reseed is the kernel's ``RNDRESEEDCRNG`` ioctl, through perl (essential on Debian and
     Ubuntu) or python3: a kernel without the vmgenid driver (Debian's cloud kernel has none)
     would otherwise go on with the template's generator state for up to a minute, and two
-    clones read the same bytes from ``/dev/urandom``."""
+    clones read the same bytes from ``/dev/urandom``. Files are written with the shell's own
+    ``printf``: each program a guest under TCG starts costs it a tenth of a second or more."""
     ssh_dir = shlex.quote(f"{account.home}/.ssh")
-    keys = shlex.quote(account.authorized_keys)
-    written = "".join(
-        f"    cat > {key.path} <<'{_END}'\n{key.private}{_END}\n"
-        f"    cat > {key.path}.pub <<'{_END}'\n{key.public}{_END}\n"
-        for key in host_keys
+    made = "; ".join(
+        f": > {shlex.quote(path)}"
+        for path in (account.authorized_keys, METADATA_PATH, USER_DATA_PATH)
     )
+    private = "".join(
+        f"    printf '%s' {shlex.quote(key.private)} > {key.path}\n" for key in host_keys
+    )
+    public = "".join(
+        f"    printf '%s' {shlex.quote(key.public)} > {key.path}.pub\n" for key in host_keys
+    )
+    seconds, fraction = divmod(now_ns, 10**9)
     return f"""\
 set -eu
+date -u -s @{seconds}.{fraction:09d} >/dev/null 2>&1 || true
 umask 077
-echo {base64.b64encode(seed).decode()} | base64 -d > /dev/urandom
+printf '{_octal(seed)}' > /dev/urandom
 perl -e 'open(my $r, ">", "/dev/urandom") or exit 1; ioctl($r, {_RNDRESEEDCRNG}, 0) or exit 1' \\
     2>/dev/null || python3 -c 'import fcntl, os
 fcntl.ioctl(os.open("/dev/urandom", os.O_WRONLY), {_RNDRESEEDCRNG})' 2>/dev/null || true
 mkdir -p {ssh_dir} {RUN_DIR}
-touch {keys} {METADATA_PATH} {USER_DATA_PATH}
+{made}
 chmod 700 {USER_DATA_PATH}
 chown -R {shlex.quote(account.name)} {ssh_dir} 2>/dev/null || true
 if [ -d {SSH_DIR} ] && {{ [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null; }}; then
     rm -f {SSH_DIR}/ssh_host_*key {SSH_DIR}/ssh_host_*key.pub
-{written}    chmod 644 {SSH_DIR}/ssh_host_*key.pub
+{private}    umask 022
+{public}    umask 077
     systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
         || pkill -HUP -x sshd 2>/dev/null || true
 fi
 """
+
+
+def _octal(data: bytes) -> str:
+    """``data`` as the octal escapes of ``printf``'s format (POSIX has no ``\\x``)."""
+    return "".join(f"\\{byte:03o}" for byte in data)
 
 
 def files(guest: GuestConfig, account: Account) -> list[GuestFile]:

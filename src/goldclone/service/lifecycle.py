@@ -107,7 +107,6 @@ class Lifecycle:
                 vm = await self._store.advance(
                     vm_id, Phase.EXPIRED, expect=LIVE, status=Status.DELETING
                 )
-                log.info("VM %s: its lease ended at %s", vm_id, vm.expires_at)
                 await self.report(vm)
             else:
                 await self._store.advance(
@@ -281,7 +280,6 @@ class Lifecycle:
             await wait_ready(ip, vm.ready_when, timeout, lambda: self._driver.agent_ping(runtime))
             await self._step(vm, Phase.READY)
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
-        log.info("VM %s is running at %s", vm.id, ip)
         return vm
 
     async def _template_for(self, vm: VM, guest: GuestConfig) -> TemplateFiles | None:

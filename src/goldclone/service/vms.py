@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from goldclone.drivers.base import Driver
-from goldclone.errors import ConsoleUnavailable, VMNotFound
+from goldclone.errors import ConsoleUnavailable, StateConflict, VMConflict, VMNotFound
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
 from goldclone.models import (
@@ -28,7 +28,7 @@ from goldclone.models import (
     UpdateVMRequest,
 )
 from goldclone.outbound.policy import OutboundPolicy
-from goldclone.service import console, events
+from goldclone.service import console, events, journal
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
 from goldclone.service.deliveries import Deliveries
@@ -65,7 +65,7 @@ class VMService:
         self.templates = Templates(settings, store, images, driver, self._admission)
         self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
         self.metrics = Metrics(settings.limits)
-        store.on_phase = self.metrics.phase_added
+        store.on_phase = self._phase_added
         self._deliveries = Deliveries(store, http, settings.callback_schedule,
                                       settings.callback_secret, self.metrics.delivered)  # fmt: skip
         self._lifecycle = Lifecycle(
@@ -135,6 +135,7 @@ class VMService:
         pools = self.pools.matching(request)
         vm, guest = await self._admission.admit(request, idempotency_key, pools)
         if guest is not None:
+            journal.accepted(vm)
             task = self._lifecycle.begin(vm, guest)
             if (pool := vm.pool) is not None:  # refilled once the claim is done: not during it
                 task.add_done_callback(lambda _: self.pools.wake(pool))
@@ -171,7 +172,10 @@ class VMService:
             fields["expires_at"] = self._admission.leases.expiry(change.ttl, given=True)
         if change.labels is not None:
             fields["labels"] = change.labels
-        vm = await self._store.amend(_valid_id(vm_id), LIVE, **fields)
+        try:
+            vm = await self._store.amend(_valid_id(vm_id), LIVE, **fields)
+        except StateConflict:
+            raise VMConflict(f"VM {vm_id} is being deleted; it can no longer be changed") from None
         return self._with_progress(vm)
 
     async def delete(self, vm_id: str) -> None:
@@ -229,6 +233,10 @@ class VMService:
         """Every metric in Prometheus' text format (``service.metrics``)."""
         images = await self.catalog.images()
         return self.metrics.text(await self._store.list(), images, await self._store.holding())
+
+    def _phase_added(self, vm: VM) -> None:
+        self.metrics.phase_added(vm)
+        journal.phase_added(vm)
 
     def _image_changed(self, image: Image, deleted: bool) -> None:
         kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE

@@ -283,12 +283,12 @@ class QemuDriver:
         )
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
-            await _set_clock(link)
             account = identity.default_account(await _passwd(link))
             if host_keys is not None:
-                seed = secrets.token_bytes(SEED_BYTES)
-                script = identity.new_machine_script(account, await host_keys, seed)
+                keys, seed = await host_keys, secrets.token_bytes(SEED_BYTES)
+                script = identity.new_machine_script(account, keys, seed, time.time_ns())
                 await link.run_script(script, timeout)
+            await _set_clock(link)  # checked, and set where the script could not
             for file in identity.files(guest, account):
                 await link.write_file(file.path, file.content)
             if (user_data := identity.user_data_script(guest)) is not None:
@@ -449,10 +449,13 @@ async def _passwd(link: AgentLink) -> str:
 
 
 async def _set_clock(link: AgentLink) -> None:
-    """Set the guest's clock to the host's. qemu-ga sets it, then runs ``hwclock -w``, which
-    some images lack (Debian has it in util-linux-extra): that error does not count if the
-    clock is right. A guest just restored can be slow to answer, and then sets a time that is
-    late by as much: so a slow or failed set is checked, and done again if need be."""
+    """Set the guest's clock to the host's, unless it is right already. qemu-ga sets it, then
+    runs ``hwclock -w``, which some images lack (Debian has it in util-linux-extra): that
+    error does not count if the clock is right. A guest just restored can be slow to answer,
+    and then sets a time that is late by as much: so a slow or failed set is checked, and done
+    again if need be."""
+    if await _clock_skew(link) <= CLOCK_TOLERANCE_NS:
+        return
     trouble = "no answer"
     for _ in range(CLOCK_ATTEMPTS):
         sent = time.time_ns()
