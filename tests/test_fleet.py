@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from goldclone.host import processes
+from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import Goldclone, leftovers
-from tests.servers import CallbackReceiver, FileServer
+from tests.harness import Goldclone, goldclone_server, leftovers
+from tests.packages import extract_disk, make_package
+from tests.servers import CallbackReceiver, FileServer, free_port
 from tests.test_client import cli
 from tests.test_vms import small
 
@@ -210,3 +214,58 @@ async def test_the_cli_creates_lists_and_deletes_by_label(
     assert code == 2 and "not both" in err
     code, _, err = await cli(goldclone, "list", "--label", "team")
     assert code == 2 and "KEY=VALUE" in err
+
+
+async def test_the_cache_budget_keeps_images_in_use_and_drops_the_least_recently_used(
+    settings: Settings, workdir: Path, demo_package: Path, file_server: FileServer
+) -> None:
+    disk = extract_disk(demo_package, workdir / "budget-disk.qcow2")
+    made = [make_package(disk, kind, file_server.root / f"budget.{kind}")
+            for kind in ("tar.gz", "tar.bz2", "tar")]  # fmt: skip
+    bodies = [small(file_server.url(package.name), checksum(package)) for package in made]
+    gold = disk.stat().st_size  # each unpacks to this disk
+    budgeted = dataclasses.replace(settings, image_cache_bytes=gold * 5 // 2)
+    async with goldclone_server(budgeted) as server:
+        in_use = await server.boot(bodies[0])
+        idle = await server.boot(bodies[1])
+        await server.delete(idle["id"])
+        newest = await server.boot(bodies[2])
+        assert {in_use["status"], newest["status"]} == {"running"}
+
+        async def cached() -> set[str]:
+            return {image["checksum"]
+                    for image in (await server.client.get("/images")).json()["images"]}  # fmt: skip
+
+        async with asyncio.timeout(30):
+            while len(found := await cached()) > 2:
+                await asyncio.sleep(0.1)
+        assert found == {in_use["image"]["checksum"], newest["image"]["checksum"]}
+        assert not (server.data_dir / "images" / f"sha256-{idle['image']['checksum']}").exists()
+
+
+async def test_a_callback_waits_two_minutes_and_a_restart_for_its_receiver(
+    settings: Settings, file_server: FileServer, demo_package: Path
+) -> None:
+    port = free_port()  # nothing listens there: the receiver is down
+    patient = dataclasses.replace(settings, callback_schedule=(0.0,) + (10.0,) * 20)
+    body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
+    async with goldclone_server(patient) as server:
+        vm = await server.boot(body | {"callback_url": f"http://127.0.0.1:{port}/vm-ready"})
+        assert vm["status"] == "running"
+        down_until = time.monotonic() + 120
+        await asyncio.sleep(60)  # the receiver stays down for two minutes, across a restart
+        await server.stop()
+        await server.start()
+        await asyncio.sleep(max(0.0, down_until - time.monotonic()))
+        with CallbackReceiver(port=port).running() as receiver:
+            [told] = await asyncio.to_thread(receiver.wait_for, 1, 30)
+        assert told["id"] == vm["id"] and told["status"] == "running"
+        with CallbackReceiver(fail_first=10**6, fail_status=410).running() as gone:
+            other = await server.boot(body | {"callback_url": gone.url})
+            response = await server.client.get("/metrics")
+            async with asyncio.timeout(10):
+                while 'outcome="gone"} 1.0' not in response.text:
+                    await asyncio.sleep(0.1)
+                    response = await server.client.get("/metrics")
+            assert gone.attempts == 1  # 410: no more
+        await server.delete(other["id"])

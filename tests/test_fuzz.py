@@ -5,7 +5,8 @@ GOLDCLONE_FUZZ_EXAMPLES and GOLDCLONE_FUZZ_SEED to explore further.
 
 Every check runs but ``positive_data_acceptance``: the server refuses some requests that the
 schema allows for reasons no schema can state, such as a URL whose address the outbound
-policy forbids (``http://0``), and it says so with a 400 at once.
+policy forbids (``http://0``), and it says so with a 400 at once. ``GET /events`` is left
+out: its answer is a stream that never ends by design (``tests/test_fleet.py`` reads it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run",
              f"http://127.0.0.1:{port}/openapi.json", "--checks", "all",
-             "--exclude-checks", "positive_data_acceptance",
+             "--exclude-checks", "positive_data_acceptance", "--exclude-operation-id", "events",
              "--max-examples", EXAMPLES, "--seed", SEED, "--no-color"],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip

@@ -222,6 +222,13 @@ class Settings:
     """Bearer tokens good for ``/metrics`` only (for a Prometheus server); when set,
     ``/metrics`` needs one of them or an API token."""
 
+    def __post_init__(self) -> None:
+        if self.default_ttl > self.max_ttl:
+            raise ValueError(
+                f"GOLDCLONE_DEFAULT_TTL ({self.default_ttl}) is above GOLDCLONE_MAX_TTL "
+                f"({self.max_ttl})"
+            )
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir.absolute() / 'state.db'}"

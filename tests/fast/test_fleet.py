@@ -297,3 +297,9 @@ def test_json_lines_are_one_object_per_line_with_a_utc_time() -> None:
     entry = json.loads(line)
     assert entry["message"] == "hello world" and entry["level"] == "INFO"
     assert entry["logger"] == "goldclone.test" and entry["time"].endswith("Z")
+
+
+def test_a_default_lease_past_the_maximum_is_a_settings_error() -> None:
+    with pytest.raises(ValueError, match="GOLDCLONE_DEFAULT_TTL"):
+        Settings.from_env({"GOLDCLONE_DEFAULT_TTL": "100", "GOLDCLONE_MAX_TTL": "50"})
+    assert Settings.from_env({"GOLDCLONE_MAX_TTL": "100000"}).max_ttl == 100000
