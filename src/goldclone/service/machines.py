@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
 
 PERSONALIZE_TIMEOUT = 300.0
-"""Seconds a restored guest's agent has to answer and take its identity: seconds as a rule,
-but a Debian guest under TCG has taken over 60 s to make its new SSH host keys and restart
-sshd (bench/RESULTS.md, m), so as long as a guest has to get its IP."""
+"""Seconds a restored guest's agent has to answer and take its identity: a few seconds as a
+rule (bench/RESULTS.md, m), but a guest on a loaded host under TCG is slow, so as long as a
+guest has to get its IP."""
 
 
 async def bring_up(
