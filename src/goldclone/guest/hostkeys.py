@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 SSH_DIR = "/etc/ssh"
+SSHD_CONFIG = f"{SSH_DIR}/sshd_config"
+"""Where a guest with an SSH server has its configuration: one without it gets no keys."""
 RSA_BITS = 3072
 """What OpenSSH's ``ssh-keygen`` makes by default."""
 

@@ -64,9 +64,9 @@ def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes, 
     """The script that a machine runs once, just restored: its clock goes to ``now_ns`` (the
     host's time as the script is sent; ``guest-set-time`` took 2 s in a Debian guest, for its
     ``hwclock``), ``seed`` (random bytes from the host) goes into the kernel's random pool,
-    which is reseeded from it at once, ``host_keys`` (``hostkeys.new_host_keys``) replace its
-    SSH host keys if it has an SSH server, and the files that ``files`` writes are made with
-    their owners and modes.
+    which is reseeded from it at once, ``host_keys`` (``hostkeys.new_host_keys``; none for a
+    guest without an SSH server) replace its SSH host keys, and the files that ``files``
+    writes are made with their owners and modes.
 
     The reseed is the kernel's ``RNDRESEEDCRNG`` ioctl, through perl (essential on Debian and
     Ubuntu) or python3: a kernel without the vmgenid driver (Debian's cloud kernel has none)
@@ -77,12 +77,6 @@ def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes, 
     made = "; ".join(
         f": > {shlex.quote(path)}"
         for path in (account.authorized_keys, METADATA_PATH, USER_DATA_PATH)
-    )
-    private = "".join(
-        f"    printf '%s' {shlex.quote(key.private)} > {key.path}\n" for key in host_keys
-    )
-    public = "".join(
-        f"    printf '%s' {shlex.quote(key.public)} > {key.path}.pub\n" for key in host_keys
     )
     seconds, fraction = divmod(now_ns, 10**9)
     return f"""\
@@ -97,13 +91,20 @@ mkdir -p {ssh_dir} {RUN_DIR}
 {made}
 chmod 700 {USER_DATA_PATH}
 chown -R {shlex.quote(account.name)} {ssh_dir} 2>/dev/null || true
-if [ -d {SSH_DIR} ] && {{ [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null; }}; then
-    rm -f {SSH_DIR}/ssh_host_*key {SSH_DIR}/ssh_host_*key.pub
-{private}    umask 022
-{public}    umask 077
-    systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
-        || pkill -HUP -x sshd 2>/dev/null || true
-fi
+{_replace_host_keys(host_keys) if host_keys else ""}"""
+
+
+def _replace_host_keys(host_keys: list[HostKey]) -> str:
+    private = "".join(f"printf '%s' {shlex.quote(key.private)} > {key.path}\n" for key in host_keys)
+    public = "".join(
+        f"printf '%s' {shlex.quote(key.public)} > {key.path}.pub\n" for key in host_keys
+    )
+    return f"""\
+rm -f {SSH_DIR}/ssh_host_*key {SSH_DIR}/ssh_host_*key.pub
+{private}umask 022
+{public}umask 077
+systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
+    || pkill -HUP -x sshd 2>/dev/null || true
 """
 
 

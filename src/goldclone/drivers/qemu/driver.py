@@ -277,15 +277,15 @@ class QemuDriver:
         a machine of its own if it is new (``identity.new_machine_script``), and write
         ``guest``'s identity into it (``identity.files``)."""
         link = self.agent_link(runtime.machine)
-        # made meanwhile, and only for a new machine (a claim from a pool must not wait)
-        host_keys = (
-            asyncio.create_task(asyncio.to_thread(hostkeys.new_host_keys)) if new_machine else None
-        )
         try:
             await until(lambda: self.agent_ping(runtime), timeout=timeout, interval=0.1)
-            account = identity.default_account(await _passwd(link))
-            if host_keys is not None:
-                keys, seed = await host_keys, secrets.token_bytes(SEED_BYTES)
+            account = identity.default_account(await _text_of(link, "/etc/passwd"))
+            if new_machine:
+                # host keys only for a guest with an SSH server: 20 restores at once spent
+                # seconds each waiting for RSA keys that the demo guest has no use for
+                wanted = bool(await _text_of(link, hostkeys.SSHD_CONFIG))
+                keys = await asyncio.to_thread(hostkeys.new_host_keys) if wanted else []
+                seed = secrets.token_bytes(SEED_BYTES)
                 script = identity.new_machine_script(account, keys, seed, time.time_ns())
                 await link.run_script(script, timeout)
             await _set_clock(link)  # checked, and set where the script could not
@@ -295,9 +295,6 @@ class QemuDriver:
                 await link.start_command(user_data)
         except (TimeoutError, QMPError) as exc:
             raise BootFailed(f"the restored guest could not be given its identity: {exc}") from exc
-        finally:
-            if host_keys is not None:
-                host_keys.cancel()  # its thread still ends; the keys are dropped
 
     def _read_pid(self, machine: str) -> int | None:
         """The pid of this machine's qemu, if it is alive and really is that machine's."""
@@ -440,10 +437,11 @@ class _Qemu(NamedTuple):
     mac: str | None
 
 
-async def _passwd(link: AgentLink) -> str:
-    """The guest's ``/etc/passwd``; empty in a guest without one (the demo guest)."""
+async def _text_of(link: AgentLink, path: str) -> str:
+    """The guest's file ``path``; empty in a guest without one (the demo guest has neither
+    ``/etc/passwd`` nor an SSH server)."""
     try:
-        return await link.read_file("/etc/passwd")
+        return await link.read_file(path)
     except QMPRefused:
         return ""
 
