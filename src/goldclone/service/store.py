@@ -110,7 +110,11 @@ class Store:
     """VM records, keyed by ID. Every method is one short transaction."""
 
     def __init__(self, url: str) -> None:
-        self._engine: AsyncEngine = create_async_engine(url)
+        sqlite = url.startswith("sqlite")
+        # SQLite's connections are threads of this process; 50 VMs restored at once, each
+        # polled by its client, waited past the default pool's 30 s for one
+        pool = {"pool_size": 20, "max_overflow": 40} if sqlite else {}
+        self._engine: AsyncEngine = create_async_engine(url, **pool)
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)

@@ -59,15 +59,17 @@ class AgentLink:
     async def run_script(self, script: str, timeout: float) -> None:
         """Run ``script`` with ``/bin/sh -s`` in the guest, the script on its standard input
         (never on a command line, since it may hold secrets); raises ``QMPError`` if the agent
-        fails or the script does not exit 0 within ``timeout`` seconds."""
-        started = await self.execute("guest-exec", {
-            "path": "/bin/sh", "arg": ["-s"], "capture-output": True,
-            "input-data": base64.b64encode(script.encode()).decode(),
-        })  # fmt: skip
+        fails or the script does not exit 0 within ``timeout`` seconds. Each ask has all of
+        that time too: qemu-ga answers ``guest-exec`` only once it has started the program,
+        which took more than 5 s in guests restored 50 at once."""
         poll = _POLL_FIRST
         try:
             async with asyncio.timeout(timeout):
-                while not (status := await self._status(started["pid"])).get("exited"):
+                started = await self.execute("guest-exec", {
+                    "path": "/bin/sh", "arg": ["-s"], "capture-output": True,
+                    "input-data": base64.b64encode(script.encode()).decode(),
+                }, timeout=timeout)  # fmt: skip
+                while not (status := await self._status(started["pid"], timeout)).get("exited"):
                     await asyncio.sleep(poll)
                     poll = min(poll * 2, _POLL_MAX)
         except TimeoutError:
@@ -123,8 +125,10 @@ class AgentLink:
         reader, writer = self._streams
         return await call(reader, writer, command, arguments)
 
-    async def _status(self, pid: int) -> dict[str, object]:
-        status: dict[str, object] = await self.execute("guest-exec-status", {"pid": pid})
+    async def _status(self, pid: int, timeout: float) -> dict[str, object]:
+        status: dict[str, object] = await self.execute(
+            "guest-exec-status", {"pid": pid}, timeout=timeout
+        )
         return status
 
 
