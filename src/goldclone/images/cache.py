@@ -68,7 +68,7 @@ class ImageCache:
         reserve_bytes: int = 0,
     ) -> None:
         self._images = data_dir.absolute() / "images"
-        self._uses = self._images / ".last-used"
+        self._uses = data_dir.absolute() / "last-used"
         self._downloads = data_dir.absolute() / "downloads"
         self._http = http
         self._timeout = download_timeout
@@ -136,7 +136,7 @@ class ImageCache:
         return gold
 
     def _used(self, key: str) -> None:
-        """Mark the image as used now: the mtime of its file in ``.last-used``."""
+        """Mark the image as used now: the mtime of its file in ``last-used/``."""
         (self._uses / key).touch()
 
     def prefetch(self, spec: ImageSpec) -> None:

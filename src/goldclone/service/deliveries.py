@@ -45,6 +45,9 @@ class Deliveries:
         self._secret = secret
         self._ended = ended
         self._trying: dict[str, asyncio.Task[None]] = {}
+        self._ended_meanwhile: set[str] = set()
+        """Deliveries whose attempt ended while due ones were read: the read may predate the
+        end, and must not start them again."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -70,9 +73,12 @@ class Deliveries:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            self._ended_meanwhile.clear()
+            due = await self._store.due_deliveries(now_ms(), _AT_ONCE)
             room = _AT_ONCE - len(self._trying)
-            for delivery in await self._store.due_deliveries(now_ms(), _AT_ONCE):
-                if room > 0 and delivery.message_id not in self._trying:
+            for delivery in due:
+                busy = self._trying.keys() | self._ended_meanwhile
+                if room > 0 and delivery.message_id not in busy:
                     room -= 1
                     task = asyncio.create_task(self._try(delivery))
                     self._trying[delivery.message_id] = task
@@ -81,6 +87,7 @@ class Deliveries:
 
     def _done(self, message_id: str, _: asyncio.Task[None]) -> None:
         self._trying.pop(message_id, None)
+        self._ended_meanwhile.add(message_id)
         self._wake.set()
 
     async def _sleep(self) -> None:
