@@ -338,7 +338,8 @@ def _methods_of(app: FastAPI, request: Request) -> list[str]:
 
 def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> None:
     """Put what this host accepts into the OpenAPI description: its bounds on ``cpus`` and
-    ``memory`` (of VMs, templates and pools), and the network types it offers."""
+    ``memory`` (of VMs, templates and pools), the network types it offers, its longest lease
+    (and whether none may be asked for), and that a PATCH changes something."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -353,6 +354,13 @@ def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> N
                 }  # fmt: skip
         for name in ("CreateVMRequest", "PoolRequest"):
             schemas[name]["properties"]["network_type"]["enum"] = service.network_types()
+        leases = service.leases
+        for name in ("CreateVMRequest", "UpdateVMRequest"):
+            ttl = schemas[name]["properties"]["ttl"]
+            seconds = {"type": "integer", "minimum": 0 if leases.allow_none else 1,
+                       "maximum": leases.maximum}  # fmt: skip
+            ttl["anyOf"] = [seconds, {"type": "null"}] if leases.allow_none else [seconds]
+        schemas["UpdateVMRequest"]["minProperties"] = 1
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

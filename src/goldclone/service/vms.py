@@ -60,8 +60,10 @@ class VMService:
         self._driver = driver
         self._http = http
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
-        leases = LeasePolicy.of(settings)
-        self._admission = Admission(settings.limits, driver.capabilities, store, policy, leases)
+        self.leases = LeasePolicy.of(settings)
+        self._admission = Admission(
+            settings.limits, driver.capabilities, store, policy, self.leases
+        )
         self.templates = Templates(settings, store, images, driver, self._admission)
         self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
         self.metrics = Metrics(settings.limits)
@@ -169,7 +171,7 @@ class VMService:
         """Renew the VM's lease, change its labels, or both; 409 once it is being deleted."""
         fields: dict[str, Any] = {}
         if "ttl" in change.model_fields_set:
-            fields["expires_at"] = self._admission.leases.expiry(change.ttl, given=True)
+            fields["expires_at"] = self.leases.expiry(change.ttl, given=True)
         if change.labels is not None:
             fields["labels"] = change.labels
         try:
