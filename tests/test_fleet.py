@@ -11,13 +11,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from goldclone.host import processes
+from goldclone.models import parse_time
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
@@ -87,7 +87,7 @@ class EventStream:
 
 
 def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return parse_time(stamp).timestamp()
 
 
 async def test_leases_end_vms_unless_renewed_and_say_so_by_event_and_callback(

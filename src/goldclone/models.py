@@ -554,6 +554,11 @@ def parse_time(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
+def seconds_between(start: str, end: str) -> float:
+    """Seconds from one ``now_ms`` time to a later one."""
+    return (parse_time(end) - parse_time(start)).total_seconds()
+
+
 def seconds_until(stamp: str) -> float:
     """Seconds from now until ``stamp`` (negative once it has passed)."""
     return (parse_time(stamp) - datetime.now(UTC)).total_seconds()

@@ -10,7 +10,6 @@ import json
 import logging
 import sqlite3
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from goldclone import logs
+from goldclone.models import seconds_until
 from goldclone.settings import Settings
 from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
 
-
-def _seconds_until(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - time.time()
+_seconds_until = seconds_until
 
 
 async def test_labels_are_kept_and_filter_the_list(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from goldclone.models import VM, Phase, parse_time
+from goldclone.models import VM, Phase, seconds_between
 
 log = logging.getLogger("goldclone.vm")
 
@@ -19,7 +19,6 @@ def phase_added(vm: VM) -> None:
     last, took = vm.timeline[-1], ""
     if len(vm.timeline) > 1:
         before = vm.timeline[-2]
-        seconds = (parse_time(last.at) - parse_time(before.at)).total_seconds()
-        took = f" ({before.phase.value} took {seconds:.2f} s)"
+        took = f" ({before.phase.value} took {seconds_between(before.at, last.at):.2f} s)"
     where = f" at {vm.ip_address}" if last.phase is Phase.RUNNING else ""
     log.info("VM %s %s%s%s", vm.id, last.phase.value, where, took)

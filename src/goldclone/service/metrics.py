@@ -20,7 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from goldclone.models import VM, Image, ImageStatus, Phase, Status, parse_time
+from goldclone.models import VM, Image, ImageStatus, Phase, Status, seconds_between
 from goldclone.service.catalog import cache_bytes
 from goldclone.service.store import Held
 from goldclone.settings import Limits
@@ -115,4 +115,4 @@ class Metrics:
 
 
 def _seconds(start: str, end: str) -> float:
-    return max(0.0, (parse_time(end) - parse_time(start)).total_seconds())
+    return max(0.0, seconds_between(start, end))
