@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from goldclone.demo.image import build_demo_image
+from goldclone.service.store import Store
 from goldclone.settings import Settings, VMwareConfig
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, goldclone_server, processes_mentioning
@@ -92,6 +93,15 @@ def settings(workdir: Path) -> Iterator[Settings]:
     yield Settings(data_dir=data_dir, ip_timeout=90.0, download_timeout=5.0,
                    shutdown_timeout=5.0, callback_schedule=(0, 0.05, 0.2))  # fmt: skip
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real SQLite store, migrated, in the test's own folder."""
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -12,10 +12,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
-import pytest
 
 from goldclone import __version__
 from goldclone.models import VM, ImageSpec, now_s
@@ -44,14 +42,6 @@ def verify(headers: dict[str, str], body: bytes, key: bytes) -> bool:
         hmac.compare_digest(f"v1,{expected}", candidate)
         for candidate in headers["webhook-signature"].split()
     )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
-    await store.open()
-    yield store
-    await store.close()
 
 
 @asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ def make_vm() -> VM:
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path) -> None:
