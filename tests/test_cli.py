@@ -74,3 +74,34 @@ def test_serving_beyond_loopback_without_tokens_warns_loudly(workdir: Path) -> N
     assert "WITHOUT authentication" not in serve_on("127.0.0.1", {})
     tokens = {"GOLDCLONE_API_TOKENS": "a-token-of-sixteen-or-more"}
     assert "WITHOUT authentication" not in serve_on("0.0.0.0", tokens)
+
+
+def test_serve_refuses_a_data_dir_too_long_for_sockets_in_one_line(workdir: Path) -> None:
+    data_dir = workdir / ("d" * 80)
+    argv = [*GOLDCLONE, "serve", "--port", str(free_port()), "--data-dir", str(data_dir)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("goldclone serve: the data dir ") and "too long" in line
+
+
+def test_serve_without_vmrun_says_so_in_one_line(workdir: Path) -> None:
+    env = {**os.environ, "GOLDCLONE_DRIVER": "vmware", "GOLDCLONE_VMRUN": "/nonexistent/vmrun"}
+    argv = [*GOLDCLONE, "serve", "--port", str(free_port()), "--data-dir", str(workdir / "vmw")]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "goldclone serve: GOLDCLONE_VMRUN='/nonexistent/vmrun' is not an executable vmrun; fix "
+        "the path, or unset it to look on PATH and in the usual install places"
+    ]
+
+
+def test_the_demo_banner_offers_no_command_that_its_url_policy_refuses(workdir: Path) -> None:
+    port = free_port()
+    argv = [*GOLDCLONE, "serve", "--demo", "--port", str(port), "--data-dir",
+            str(workdir / "demo-banner")]  # fmt: skip
+    env = {"GOLDCLONE_DRIVER": "synthetic"}
+    refused = serve_until_answering(argv, {**env, "GOLDCLONE_ALLOW_PRIVATE_URLS": "false"}, port)
+    assert "goldclone create" not in refused and "GOLDCLONE_ALLOW_PRIVATE_URLS is off" in refused
+    allowed = serve_until_answering(argv, env, port)
+    assert f"goldclone create http://127.0.0.1:{port}/demo/" in allowed

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import (
     BarColumn,
@@ -16,8 +16,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from goldclone.models import VM, Image, Phase
+from goldclone.models import VM, DownloadProgress, Host, Image, Phase
 
 
 def vm_table(vms: list[VM]) -> Table:
@@ -42,8 +43,24 @@ def image_table(images: list[Image]) -> Table:
     return table
 
 
-def _size(n: int) -> str:
-    size = float(n)
+def host_table(hosts: list[Host]) -> Table:
+    table = Table("ID", "STATE", "VMS", "VCPUS", "MEMORY", "HEARTBEAT", "NAME", box=None)
+    for host in hosts:
+        used, capacity = host.used, host.capacity
+        table.add_row(
+            host.id, host.state.value, _of(used.vms, capacity.vms), _of(used.cpus, capacity.cpus),
+            _of(used.memory, capacity.memory, " MB"), host.heartbeat_at, host.name,
+        )  # fmt: skip
+    return table
+
+
+def _of(used: int | None, total: int | None, unit: str = "") -> str:
+    """``3/8`` (used of a total), or ``3`` where the host sets no total."""
+    return f"{used}{unit}" if total is None else f"{used}/{total}{unit}"
+
+
+def _size(n: int | None) -> str:
+    size = float(n or 0)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -55,15 +72,64 @@ def _at(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
-class WaitDisplay:
-    """Shows each phase of a VM's timeline as it happens, and the download as a progress bar.
+def vm_detail(vm: VM) -> RenderableType:
+    """Everything about one VM, for ``goldclone get``: its fields, then its timeline with the
+    time each phase took."""
+    image = vm.image
+    rows = [
+        ("id", vm.id),
+        ("name", vm.name or "-"),
+        ("status", vm.status.value),
+        ("error", f"{vm.error.code}: {vm.error.message}" if vm.error else None),
+        ("ip address", vm.ip_address or "-"),
+        ("mac address", vm.mac_address or "-"),
+        ("hostname", vm.hostname or None),
+        ("guest os", vm.guest_os or None),
+        ("image", f"{image.url} ({image.checksum_type} {image.checksum})"),
+        ("image from", {True: "the cache", False: "a download", None: None}[vm.image_from_cache]),
+        ("cpus", str(vm.cpus)),
+        ("memory", f"{vm.memory} MB"),
+        ("network", vm.network_type),
+        ("started from", vm.started_from + (f" (pool {vm.pool})" if vm.pool else "")),
+        ("ready when", vm.ready_when.model_dump_json(exclude_none=True) if vm.ready_when else None),
+        ("callback", vm.callback_url),
+        ("ssh keys", str(len(vm.ssh_authorized_keys)) if vm.ssh_authorized_keys else None),
+        ("metadata", ", ".join(vm.metadata_keys) or None),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(vm.labels.items())) or None),
+        ("created", vm.created_at),
+        ("expires", vm.expires_at or "never"),
+        ("download", _progress(vm.progress) if vm.progress else None),
+    ]
+    shown = [(name, value) for name, value in rows if value is not None]
+    width = max(len(name) for name, _ in shown)
+    # plain lines, not a grid: a grid pads every line to its widest, here the image's
+    fields = Text("\n".join(f"{name:<{width}}  {value}" for name, value in shown))
+    timeline = Table("PHASE", "AT", "+", "TOOK", box=None, title_justify="left")
+    entries = vm.timeline
+    for entry, following in zip(entries, [*entries[1:], None], strict=True):
+        since = (_at(entry.at) - _at(entries[0].at)).total_seconds()
+        took = (_at(following.at) - _at(entry.at)).total_seconds() if following else None
+        timeline.add_row(entry.phase.value, entry.at, f"{since:.2f}s",
+                         f"{took:.2f}s" if took is not None else "-")  # fmt: skip
+    return Group(fields, Text(""), timeline)
 
-    Use it as a context manager and feed it every fresh copy of the VM through ``update``.
+
+def _progress(progress: DownloadProgress) -> str:
+    done = _size(progress.bytes_done)
+    return f"{done} of {_size(progress.bytes_total)}" if progress.bytes_total else done
+
+
+class WaitDisplay:
+    """Shows each phase of a VM's timeline as it happens, and a download as a progress bar.
+
+    Use it as a context manager and feed it every fresh copy of the VM (``update``) or of an
+    image (``update_image``), which has no timeline: its status changes are shown.
     """
 
     def __init__(self, console: Console) -> None:
         self._console = console
-        self._seen = 0
+        self._shown: set[Phase] = set()
+        self._start: datetime | None = None
         self._bar = Progress(
             TextColumn("  downloading"),
             BarColumn(),
@@ -73,7 +139,9 @@ class WaitDisplay:
             console=console,
         )
         self._task: TaskID | None = None
-        self._live = Live(self._bar, console=console, transient=True)
+        # no redirection of stdout and stderr: a Ctrl-C while it starts would leave it in place
+        self._live = Live(self._bar, console=console, transient=True, redirect_stdout=False,
+                          redirect_stderr=False)  # fmt: skip
 
     def __enter__(self) -> WaitDisplay:
         self._live.__enter__()
@@ -83,18 +151,31 @@ class WaitDisplay:
         self._live.__exit__(None, None, None)
 
     def update(self, vm: VM) -> None:
-        start = _at(vm.timeline[0].at)
-        for entry in vm.timeline[self._seen :]:
-            elapsed = (_at(entry.at) - start).total_seconds()
-            mark = "[red]✗[/]" if entry.phase is Phase.ERROR else "[green]✓[/]"
-            self._console.print(f"{mark} {entry.phase.value:<12} +{elapsed:.2f}s", highlight=False)
-        self._seen = len(vm.timeline)
-        if vm.progress is not None:
+        for entry in vm.timeline:
+            self._show(entry.phase, _at(entry.at))
+        self._download(vm.progress)
+
+    def update_image(self, image: Image) -> None:
+        self._show(Phase(image.status.value), datetime.now(UTC))
+        self._download(image.progress)
+
+    def _show(self, phase: Phase, at: datetime) -> None:
+        # Phases are told apart by name, not by their place in the timeline: one seen live
+        # (a download) may be missing from, or later in, a copy read afterwards.
+        if phase in self._shown:
+            return
+        self._shown.add(phase)
+        self._start = self._start or at
+        elapsed = (at - self._start).total_seconds()
+        mark = "[red]✗[/]" if phase is Phase.ERROR else "[green]✓[/]"
+        self._console.print(f"{mark} {phase.value:<12} +{elapsed:.2f}s", highlight=False)
+
+    def _download(self, progress: DownloadProgress | None) -> None:
+        if progress is not None:
             if self._task is None:
-                self._task = self._bar.add_task("download", total=vm.progress.bytes_total)
-            self._bar.update(
-                self._task, completed=vm.progress.bytes_done, total=vm.progress.bytes_total
-            )
+                self._task = self._bar.add_task("download", total=progress.bytes_total)
+            self._bar.update(self._task, completed=progress.bytes_done,
+                             total=progress.bytes_total)  # fmt: skip
         elif self._task is not None:
             self._bar.remove_task(self._task)
             self._task = None

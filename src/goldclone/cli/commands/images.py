@@ -1,0 +1,49 @@
+"""The image commands: images [list], images pull, images delete."""
+
+from __future__ import annotations
+
+from goldclone.cli.commands import Context
+from goldclone.cli.commands.vms import validated
+from goldclone.cli.exits import Exit
+from goldclone.models import ImageSpec
+
+
+def images(ctx: Context) -> Exit:
+    action = ctx.args.image_command or "list"
+    return {"list": _list, "pull": _pull, "delete": _delete}[action](ctx)
+
+
+def _list(ctx: Context) -> Exit:
+    from goldclone.cli.display import image_table
+
+    found = ctx.api.images()
+    ctx.output.listing("images", found, image_table(found))
+    return Exit.OK
+
+
+def _pull(ctx: Context) -> Exit:
+    args = ctx.args
+    spec = validated(ImageSpec, {"url": args.image_url, "checksum": args.checksum,
+                                 "checksum_type": args.checksum_type})  # fmt: skip
+    image = ctx.api.pull_image(spec)
+    if not args.wait:
+        ctx.output.show(f"{image.id} {image.status.value}")
+        ctx.output.value(image)
+        return Exit.OK
+    if ctx.output.json:
+        image = ctx.api.wait_until_ready(image.id, args.timeout)
+    else:
+        from goldclone.cli.display import WaitDisplay
+
+        with WaitDisplay(ctx.output.console) as display:
+            image = ctx.api.wait_until_ready(image.id, args.timeout, display.update_image)
+        ctx.output.show(image.id)
+    ctx.output.value(image)
+    return Exit.OK
+
+
+def _delete(ctx: Context) -> Exit:
+    ctx.api.delete_image(ctx.args.id)
+    ctx.output.show(f"deleted {ctx.args.id}")
+    ctx.output.value({"deleted": [ctx.args.id]})
+    return Exit.OK

@@ -1,0 +1,241 @@
+"""The ``goldclone`` command line: every command and option, in one parser (which also drives
+shell completion). What the commands do is in ``goldclone.cli.commands``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from goldclone import __version__
+from goldclone.cli import exits
+from goldclone.cli.commands.host import settings_help
+from goldclone.models import Status
+
+DESCRIPTION = """goldclone: disposable linked-clone VMs from verified gold images.
+
+`goldclone serve` runs the server; the other commands are its client. They talk to the
+server at --url (or GOLDCLONE_URL), with the bearer token in GOLDCLONE_TOKEN if the server
+needs one."""
+CHECKSUM_TYPES = ("md5", "sha1", "sha256", "sha512")
+DEFAULT_CREATE_TIMEOUT = 3600.0
+DEFAULT_WAIT_TIMEOUT = 600.0
+SHELLS = ("bash", "zsh", "fish")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default after its help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            text
+            and "default" not in text
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds, for ``--timeout``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose epilog may be made only when its help is shown (``serve``'s lists
+    every setting, which a client command must not pay for loading)."""
+
+    epilog_from: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_from is not None:
+            self.epilog = f"{self.epilog_from()}\n\n{exits.HELP}"
+        return super().format_help()
+
+
+def build() -> argparse.ArgumentParser:
+    parser = _command(None, "goldclone", DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"goldclone {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_options()
+
+    serve = _command(commands, "serve", "serve the HTTP API")
+    serve.epilog_from = settings_help
+    serve.add_argument("--host", help="address to listen on (GOLDCLONE_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (PORT)")
+    serve.add_argument("--data-dir", type=Path, help="state and images (GOLDCLONE_DATA_DIR)")
+    _config_option(serve)
+    serve.add_argument("--demo", action="store_true",
+                       help="build the demo guest and serve it at /demo/")  # fmt: skip
+
+    doctor = _command(commands, "doctor", "check that this host can run goldclone, and say "
+                                          "what to fix")  # fmt: skip
+    doctor.add_argument("--data-dir", type=Path, help="the data dir to check")
+    _config_option(doctor)
+    _json_option(doctor)
+
+    demo = _command(commands, "demo-image", "build the tiny demo guest as an image package")
+    demo.add_argument("out", type=Path, help="where to write the .tar.gz")
+    _json_option(demo)
+
+    completion = _command(
+        commands, "completion", "print a shell completion script (`goldclone completion --help`)"
+    )
+    completion.add_argument(
+        "shell",
+        choices=SHELLS,
+        help="load it with `source <(goldclone completion bash)` (zsh alike), or with "
+        "`goldclone completion fish | source`",
+    )
+
+    create = _command(commands, "create", "create a VM", client)
+    create.add_argument("image_url", nargs="?", help="the image package's URL")
+    create.add_argument("--checksum", help="the package's checksum, in hex")
+    create.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
+                        help="the checksum's type (default: sha256)")  # fmt: skip
+    create.add_argument("--cpus", type=int, help="vCPUs (default: the server's, 2)")
+    create.add_argument("--memory", type=int, help="megabytes (default: the server's, 1024)")
+    create.add_argument("--network", choices=["nat", "hostonly", "bridged"],
+                        help="the network type (default: nat)")  # fmt: skip
+    create.add_argument("--callback-url", help="POSTed to when the VM runs or fails")
+    create.add_argument("--gui", action="store_true", help="give the VM a display")
+    create.add_argument("--name", help="the VM's name and the guest's hostname (a DNS label)")
+    create.add_argument("--ssh-key", dest="ssh_keys", type=Path, action="append",
+                        metavar="FILE", help="an OpenSSH public key file (.pub); "
+                        "repeatable")  # fmt: skip
+    create.add_argument("--user-data", type=Path, metavar="FILE",
+                        help="cloud-init user data: a #cloud-config file or a #! "
+                        "script")  # fmt: skip
+    create.add_argument("--metadata", action="append", metavar="KEY=VALUE",
+                        help="metadata the guest can read; repeatable")  # fmt: skip
+    create.add_argument("--ready-when", metavar="JSON",
+                        help='what "ready" means, e.g. \'{"tcp": 22}\'')  # fmt: skip
+    create.add_argument("--start", choices=["auto", "cold"],
+                        help="cold: boot, even if a template or pool could start it")  # fmt: skip
+    create.add_argument("--ttl", type=int, metavar="SECONDS",
+                        help="its lease: destroyed this long from now unless renewed "
+                        "(default: the server's)")  # fmt: skip
+    create.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
+                        help="a label; repeatable")  # fmt: skip
+    create.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
+                        help="a JSON request body, as the original project's files; the "
+                        "options above win over its fields, one by one")  # fmt: skip
+    _wait_options(create, DEFAULT_CREATE_TIMEOUT, "wait until it runs, showing progress")
+
+    get = _command(commands, "get", "show everything about a VM", client)
+    get.add_argument("id")
+    ip = _command(commands, "ip", "print a VM's IP address", client)
+    ip.add_argument("id")
+    _wait_options(ip, DEFAULT_WAIT_TIMEOUT, "wait until it has one")
+
+    ssh = _command(commands, "ssh", "log in to a VM with ssh, or run a command there: "
+                   "goldclone ssh ID [OPTIONS] [-- COMMAND...]", client)  # fmt: skip
+    ssh.add_argument("id")
+    ssh.add_argument("--user", default="root",
+                     help="the account; Debian's cloud images want debian")  # fmt: skip
+    ssh.add_argument("--identity", "-i", type=Path, metavar="FILE",
+                     help="the private key (default: ssh's own choice)")  # fmt: skip
+
+    logs = _command(commands, "logs", "print a VM's serial console", client)
+    logs.add_argument("id")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="go on printing what the guest writes until the VM is gone")  # fmt: skip
+
+    listing = _command(commands, "list", "list the VMs", client)
+    listing.add_argument("--quiet", "-q", action="store_true", help="print only their IDs")
+    _label_filter(listing, "list only the VMs with this label; repeatable (ANDed)")
+    listing.add_argument("--status", dest="statuses", action="append", default=[],
+                         choices=[status.value for status in Status],
+                         help="list only the VMs in this status; repeatable")  # fmt: skip
+
+    delete = _command(commands, "delete", "destroy VMs: each one given, or every one with the "
+                                          "labels given", client)  # fmt: skip
+    delete.add_argument("ids", nargs="*", metavar="ID")
+    _label_filter(delete, "destroy every VM with this label (they are listed first); "
+                          "repeatable (ANDed)")  # fmt: skip
+
+    renew = _command(commands, "renew", "renew a VM's lease", client)
+    renew.add_argument("id")
+    renew.add_argument("--ttl", type=int, required=True, metavar="SECONDS",
+                       help="the lease ends this long from now")  # fmt: skip
+
+    wait = _command(commands, "wait", "wait until a VM runs, showing its progress", client)
+    wait.add_argument("id")
+    wait.add_argument("--timeout", type=seconds, default=DEFAULT_WAIT_TIMEOUT,
+                      metavar="SECONDS", help="give up after this long")  # fmt: skip
+
+    images = _command(commands, "images", "list, fetch or delete gold images", client)
+    actions = images.add_subparsers(dest="image_command", metavar="ACTION")
+    # the actions take the client options too; SUPPRESS keeps them from undoing those before
+    _command(actions, "list", "list the gold images (the default)", client)
+    pull = _command(actions, "pull", "fetch an image ahead of time", client)
+    pull.add_argument("image_url")
+    pull.add_argument("--checksum", required=True, help="the package's checksum, in hex")
+    pull.add_argument("--checksum-type", choices=CHECKSUM_TYPES, default="sha256",
+                      help="the checksum's type")  # fmt: skip
+    _wait_options(pull, DEFAULT_CREATE_TIMEOUT, "wait until it is ready, showing progress")
+    remove = _command(actions, "delete", "delete a gold image", client)
+    remove.add_argument("id", help="<checksum_type>-<checksum>, as `goldclone images` lists")
+
+    fleet = _command(commands, "hosts", "list the hosts on the server's database, or forget one",
+                     client)  # fmt: skip
+    actions = fleet.add_subparsers(dest="host_command", metavar="ACTION")
+    _command(actions, "list", "list the hosts (the default)", client)
+    forget = _command(actions, "forget", "forget a lost host: its VMs end as host-lost", client)
+    forget.add_argument("id", help="the host's ID, as `goldclone hosts` lists")
+    return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction[_Parser] | None,
+    name: str,
+    text: str,
+    *parents: argparse.ArgumentParser,
+) -> _Parser:
+    """A (sub)command whose help shows its defaults and ends with the exit codes."""
+    options = {"formatter_class": _HelpFormatter, "epilog": exits.HELP, "parents": parents}
+    if commands is None:
+        return _Parser(prog=name, description=text, **options)  # type: ignore[arg-type]
+    return commands.add_parser(name, help=text, description=text, **options)  # type: ignore[arg-type]
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """--url and --json, for every client command. Their defaults are filled in by ``main``:
+    a default here would let a subcommand reset what its parent command parsed."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--url", default=argparse.SUPPRESS,
+                         help="the server (default: GOLDCLONE_URL, else "
+                         "http://127.0.0.1:12345)")  # fmt: skip
+    _json_option(options)
+    return options
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON only, for scripts; errors too, on stderr")  # fmt: skip
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="a TOML file of settings (default: GOLDCLONE_CONFIG); the "
+                        "environment wins over it, and options over both")  # fmt: skip
+
+
+def _wait_options(parser: argparse.ArgumentParser, timeout: float, text: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=text)
+    parser.add_argument("--timeout", type=seconds, default=timeout, metavar="SECONDS",
+                        help="with --wait: give up waiting after this long")  # fmt: skip
+
+
+def _label_filter(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--label", dest="labels", action="append", default=[],
+                        metavar="KEY=VALUE", help=text)  # fmt: skip

@@ -1,0 +1,333 @@
+"""The ``goldclone`` client commands as a user meets them: the real program, against a real
+``goldclone serve`` on loopback (on the synthetic driver), in a pseudo-terminal where a
+terminal matters. Each numbered test is an item of issue #13 that failed before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from goldclone import __version__
+from goldclone.cli.parser import build
+from tests.fast.conftest import image_of
+from tests.servers import FileServer
+from tests.serving import GOLDCLONE, free_port, in_pty, serving
+
+EXIT_CODES = {0, 1, 2, 3, 4, 130, 141}
+
+
+class Served:
+    """A ``goldclone serve`` on the synthetic driver, and the CLI pointed at it."""
+
+    def __init__(self, url: str, data_dir: Path, images: FileServer) -> None:
+        self.url, self.data_dir, self.images = url, data_dir, images
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``goldclone ARGS``, its output captured (so not on a terminal)."""
+        environment = {**os.environ, "GOLDCLONE_URL": self.url, **(env or {})}
+        return subprocess.run([*GOLDCLONE, *args], env=environment, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    def image_args(self, name: str = "disk.raw") -> list[str]:
+        image = image_of(self.images, name)
+        return [image["url"], "--checksum", image["checksum"], "--cpus", "1", "--memory", "256"]
+
+    def held_image_args(self) -> list[str]:
+        """Those of an image whose download never ends."""
+        [_, *rest] = self.image_args("held.raw")
+        return [self.images.url("hold/held.raw"), *rest]
+
+    def vms(self) -> list[dict[str, Any]]:
+        vms: list[dict[str, Any]] = self.http.get("/vms").json()["vms"]
+        return vms
+
+    def boot(self) -> dict[str, Any]:
+        done = self.run("create", *self.image_args(), "--wait", "--json")
+        assert done.returncode == 0, done.stderr
+        vm: dict[str, Any] = json.loads(done.stdout)
+        return vm
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The server, and the images it fetches: ``held.raw`` is only ever asked for through
+    ``/hold/``, so that its download never ends (and a VM of it stays ``creating``)."""
+    root = tmp_path_factory.mktemp("cli")
+    served = root / "served"
+    served.mkdir()
+    for fill, name in enumerate(("disk.raw", "other.raw", "pulled.raw", "held.raw")):
+        disk = bytearray(bytes([fill]) * 65536)
+        disk[510:512] = b"\x55\xaa"
+        (served / name).write_bytes(bytes(disk))
+    port, data_dir = free_port(), root / "data"
+    env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(data_dir),
+           "PORT": str(port), "GOLDCLONE_DOWNLOAD_TIMEOUT": "600"}  # fmt: skip
+    with FileServer(served).running() as files, serving([*GOLDCLONE, "serve"], env, port):
+        served_cli = Served(f"http://127.0.0.1:{port}", data_dir, files)
+        with served_cli.http:
+            yield served_cli
+
+
+@pytest.fixture
+def cli(served: Served) -> Iterator[Served]:
+    yield served
+    for vm in served.vms():
+        served.http.delete(f"/vms/{vm['id']}")
+
+
+def test_1_create_wait_prints_the_id_first(cli: Served) -> None:
+    done = cli.run("create", *cli.image_args(), "--wait")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    [vm] = cli.vms()
+    assert lines[0] == f"created VM {vm['id']}"
+    assert lines[-1] == vm["ip_address"]
+
+
+def test_2_ctrl_c_during_create_wait_says_the_vm_goes_on(cli: Served) -> None:
+    argv = [*GOLDCLONE, "create", *cli.held_image_args(), "--wait"]
+    env = {**os.environ, "GOLDCLONE_URL": cli.url}
+    shown, code = in_pty(argv, env, until="created VM")
+    [vm] = cli.vms()
+    assert code == 130, shown
+    assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
+    assert f"VM {vm['id']} goes on being created" in shown
+    assert f"goldclone delete {vm['id']}" in shown
+    assert vm["status"] == "creating"
+
+
+def test_3_delete_deletes_every_id_and_reports_each_failure(cli: Served) -> None:
+    first, second = cli.boot(), cli.boot()
+    done = cli.run("delete", first["id"], "no-such-vm", second["id"])
+    assert done.returncode == 1
+    assert cli.vms() == []
+    assert done.stdout.splitlines() == [f"deleted {first['id']}", f"deleted {second['id']}"]
+    assert done.stderr.splitlines() == [
+        "goldclone delete: no-such-vm: vm-not-found: The requested virtual machine ID was not found"
+    ]
+    done = cli.run("delete", "no-such-vm", "--json")
+    assert json.loads(done.stdout)["failed"][0]["id"] == "no-such-vm"
+    assert json.loads(done.stderr) == {"code": "vm-not-found", "id": "no-such-vm",
+        "message": "The requested virtual machine ID was not found"}  # fmt: skip
+
+
+def test_4_options_override_the_request_file_field_by_field(cli: Served, tmp_path: Path) -> None:
+    image = image_of(cli.images, "other.raw")
+    sha1 = hashlib.sha1((cli.images.root / "other.raw").read_bytes()).hexdigest()
+    body = {"image": {"url": "http://127.0.0.1:9/moved.raw", "checksum": sha1,
+                      "checksum_type": "sha1"}, "cpus": 1, "memory": 256}  # fmt: skip
+    request = tmp_path / "create.json"
+    request.write_text(json.dumps(body))
+    done = cli.run("create", "--from", str(request), image["url"], "--memory", "512", "--json")
+    assert done.returncode == 0, done.stderr
+    vm = json.loads(done.stdout)
+    assert vm["image"] == {"url": image["url"], "checksum": sha1, "checksum_type": "sha1"}
+    assert (vm["cpus"], vm["memory"]) == (1, 512)
+    done = cli.run("create", "--from", str(request), image["url"], "--checksum",
+                   image["checksum"], "--checksum-type", "sha256", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["image"]["checksum"] == image["checksum"]
+
+
+def test_5_broken_json_says_where(cli: Served, tmp_path: Path) -> None:
+    request = tmp_path / "create.json"
+    request.write_text('{\n  "cpus": 1,\n  "memory": 256,\n}\n')  # the original README's comma
+    done = cli.run("create", "--from", str(request))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"goldclone create: {request} is not valid JSON: Expecting property name enclosed in "
+        "double quotes at line 4, column 1"
+    )
+
+
+def test_6_no_traceback_when_the_output_is_closed_early(cli: Served) -> None:
+    for _ in range(3):
+        cli.boot()
+    read, write = os.pipe()
+    os.close(read)  # as `| head` does once it has its lines
+    environment = {**os.environ, "GOLDCLONE_URL": cli.url}
+    done = subprocess.run([*GOLDCLONE, "list", "--json"], env=environment, stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    os.close(write)
+    assert done.returncode == 141
+    assert done.stderr.splitlines() == [
+        '{"code": "broken-pipe", "message": "the output was closed before all of it was written"}'
+    ]
+
+
+def test_6_demo_image_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([*GOLDCLONE, "demo-image", str(tmp_path / "none" / "x.tar.gz")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"goldclone demo-image: cannot write {tmp_path}/none/x.tar.gz: No such file or directory"
+    ]
+
+
+def test_6_no_command_shows_a_traceback_for_bad_input(cli: Served) -> None:
+    """Every command and action the parser has, with an unknown ID (also with ``--json``) at
+    the server and where no server is, and with an unknown option."""
+    subcommands = build()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    with_actions = ("images", "hosts")
+    commands = [[name] for name in subcommands if name not in (*with_actions, "demo-image")]
+    for name in with_actions:
+        actions = subcommands[name]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        commands += [[name, action] for action in actions]
+    runs = [
+        ([*command, *args], url)
+        for command in commands
+        for args, url in (
+            (["no-such-id"], cli.url),
+            (["no-such-id", "--json"], "http://127.0.0.1:9"),
+            (["--no-such-option"], cli.url),
+        )
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda run: cli.run(*run[0], env={"GOLDCLONE_URL": run[1]}), runs))
+    for (argv, url), result in zip(runs, done, strict=True):
+        said = f"{argv} at {url}: {result.returncode} {result.stderr}"
+        assert "Traceback" not in result.stderr + result.stdout, said
+        assert result.returncode in EXIT_CODES and result.returncode != 0, said
+        assert result.stderr.strip().splitlines()[-1].startswith(("goldclone", "{")), said
+
+
+def test_hosts_lists_this_one_and_refuses_to_forget_a_host_that_is_up(cli: Served) -> None:
+    done = cli.run("hosts", "--json")
+    assert done.returncode == 0, done.stderr
+    [host] = json.loads(done.stdout)["hosts"]
+    assert host["state"] == "up" and host["driver"] == "synthetic"
+    [header, row] = cli.run("hosts").stdout.splitlines()
+    assert header.split()[:3] == ["ID", "STATE", "VMS"] and row.split()[:3] == [
+        host["id"],
+        "up",
+        "0",
+    ]
+    refused = cli.run("hosts", "forget", host["id"])
+    assert refused.returncode == 1 and "host-up" in refused.stderr
+
+
+def test_7_nothing_is_wrapped_when_not_on_a_terminal(cli: Served) -> None:
+    label = "team=" + "x" * 60
+    done = cli.run("create", *cli.image_args(), "--label", label, "--name", "a" * 63, "--wait")
+    assert done.returncode == 0, done.stderr
+    [vm] = cli.vms()
+    rows = cli.run("list").stdout.splitlines()
+    assert len(rows) == 2 and vm["id"] in rows[1] and label in rows[1]
+    wrong = "0" * 64
+    done = cli.run("create", cli.images.url("disk.raw"), "--checksum", wrong, "--wait")
+    [message] = done.stderr.splitlines()
+    assert wrong in message and "checksum-mismatch" in message
+
+
+def test_8_a_failed_download_under_wait_ends_with_its_error(cli: Served) -> None:
+    unknown = "ab" * 32  # no image has it: a download is needed, and it fails
+    done = cli.run("create", cli.images.url("missing.raw"), "--checksum", unknown, "--wait")
+    assert done.returncode == 1
+    phases = [line.split()[1] for line in done.stdout.splitlines()[1:]]
+    assert phases == ["accepted", "downloading", "error"], done.stdout
+    assert "download-failed" in done.stderr
+
+
+def test_9_images_pull_wait_follows_the_download_and_fails_with_it(cli: Served) -> None:
+    image = image_of(cli.images, "pulled.raw")
+    done = cli.run("images", "pull", cli.images.url("missing.raw"), "--checksum",
+                   image["checksum"], "--wait")  # fmt: skip
+    assert done.returncode == 1
+    assert "download-failed" in done.stderr and "✗ error" in done.stdout
+    done = cli.run("images", "pull", image["url"], "--checksum", image["checksum"], "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"sha256-{image['checksum']}"
+    assert "✓ ready" in done.stdout
+
+
+def test_10_get_shows_the_whole_vm(cli: Served) -> None:
+    vm = cli.boot()
+    done = cli.run("get", vm["id"])
+    assert done.returncode == 0, done.stderr
+    fields = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip()
+              for line in done.stdout.split("\n\n")[0].splitlines()}  # fmt: skip
+    assert fields["mac address"] == vm["mac_address"]
+    assert fields["ip address"] == vm["ip_address"]
+    assert vm["image"]["url"] in fields["image"] and vm["image"]["checksum"] in fields["image"]
+    assert fields["network"] == "nat" and fields["started from"] == "cold"
+    timeline = done.stdout.split("\n\n")[1].splitlines()
+    assert timeline[0].split() == ["PHASE", "AT", "+", "TOOK"]
+    assert [row.split()[0] for row in timeline[1:]] == [e["phase"] for e in vm["timeline"]]
+
+
+def test_11_timeouts_have_a_unit_a_default_and_their_own_exit_code(cli: Served) -> None:
+    assert "give up after this long (default: 600.0)" in cli.run("wait", "--help").stdout
+    assert cli.run("wait", "some-id", "--timeout", "-1").returncode == 2
+    started = time.monotonic()
+    done = cli.run("create", *cli.held_image_args(), "--wait", "--timeout", "1")
+    assert done.returncode == 4, done.stderr
+    assert time.monotonic() - started < 30
+    [vm] = cli.vms()
+    assert done.stderr.strip() == f"goldclone create: VM {vm['id']} is still creating after 1 s"
+    done = cli.run("ip", vm["id"])
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"goldclone ip: no-ip: VM {vm['id']} has no IP address (it is "
+                                   "creating); --wait waits for one")  # fmt: skip
+    for command in ("create", "wait", "list", "delete", "images", "serve"):
+        assert "\n  4    a wait timed out" in cli.run(command, "--help").stdout
+
+
+def test_12_field_errors_are_named_alike_without_pydantic_s_words(cli: Served) -> None:
+    done = cli.run("create", cli.images.url("disk.raw"), "--checksum", "zz")
+    assert done.returncode == 2
+    assert done.stderr.startswith("goldclone create: image.checksum: ")
+    assert "Value error" not in done.stderr
+
+
+def test_version_quiet_list_ip_and_logs(cli: Served) -> None:
+    version = cli.run("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"goldclone {__version__}"
+    first, second = cli.boot(), cli.boot()
+    assert sorted(cli.run("list", "-q").stdout.split()) == sorted([first["id"], second["id"]])
+    assert cli.run("ip", first["id"]).stdout.strip() == first["ip_address"]
+    console = cli.data_dir / "vms" / first["id"] / "console.log"
+    console.write_text("goldclone-guest: up\nlogin:\n")
+    done = cli.run("logs", first["id"])
+    assert (done.returncode, done.stdout) == (0, "goldclone-guest: up\nlogin:\n")
+    assert cli.run("logs", "no-such-vm").returncode == 1
+
+
+def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
+    script = subprocess.run([*GOLDCLONE, "completion", "bash"], capture_output=True, text=True)
+    assert script.returncode == 0
+    (tmp_path / "completion.bash").write_text(script.stdout)
+    bin_dir = Path(sys.executable).parent
+    probe = f"""
+source {tmp_path}/completion.bash
+complete_words() {{
+    COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${{#COMP_LINE}}
+    COMPREPLY=(); _python_argcomplete goldclone; printf '%s\\n' "${{COMPREPLY[@]}}"
+}}
+complete_words goldclone cr
+echo ---
+complete_words goldclone create --che
+"""
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": path})  # fmt: skip
+    commands, options = done.stdout.split("---\n")
+    assert commands.split() == ["create"], done.stderr
+    assert sorted(options.split()) == ["--checksum", "--checksum-type"], done.stderr
+    for shell in ("zsh", "fish"):
+        done = subprocess.run([*GOLDCLONE, "completion", shell], capture_output=True, text=True)
+        assert done.returncode == 0 and "goldclone" in done.stdout
