@@ -20,6 +20,7 @@ from goldclone.settings import Settings, VMwareConfig
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, goldclone_server, processes_mentioning
 from tests.netns import foreign_network
+from tests.postgres import PostgresCluster
 from tests.servers import CallbackReceiver, FileServer
 
 FAST = Path(__file__).parent / "fast"
@@ -95,13 +96,35 @@ def settings(workdir: Path) -> Iterator[Settings]:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database: SQLite in the test's own folder, and one of its own on the
+    run's PostgreSQL server."""
+    if request.param == "postgresql":
+        url: str = await request.getfixturevalue("postgres").new_database()
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A real SQLite store, migrated, in the test's own folder."""
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A real store, migrated, on each kind of database."""
+    url = database_url
+    store = Store(url, "test-host")
     await store.open()
     yield store
     await store.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The run's PostgreSQL server, started at the first test that needs it."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -131,3 +154,15 @@ def nothing_left_running(workdir: Path) -> Iterator[None]:
     yield
     left = processes_mentioning(str(workdir))
     assert not left, f"processes of the test run are still running: {left}"
+
+
+def prepared(variable: str, what: str) -> Path:
+    """The path that ``scripts/test`` puts in ``variable``: ``what`` it made once and cached.
+    Without it the test fails (never skips), saying how to run the suite."""
+    path = os.environ.get(variable)
+    if not path or not Path(path).exists():
+        pytest.fail(
+            f"{variable} names nothing: run the suite with scripts/test (make test), which "
+            f"makes {what} once and caches it"
+        )
+    return Path(path)

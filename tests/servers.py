@@ -28,8 +28,10 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler], owner: Any, port: int = 0) -> Iterator[_Server]:
-    server = _Server(("127.0.0.1", port), handler)
+def _serving(
+    handler: type[BaseHTTPRequestHandler], owner: Any, port: int = 0, address: str = "127.0.0.1"
+) -> Iterator[_Server]:
+    server = _Server((address, port), handler)
     server.owner = owner  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -47,21 +49,24 @@ class FileServer:
     ``/stall/NAME`` sends the headers of NAME and then nothing, to make a download time out.
     ``/hold/NAME`` sends the first half of NAME and then nothing, to catch a download midway.
     ``/slow/NAME`` sends NAME at about 10 MB/s, so that a download is seen in progress.
+    It listens on loopback, or on ``address`` (``0.0.0.0``: every address of this namespace).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, address: str = "127.0.0.1") -> None:
         self.root = root
+        self.address = address
         self.gets: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._release = threading.Event()
         self.port = 0
 
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+    def url(self, name: str, at: str = "127.0.0.1") -> str:
+        """The URL of ``name``, reached at the address ``at``."""
+        return f"http://{at}:{self.port}/{name}"
 
     @contextmanager
     def running(self) -> Iterator[FileServer]:
-        with _serving(_FileHandler, self) as server:
+        with _serving(_FileHandler, self, address=self.address) as server:
             self.port = server.server_address[1]
             try:
                 yield self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -81,3 +82,32 @@ def _answers(port: int, proc: subprocess.Popen[bytes]) -> bool:
 def _read(log: IO[str]) -> str:
     log.seek(0)
     return log.read()
+
+
+def in_pty(argv: list[str], env: dict[str, str], until: str | None = None) -> tuple[str, int]:
+    """Run ``argv`` on a pseudo-terminal; with ``until``, send it SIGINT (as Ctrl-C does) once
+    that text has been shown. Returns what it showed and its exit code."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        # as a shell starts a program on a terminal: a test run started in the background
+        # (where a shell ignores SIGINT) must not pass that on, or Ctrl-C would do nothing
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execvpe(argv[0], argv, env)
+    shown = b""
+    interrupted = False
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+            if until and not interrupted and until.encode() in shown:
+                os.kill(pid, signal.SIGINT)
+                interrupted = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return shown.decode(errors="replace"), os.waitstatus_to_exitcode(status)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pty
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,7 @@ from goldclone.models import CreateVMRequest, ImageSpec
 from tests.conftest import checksum, ssh_key
 from tests.harness import Goldclone, leftovers
 from tests.servers import FileServer
-
-GOLDCLONE = [sys.executable, "-m", "goldclone.cli"]
+from tests.serving import GOLDCLONE, in_pty
 
 
 async def cli(goldclone: Goldclone, *args: str) -> tuple[int, str, str]:
@@ -175,7 +172,7 @@ async def test_create_wait_shows_progress_in_a_terminal(
     argv = [*GOLDCLONE, "create", url, "--checksum", digest, "--cpus", "1", "--memory", "256",
             "--wait"]  # fmt: skip
     env = {**os.environ, "GOLDCLONE_URL": str(goldclone.client.base_url), "COLUMNS": "100"}
-    screen, code = await asyncio.to_thread(_run_in_pty, argv, env)
+    screen, code = await asyncio.to_thread(in_pty, argv, env)
     assert code == 0, screen
     assert "\x1b[" in screen, "a terminal gets a live display"
     transcript = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
@@ -188,25 +185,6 @@ async def test_create_wait_shows_progress_in_a_terminal(
     vm = (await goldclone.client.get("/vms")).json()["vms"][0]
     assert transcript.rstrip().splitlines()[-1].strip() == vm["ip_address"]
     await goldclone.delete(vm["id"])
-
-
-def _run_in_pty(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
-    """Run ``argv`` with a pseudo-terminal as its stdout; return what it showed and its code."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child
-        os.execvpe(argv[0], argv, env)
-    chunks = []
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return b"".join(chunks).decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
 async def test_python_clients(goldclone: Goldclone, demo: tuple[str, str]) -> None:

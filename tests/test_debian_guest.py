@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import subprocess
 import tarfile
 import time
@@ -23,11 +22,13 @@ from typing import Any
 
 import pytest
 
+from goldclone.errors import CommandError
 from goldclone.host.commands import run
 from goldclone.settings import Settings
-from tests.conftest import checksum, ssh_key
+from tests.conftest import checksum, prepared, ssh_key
 from tests.harness import Goldclone, goldclone_server, leftovers, processes_mentioning
 from tests.servers import CallbackReceiver, FileServer
+from tests.serving import GOLDCLONE
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -63,13 +64,7 @@ SECRETS = ("user-data-secret-d3b1", *METADATA.values())
 
 @pytest.fixture(scope="session")
 def debian_image() -> Path:
-    path = os.environ.get("GOLDCLONE_DEBIAN_IMAGE")
-    if not path or not Path(path).is_file():
-        pytest.fail(
-            "GOLDCLONE_DEBIAN_IMAGE names no image: run the suite with scripts/test (make test), "
-            "which builds the Debian guest once and caches it"
-        )
-    return Path(path)
+    return prepared("GOLDCLONE_DEBIAN_IMAGE", "the Debian guest")
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +111,26 @@ class Ssh:
     """The OpenSSH client, logged in as the image's default user with the test's own key. It
     waits up to 90 s for the connection and sshd's banner: under TCG, with three guests on two
     cores (two running, a pool's next one being restored), a guest's sshd has taken over 20 s
-    to send it (twice out of four runs of the template test)."""
+    to send it (twice out of four runs of the template test). A connection that still stalls
+    is tried once more (it did once in CI, and 3 s here); if that fails too, the error carries
+    the guest's console and the host's neighbour table, to tell a stalled guest from a
+    network that lost it."""
 
-    def __init__(self, key: Path, ip: str) -> None:
-        self.key, self.ip = key, ip
+    def __init__(self, key: Path, ip: str, server: Goldclone, vm_id: str) -> None:
+        self.key, self.ip, self.server, self.vm_id = key, ip, server, vm_id
 
     async def __call__(self, command: str) -> str:
+        try:
+            return await self._run(command)
+        except CommandError as first:
+            if first.returncode != 255:  # the command's own failure, not ssh's
+                raise
+            try:
+                return await self._run(command)
+            except CommandError as second:
+                raise AssertionError(f"{first}; again: {second}\n{await self._state()}") from None
+
+    async def _run(self, command: str) -> str:
         _, out, _ = await run(
             "ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=90",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -130,35 +139,71 @@ class Ssh:
         )  # fmt: skip
         return out
 
+    async def _state(self) -> str:
+        console = (await self.server.client.get(f"/vms/{self.vm_id}/console")).text
+        _, neighbours, _ = await run("ip", "neigh", "show", check=False)
+        tail = "\n".join(console.splitlines()[-40:])
+        return f"console (last 40 lines):\n{tail}\nip neigh:\n{neighbours}"
 
-@pytest.mark.parametrize("package", ["qcow2", "vmware"])
-async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
+
+async def test_real_debian_guests_cold_booted_from_both_packages_and_restored_from_a_template(
     server: Goldclone,
     debian_packages: dict[str, Path],
     file_server: FileServer,
     callbacks: CallbackReceiver,
     tmp_path: Path,
-    package: str,
 ) -> None:
-    served = debian_packages[package]
+    """Three guests at once on two cores: the qcow2 and the VMware package each cold-booted
+    and configured by cloud-init, and the guest that a template is made of (then the VMs
+    restored from it). One by one, they took the suite minutes longer."""
     key, public_key = ssh_key(tmp_path)
-    name = f"debian-{package}"
-    body = {
-        "image": {"url": file_server.url(served.name), "checksum": checksum(served)},
-        "cpus": 1, "memory": 1024, "network_type": "nat",
-        "name": name, "ssh_authorized_keys": [public_key],
-        "user_data": USER_DATA, "metadata": METADATA,
-        "ready_when": {"tcp": 22, "timeout": int(BOOT_TIMEOUT)},
-        "callback_url": callbacks.url,
-    }  # fmt: skip
-    vm = await server.post_vm(body)
-    vm = await server.wait_for(vm["id"], "running", "error", timeout=2 * BOOT_TIMEOUT)
+    await asyncio.gather(
+        _cold_boots(server, debian_packages, file_server, callbacks, key, public_key),
+        _restores(server, debian_packages, file_server, key, public_key),
+    )
+    assert list((server.data_dir / "vms").iterdir()) == []  # the pool's machine too
+
+
+async def _cold_boots(
+    server: Goldclone,
+    debian_packages: dict[str, Path],
+    file_server: FileServer,
+    callbacks: CallbackReceiver,
+    key: Path,
+    public_key: str,
+) -> None:
+    async def create(package: str) -> dict[str, Any]:
+        served = debian_packages[package]
+        body = {
+            "image": {"url": file_server.url(served.name), "checksum": checksum(served)},
+            "cpus": 1, "memory": 1024, "network_type": "nat",
+            "name": f"debian-{package}", "ssh_authorized_keys": [public_key],
+            "user_data": USER_DATA, "metadata": METADATA,
+            "ready_when": {"tcp": 22, "timeout": int(BOOT_TIMEOUT)},
+            "callback_url": callbacks.url,
+        }  # fmt: skip
+        return await server.post_vm(body)
+
+    created = [await create(package) for package in debian_packages]
+    finished = await asyncio.gather(
+        *(server.wait_for(vm["id"], "running", "error", timeout=2 * BOOT_TIMEOUT) for vm in created)
+    )
+    told = {body["id"]: body for body in await asyncio.to_thread(callbacks.wait_for, 2, 30)}
+    await asyncio.gather(*(_check_configured(server, vm, told[vm["id"]], key) for vm in finished))
+    for vm in finished:
+        await server.delete(vm["id"])
+        assert leftovers(server.data_dir, vm) == []
+
+
+async def _check_configured(
+    server: Goldclone, vm: dict[str, Any], callback: dict[str, Any], key: Path
+) -> None:
+    """What cloud-init made of the request, seen by logging in; and no secret shown."""
     assert vm["status"] == "running", vm
-    [callback] = await asyncio.to_thread(callbacks.wait_for, 1, 30)
     phases = [entry["phase"] for entry in callback["timeline"]]
     assert callback["status"] == "running" and phases[-2:] == ["ready", "running"], callback
-
-    ssh = Ssh(key, vm["ip_address"])
+    name = vm["name"]
+    ssh = Ssh(key, vm["ip_address"], server, vm["id"])
     await ssh("cloud-init status --wait >/dev/null || true")  # the late stages may still run
     assert (await ssh("hostname")).strip() == name
     assert (await ssh("cat /etc/goldclone-job")).strip() == "user-data-secret-d3b1"
@@ -173,6 +218,13 @@ async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
     assert (await ssh("ls /etc/ssh/ssh_host_ed25519_key.pub")).strip()
     console = (await server.client.get(f"/vms/{vm['id']}/console")).text
     assert "Linux version" in console and name in console
+    # the same through the CLI, as a user would: `goldclone ssh` and `goldclone logs`
+    url = ["--url", str(server.client.base_url)]
+    _, out, _ = await run(*GOLDCLONE, "ssh", vm["id"], *url, "--user", "debian", "-i",
+                          str(key), "--", "hostname", timeout=300)  # fmt: skip
+    assert out.strip() == name
+    _, out, _ = await run(*GOLDCLONE, "logs", vm["id"], *url, timeout=60)
+    assert "Linux version" in out and name in out
 
     shown = [
         (await server.client.get(f"/vms/{vm['id']}")).text,
@@ -182,13 +234,17 @@ async def test_a_real_debian_guest_is_configured_ready_and_reachable_by_ssh(
     for secret in SECRETS:
         assert not [text for text in shown if secret in text], secret
         assert processes_mentioning(secret) == []
-    await server.delete(vm["id"])
-    assert leftovers(server.data_dir, vm) == []
 
 
-async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
-    server: Goldclone, debian_packages: dict[str, Path], file_server: FileServer, tmp_path: Path
+async def _restores(
+    server: Goldclone,
+    debian_packages: dict[str, Path],
+    file_server: FileServer,
+    key: Path,
+    public_key: str,
 ) -> None:
+    """A template of the qcow2 package; a VM restored from it and two claimed from a warm
+    pool, all running at once, each its own machine."""
     served = debian_packages["qcow2"]
     image = {"url": file_server.url(served.name), "checksum": checksum(served)}
     assert (await server.client.post("/images", json=image)).status_code == 202
@@ -196,8 +252,8 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
     shape = {"cpus": 1, "memory": 1024}
 
     async def image_now() -> dict[str, Any]:
-        [found] = (await server.client.get("/images")).json()["images"]
-        return dict(found)
+        images = (await server.client.get("/images")).json()["images"]
+        return dict(next(found for found in images if found["id"] == image_id))
 
     async with asyncio.timeout(BOOT_TIMEOUT):
         while (await image_now())["status"] == "downloading":
@@ -210,7 +266,6 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
             await asyncio.sleep(1)
     assert template["status"] == "ready", template
 
-    key, public_key = ssh_key(tmp_path)
     pool = {"image": image, **shape, "size": 1}
     seen = {}
     for name, started_from in (("warm-1", "template"), ("warm-2", "pool"), ("warm-3", "pool")):
@@ -222,7 +277,7 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
                 "metadata": metadata, "ready_when": {"tcp": 22, "timeout": 120}}  # fmt: skip
         vm = await server.boot(body)
         assert vm["status"] == "running" and vm["started_from"] == started_from, vm
-        ssh = Ssh(key, vm["ip_address"])
+        ssh = Ssh(key, vm["ip_address"], server, vm["id"])
         assert (await ssh("hostname")).strip() == name
         # saved once it had finished starting, so no clone starts it again
         assert (await ssh("systemctl is-system-running || true")).strip() in {"running", "degraded"}
@@ -239,6 +294,6 @@ async def test_real_debian_guests_restored_from_a_template_are_each_their_own(
         assert len({found[part] for found in seen.values()}) == 3, part
     assert (await server.client.delete("/pools/debian")).status_code == 204
     for vm in (await server.client.get("/vms")).json()["vms"]:
-        await server.delete(vm["id"])
-        assert leftovers(server.data_dir, vm) == []
-    assert list((server.data_dir / "vms").iterdir()) == []  # the pool's machine too
+        if vm["name"] in seen:
+            await server.delete(vm["id"])
+            assert leftovers(server.data_dir, vm) == []

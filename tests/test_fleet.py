@@ -136,7 +136,7 @@ async def test_a_lease_that_ends_while_the_service_is_stopped_ends_at_its_start(
     goldclone: Goldclone, file_server: FileServer, demo_package: Any
 ) -> None:
     body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
-    vm = await goldclone.boot(body | {"ttl": 8})
+    vm = await goldclone.boot(body | {"ttl": 20})  # past the boot, on a loaded host too
     assert vm["status"] == "running", vm
     pid = int((goldclone.data_dir / "vms" / vm["id"] / "qemu.pid").read_text())
     await goldclone.stop()

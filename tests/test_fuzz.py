@@ -12,6 +12,7 @@ out: its answer is a stream that never ends by design (``tests/test_fleet.py`` r
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ from tests.serving import GOLDCLONE, free_port, serving
 
 EXAMPLES = os.environ.get("GOLDCLONE_FUZZ_EXAMPLES", "50")
 SEED = os.environ.get("GOLDCLONE_FUZZ_SEED", "20261126")
+REQUEST_TIMEOUT = 60
+"""Seconds; schemathesis's default of 10 was once passed in CI by a DELETE, which answers once
+its VM is gone: after a guest's clean shutdown, that is up to GOLDCLONE_SHUTDOWN_TIMEOUT (10 s)
+and the teardown. A failure shows the server's log with the report."""
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -> None:
@@ -31,22 +36,26 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
             [str(Path(sys.executable).parent / "schemathesis"), "run",
              f"http://127.0.0.1:{port}/openapi.json", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--exclude-operation-id", "events",
-             "--max-examples", EXAMPLES, "--seed", SEED, "--no-color"],
+             "--max-examples", EXAMPLES, "--seed", SEED, "--no-color",
+             "--request-timeout", str(REQUEST_TIMEOUT)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     report = result.stdout + result.stderr
-    assert result.returncode == 0, report
+    assert result.returncode == 0, f"{report}\nthe server's log:\n{log.text()}"
     # A fuzzed server never has a ready gold image, so POST /images/{id}/templates never gets
-    # past its 404 or 400: schemathesis's two coverage heuristics warn about that operation.
-    # Those warnings are expected; any other is not.
+    # past its 404 or 400; and its one host is up, so DELETE /hosts/{id} answers 404 or 409:
+    # schemathesis's two coverage heuristics warn about those operations, and only those.
     warnings = report.partition("\nWarnings:\n")[2].partition("\n\n")[0].splitlines()
-    expected = {
-        "Missing test data: 1 operation repeatedly returned 404 responses",
-        "Schema validation mismatch: 1 operation mostly rejected generated data",
-    }
-    assert "No issues found" in report or {w.strip(" ⚠️") for w in warnings} <= expected, report
+    expected = re.compile(
+        r"(Missing test data: \d operations? repeatedly returned 404 responses"
+        r"|Schema validation mismatch: \d operations? mostly rejected generated data)"
+    )
+    unexpected = [w for w in warnings if w.strip(" ⚠️") and not expected.fullmatch(w.strip(" ⚠️"))]
+    assert "No issues found" in report or not unexpected, report
+    never_succeed = ("POST /images/{image_id}/templates", "DELETE /hosts/{host_id}")
     for heading in ("Missing test data", "Schema validation mismatch"):
         if heading in report:
-            section = report.partition(heading)[2].partition("💡")[0]
-            assert section.count("  - ") == 1 and "POST /images/{image_id}/templates" in section
+            section = report.partition(heading)[2].partition("\nSchema validation")[0]
+            named = [line.strip()[2:] for line in section.splitlines() if line.startswith("  - ")]
+            assert named and set(named) <= set(never_succeed), section
     assert "Traceback" not in log.text(), log.text()

@@ -98,9 +98,25 @@ async def test_a_data_dir_of_the_release_before_migrations_upgrades_in_place(
             page = await guest.get(f"http://{after['ip_address']}/")
         assert before["mac_address"] in page.text
         images = (await server.client.get("/images")).json()["images"]
-        assert [(i["id"], i["status"]) for i in images] == [
-            (f"sha256-{checksum(demo_package)}", "ready")
+        sha256 = checksum(demo_package)
+        assert [(i["id"], i["status"], i["checksums"]) for i in images] == [
+            (f"sha256-{sha256}", "ready", {"sha256": sha256})
         ]
+        # the old release's gold image is known by its content: another checksum of the same
+        # package names it, and makes no second copy
+        md5 = checksum(demo_package, "md5")
+        pulled = await server.client.post("/images", json={**body["image"], "checksum": md5,
+                                                           "checksum_type": "md5"})  # fmt: skip
+        assert pulled.status_code == 202, pulled.text
+        async with asyncio.timeout(60):
+            while (images := (await server.client.get("/images")).json()["images"]) and any(
+                i["status"] == "downloading" for i in images
+            ):
+                await asyncio.sleep(0.1)
+        assert [(i["id"], i["checksums"]) for i in images] == [
+            (f"sha256-{sha256}", {"md5": md5, "sha256": sha256})
+        ]
+        assert [p.name for p in (settings.data_dir / "images").iterdir()] == [f"sha256-{sha256}"]
         db = sqlite3.connect(settings.data_dir / "state.db")
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(head(),)]
         db.close()

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.models import MIN_MEMORY_MB
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers, links, processes_mentioning
@@ -209,6 +210,19 @@ async def test_running_vms_survive_a_restart(
     assert after == vm
     await assert_serves(after)
     await destroy_and_check(goldclone, after)
+
+
+async def test_the_demo_guest_boots_with_the_least_memory_a_vm_may_have(
+    goldclone: Goldclone, demo_request: DemoRequest
+) -> None:
+    """``MIN_MEMORY_MB`` is one that boots: the demo guest's kernel panics below 80 MB."""
+    vm = await goldclone.boot(demo_request(memory=MIN_MEMORY_MB))
+    await assert_serves(vm)
+    less = await goldclone.client.post("/vms", json=demo_request(memory=MIN_MEMORY_MB - 1))
+    assert (less.status_code, less.json()["message"]) == (
+        400, f"memory: Input should be greater than or equal to {MIN_MEMORY_MB}"
+    )  # fmt: skip
+    await destroy_and_check(goldclone, vm)
 
 
 async def test_a_guest_that_powers_off_is_stopped(

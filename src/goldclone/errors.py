@@ -107,6 +107,25 @@ class ConsoleUnavailable(GoldcloneError):
     status = 404
 
 
+class HostNotFound(GoldcloneError):
+    code = "host-not-found"
+    status = 404
+
+
+class HostUp(GoldcloneError):
+    """``DELETE /hosts/{id}`` of a host that still heartbeats."""
+
+    code = "host-up"
+    status = 409
+
+
+class HostLost(GoldcloneError):
+    """A change of a VM whose host is ``lost``: only that host can make it."""
+
+    code = "host-lost"
+    status = 409
+
+
 class RouteNotFound(GoldcloneError):
     code = "not-found"
     status = 404
@@ -308,7 +327,8 @@ def answer_codes() -> dict[int, list[str]]:
 
 
 def vm_error_codes() -> list[str]:
-    """The codes that a VM in ``error`` can hold: each ``VMFailure``, and ``internal-error``."""
+    """The codes that a VM in ``error`` can hold: each ``VMFailure``, ``host-lost`` (its host
+    was forgotten), and ``internal-error``."""
     groups = (ImageError,)  # a family of failures; never raised itself
     found = [cls.code for cls in _subclasses(VMFailure) if cls not in groups]
-    return [*found, GoldcloneError.code]
+    return [*found, HostLost.code, GoldcloneError.code]

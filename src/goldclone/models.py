@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import struct
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -97,6 +99,8 @@ class Status(StrEnum):
     STOPPED = "stopped"
     DELETING = "deleting"
     ERROR = "error"
+    UNKNOWN = "unknown"
+    """Never stored: shown for a VM whose host has not been heard from (its ``lost``)."""
 
 
 class Phase(StrEnum):
@@ -116,6 +120,53 @@ class Phase(StrEnum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class FieldProblem(ValueError):
+    """A rule of a whole object that one of its fields breaks (a checksum too short for its
+    type): raised by a model validator, it is reported under that field, ``image.checksum``,
+    rather than under the object."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def explain_validation_error(exc: ValidationError) -> str:
+    """The API's message for a request that ``exc`` refused: each problem as its field's
+    dotted path and what is wrong with it, e.g. ``image.checksum: must be hexadecimal; cpus:
+    Input should be a valid integer``. The server and the CLI say the same with it."""
+    return explain_errors(exc.errors())
+
+
+def explain_errors(errors: Iterable[Mapping[str, Any]]) -> str:
+    """``explain_validation_error`` of pydantic's error details (``ValidationError.errors()``,
+    or FastAPI's, whose locations are relative to the body)."""
+    parts = []
+    for error in errors:
+        path = [str(part) for part in error.get("loc", ())]
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, FieldProblem):
+            path.append(cause.field)
+        parts.append(f"{'.'.join(path) or 'body'}: {_what_is_wrong(error, cause)}")
+    return "; ".join(parts)
+
+
+def _what_is_wrong(error: Mapping[str, Any], cause: object) -> str:
+    kind = error.get("type")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "is required"
+    if kind == "value_error" and isinstance(cause, ValueError):
+        return str(cause)  # pydantic's msg puts "Value error, " before it
+    return str(error.get("msg", "is invalid"))
+
+
+def explain_json_error(exc: json.JSONDecodeError) -> str:
+    """Where a JSON document breaks, and how: ``line 4, column 1: Illegal trailing comma
+    before end of object``."""
+    return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
 
 
 class ImageSpec(_Strict):
@@ -140,9 +191,10 @@ class ImageSpec(_Strict):
     def _checksum_length(self) -> ImageSpec:
         expected = CHECKSUM_HEX_LENGTH[self.checksum_type]
         if len(self.checksum) != expected:
-            raise ValueError(
-                f"checksum: a {self.checksum_type} checksum has {expected} hex digits, "
-                f"not {len(self.checksum)}"
+            raise FieldProblem(
+                "checksum",
+                f"a {self.checksum_type} checksum has {expected} hex digits, "
+                f"not {len(self.checksum)}",
             )
         return self
 
@@ -152,19 +204,25 @@ class ImageSpec(_Strict):
         return f"{self.checksum_type}-{self.checksum.lower()}"
 
 
-def _integral(value: object) -> object:
-    """JSON has one number type: ``2.0`` is the integer 2, as JSON Schema says; ``2.5`` and
-    ``"2"`` stay invalid."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+Count = StrictInt
+"""A whole number, as JSON writes one: ``2.0``, ``"2"`` and ``true`` are not counts."""
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+MIN_MEMORY_MB = 128
+"""The least memory a VM, template or pool machine may have. The demo guest boots with 80 MB
+under QEMU (with less, its kernel runs out of memory unpacking its initramfs, and panics);
+this leaves room for a larger kernel. A host may ask for more (``Limits.min_memory_mb``)."""
+MemoryMB = Annotated[Count, Field(ge=MIN_MEMORY_MB, description="Megabytes.")]
+_PATH = r"^/[!-~]*$"
+
+
+def _true(value: bool) -> bool:
+    if not value:
+        raise ValueError("must be true, or left out")
     return value
 
 
-Count = Annotated[StrictInt, BeforeValidator(_integral)]
-
-
-Port = Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1, le=65535)]
-_PATH = r"^/[!-~]*$"
+StrictTrue = Annotated[StrictBool, AfterValidator(_true), Field(json_schema_extra={"const": True})]
+"""``true`` itself: ``Literal[True]`` takes ``1`` and ``1.0`` too."""
 
 
 class HttpCheck(_Strict):
@@ -179,7 +237,7 @@ class ReadyWhen(_Strict):
 
     tcp: Port | None = None
     http: HttpCheck | None = None
-    guest_agent: Literal[True] | None = None
+    guest_agent: StrictTrue | None = None
     timeout: Annotated[Count, Field(ge=1, le=86400)] | None = None
 
     @model_validator(mode="after")
@@ -313,7 +371,7 @@ class CreateVMRequest(_Strict):
 
     image: ImageSpec
     cpus: Count = 2
-    memory: Count = Field(default=1024, description="Megabytes.")
+    memory: MemoryMB = 1024
     network_type: NetworkType = "nat"
     headless: StrictBool = True
     callback_url: HttpUrl | None = None
@@ -409,12 +467,22 @@ class VM(BaseModel):
     ip_address: str = ""
     mac_address: str = ""
     status: Status = Status.CREATING
+    status_reason: str | None = None
+    """Why the status is ``unknown``; null otherwise."""
+    host: str | None = None
+    """The ID of the host whose hypervisor runs it (``GET /hosts``)."""
     guest_os: str = ""
     error: ErrorBody | None = None
     created_at: str
     timeline: list[TimelineEntry] = []
     progress: DownloadProgress | None = None
     """Present while the VM waits for its image to download."""
+    image_from_cache: bool | None = Field(
+        default=None,
+        description="Whether the gold image was in the cache when the VM needed it: true, "
+        "nothing was downloaded for it and image.url was not fetched (the cache is "
+        "content-addressed); false, it waited for a download; null until it has its image.",
+    )
 
 
 class VMList(BaseModel):
@@ -446,6 +514,13 @@ class Image(BaseModel):
     """``<checksum_type>-<checksum>``, the image's address in ``/images/{id}``."""
     checksum: str
     checksum_type: ChecksumType
+    checksums: dict[ChecksumType, str] = Field(
+        default={},
+        description="Every checksum the image is known by, type to lowercase hex: the one it "
+        "was fetched by, its package's sha256, and others verified against the same package "
+        "since. A request with any of them uses this image, and /images/<type>-<checksum> of "
+        "any of them names it.",
+    )
     url: str
     status: ImageStatus
     size_bytes: int = 0
@@ -465,7 +540,7 @@ class TemplateRequest(_Strict):
     for, and what "ready" means before it is saved."""
 
     cpus: Count = 2
-    memory: Count = Field(default=1024, description="Megabytes.")
+    memory: MemoryMB = 1024
     ready_when: ReadyWhen | None = None
 
 
@@ -501,7 +576,7 @@ class PoolRequest(_Strict):
 
     image: ImageSpec
     cpus: Count = 2
-    memory: Count = Field(default=1024, description="Megabytes.")
+    memory: MemoryMB = 1024
     network_type: NetworkType = "nat"
     size: Annotated[Count, Field(ge=0, le=POOL_MAX_SIZE)] = 1
 
@@ -533,6 +608,46 @@ class Pool(BaseModel):
     """VMs claimed from the pool since it was made."""
     error: ErrorBody | None = None
     created_at: str
+
+
+class HostState(StrEnum):
+    UP = "up"
+    LOST = "lost"
+
+
+class Resources(BaseModel):
+    """VMs, vCPUs and MB of memory; null where the host sets no total."""
+
+    vms: int | None
+    cpus: int | None
+    memory: int | None
+
+
+class Host(BaseModel):
+    """A service on the shared database, as ``GET /hosts`` shows it."""
+
+    id: str
+    name: str
+    """The machine's hostname."""
+    state: HostState
+    """``lost`` once no heartbeat came for ``GOLDCLONE_HOST_LOST_AFTER`` seconds."""
+    started_at: str
+    heartbeat_at: str
+    driver: str
+    network_types: list[str]
+    capacity: Resources
+    """The totals the host admits VMs to (``GOLDCLONE_MAX_VMS``, ...)."""
+    used: Resources
+    """What its VMs and warm pools' machines hold."""
+    free: Resources
+    machine: Resources
+    """The machine's own CPUs and memory, for reference."""
+    images: list[str] = []
+    """The gold images it holds, by ID."""
+
+
+class HostList(BaseModel):
+    hosts: list[Host]
 
 
 class PoolList(BaseModel):

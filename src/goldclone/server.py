@@ -18,6 +18,7 @@ from goldclone.drivers.base import Driver
 from goldclone.images.cache import ImageCache
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service import VMService
+from goldclone.service.fleet import host_id_of
 from goldclone.service.store import Store
 from goldclone.settings import Settings
 
@@ -31,15 +32,10 @@ def build_service(settings: Settings, driver: Driver | None = None) -> VMService
     data_dir.mkdir(parents=True, exist_ok=True)
     policy = OutboundPolicy(allow_private=settings.allow_private_urls)
     http = httpx.AsyncClient(follow_redirects=True, transport=PolicyTransport(policy))
-    return VMService(
-        settings,
-        Store(settings.db_url),
-        ImageCache(
-            data_dir, http, settings.download_timeout, reserve_bytes=settings.reserve_mb << 20
-        ),
-        driver or build_driver(settings, data_dir),
-        http,
-    )
+    store = Store(settings.db_url, host_id_of(settings))
+    images = ImageCache(data_dir, http, settings.download_timeout,
+                        reserve_bytes=settings.reserve_mb << 20, checksums=store)  # fmt: skip
+    return VMService(settings, store, images, driver or build_driver(settings, data_dir), http)
 
 
 def build_driver(settings: Settings, data_dir: Path) -> Driver:

@@ -76,9 +76,11 @@ async def serving(service: Service) -> AsyncIterator[Service]:
 
 
 @pytest.fixture
-def fast_settings(tmp_path: Path) -> Settings:
+def fast_settings(tmp_path: Path, database_url: str) -> Settings:
+    """The service's settings, on each kind of database (``database_url``)."""
     return Settings(
         data_dir=tmp_path / "data",
+        database_url=database_url,
         ip_timeout=5.0,
         download_timeout=5.0,
         callback_schedule=(0, 0.05, 0.1),

@@ -8,16 +8,17 @@ import dataclasses
 import io
 import json
 import logging
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone import logs
 from goldclone.models import seconds_until
+from goldclone.service.tables import vms
 from goldclone.settings import Settings
 from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
@@ -134,7 +135,7 @@ async def test_a_lease_that_ended_while_the_service_was_stopped_ends_the_vm_at_s
         vm = await service.boot({**request_body, "ttl": 1})
         await service.client.patch(f"/vms/{vm['id']}", json={"ttl": 600})
         lasting = await service.boot({**request_body, "ttl": 600})
-    _set_expiry(fast_settings.data_dir, vm["id"], "2000-01-01T00:00:00.000Z")
+    await _set_expiry(fast_settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
     async with serving(Service(fast_settings, host)) as service:
         assert (await service.client.get(f"/vms/{vm['id']}")).status_code == 404  # at start
         assert host.running() == {lasting["id"]}
@@ -164,13 +165,17 @@ async def test_wait_answers_as_soon_as_the_vm_is_no_longer_creating(
             assert response.status_code == 400, query
 
 
-def _set_expiry(data_dir: Path, vm_id: str, when: str) -> None:
+async def _set_expiry(database_url: str, vm_id: str, when: str) -> None:
     """Move a stopped service's VM's lease into the past, as time passing would."""
-    with sqlite3.connect(data_dir / "state.db") as db:
-        (record,) = db.execute("SELECT vm FROM vms WHERE id = ?", (vm_id,)).fetchone()
-        vm = json.loads(record) | {"expires_at": when}
-        db.execute("UPDATE vms SET vm = ?, expires_at = ? WHERE id = ?",
-                   (json.dumps(vm), when, vm_id))  # fmt: skip
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            row = (await conn.execute(select(vms.c.vm).where(vms.c.id == vm_id))).one()
+            await conn.execute(vms.update().where(vms.c.id == vm_id).values(
+                vm={**row.vm, "expires_at": when}, expires_at=when,
+            ))  # fmt: skip
+    finally:
+        await engine.dispose()
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

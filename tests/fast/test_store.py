@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
 from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry, now_ms, now_s
-from goldclone.service import schema, tables
-from goldclone.service.store import TRANSITIONS, Earlier, Held, Store
+from goldclone.service import events, schema, tables
+from goldclone.service.store import TRANSITIONS, Candidate, Earlier, Held, Placing, Store
 
 
 def make_vm() -> VM:
@@ -26,14 +27,15 @@ def make_vm() -> VM:
         network_type="nat",
         headless=True,
         callback_url=None,
+        host="test-host",  # as the store records it
         created_at=now_s(),
         timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
     )
 
 
-async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    store = Store(url)
+async def test_vms_persist_across_reopening_in_the_order_accepted(database_url: str) -> None:
+    url = database_url
+    store = Store(url, "test-host")
     await store.open()
     vms = [make_vm() for _ in range(5)]
     for vm in vms:
@@ -48,7 +50,7 @@ async def test_vms_persist_across_reopening_in_the_order_accepted(tmp_path: Path
     )
     await store.close()
 
-    reopened = Store(url)
+    reopened = Store(url, "test-host")
     await reopened.open()
     assert [vm.id for vm in await reopened.list()] == [vm.id for vm in vms]
     assert await reopened.get(vms[2].id) == running
@@ -80,11 +82,11 @@ async def test_only_the_transitions_of_the_state_machine_happen(store: Store) ->
     assert (await store.get(vm.id)).status is Status.ERROR
 
 
-async def test_concurrent_changes_from_two_connections_are_serialized(tmp_path: Path) -> None:
+async def test_concurrent_changes_from_two_connections_are_serialized(database_url: str) -> None:
     """Two stores on one file stand for two services: exactly one of two racing changes that
     both expect ``running`` wins, and the other learns it from a ``StateConflict``."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    first, second = Store(url), Store(url)
+    url = database_url
+    first, second = Store(url, "test-host"), Store(url, "test-host")
     await first.open()
     await second.open()
     try:
@@ -106,9 +108,9 @@ async def test_concurrent_changes_from_two_connections_are_serialized(tmp_path: 
         await second.close()
 
 
-async def test_a_repeated_idempotency_key_returns_the_first_vm(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    first, second = Store(url), Store(url)
+async def test_a_repeated_idempotency_key_returns_the_first_vm(database_url: str) -> None:
+    url = database_url
+    first, second = Store(url, "test-host"), Store(url, "test-host")
     await first.open()
     await second.open()
     try:
@@ -131,12 +133,16 @@ async def test_a_repeated_idempotency_key_returns_the_first_vm(tmp_path: Path) -
 
 
 async def test_capacity_is_checked_in_the_admitting_transaction(store: Store) -> None:
-    def at_most_three(held: list[VM]) -> None:
-        if len(held) >= 3:
+    def at_most_three(candidates: list[Candidate]) -> Candidate:
+        [host] = candidates
+        if len(host.held) >= 3:
             raise CapacityExceeded("full")
+        return host
 
+    await store.beat({"network_types": ["nat"]})
+    placing = Placing("sha256-" + "0" * 64, 1, 256, since="", choose=at_most_three)
     outcomes = await asyncio.gather(
-        *(store.admit(make_vm(), None, at_most_three) for _ in range(8)), return_exceptions=True
+        *(store.admit(make_vm(), None, placing) for _ in range(8)), return_exceptions=True
     )
     assert sum(isinstance(o, CapacityExceeded) for o in outcomes) == 5
     assert len(await store.list()) == 3
@@ -161,10 +167,10 @@ async def test_only_a_deleting_vm_is_forgotten_or_restored(store: Store) -> None
 
 
 async def test_concurrent_admissions_on_one_database_never_claim_one_pooled_machine_twice(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    first, second = Store(url), Store(url)
+    url = database_url
+    first, second = Store(url, "test-host"), Store(url, "test-host")
     await first.open()
     await second.open()
     try:
@@ -197,3 +203,49 @@ def test_the_migrations_make_the_tables_that_the_queries_use(tmp_path: Path) -> 
         differences = compare_metadata(MigrationContext.configure(connection), tables.metadata)
     engine.dispose()
     assert differences == []
+
+
+async def test_vms_recorded_before_hosts_existed_become_the_first_hosts_own(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    config = schema._config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0007")  # the release before hosts
+        old = make_vm().model_copy(update={"host": None})
+        connection.execute(tables.vms.insert().values(
+            id=old.id, status="running", vm=old.model_dump(mode="json"), runtime={},
+        ))  # fmt: skip
+    engine.dispose()
+    store = Store(f"sqlite+aiosqlite:///{path}", "first-host")
+    await store.open()
+    try:
+        [adopted] = await store.list()  # its own now
+        assert adopted.id == old.id and adopted.host == "first-host"
+        assert await store.machines() == {old.id}
+    finally:
+        await store.close()
+
+
+async def test_a_heartbeat_wakes_no_one_so_an_idle_stream_still_keeps_alive(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "KEEPALIVE", 0.3)
+
+    async def beating() -> None:
+        while True:
+            await store.beat({})
+            await asyncio.sleep(0.05)
+
+    beats = asyncio.create_task(beating())
+    stream = events.stream(store, None, None)
+    try:
+        async with asyncio.timeout(3):
+            assert await anext(stream) is None  # a keepalive, though the host beat 6 times
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+        await stream.aclose()
+

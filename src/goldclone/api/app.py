@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from json import JSONDecodeError
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request, Response
@@ -31,6 +32,7 @@ from goldclone.models import (
     VM,
     CreateVMRequest,
     ErrorBody,
+    HostList,
     Image,
     ImageList,
     ImageSpec,
@@ -43,6 +45,8 @@ from goldclone.models import (
     TemplateRequest,
     UpdateVMRequest,
     VMList,
+    explain_errors,
+    explain_json_error,
 )
 from goldclone.service import VMService
 from goldclone.service.events import Event, VMFilter
@@ -230,6 +234,23 @@ def create_app(
         await service.pools.delete(name)
         return Response(status_code=204)
 
+    @app.get("/hosts", response_model=HostList, operation_id="list_hosts",
+             responses={200: {"links": _HOST_LINKS}})  # fmt: skip
+    async def list_hosts() -> HostList:
+        """The hosts that share this service's database (this one alone on SQLite): what
+        each offers, holds and has free, its last heartbeat, and whether it is ``up`` or
+        ``lost``."""
+        return HostList(hosts=await service.fleet.hosts())
+
+    @app.delete("/hosts/{host_id}", status_code=204, response_class=Response,
+                operation_id="forget_host")  # fmt: skip
+    async def forget_host(host_id: str) -> Response:
+        """Forget a ``lost`` host that will not come back: its VMs end in ``error``
+        (``host-lost``) and their callbacks are told; 409 ``host-up`` for a host that still
+        heartbeats."""
+        await service.forget_host(host_id)
+        return Response(status_code=204)
+
     @app.exception_handler(GoldcloneError)
     async def _goldclone_error(_: Request, exc: GoldcloneError) -> JSONResponse:
         if exc.status >= 500:
@@ -240,9 +261,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(InvalidJSON("the body is not valid JSON"))
-        return error_response(InvalidRequest(_describe(errors)))
+        for error in errors:
+            if error.get("type") == "json_invalid":
+                return error_response(InvalidJSON(_not_json(error, exc.body)))
+        return error_response(InvalidRequest(explain_errors(map(_in_body, errors))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -252,6 +274,8 @@ def create_app(
             return response
         if exc.status_code == RouteNotFound.status:
             return error_response(RouteNotFound(str(exc.detail)))
+        if exc.status_code == InvalidJSON.status:  # FastAPI's answer to a body it cannot decode
+            return error_response(InvalidJSON("the body is not valid JSON: it is not UTF-8 text"))
         # any other status Starlette raises itself keeps its status
         return JSONResponse(
             {"code": "http-error", "message": str(exc.detail)}, status_code=exc.status_code
@@ -309,6 +333,10 @@ _POOL_LINKS = {
     name: {"operationId": operation, "parameters": {"name": "$response.body#/name"}}
     for name, operation in (("GetPool", "get_pool"), ("DeletePool", "delete_pool"))
 }
+_HOST_LINKS = {
+    "ForgetHost": {"operationId": "forget_host",
+                   "parameters": {"host_id": "$response.body#/hosts/0/id"}},
+}  # fmt: skip
 _IMAGE_LINKS = {
     "DeleteImage": {"operationId": "delete_image",
                     "parameters": {"image_id": "$response.body#/id"}},
@@ -349,9 +377,8 @@ def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> N
             if limits is not None:
                 fields = schemas[name]["properties"]
                 fields["cpus"] |= {"minimum": limits.min_cpus, "maximum": limits.max_cpus}
-                fields["memory"] |= {
-                    "minimum": limits.min_memory_mb, "maximum": limits.max_memory_mb,
-                }  # fmt: skip
+                least = max(limits.min_memory_mb, fields["memory"].get("minimum", 0))
+                fields["memory"] |= {"minimum": least, "maximum": limits.max_memory_mb}
         for name in ("CreateVMRequest", "PoolRequest"):
             schemas[name]["properties"]["network_type"]["enum"] = service.network_types()
         leases = service.leases
@@ -366,18 +393,18 @@ def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> N
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _describe(errors: Any) -> str:
-    """One line naming each offending field, e.g. ``image.checksum: must be hexadecimal``."""
-    parts = []
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "body"
-        kind = error.get("type", "")
-        if kind == "extra_forbidden":
-            message = "unknown field"
-        elif kind == "missing":
-            message = "is required"
-        else:
-            message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-        parts.append(f"{field}: {message}")
-    return "; ".join(parts)
+def _not_json(error: Mapping[str, Any], body: object) -> str:
+    """Where the body stops being JSON: FastAPI gives the offset and json's reason."""
+    offset, reason = error["loc"][-1], error.get("ctx", {}).get("error", "not JSON")
+    if not isinstance(body, str) or not isinstance(offset, int):
+        return "the body is not valid JSON"
+    return (
+        f"the body is not valid JSON: {explain_json_error(JSONDecodeError(reason, body, offset))}"
+    )
+
+
+def _in_body(error: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A request field's error located as the body's field (``image.checksum``), not under
+    ``body``; a query or header parameter's keeps its place (``query.timeout``)."""
+    loc = tuple(error.get("loc", ()))
+    return {**error, "loc": loc[1:]} if loc[:1] == ("body",) else error

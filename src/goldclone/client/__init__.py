@@ -7,15 +7,19 @@ Errors::
     ClientError
     ├── ServerUnreachable   the server could not be reached
     ├── APIError            the server answered with an error; carries its ``code``
-    ├── VMFailed            a VM that was waited for ended in ``error`` (or stopped)
-    └── WaitTimeout         a VM was still being created when the wait ran out
+    ├── Failed              what was waited for ended badly; carries its ``code``
+    │   ├── VMFailed        a VM ended in ``error`` (or stopped)
+    │   └── ImageFailed     an image's download or unpacking failed
+    └── WaitTimeout         a VM or image was still on its way when the wait ran out
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -27,9 +31,12 @@ from goldclone.models import (
     MAX_WAIT,
     VM,
     CreateVMRequest,
+    Host,
+    HostList,
     Image,
     ImageList,
     ImageSpec,
+    ImageStatus,
     Status,
     UpdateVMRequest,
     VMList,
@@ -68,19 +75,40 @@ class APIError(ClientError):
         self.message = message
 
 
-class VMFailed(ClientError):
+class Failed(ClientError):
+    """What was waited for ended badly, with its error's ``code`` and ``message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class VMFailed(Failed):
     """The VM ended in ``error`` (its ``code`` and ``message`` are the VM's) or stopped."""
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm
-        self.code = vm.error.code if vm.error else vm.status.value
-        self.message = vm.error.message if vm.error else f"the VM is {vm.status.value}"
-        super().__init__(f"{self.code}: {self.message}")
+        if vm.error:
+            super().__init__(vm.error.code, vm.error.message)
+        else:
+            super().__init__(vm.status.value, f"the VM is {vm.status.value}")
+
+
+class ImageFailed(Failed):
+    """The image's download or unpacking failed; ``code`` and ``message`` are its error's."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        error = image.error
+        super().__init__(error.code if error else "image-failed",
+                         error.message if error else "the image failed")  # fmt: skip
 
 
 class WaitTimeout(ClientError):
-    def __init__(self, vm: VM, timeout: float) -> None:
-        super().__init__(f"VM {vm.id} is still {vm.status.value} after {timeout:g} s")
+    """A VM (``vm``, its last state) or an image was still on its way when the wait ran out."""
+
+    def __init__(self, subject: str, status: str, timeout: float, vm: VM | None = None) -> None:
+        super().__init__(f"{subject} is still {status} after {timeout:g} s")
         self.vm = vm
 
 
@@ -102,12 +130,7 @@ class _Call(Generic[T]):
 
     def result(self, response: httpx.Response) -> T:
         if response.is_error:
-            try:
-                error = response.json()
-                code, message = str(error["code"]), str(error["message"])
-            except (ValueError, KeyError, TypeError):
-                code, message = "http-error", f"HTTP {response.status_code}"
-            raise APIError(response.status_code, code, message)
+            raise _error_of(response.status_code, response.content)
         return self.parse(response)
 
 
@@ -159,6 +182,14 @@ class _Calls:
         return _Call("POST", "/images", _model(Image), spec)
 
     @staticmethod
+    def hosts() -> _Call[list[Host]]:
+        return _Call("GET", "/hosts", lambda r: HostList.model_validate_json(r.content).hosts)
+
+    @staticmethod
+    def forget_host(host_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/hosts/{quote(host_id, safe='')}", _nothing)
+
+    @staticmethod
     def delete_image(image_id: str) -> _Call[None]:
         return _Call("DELETE", f"/images/{image_id}", _nothing)
 
@@ -190,8 +221,54 @@ class _Waiter:
         if vm.status in (Status.ERROR, Status.STOPPED, Status.DELETING):
             raise VMFailed(vm)
         if time.monotonic() >= self._deadline:
-            raise WaitTimeout(vm, self._timeout)
+            raise WaitTimeout(f"VM {vm.id}", vm.status.value, self._timeout, vm)
         return False
+
+
+class _ImageWaiter:
+    """Waiting for an image to be ready: there is no ``?wait`` for images, so the list is read
+    every ``POLL`` seconds."""
+
+    POLL = 0.25
+
+    def __init__(
+        self, image_id: str, timeout: float, on_update: Callable[[Image], None] | None
+    ) -> None:
+        self._image_id, self._timeout, self._on_update = image_id, timeout, on_update
+        self._deadline = time.monotonic() + timeout
+
+    def settled(self, images: list[Image]) -> Image | None:
+        """The image once ready, None while it is on its way; raises ``ImageFailed`` if it
+        failed or is gone, and ``WaitTimeout`` when the time is up."""
+        found = [image for image in images if image.id == self._image_id]
+        if not found:
+            raise APIError(404, "image-not-found", f"no image {self._image_id}")
+        image = found[0]
+        if self._on_update is not None:
+            self._on_update(image)
+        if image.status is ImageStatus.READY:
+            return image
+        if image.status is ImageStatus.ERROR:
+            raise ImageFailed(image)
+        if time.monotonic() >= self._deadline:
+            raise WaitTimeout(f"image {image.id}", image.status.value, self._timeout)
+        return None
+
+
+def _console_request(vm_id: str, follow: bool, timeout: float) -> dict[str, Any]:
+    """The ``GET /vms/{id}/console`` to stream, with the client's ``timeout``; a followed one
+    has no read timeout (the guest may be quiet for long)."""
+    params = {"follow": "true"} if follow else {}
+    limits = httpx.Timeout(timeout, read=None) if follow else httpx.Timeout(timeout)
+    return {"method": "GET", "url": f"/vms/{vm_id}/console", "params": params, "timeout": limits}
+
+
+def _error_of(status: int, body: bytes) -> APIError:
+    try:
+        error = json.loads(body)
+        return APIError(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        return APIError(status, "http-error", f"HTTP {status}")
 
 
 class Client:
@@ -255,6 +332,12 @@ class Client:
     def delete_image(self, image_id: str) -> None:
         self._do(_Calls.delete_image(image_id))
 
+    def hosts(self) -> list[Host]:
+        return self._do(_Calls.hosts())
+
+    def forget_host(self, host_id: str) -> None:
+        self._do(_Calls.forget_host(host_id))
+
     def wait_until_running(
         self, vm_id: str, timeout: float = 600.0, on_update: Callable[[VM], None] | None = None
     ) -> VM:
@@ -263,6 +346,29 @@ class Client:
         while not waiter.settled(vm := self._do(waiter.call())):
             pass
         return vm
+
+    def wait_until_ready(
+        self,
+        image_id: str,
+        timeout: float = 600.0,
+        on_update: Callable[[Image], None] | None = None,
+    ) -> Image:
+        """Wait until the image is ready; raises ``ImageFailed`` or ``WaitTimeout``."""
+        waiter = _ImageWaiter(image_id, timeout, on_update)
+        while (image := waiter.settled(self.images())) is None:
+            time.sleep(waiter.POLL)
+        return image
+
+    def console(self, vm_id: str, follow: bool = False) -> Iterator[str]:
+        """The VM's serial console so far, in pieces of text; with ``follow``, what the guest
+        writes next too, until the VM is gone."""
+        try:
+            with self._http.stream(**_console_request(vm_id, follow, self._timeout)) as response:
+                if response.is_error:
+                    raise _error_of(response.status_code, response.read())
+                yield from response.iter_text()
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
 
 
 class AsyncClient:
@@ -326,6 +432,12 @@ class AsyncClient:
     async def delete_image(self, image_id: str) -> None:
         await self._do(_Calls.delete_image(image_id))
 
+    async def hosts(self) -> list[Host]:
+        return await self._do(_Calls.hosts())
+
+    async def forget_host(self, host_id: str) -> None:
+        await self._do(_Calls.forget_host(host_id))
+
     async def wait_until_running(
         self, vm_id: str, timeout: float = 600.0, on_update: Callable[[VM], None] | None = None
     ) -> VM:
@@ -334,3 +446,29 @@ class AsyncClient:
         while not waiter.settled(vm := await self._do(waiter.call())):
             pass
         return vm
+
+    async def wait_until_ready(
+        self,
+        image_id: str,
+        timeout: float = 600.0,
+        on_update: Callable[[Image], None] | None = None,
+    ) -> Image:
+        """Wait until the image is ready; raises ``ImageFailed`` or ``WaitTimeout``."""
+        waiter = _ImageWaiter(image_id, timeout, on_update)
+        while (image := waiter.settled(await self.images())) is None:
+            await asyncio.sleep(waiter.POLL)
+        return image
+
+    async def console(self, vm_id: str, follow: bool = False) -> AsyncIterator[str]:
+        """The VM's serial console so far, in pieces of text; with ``follow``, what the guest
+        writes next too, until the VM is gone."""
+        try:
+            async with self._http.stream(
+                **_console_request(vm_id, follow, self._timeout)
+            ) as response:
+                if response.is_error:
+                    raise _error_of(response.status_code, await response.aread())
+                async for text in response.aiter_text():
+                    yield text
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc

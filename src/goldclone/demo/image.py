@@ -84,6 +84,7 @@ _GUEST_SCRIPTS = {
     "power-button": "etc/acpi/PWRF/00000080",
     "configure": "sbin/configure",
     "agent": "sbin/agent",
+    "nic-added": "sbin/nic-added",
     "index.cgi": "www/cgi-bin/index.cgi",
 }
 

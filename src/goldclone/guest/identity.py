@@ -66,7 +66,10 @@ def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes, 
     ``hwclock``), ``seed`` (random bytes from the host) goes into the kernel's random pool,
     which is reseeded from it at once, ``host_keys`` (``hostkeys.new_host_keys``; none for a
     guest without an SSH server) replace its SSH host keys, and the files that ``files``
-    writes are made with their owners and modes.
+    writes are made with their owners and modes. An sshd before OpenSSH 9.8 re-executes
+    itself for each connection and reads the host keys then, so it is left running (its
+    restart took seconds under TCG); from 9.8 the listener hands them to ``sshd-session``
+    and is restarted.
 
     The reseed is the kernel's ``RNDRESEEDCRNG`` ioctl, through perl (essential on Debian and
     Ubuntu) or python3: a kernel without the vmgenid driver (Debian's cloud kernel has none)
@@ -103,8 +106,10 @@ def _replace_host_keys(host_keys: list[HostKey]) -> str:
 rm -f {SSH_DIR}/ssh_host_*key {SSH_DIR}/ssh_host_*key.pub
 {private}umask 022
 {public}umask 077
-systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
-    || pkill -HUP -x sshd 2>/dev/null || true
+if [ -e /usr/lib/openssh/sshd-session ] || [ -e /usr/libexec/openssh/sshd-session ]; then
+    systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null \\
+        || pkill -HUP -x sshd 2>/dev/null || true
+fi
 """
 
 

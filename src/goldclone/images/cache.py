@@ -1,9 +1,15 @@
-"""The gold image cache: download once per checksum, verify while streaming, unpack, keep.
+"""The gold image cache: download once per package, verify while streaming, unpack, keep.
 
-A gold image lives at ``images/<type>-<checksum>/`` and exists only once it is complete:
-the package is downloaded to ``downloads/``, unpacked into a temporary folder beside the
-cache and renamed into place, so a half-made gold image is never seen. Creates for the same
-image share one download.
+A gold image lives at ``images/<type>-<checksum>/`` (the checksum it was first fetched by)
+and exists only once it is complete: the package is downloaded to ``downloads/``, unpacked
+into a temporary folder beside the cache and renamed into place, so a half-made gold image is
+never seen. Creates for the same image share one download.
+
+A gold image is its package's content: every download is also hashed with sha256, which
+``gold.json`` keeps. A download under a checksum not known yet whose package is one that a
+gold image has already is not unpacked again: its checksum is remembered (in the
+``ChecksumBook``) as another name of that image, and later requests with it find the image
+at once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httpx
 
@@ -51,9 +57,19 @@ GOLD_FORMAT = 2
 @dataclass(frozen=True)
 class GoldImage:
     key: str
+    """The gold image's ID, ``<type>-<checksum>``: the checksum it was first fetched by."""
     root: Path
     disk: DiskImage
     vmx: Path | None
+
+
+class ChecksumBook(Protocol):
+    """Where the checksums verified against image packages are kept (the store): each as its
+    name, ``<type>-<checksum>``, with the sha256 of the package it was verified against."""
+
+    async def checksums(self) -> dict[str, str]: ...
+
+    async def add_checksum(self, name: str, sha256: str) -> None: ...
 
 
 class ImageCache:
@@ -66,6 +82,7 @@ class ImageCache:
         download_timeout: float = 30.0,
         limits: UnpackLimits | None = None,
         reserve_bytes: int = 0,
+        checksums: ChecksumBook | None = None,
     ) -> None:
         self._images = data_dir.absolute() / "images"
         self._uses = data_dir.absolute() / "last-used"
@@ -79,12 +96,21 @@ class ImageCache:
         self._progress: dict[str, DownloadProgress] = {}
         self._failures: dict[str, VMFailure] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._book = checksums
+        self._learnt: dict[str, str] = {}
+        """The sha256 of the package that each checksum (``md5-<hex>``) was verified against."""
+        self._by_content: dict[str, str] = {}
+        """The gold image (its key) of each package sha256."""
         self.on_change: Callable[[Image, bool], None] | None = None
         """Told of each image that starts or ends a fetch, and of each deleted one (``True``)."""
 
     async def open(self) -> None:
-        """Create the folders and drop what a crash may have left half-made."""
+        """Create the folders, drop what a crash may have left half-made, and read what each
+        gold image's package was."""
         await asyncio.to_thread(self._clean)
+        self._by_content = await asyncio.to_thread(self._contents)
+        if self._book is not None:
+            self._learnt = await self._book.checksums()
 
     def _clean(self) -> None:
         for folder in (self._images, self._downloads, self._uses):
@@ -93,6 +119,27 @@ class ImageCache:
             _remove(partial)
         for root in self._images.glob("*-*"):
             _upgrade_metadata(root)
+
+    def _contents(self) -> dict[str, str]:
+        """The gold image of each package sha256 that is known: those published by this code,
+        and those whose ID is their sha256."""
+        found: dict[str, str] = {}
+        sha256_first = sorted(self._images.glob("*-*"), key=lambda r: r.name[:7] != "sha256-")
+        for root in sha256_first:
+            meta = _read_metadata(root)
+            if meta is not None and (content := _content_of(root.name, meta)) is not None:
+                found.setdefault(content, root.name)
+        return found
+
+    def resolve(self, key: str) -> str:
+        """The ID of the gold image that the checksum ``key`` (``<type>-<checksum>``) names:
+        the image fetched by it, or the one whose package it was verified against; ``key``
+        itself when there is none."""
+        if key.startswith(".") or "/" in key or _read_metadata(self._images / key) is not None:
+            return key
+        kind, _, checksum = key.partition("-")
+        content = checksum if kind == "sha256" else self._learnt.get(key)
+        return self._by_content.get(content, key) if content else key
 
     def lock(self, key: str) -> asyncio.Lock:
         """Held while a clone is made from the image ``key``, and while it is deleted."""
@@ -105,17 +152,15 @@ class ImageCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def gold_dir(self, spec: ImageSpec) -> Path:
-        return self._images / spec.key
-
     def cached(self, spec: ImageSpec) -> GoldImage | None:
         """The gold image for ``spec`` if it is complete on disk."""
-        root = self.gold_dir(spec)
+        key = self.resolve(spec.key)
+        root = self._images / key
         meta = _read_metadata(root)
         if meta is None:
             return None
         vmx = root / meta["vmx"] if meta.get("vmx") else None
-        return GoldImage(spec.key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
+        return GoldImage(key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
 
     async def ensure(
         self, spec: ImageSpec, on_fetch: Callable[[], Awaitable[None]] | None = None
@@ -132,7 +177,7 @@ class ImageCache:
             gold = self.cached(spec)  # a shared fetch may have finished while on_fetch ran
         if gold is None:
             gold = await asyncio.shield(self._fetch_task(spec))
-        await asyncio.to_thread(self._used, spec.key)
+        await asyncio.to_thread(self._used, gold.key)
         return gold
 
     def _used(self, key: str) -> None:
@@ -173,19 +218,25 @@ class ImageCache:
         return self._progress.get(spec.key)
 
     def images(self) -> list[Image]:
-        """Every gold image on disk, being fetched, or whose last fetch failed."""
+        """Every gold image on disk, being fetched, or whose last fetch failed; each once,
+        whichever of its checksums it was asked for by."""
         on_disk = {root.name for root in self._images.glob("*-*") if not root.name.startswith(".")}
-        found = (self.image(key) for key in sorted(on_disk | self._specs.keys()))
-        return [image for image in found if image is not None]
+        found: dict[str, Image] = {}
+        for key in sorted(on_disk | self._specs.keys()):
+            if (image := self.image(key)) is not None:
+                found.setdefault(image.id, image)
+        return list(found.values())
 
     def image(self, key: str) -> Image | None:
-        """The gold image ``key`` (``<type>-<checksum>``), if it is on disk, being fetched,
-        or failed at its last fetch."""
+        """The gold image that ``key`` (``<type>-<checksum>``, any of its checksums) names,
+        if it is on disk, being fetched, or failed at its last fetch."""
+        key = self.resolve(key)
         meta = _read_metadata(self._images / key) if not key.startswith(".") else None
         if meta is not None:
             kind, checksum = key.split("-", 1)
             return Image.model_validate({
                 "id": key, "checksum": checksum, "checksum_type": kind,
+                "checksums": self._checksums_of(key, meta),
                 "url": meta["url"], "status": ImageStatus.READY,
                 "size_bytes": meta["size_bytes"], "last_used_at": self._last_use(key),
             })  # fmt: skip
@@ -199,8 +250,22 @@ class ImageCache:
             status, error = ImageStatus.ERROR, ErrorBody(code=failure.code, message=failure.message)
         return Image(
             id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
-            url=spec.url, status=status, progress=self._progress.get(key), error=error,
+            checksums={spec.checksum_type: spec.checksum.lower()}, url=spec.url, status=status,
+            progress=self._progress.get(key), error=error,
         )  # fmt: skip
+
+    def _checksums_of(self, key: str, meta: dict[str, Any]) -> dict[str, str]:
+        """Every checksum the gold image ``key`` is known by: the one it was fetched by, its
+        package's sha256, and those verified against that package since."""
+        kind, checksum = key.split("-", 1)
+        known = {kind: checksum}
+        if (content := _content_of(key, meta)) is not None:
+            known["sha256"] = content
+            for name, sha256 in self._learnt.items():
+                if sha256 == content:
+                    other, value = name.split("-", 1)
+                    known.setdefault(other, value)
+        return dict(sorted(known.items()))
 
     def _last_use(self, key: str) -> str | None:
         try:
@@ -210,10 +275,12 @@ class ImageCache:
         return rfc3339_ms(datetime.fromtimestamp(used, UTC))
 
     async def delete(self, key: str) -> None:
-        """Remove the gold image ``key``. The caller makes sure that no VM uses it.
+        """Remove the gold image ``key`` (any of its checksums). The caller makes sure that no
+        VM uses it.
 
         It is renamed out of the way first, so it is gone at once and never seen half-removed.
         """
+        key = self.resolve(key)
         if key in self._inflight:
             raise ImageInUse(f"image {key} is being downloaded")
         last = self.image(key)
@@ -226,6 +293,7 @@ class ImageCache:
             return
         doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
         root.rename(doomed)
+        self._by_content = {c: k for c, k in self._by_content.items() if k != key}
         await asyncio.to_thread(_remove, doomed)
         self._specs.pop(key, None)
         (self._uses / key).unlink(missing_ok=True)
@@ -236,16 +304,24 @@ class ImageCache:
         download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
         staging = self._images / f".tmp-{spec.key}-{uuid.uuid4().hex}"
         try:
-            await fetch(
+            content = await fetch(
                 self._http, spec, download, self._timeout, self._reserve_bytes,
                 on_start=lambda progress: self._progress.__setitem__(spec.key, progress),
             )  # fmt: skip
-            staging.mkdir()
-            await asyncio.to_thread(self._unpack, download, staging, spec.url)
-            await asyncio.to_thread(_remove, download)
-            await asyncio.to_thread(_make_read_only, staging)
-            staging.rename(self.gold_dir(spec))
-            self._used(spec.key)
+            await self._learn(spec, content)
+            if (same := self._gold_of(content)) is None:
+                staging.mkdir()
+                await asyncio.to_thread(self._unpack, download, staging, spec.url, content)
+                await asyncio.to_thread(_remove, download)
+                await asyncio.to_thread(_make_read_only, staging)
+                # another fetch of the same package, under another checksum, may have
+                # published it meanwhile: nothing is awaited between this look and the rename
+                if (same := self._gold_of(content)) is None:
+                    staging.rename(self._images / spec.key)
+                    self._by_content[content] = spec.key
+            if same is not None:
+                log.info("image %s is the package of gold image %s: its checksum is remembered, "
+                         "and the download is not kept", spec.key, same)  # fmt: skip
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -258,10 +334,24 @@ class ImageCache:
             await asyncio.to_thread(_remove, staging)
         gold = self.cached(spec)
         assert gold is not None
-        log.info("gold image %s is ready", spec.key)
+        self._used(gold.key)
+        log.info("gold image %s is ready", gold.key)
         return gold
 
-    def _unpack(self, package: Path, staging: Path, url: str) -> None:
+    async def _learn(self, spec: ImageSpec, content: str) -> None:
+        """Remember that ``spec``'s checksum was verified against the package ``content``."""
+        if spec.checksum_type == "sha256" or self._learnt.get(spec.key) == content:
+            return
+        if self._book is not None:
+            await self._book.add_checksum(spec.key, content)
+        self._learnt[spec.key] = content
+
+    def _gold_of(self, content: str) -> str | None:
+        """The gold image on disk whose package's sha256 is ``content``."""
+        key = self._by_content.get(content)
+        return key if key is not None and _read_metadata(self._images / key) else None
+
+    def _unpack(self, package: Path, staging: Path, url: str, sha256: str) -> None:
         content = staging / "content"
         content.mkdir()
         unpack(package, content, self._limits)
@@ -269,12 +359,21 @@ class ImageCache:
         meta = {
             "version": GOLD_FORMAT,
             "url": url,
+            "sha256": sha256,
             "size_bytes": _disk_usage(content),
             "disk": str(found.disk.path.relative_to(staging)),
             "format": found.disk.format,
             "vmx": str(found.vmx.relative_to(staging)) if found.vmx else None,
         }
         (staging / _METADATA).write_text(json.dumps(meta))
+
+
+def _content_of(key: str, meta: dict[str, Any]) -> str | None:
+    """The sha256 of a gold image's package: in its ``gold.json``, or its ID; unknown for an
+    image fetched by another checksum before gold images kept it."""
+    kind, checksum = key.split("-", 1)
+    content = meta.get("sha256") or (checksum if kind == "sha256" else None)
+    return str(content) if content else None
 
 
 def _read_metadata(root: Path) -> dict[str, Any] | None:

@@ -29,14 +29,17 @@ async def fetch(
     timeout: float,
     reserve_bytes: int,
     on_start: Callable[[DownloadProgress], None],
-) -> None:
-    """Download ``spec`` to ``dest`` and check its checksum.
+) -> str:
+    """Download ``spec`` to ``dest``, check its checksum, and return the package's sha256
+    (hex), computed in the same pass: what a gold image is known by, whatever checksum its
+    request gave.
 
     ``on_start`` gets the download's progress, which is updated as chunks arrive. A download
     that would leave less than ``reserve_bytes`` free on ``dest``'s disk is refused before it
     starts, when the server says how large it is.
     """
     digest = hashlib.new(spec.checksum_type)
+    content = digest if spec.checksum_type == "sha256" else hashlib.sha256()
     try:
         async with http.stream(
             "GET", spec.url, timeout=httpx.Timeout(timeout),
@@ -50,7 +53,7 @@ async def fetch(
             )
             _check_room(spec, dest.parent, progress.bytes_total, reserve_bytes)
             on_start(progress)
-            sink = _Sink(dest, digest)
+            sink = _Sink(dest, (digest,) if content is digest else (digest, content))
             try:
                 async for chunk in response.aiter_raw(CHUNK):
                     await _to_the_end(sink.write, chunk)
@@ -67,20 +70,22 @@ async def fetch(
             f"the download's {spec.checksum_type} is {actual}, "
             f"but the request expects {spec.checksum.lower()}"
         )
+    return content.hexdigest()
 
 
 class _Sink:
-    """The download's file, hashed as it is written; opened by the first write, in the worker
-    thread that does it."""
+    """The download's file, hashed by each of ``digests`` as it is written; opened by the
+    first write, in the worker thread that does it."""
 
-    def __init__(self, path: Path, digest: Any) -> None:
-        self._path, self._digest = path, digest
+    def __init__(self, path: Path, digests: tuple[Any, ...]) -> None:
+        self._path, self._digests = path, digests
         self._file: IO[bytes] | None = None
 
     def write(self, chunk: bytes) -> None:
         if self._file is None:
             self._file = self._path.open("wb")
-        self._digest.update(chunk)
+        for digest in self._digests:
+            digest.update(chunk)
         self._file.write(chunk)
 
     def close(self) -> None:

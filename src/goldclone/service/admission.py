@@ -1,32 +1,37 @@
-"""Admission: whether this host takes a create request, and recording it once.
+"""Admission: whether the fleet takes a create request, and recording it once.
 
-A request is checked against this host's per-VM bounds, its driver's capabilities and the
-outbound URL policy (400s), then admitted in one store transaction that checks the host's
-totals (409 ``capacity-exceeded``) and the ``Idempotency-Key``.
+A request's URLs are checked against this host's outbound policy (400s); then it is admitted
+in one store transaction that places it on a host whose per-VM bounds and driver take it (400
+if none does), within that host's totals (409 ``capacity-exceeded``), and checks the
+``Idempotency-Key``. Each host offers its bounds to the others in its heartbeat.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from goldclone.drivers.base import Capabilities
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
 from goldclone.guest.config import GuestConfig
 from goldclone.models import (
+    MIN_MEMORY_MB,
     VM,
     CreateVMRequest,
     Phase,
     ReadyWhen,
     TimelineEntry,
+    in_ms,
     now_ms,
     now_s,
 )
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
-from goldclone.service.store import Earlier, Held, Store
-from goldclone.settings import Limits
+from goldclone.service.placement import chooser, full
+from goldclone.service.store import Earlier, Held, Placing, Store
+from goldclone.settings import Limits, PlacementPolicy
 
 
 class Admission:
@@ -39,12 +44,17 @@ class Admission:
         store: Store,
         policy: OutboundPolicy,
         leases: LeasePolicy,
+        placement: PlacementPolicy = "spread",
+        host_lost_after: float = 60.0,
     ) -> None:
         self._limits = limits
+        self._policy = placement
+        self._lost_after = host_lost_after
         self.leases = leases
-        self._capabilities = capabilities
         self._store = store
-        self._policy = policy
+        self._outbound = policy
+        self.bounds = bounds_of(limits, capabilities)
+        """What one VM on this host may be, as this host offers it to the fleet."""
 
     async def admit(
         self, request: CreateVMRequest, idempotency_key: str | None, pools: Sequence[str] = ()
@@ -53,81 +63,104 @@ class Admission:
         ``pools`` if one has a ready machine), and its guest's configuration; or the VM that
         an earlier request with the same ``idempotency_key`` and body made, and ``None``.
         The same key with another body is an ``IdempotencyConflict``."""
-        self.check(request)
+        self.check_urls(request)
         expires_at = self.leases.expiry(request.ttl, "ttl" in request.model_fields_set)
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
-        capacity = self.capacity_check(Held(request.cpus, request.memory))
+        wanted = Held(request.cpus, request.memory)
+        takes = _taker(request)
+        choose = chooser(self._policy, wanted, takes, self._store.host_id)
+        placing = Placing(request.image.key, request.cpus, request.memory,
+                          in_ms(-self._lost_after), choose)  # fmt: skip
         recorded = await self._store.admit(
-            _new_vm(request, guest, expires_at), idempotency, capacity, pools
-        )
+            _new_vm(request, guest, expires_at), idempotency, placing, pools,
+            request.model_dump_json(),
+        )  # fmt: skip
         if isinstance(recorded, Earlier):
             return _repeat(recorded, digest), None
         return recorded, guest
 
-    def check(self, request: CreateVMRequest) -> None:
-        """Raise ``InvalidRequest`` for a request this host would never take."""
-        self.check_shape(request.cpus, request.memory, request.ready_when)
-        self.check_network(request.network_type)
+    def check_urls(self, request: CreateVMRequest) -> None:
         self.check_url("image.url", request.image.url)
         if request.callback_url is not None:
             self.check_url("callback_url", request.callback_url)
 
     def check_shape(self, cpus: int, memory: int, ready_when: ReadyWhen | None) -> None:
         """Raise ``InvalidRequest`` for CPUs, memory or a probe this host would never take."""
-        limits = self._limits
-        if not limits.min_cpus <= cpus <= limits.max_cpus:
-            raise InvalidRequest(
-                f"cpus: must be between {limits.min_cpus} and {limits.max_cpus} on this host"
-            )
-        if not limits.min_memory_mb <= memory <= limits.max_memory_mb:
-            raise InvalidRequest(
-                f"memory: must be between {limits.min_memory_mb} and "
-                f"{limits.max_memory_mb} MB on this host"
-            )
-        if ready_when is not None and ready_when.guest_agent and not self._capabilities.guest_agent:
-            raise InvalidRequest(
-                "ready_when.guest_agent: this host's driver cannot ask a guest agent"
-            )
+        if (refused := shape_refusal(self.bounds, cpus, memory, ready_when)) is not None:
+            raise InvalidRequest(f"{refused} on this host")
 
     def check_network(self, network_type: str) -> None:
-        offered = self._capabilities.network_types
-        if network_type not in offered:
-            reason = self._capabilities.unavailable_networks.get(network_type)
-            raise InvalidRequest(
-                f"network_type: {reason or 'must be one of ' + ', '.join(offered)}"
-            )
+        if (refused := network_refusal(self.bounds, network_type)) is not None:
+            raise InvalidRequest(f"{refused} on this host")
 
     def check_url(self, field: str, url: str) -> None:
         """A URL whose host is an address is checked now; a name, when it is connected to."""
         try:
-            self._policy.check_literal(url)
+            self._outbound.check_literal(url)
         except URLForbidden as exc:
             raise InvalidRequest(f"{field}: {exc.message}") from None
 
     def capacity_check(self, wanted: Held) -> Callable[[list[Held]], None] | None:
-        """What raises ``CapacityExceeded`` if a machine of shape ``wanted`` would take the
-        host past a total, given what is held; ``None`` when the host has no totals (no need
-        to read every VM on each create)."""
-        limits = self._limits
-        if all(t is None for t in (limits.max_vms, limits.total_cpus, limits.total_memory_mb)):
+        """What raises ``CapacityExceeded`` if a machine of shape ``wanted`` would take this
+        host past a total, given what it holds; ``None`` when the host has no totals (no need
+        to read every VM)."""
+        totals = self._limits.totals()
+        if all(total is None for total in totals.values()):
             return None
 
         def check(held: list[Held]) -> None:
-            for name, total, used, asked in (
-                ("VMs", limits.max_vms, len(held), 1),
-                ("vCPUs", limits.total_cpus, sum(h.cpus for h in held), wanted.cpus),
-                ("MB of memory", limits.total_memory_mb, sum(h.memory for h in held),
-                 wanted.memory),
-            ):  # fmt: skip
-                if total is not None and used + asked > total:
-                    raise CapacityExceeded(
-                        f"this host allows {total} {name} in all; {used} are in use (VMs and "
-                        f"warm pools) and this VM needs {asked}"
-                    )
+            if (reason := full(totals, held, wanted)) is not None:
+                raise CapacityExceeded(f"this host {reason}")
 
         return check
+
+
+def bounds_of(limits: Limits, capabilities: Capabilities) -> dict[str, Any]:
+    """The per-VM bounds of a host with ``limits`` and a driver of ``capabilities``."""
+    least = max(limits.min_memory_mb, MIN_MEMORY_MB)  # what a guest needs, or the host
+    return {
+        "cpus": [limits.min_cpus, limits.max_cpus],
+        "memory": [least, limits.max_memory_mb],
+        "guest_agent": capabilities.guest_agent,
+        "network_types": list(capabilities.network_types),
+        "unavailable_networks": dict(capabilities.unavailable_networks),
+    }
+
+
+def shape_refusal(
+    bounds: Mapping[str, Any], cpus: int, memory: int, ready_when: ReadyWhen | None
+) -> str | None:
+    """Why a host of ``bounds`` would never take a VM of this shape and probe; ``None`` if it
+    would."""
+    least, most = bounds["cpus"]
+    if not least <= cpus <= most:
+        return f"cpus: must be between {least} and {most}"
+    least, most = bounds["memory"]
+    if not least <= memory <= most:
+        return f"memory: must be between {least} and {most} MB"
+    if ready_when is not None and ready_when.guest_agent and not bounds["guest_agent"]:
+        return "ready_when.guest_agent: the driver cannot ask a guest agent"
+    return None
+
+
+def network_refusal(bounds: Mapping[str, Any], network_type: str) -> str | None:
+    offered = bounds["network_types"]
+    if network_type in offered:
+        return None
+    reason = bounds["unavailable_networks"].get(network_type)
+    return f"network_type: {reason or 'must be one of ' + ', '.join(offered)}"
+
+
+def _taker(request: CreateVMRequest) -> Callable[[Mapping[str, Any]], str | None]:
+    """Why a host of given bounds would never take ``request``; ``None`` if it would."""
+
+    def refusal(bounds: Mapping[str, Any]) -> str | None:
+        shape = shape_refusal(bounds, request.cpus, request.memory, request.ready_when)
+        return shape or network_refusal(bounds, request.network_type)
+
+    return refusal
 
 
 def _repeat(earlier: Earlier, digest: str) -> VM:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from goldclone.errors import ImageInUse, ImageNotFound
 from goldclone.images.cache import ImageCache
-from goldclone.models import Image, ImageSpec, ImageStatus, TemplateStatus
+from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
 from goldclone.service.admission import Admission
 from goldclone.service.pools import Pools
 from goldclone.service.store import Store
@@ -39,7 +39,10 @@ class Catalog:
 
     async def images(self) -> list[Image]:
         """Every gold image, with how many VMs use each, and its templates."""
-        users = Counter(vm.image.key for vm in await self._store.list())
+        asked = Counter(vm.image.key for vm in await self._users())
+        users = Counter[str]()
+        for key, count in asked.items():  # each checksum looked up once
+            users[self._images.resolve(key)] += count
         found = []
         for image in self._images.images():
             templates = await self._templates.of_image(image.id)
@@ -86,20 +89,28 @@ class Catalog:
         )
 
     async def delete(self, image_id: str) -> None:
-        """Remove a gold image; refused with ``ImageInUse`` while any VM or pool uses it."""
+        """Remove a gold image (named by any of its checksums), or forget a failed fetch;
+        refused with ``ImageInUse`` while any VM or pool uses it."""
+        image_id = self._images.resolve(image_id)
         if pools := self._pools.image_users(image_id):
             raise ImageInUse(
                 f"image {image_id} is kept by the warm pool(s) {', '.join(pools)}; delete "
                 "them first"
             )
         async with self._images.lock(image_id):
-            users = [vm.id for vm in await self._store.list() if vm.image.key == image_id]
+            users = [vm.id for vm in await self._users()
+                     if self._images.resolve(vm.image.key) == image_id]  # fmt: skip
             if users:
                 raise ImageInUse(
                     f"image {image_id} is used by {len(users)} VM(s); delete them first"
                 )
             await self._templates.remove_all(image_id)
             await self._images.delete(image_id)
+
+    async def _users(self) -> list[VM]:
+        """The VMs that may hold a clone of their gold image: not those in ``error``, whose
+        clone (if they got one) was removed when they failed."""
+        return [vm for vm in await self._store.list() if vm.status is not Status.ERROR]
 
 
 def cache_bytes(images: list[Image]) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from goldclone.labels import matches
@@ -27,11 +28,15 @@ from goldclone.service.tables import events as _events
 if TYPE_CHECKING:
     from goldclone.service.store import Store
 
+log = logging.getLogger(__name__)
+
 WINDOW = 10_000
 """Events kept; a client that comes back after more than that many is told with ``dropped``."""
 KEEPALIVE = 15.0
 """Seconds of quiet after which a stream says it is still there."""
 _BATCH = 500
+CHANNEL = "goldclone_changes"
+"""The PostgreSQL notification channel that every event is announced on, at its commit."""
 
 
 class EventKind(StrEnum):
@@ -65,6 +70,8 @@ async def record(
     (seq,) = inserted.inserted_primary_key or (None,)
     if seq is not None and seq > WINDOW:
         await conn.execute(_events.delete().where(_events.c.seq <= seq - WINDOW))
+    if conn.dialect.name == "postgresql":  # sent at commit, to every listening service
+        await conn.execute(text(f"NOTIFY {CHANNEL}"))
 
 
 async def read_after(conn: AsyncConnection, after: int, limit: int) -> tuple[list[Event], int]:
@@ -83,8 +90,14 @@ async def last_id(conn: AsyncConnection) -> int:
     return (await conn.execute(select(func.max(_events.c.seq)))).scalar() or 0
 
 
+FOLLOW_EVERY = 10.0
+"""Seconds after which a host looks again at what other hosts asked of it (DELETEs of its VMs,
+creates placed on it, pools made or changed) without hearing of a change."""
+
+
 class Changes:
-    """A counter of this service's commits, and a way to wait for the next one."""
+    """A counter of this service's commits (and, on PostgreSQL, of every service's: see
+    ``service.listener``), and a way to wait for the next one."""
 
     def __init__(self) -> None:
         self.version = 0
@@ -94,6 +107,19 @@ class Changes:
         self.version += 1
         self._next.set()
         self._next = asyncio.Event()
+
+    async def follow(
+        self, work: Callable[[], Awaitable[None]], what: str, every: float = FOLLOW_EVERY
+    ) -> None:
+        """Run ``work`` now, after each change, and at least every ``every`` seconds, for
+        ever; a failed run is logged (as ``what`` failing) and the next one tries again."""
+        while True:
+            seen = self.version
+            try:
+                await work()
+            except Exception:
+                log.exception("%s failed; trying again", what)
+            await self.wait(seen, every)
 
     async def wait(self, seen: int, timeout: float) -> None:
         """Return once ``version`` is past ``seen``, or after ``timeout`` seconds."""

@@ -31,7 +31,7 @@ from goldclone.errors import (
 )
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
-from goldclone.models import VM, ErrorBody, Phase, Status
+from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
@@ -69,6 +69,7 @@ class Lifecycle:
         self._background: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._machines: dict[str, str] = {}
+        self._taking = asyncio.Lock()
 
     def begin(self, vm: VM, guest: GuestConfig) -> asyncio.Task[None]:
         """Start creating ``vm``, which the store holds as ``creating``, in the background,
@@ -77,6 +78,24 @@ class Lifecycle:
         self._creating[vm.id] = task
         task.add_done_callback(lambda _: self._creating.pop(vm.id, None))
         return task
+
+    async def take_handoffs(self) -> list[tuple[VM, asyncio.Task[None]]]:
+        """Begin the creates that other hosts placed on this one (``Store.admit``), as if
+        this host had received them; each VM with the task that creates it."""
+        async with self._taking:
+            begun = []
+            for vm, request in await self._store.take_handoffs():
+                guest = GuestConfig.of(vm.id, CreateVMRequest.model_validate_json(request))
+                log.info("VM %s: placed on this host; creating it", vm.id)
+                begun.append((vm, self.begin(vm, guest)))
+            return begun
+
+    async def creating(self, vm_id: str) -> bool:
+        """Whether the VM is being created here, counting a create handed over to this host
+        and not taken yet (it is taken now)."""
+        if vm_id not in self._creating:
+            await self.take_handoffs()
+        return vm_id in self._creating
 
     async def close(self) -> None:
         """Cut off the creates under way and the background work; the creates are finished
@@ -98,10 +117,7 @@ class Lifecycle:
         """
         async with self.lock(vm_id):
             before = await self._store.get(vm_id)
-            task = self._creating.get(vm_id)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            if (task := await self._cut_off(vm_id)) is not None:
                 before = await self._store.get(vm_id)
             if expired:
                 vm = await self._store.advance(
@@ -118,6 +134,24 @@ class Lifecycle:
                 if task is None:
                     await self._store.restore(before)
                 raise
+
+    async def _cut_off(self, vm_id: str) -> asyncio.Task[None] | None:
+        """Cancel the VM's create task if one is under way here, and return it once it has
+        ended."""
+        task = self._creating.get(vm_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return task
+
+    async def finish_delete(self, vm_id: str) -> None:
+        """Destroy a VM that was left ``deleting``: by a service that stopped, a hypervisor
+        that refused, or another host that asked for it; a create of it still under way here
+        is cut off first. Call it holding ``lock(vm_id)``."""
+        cut_off = await self._cut_off(vm_id) is not None
+        vm = await self._store.get(vm_id)
+        if vm.status is Status.DELETING:
+            await self.destroy(vm_id, graceful=not cut_off and vm.ip_address != "")
 
     async def destroy(self, vm_id: str, graceful: bool = True) -> None:
         """Tear down a ``deleting`` VM and forget it, with whatever its teardown could not
@@ -236,16 +270,20 @@ class Lifecycle:
         if vm.started_from == "pool":
             return await self._claim(vm, guest)
 
+        fetched = False
+
         async def fetching() -> None:
+            nonlocal fetched
+            fetched = True
             await self._step(vm, Phase.DOWNLOADING)
 
         gold = await self._images.ensure(vm.image, on_fetch=fetching)
-        await self._step(vm, Phase.CLONING)
-        async with self._images.lock(vm.image.key):
+        await self._step(vm, Phase.CLONING, image_from_cache=not fetched)
+        async with self._images.lock(gold.key):
             if not gold.root.exists():  # deleted since: fetch it again
                 gold = await self._images.ensure(vm.image, on_fetch=fetching)
             self._check_package(gold)
-            template = await self._template_for(vm, guest)
+            template = await self._template_for(vm, gold, guest)
             await self._driver.clone(vm.id, gold, template)
         restore = template is not None
 
@@ -260,7 +298,7 @@ class Lifecycle:
                                      self._settings.ip_timeout)  # fmt: skip
         vm = await self._running(vm, runtime, ip)
         if not restore and vm.start == "auto" and not guest.needs_first_boot:
-            await self._templates.booted_cold(vm.image.key, vm.cpus, vm.memory)
+            await self._templates.booted_cold(gold.key, vm.cpus, vm.memory)
         return vm
 
     async def _claim(self, vm: VM, guest: GuestConfig) -> VM:
@@ -268,7 +306,7 @@ class Lifecycle:
         identity; it has run since the pool restored it, so it has its IP already."""
         runtime = await self.runtime(vm.id)
         assert runtime is not None  # the pooled machine's, recorded with the claim
-        await self._step(vm, Phase.CLAIMED, mac_address=runtime.mac)
+        await self._step(vm, Phase.CLAIMED, mac_address=runtime.mac, image_from_cache=True)
         await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT, new_machine=False)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
         return await self._running(vm, runtime, ip)
@@ -282,12 +320,15 @@ class Lifecycle:
         vm = await self._step(vm, Phase.RUNNING, status=Status.RUNNING, ip_address=ip)
         return vm
 
-    async def _template_for(self, vm: VM, guest: GuestConfig) -> TemplateFiles | None:
-        """The ready template to restore ``vm`` from, if it may start from one: not when cold
-        is asked for, nor for ``#cloud-config`` user data, which needs a first boot."""
+    async def _template_for(
+        self, vm: VM, gold: GoldImage, guest: GuestConfig
+    ) -> TemplateFiles | None:
+        """The ready template of ``gold`` to restore ``vm`` from, if it may start from one:
+        not when cold is asked for, nor for ``#cloud-config`` user data, which needs a first
+        boot."""
         if vm.start == "cold" or guest.needs_first_boot:
             return None
-        return await self._templates.ready(vm.image.key, vm.cpus, vm.memory)
+        return await self._templates.ready(gold.key, vm.cpus, vm.memory)
 
     def _check_package(self, gold: GoldImage) -> None:
         kind, taken = package_kind(gold), self._driver.capabilities.package_kinds

@@ -7,7 +7,8 @@ Each pool has a keeper task: it fetches the image, has the template made, restor
 until the pool is full, and replaces those that died or were claimed. Trouble (a failed image
 or template, a host at capacity) is shown as the pool's ``error`` and tried again later, less
 often each time. Pools and their machines are stored; after a restart, the machines that still
-run stay in their pool and the others are removed.
+run stay in their pool and the others are removed. A pool is the fleet's and its ``size`` is
+per host: each host keeps the pools that any host made, changed or removed, as it hears of it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Pools:
         """Each pool's definition, for ``matching`` to read without the store."""
         self._keepers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        self._changing = asyncio.Lock()
+        """Held while the pools' definitions change: by a request here, or another host's."""
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Keep the stored pools: their machines that still run stay, the others go."""
@@ -74,10 +78,15 @@ class Pools:
                 await self._remove(member)
         for name in self._pools:
             self._keep(name)
+        if self._store.shared:
+            self._follower = asyncio.create_task(
+                self._store.changes.follow(self._follow_fleet, "following the fleet's pools"),
+                name="follow the fleet's pools",
+            )
 
     async def close(self) -> None:
         """Stop the keepers; the machines being restored are removed, the ready ones run on."""
-        keepers = list(self._keepers.values())
+        keepers = [*self._keepers.values(), *filter(None, [self._follower])]
         for keeper in keepers:
             keeper.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
@@ -90,30 +99,26 @@ class Pools:
             return []
         if needs_first_boot(request.user_data):
             return []
-        shape = (request.image.key, request.cpus, request.memory, request.network_type)
+        gold = self._images.resolve
+        shape = (gold(request.image.key), request.cpus, request.memory, request.network_type)
         return [
             pool.name
             for pool in self._pools.values()
-            if (pool.image.key, pool.cpus, pool.memory, pool.network_type) == shape
+            if (gold(pool.image.key), pool.cpus, pool.memory, pool.network_type) == shape
         ]
 
     async def put(self, name: str, request: PoolRequest) -> tuple[Pool, bool]:
         """Make the pool ``name``, or change it: the pool and whether it is new. A pool whose
         image or shape changes loses its machines and fills again."""
         self._check(name, request)
-        earlier = self._pools.get(name)
-        kept: dict[str, object] = {"created_at": now_s(), "claimed": 0}
-        if earlier is not None:
-            kept = {"created_at": earlier.created_at, "claimed": earlier.claimed}
-        pool = Pool.model_validate({"name": name, **request.model_dump(), **kept})
-        created = await self._store.put_pool(pool)
-        self._pools[name] = pool
-        if earlier is not None and _kind(earlier) != _kind(pool):
-            await self._stop_keeper(name)
-            for member in await self._store.members(name):
-                await self._remove(member)
-        self._keep(name)
-        self.wake(name)
+        async with self._changing:
+            earlier = self._pools.get(name)
+            kept: dict[str, object] = {"created_at": now_s(), "claimed": 0}
+            if earlier is not None:
+                kept = {"created_at": earlier.created_at, "claimed": earlier.claimed}
+            pool = Pool.model_validate({"name": name, **request.model_dump(), **kept})
+            created = await self._store.put_pool(pool)
+            await self._take_up(pool)
         return await self._store.pool(name), created
 
     async def get(self, name: str) -> Pool:
@@ -126,17 +131,51 @@ class Pools:
 
     async def delete(self, name: str) -> None:
         """Remove the pool and its unclaimed machines; VMs claimed from it stay."""
-        if name not in self._pools:
-            raise PoolNotFound(f"there is no pool {name!r}")
+        async with self._changing:
+            if name not in self._pools:
+                raise PoolNotFound(f"there is no pool {name!r}")
+            await self._store.forget_pool(name)
+            await self._drop(name)
+
+    async def _follow_fleet(self) -> None:
+        """Keep what the stored definitions now say: pools that other hosts made or changed
+        are kept here too, and those they removed are dropped."""
+        async with self._changing:
+            stored = {pool.name: pool for pool in await self._store.pools()}
+            for name in self._pools.keys() - stored.keys():
+                await self._drop(name)
+            for name, pool in stored.items():
+                earlier = self._pools.get(name)
+                if earlier is None or _definition(earlier) != _definition(pool):
+                    # the error shown is the last that a host met; this host keeps its own
+                    await self._take_up(
+                        pool.model_copy(update={"error": earlier and earlier.error})
+                    )
+
+    async def _take_up(self, pool: Pool) -> None:
+        """Keep ``pool`` as now defined: one whose image or shape changed loses its machines."""
+        earlier = self._pools.get(pool.name)
+        self._pools[pool.name] = pool
+        if earlier is not None and _kind(earlier) != _kind(pool):
+            await self._stop_keeper(pool.name)
+            await self._remove_members(pool.name)
+        self._keep(pool.name)
+        self.wake(pool.name)
+
+    async def _drop(self, name: str) -> None:
+        """Stop keeping the pool ``name`` and remove its machines (it is no longer stored)."""
         await self._stop_keeper(name)
         del self._pools[name]
-        await self._store.forget_pool(name)
+        await self._remove_members(name)
+
+    async def _remove_members(self, name: str) -> None:
         for member in await self._store.members(name):
             await self._remove(member)
 
-    def image_users(self, image_key: str) -> list[str]:
-        """The pools that keep machines of gold image ``image_key``."""
-        return [pool.name for pool in self._pools.values() if pool.image.key == image_key]
+    def image_users(self, image_id: str) -> list[str]:
+        """The pools that keep machines of the gold image ``image_id``."""
+        return [pool.name for pool in self._pools.values()
+                if self._images.resolve(pool.image.key) == image_id]  # fmt: skip
 
     def wake(self, name: str | None = None) -> None:
         """Have the keeper of pool ``name`` (or of every pool) look again: a machine was
@@ -213,13 +252,13 @@ class Pools:
 
     async def _restore_one(self, pool: Pool) -> None:
         gold = await self._images.ensure(pool.image)
-        template = await self._templates.made(pool.image.key, pool.cpus, pool.memory)
+        template = await self._templates.made(gold.key, pool.cpus, pool.memory)
         machine = str(uuid.uuid4())
         held = Held(pool.cpus, pool.memory)
         await self._store.add_member(pool.name, machine, held, self._admission.capacity_check(held))
         member = Member(machine, pool.name, "filling", {})
         try:
-            async with self._images.lock(pool.image.key):
+            async with self._images.lock(gold.key):
                 await self._driver.clone(machine, gold, template)
 
             async def attached(runtime: Runtime) -> None:
@@ -268,6 +307,11 @@ class Pools:
 def _kind(pool: Pool) -> tuple[object, ...]:
     """What a pool's machines are: those of another kind are of no use to it."""
     return (pool.image.key, pool.cpus, pool.memory, pool.network_type)
+
+
+def _definition(pool: Pool) -> tuple[object, ...]:
+    """What a request defines of a pool: its kind and its size."""
+    return (*_kind(pool), pool.size)
 
 
 def _error_of(exc: BaseException) -> ErrorBody:

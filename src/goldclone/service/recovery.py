@@ -53,22 +53,32 @@ class Recovery:
 
     async def _maintain(self, unfinished: list[str]) -> None:
         await asyncio.gather(*(self._finish(vm_id) for vm_id in unfinished))
+        self._lifecycle.spawn(self._store.changes.follow(
+            self._deletes_asked, "reading the VMs to delete"
+        ))  # fmt: skip
         while True:
             await self.reconcile()
             await asyncio.sleep(self._interval)
 
+    async def _deletes_asked(self) -> None:
+        """Destroy this host's VMs that another host's DELETE made ``deleting``."""
+        for vm_id in await self._store.deleting():
+            if not self._lifecycle.lock(vm_id).locked():
+                self._lifecycle.spawn(self._finish(vm_id))
+
     async def _finish(self, vm_id: str) -> None:
-        """An interrupted create ends in ``error`` (``interrupted``) with everything of it
-        removed and its callback sent; an interrupted DELETE is completed."""
+        """An interrupted create (one not under way here) ends in ``error`` (``interrupted``)
+        with everything of it removed and its callback sent; an interrupted DELETE is
+        completed."""
         lifecycle = self._lifecycle
         try:
             async with lifecycle.lock(vm_id):
                 vm = await self._store.get(vm_id)
-                if vm.status is Status.CREATING:
+                if vm.status is Status.CREATING and not await lifecycle.creating(vm_id):
                     stopped = Interrupted("the service stopped while this VM was being created")
                     await lifecycle.report(await lifecycle.fail(vm, stopped))
                 elif vm.status is Status.DELETING:
-                    await lifecycle.destroy(vm_id)
+                    await lifecycle.finish_delete(vm_id)
         except VMNotFound:
             pass  # a DELETE came first
         except Exception:

@@ -19,6 +19,7 @@ vms = Table(
     Column("name", String(63), nullable=True),
     Column("expires_at", String(24), nullable=True, index=True),
     Index("ix_vms_name", "name", unique=True),
+    Column("host_id", String(64), nullable=True, index=True),
 )
 
 cleanups = Table(
@@ -30,6 +31,7 @@ cleanups = Table(
     Column("runtime", JSON, nullable=False),
     Column("reason", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
+    Column("host_id", String(64), nullable=True, index=True),
 )
 
 templates = Table(
@@ -43,6 +45,7 @@ templates = Table(
     Column("status", String(16), nullable=False),
     Column("template", JSON, nullable=False),
     Column("machine", String(64), nullable=True),
+    Column("host_id", String(64), nullable=True, index=True),
 )
 
 pools = Table(
@@ -63,6 +66,7 @@ pool_members = Table(
     Column("cpus", Integer, nullable=False),
     Column("memory", Integer, nullable=False),
     Column("runtime", JSON, nullable=False),
+    Column("host_id", String(64), nullable=True, index=True),
 )
 
 events = Table(
@@ -86,4 +90,33 @@ deliveries = Table(
     Column("body", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("next_at", String(24), nullable=False, index=True),
+    Column("host_id", String(64), nullable=True, index=True),
+)
+
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", JSON, nullable=False),
+    Column("heartbeat_at", String(24), nullable=False),
+)
+"""The services on this database: each one's capacity and offer (``host``), and when it last
+said it was alive."""
+
+handoffs = Table(
+    "handoffs",
+    metadata,
+    Column("vm_id", String(36), primary_key=True),
+    Column("host_id", String(64), nullable=False, index=True),
+    Column("request", Text, nullable=False),
+)
+"""Creates that one host placed on another: the request (with its secrets, which no VM record
+holds) waits here until that host takes it."""
+
+image_checksums = Table(
+    "image_checksums",
+    metadata,
+    Column("name", String(140), primary_key=True),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("at", String(24), nullable=False),
 )

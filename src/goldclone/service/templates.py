@@ -83,7 +83,7 @@ class Templates:
         self._admission.check_shape(request.cpus, request.memory, request.ready_when)
         gold = self._gold(image_id)
         template = Template(
-            id=str(uuid.uuid4()), image_id=image_id, cpus=request.cpus, memory=request.memory,
+            id=str(uuid.uuid4()), image_id=gold.key, cpus=request.cpus, memory=request.memory,
             ready_when=request.ready_when, created_at=now_s(),
         )  # fmt: skip
         recorded = await self._store.add_template(template, machine=template.id)

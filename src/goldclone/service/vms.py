@@ -33,8 +33,10 @@ from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.events import Event, EventKind, VMFilter
+from goldclone.service.fleet import Fleet
 from goldclone.service.leases import LeasePolicy, Sweeper
 from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.listener import ChangeListener
 from goldclone.service.metrics import Metrics
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
@@ -62,8 +64,9 @@ class VMService:
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
         self.leases = LeasePolicy.of(settings)
         self._admission = Admission(
-            settings.limits, driver.capabilities, store, policy, self.leases
-        )
+            settings.limits, driver.capabilities, store, policy, self.leases,
+            settings.placement, settings.host_lost_after,
+        )  # fmt: skip
         self.templates = Templates(settings, store, images, driver, self._admission)
         self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
         self.metrics = Metrics(settings.limits)
@@ -77,6 +80,8 @@ class VMService:
         self.catalog = Catalog(store, images, self._admission, self.templates, self.pools,
                                settings.image_cache_bytes)  # fmt: skip
         self._sweeper = Sweeper(store, self.expire)
+        self.fleet = Fleet(settings, store, driver.name, self._admission.bounds, self._images_held)
+        self._listener = ChangeListener(settings.db_url, store.changes) if store.shared else None
         images.on_change = self._image_changed
 
     async def claim(self) -> None:
@@ -97,9 +102,15 @@ class VMService:
         await self.claim()
         try:
             await self._store.open()
+            if self._listener is not None:
+                await self._listener.start()
+            await self.fleet.start()
             await self._driver.prepare()
             await self._images.open()
             await self.templates.recover()
+            self._lifecycle.spawn(self._store.changes.follow(
+                self._take_handoffs, "taking the creates placed on this host"
+            ))  # fmt: skip
             await self._recovery.start()
             self._deliveries.start()
             await self._sweeper.start()
@@ -107,6 +118,9 @@ class VMService:
             await self.catalog.trim()
         except BaseException:
             await self.pools.close()
+            await self.fleet.close()
+            if self._listener is not None:
+                await self._listener.close()
             await self._sweeper.close()
             await self._deliveries.close()
             await self._lifecycle.close()
@@ -126,6 +140,9 @@ class VMService:
         await self._deliveries.close()
         await self.templates.close()
         await self._images.close()
+        await self.fleet.close()
+        if self._listener is not None:
+            await self._listener.close()
         running = [await self._driver.is_running(m) for m in await self._store.machines()]
         await self._driver.close(vms_running=any(running))
         await self._store.close()
@@ -138,10 +155,18 @@ class VMService:
         vm, guest = await self._admission.admit(request, idempotency_key, pools)
         if guest is not None:
             journal.accepted(vm)
-            task = self._lifecycle.begin(vm, guest)
-            if (pool := vm.pool) is not None:  # refilled once the claim is done: not during it
-                task.add_done_callback(lambda _: self.pools.wake(pool))
+            if self.fleet.is_mine(vm):
+                self._begun(vm, self._lifecycle.begin(vm, guest))
         return self._with_progress(vm)
+
+    def _begun(self, vm: VM, task: asyncio.Task[None]) -> None:
+        if (pool := vm.pool) is not None:  # refilled once the claim is done: not during it
+            task.add_done_callback(lambda _: self.pools.wake(pool))
+
+    async def _take_handoffs(self) -> None:
+        """Begin the creates that other hosts placed on this one."""
+        for vm, task in await self._lifecycle.take_handoffs():
+            self._begun(vm, task)
 
     async def get(self, vm_id: str, wait: float = 0.0) -> VM:
         """The VM; with ``wait``, once it is no longer ``creating`` or after ``wait`` seconds,
@@ -151,7 +176,7 @@ class VMService:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             seen = changes.version
-            vm = self._with_progress(await self._lifecycle.refresh(await self._store.get(vm_id)))
+            vm = await self._as_known(await self._store.get(vm_id))
             left = deadline - asyncio.get_running_loop().time()
             if vm.status is not Status.CREATING or left <= 0:
                 return vm
@@ -160,12 +185,23 @@ class VMService:
     async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
         """Every VM, or those that ``wanted`` matches."""
         vms = []
-        for vm in await self._store.list():
+        for vm in await self.fleet.seen(await self._store.list(all_hosts=True)):
             with contextlib.suppress(VMNotFound):  # deleted since the list was read
-                vm = self._with_progress(await self._lifecycle.refresh(vm))
+                vm = await self._fresh(vm)
                 if wanted is None or wanted.matches(vm):
                     vms.append(vm)
         return vms
+
+    async def _as_known(self, vm: VM) -> VM:
+        """``vm`` as it is now: ``stopped`` if its guest here is gone, ``unknown`` if its host
+        is lost, with its download's progress."""
+        [vm] = await self.fleet.seen([vm])
+        return await self._fresh(vm)
+
+    async def _fresh(self, vm: VM) -> VM:
+        if self.fleet.is_mine(vm):
+            vm = await self._lifecycle.refresh(vm)
+        return self._with_progress(vm)
 
     async def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
         """Renew the VM's lease, change its labels, or both; 409 once it is being deleted."""
@@ -174,6 +210,7 @@ class VMService:
             fields["expires_at"] = self.leases.expiry(change.ttl, given=True)
         if change.labels is not None:
             fields["labels"] = change.labels
+        await self.fleet.refuse_if_lost(await self._store.get(_valid_id(vm_id)))
         try:
             vm = await self._store.amend(_valid_id(vm_id), LIVE, **fields)
         except StateConflict:
@@ -181,14 +218,30 @@ class VMService:
         return self._with_progress(vm)
 
     async def delete(self, vm_id: str) -> None:
-        await self._lifecycle.delete(_valid_id(vm_id))
-        self._freed()
+        """Destroy the VM here, or have its host do it (``Fleet.delete_elsewhere``); a VM
+        whose host was forgotten has nothing left to destroy, and its record goes."""
+        vm = await self._store.get(_valid_id(vm_id))
+        if self.fleet.is_mine(vm):
+            await self._lifecycle.delete(vm.id)
+            self._freed()
+        elif await self.fleet.forgotten(vm):
+            await self._store.advance(vm.id, Phase.DELETING, expect=tuple(Status),
+                                      status=Status.DELETING)  # fmt: skip
+            await self._store.forget(vm.id)
+        else:
+            await self.fleet.delete_elsewhere(vm)
 
     def _freed(self) -> None:
         """A VM is gone: the room it held may be what a pool waits for, and its image may be
         what the cache budget can give up now."""
         self.pools.wake()
         self._lifecycle.spawn(self.catalog.trim())
+
+    async def forget_host(self, host_id: str) -> None:
+        """Forget a lost host (``Fleet.forget``), and tell the callbacks of the VMs that it
+        ended."""
+        for vm in await self.fleet.forget(host_id):
+            await self._lifecycle.report(vm)
 
     async def expire(self, vm_id: str) -> None:
         """Destroy a VM whose lease has ended, as ``delete`` does."""
@@ -204,6 +257,10 @@ class VMService:
         """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``
         and ``ConsoleUnavailable`` before the first line."""
         vm_id = _valid_id(vm_id)
+        if not self.fleet.is_mine(vm := await self._store.get(vm_id)):
+            raise ConsoleUnavailable(
+                f"the console of VM {vm_id} is kept by its host, {vm.host}; ask that host's API"
+            )
         path = self._driver.console_path(await self._lifecycle.machine(vm_id))
         if path is None:
             raise ConsoleUnavailable(f"the {self._driver.name} driver keeps no console of VMs")
@@ -240,7 +297,17 @@ class VMService:
         self.metrics.phase_added(vm)
         journal.phase_added(vm)
 
+    def _images_held(self) -> dict[str, list[str]]:
+        """Each gold image this host holds, with every checksum it is known by
+        (``<type>-<checksum>``), for placement."""
+        return {
+            image.id: [f"{kind}-{value}" for kind, value in image.checksums.items()]
+            for image in self._images.images()
+            if image.status is ImageStatus.READY
+        }
+
     def _image_changed(self, image: Image, deleted: bool) -> None:
+        self.fleet.changed()
         kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE
         data = image.model_dump(mode="json", exclude={"progress"})
         self._lifecycle.spawn(self._store.record_event(kind, image.id, data))

@@ -9,6 +9,7 @@ QEMU with a status of our choosing within milliseconds when the guest really exe
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from goldclone.host.commands import run
 
 log = logging.getLogger(__name__)
 
+KVM_DEVICE = Path("/dev/kvm")
 _RESET_VECTOR = 0xFFF0
 _EXIT_PORT = 0xF4
 _PROBE_VALUE = 0x2A
@@ -36,9 +38,20 @@ def _cpu_has_virtualisation() -> bool:
 
 async def kvm_works(qemu_binary: str) -> bool:
     """Whether a KVM guest runs to completion on this host."""
-    if not Path("/dev/kvm").exists() or not _cpu_has_virtualisation():
-        return False
-    return await runs_guest(qemu_binary, "kvm")
+    return await kvm_problem(qemu_binary) is None
+
+
+async def kvm_problem(qemu_binary: str) -> str | None:
+    """Why KVM does not run guests on this host, or ``None`` when a probe guest ran under it."""
+    if not KVM_DEVICE.exists():
+        return f"there is no {KVM_DEVICE}: no kvm module, or a VM without nested virtualisation"
+    if not _cpu_has_virtualisation():
+        return f"{KVM_DEVICE} exists, but the CPU shows no vmx or svm flag (KVM guests hang then)"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"this user cannot open {KVM_DEVICE} (it is for root and the kvm group)"
+    if not await runs_guest(qemu_binary, "kvm"):
+        return "a probe guest did not run to its end under KVM"
+    return None
 
 
 async def runs_guest(qemu_binary: str, accel: str, timeout: float = 5.0) -> bool:

@@ -44,6 +44,7 @@ from goldclone.errors import (
     BootFailed,
     CloneFailed,
     CommandError,
+    DriverUnavailable,
     NotReady,
     QMPError,
     QMPRefused,
@@ -97,9 +98,10 @@ class QemuDriver:
         self._supervisor: asyncio.Task[None] | None = None
         self._agents: dict[str, AgentLink] = {}
         if len(str(data_dir.absolute())) > MAX_DATA_DIR_LENGTH:
-            raise ValueError(
-                f"the data dir path is longer than {MAX_DATA_DIR_LENGTH} characters, "
-                "too long for the VMs' QMP sockets; choose a shorter one"
+            raise DriverUnavailable(
+                f"the data dir {data_dir.absolute()} is {len(str(data_dir.absolute()))} "
+                f"characters long, too long for the VMs' sockets under it (unix socket paths "
+                f"end at 107): choose one of at most {MAX_DATA_DIR_LENGTH}"
             )
         unavailable = networks.unavailable()
         self._capabilities = Capabilities(

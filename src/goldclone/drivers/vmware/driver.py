@@ -78,7 +78,9 @@ class VMwareDriver:
         self._last_known: dict[str, bool] = {}
 
     async def claim(self) -> None:
-        """Nothing to claim: VMware's networks are its own."""
+        """Nothing to claim (VMware's networks are its own), but a vmrun that is not there is
+        said before the server serves."""
+        vmrun.locate(self._config.vmrun)
 
     async def prepare(self) -> None:
         """Find vmrun and check that it works; raises ``DriverUnavailable`` otherwise."""

@@ -1,0 +1,163 @@
+"""Reading one setting's value: from an environment variable's text, or from a TOML value.
+
+Each function takes either form (``"8080"`` or ``8080``, ``"a,b"`` or ``["a", "b"]``) and
+returns the typed value, or raises ``ValueError`` with a reason that never repeats the value,
+so that the caller decides whether the value may be shown (a secret's may not).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable
+from ipaddress import IPv4Network
+from pathlib import Path
+
+Conversion = Callable[[object], object]
+
+_INTERFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_DATABASE_URL = re.compile(r"[\w+]+://")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def host_id(value: object) -> str:
+    """A host's ID: up to 64 letters, digits, dots, underscores and hyphens."""
+    if not isinstance(value, str) or not _HOST_ID.fullmatch(value):
+        raise ValueError(
+            "must be 1-64 letters, digits, '.', '_' or '-', starting with one of the first two"
+        )
+    return value
+
+
+def whole(low: int = 0, high: int | None = None) -> Callable[[object], int]:
+    """A whole number from ``low`` to ``high``."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError("must be a whole number") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+        if value < low or (high is not None and value > high):
+            raise ValueError(
+                f"must be {low} or more" if high is None else f"must be {low} to {high}"
+            )
+        return value
+
+    return convert
+
+
+def seconds(value: object) -> float:
+    """A finite number of seconds, 0 or more."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return float(value)
+
+
+def flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("must be true or false")
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text(value)
+
+    return convert
+
+
+def path(value: object) -> Path:
+    return Path(text(value))
+
+
+def interface_name(value: object) -> str:
+    name = text(value)
+    if not _INTERFACE_NAME.fullmatch(name):
+        raise ValueError(
+            "must be a valid interface name: up to 15 of A-Za-z0-9_.-, starting with a letter "
+            "or digit"
+        )
+    return name
+
+
+def owned_subnet(value: object) -> IPv4Network:
+    """The subnet of a network goldclone owns: the host, DHCP's .10 to .250, a /24 or larger."""
+    if not isinstance(value, IPv4Network):
+        try:
+            value = IPv4Network(text(value))
+        except ValueError:
+            raise ValueError("must be an IPv4 network such as 192.168.123.0/24") from None
+    if value.prefixlen > 24:
+        raise ValueError("is too small; use a /24 or larger")
+    return value
+
+
+def database_url(value: object) -> str:
+    """An SQLAlchemy URL, checked for its form here: for one it cannot parse, SQLAlchemy's own
+    error may repeat the whole URL, password and all (older releases do)."""
+    url = text(value)
+    if not _DATABASE_URL.match(url):
+        raise ValueError("must be an SQLAlchemy URL, dialect+driver://user:password@host/database")
+    return url
+
+
+def user_or_none(value: object) -> str | None:
+    """A user name, or ``none`` for no user."""
+    name = text(value)
+    return None if name == "none" else name
+
+
+def _items(value: object, separator: str) -> list[object]:
+    """The items of a TOML array, or of a ``separator``-separated string."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(separator) if part.strip()]
+    if isinstance(value, list):
+        return list(value)
+    raise ValueError(f"must be an array, or a {separator}-separated string")
+
+
+def tokens(value: object) -> tuple[str, ...]:
+    """Bearer tokens of 16 characters or more."""
+    found = tuple(text(item).strip() for item in _items(value, ","))
+    if any(len(token) < 16 for token in found):
+        raise ValueError("each token needs at least 16 characters")
+    return found
+
+
+def schedule(value: object) -> tuple[float, ...]:
+    """Seconds before each attempt, after the one before."""
+    try:
+        delays = tuple(seconds(item) for item in _items(value, ","))
+    except ValueError:
+        delays = ()
+    if not delays:
+        raise ValueError("must be seconds before each attempt, such as 0,5,300,1800")
+    return delays
+
+
+def paths(value: object) -> tuple[Path, ...]:
+    return tuple(path(item) for item in _items(value, os.pathsep))
