@@ -249,3 +249,30 @@ async def test_a_heartbeat_wakes_no_one_so_an_idle_stream_still_keeps_alive(
         await asyncio.gather(beats, return_exceptions=True)
         await stream.aclose()
 
+
+@pytest.mark.parametrize("moment", ["before_cursor_execute", "after_cursor_execute"])
+async def test_a_write_whose_caller_is_cancelled_mid_statement_ends_and_blocks_no_other(
+    store: Store, moment: str
+) -> None:
+    """A write whose caller is cancelled (a DELETE cuts off its VM's create task wherever it
+    is) runs to its end: a transaction cut off inside SQLite's driver once kept the write
+    lock, and every later write failed with "database is locked"."""
+    writer: asyncio.Task[None] | None = None
+
+    def cancel_the_writer(*args: object) -> None:
+        statement = str(args[2])
+        if writer is not None and statement.startswith("INSERT INTO events"):
+            # from elsewhere, as a DELETE does: while the statement runs, or then its commit
+            asyncio.get_running_loop().call_soon(writer.cancel)
+
+    writer = asyncio.create_task(store.record_event(events.EventKind.IMAGE, "cut", {}))
+    sqlalchemy.event.listen(sqlalchemy.Engine, moment, cancel_the_writer)
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.Engine, moment, cancel_the_writer)
+    async with asyncio.timeout(5):  # SQLite's busy handler gives up after 10
+        await store.record_event(events.EventKind.IMAGE, "next", {})
+    recorded, _ = await store.events_after(0)
+    assert [event.subject for event in recorded] == ["cut", "next"]  # the cut-off one ended

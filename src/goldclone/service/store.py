@@ -54,6 +54,7 @@ from goldclone.service.tables import pool_members as _members
 from goldclone.service.tables import pools as _pools
 from goldclone.service.tables import templates as _templates
 from goldclone.service.tables import vms as _vms
+from goldclone.service.whole import every_call_to_the_end
 
 _HOSTS_PARTS = (_cleanups, _templates, _members, _deliveries, _handoffs)
 """What stands for one host's machines and files, besides its VMs."""
@@ -170,6 +171,7 @@ class Earlier:
     digest: str
 
 
+@every_call_to_the_end  # a cancelled caller never cuts a transaction off
 class Store:
     """VM records, keyed by ID. Every method is one short transaction.
 
