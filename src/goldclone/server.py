@@ -78,6 +78,13 @@ def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> F
     return app
 
 
+KEEP_ALIVE = 75
+"""Seconds an idle client connection is kept open: longer than clients keep theirs (httpx, and
+so goldclone's own client, 5 s). At uvicorn's default, also 5 s, a request that a client sends
+on a connection just as its idle time runs out can be cut off ("Server disconnected without
+sending a response")."""
+
+
 def serve(settings: Settings, demo_dir: Path | None = None) -> None:
     logs.configure(settings.log_format, settings.log_level)
     if not settings.api_tokens and not _is_loopback(settings.host):
@@ -89,7 +96,8 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
     service = build_service(settings)
     asyncio.run(service.claim())  # before anything is served, so that a refusal is one line
     uvicorn.run(_app_for(service, settings, demo_dir), host=settings.host, port=settings.port,
-                log_config=None, access_log=False)  # fmt: skip
+                log_config=None, access_log=False,
+                timeout_keep_alive=KEEP_ALIVE)  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:
