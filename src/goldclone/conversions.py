@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
+from types import UnionType
 
 Conversion = Callable[[object], object]
 
@@ -43,34 +44,37 @@ def whole(low: int = 0, high: int | None = None) -> Callable[[object], int]:
     """A whole number from ``low`` to ``high``."""
 
     def convert(value: object) -> int:
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ValueError("must be a whole number") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("must be a whole number")
-        if value < low or (high is not None and value > high):
+        number = int(_number(value, int, int, "must be a whole number"))
+        if number < low or (high is not None and number > high):
             raise ValueError(
                 f"must be {low} or more" if high is None else f"must be {low} to {high}"
             )
-        return value
+        return number
 
     return convert
 
 
 def seconds(value: object) -> float:
     """A finite number of seconds, 0 or more."""
+    number = _number(value, float, int | float, "must be a number of seconds")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return float(number)
+
+
+def _number(
+    value: object, parse: Callable[[str], float], kinds: type | UnionType, reason: str
+) -> float:
+    """``value``, a number of ``kinds`` or its text (read by ``parse``); else ``ValueError``
+    with ``reason``. A boolean is no number, though Python's ``bool`` is an ``int``."""
     if isinstance(value, str):
         try:
-            value = float(value.strip())
+            value = parse(value.strip())
         except ValueError:
-            raise ValueError("must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number of seconds")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a number of seconds, 0 or more")
-    return float(value)
+            raise ValueError(reason) from None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(reason)
+    return value  # type: ignore[return-value]  # an int or a float: one of kinds
 
 
 def flag(value: object) -> bool:
