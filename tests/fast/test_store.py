@@ -250,6 +250,33 @@ async def test_a_heartbeat_wakes_no_one_so_an_idle_stream_still_keeps_alive(
         await stream.aclose()
 
 
+async def test_a_watch_of_one_vm_wakes_for_its_commits_and_unknown_ones_only(
+    store: Store,
+) -> None:
+    watched, other = make_vm(), make_vm()
+    await store.admit(watched)
+    await store.admit(other)
+
+    async def woke(watch: events.Watch) -> bool:
+        started = asyncio.get_running_loop().time()
+        await watch.wait(0.3)
+        return asyncio.get_running_loop().time() - started < 0.25
+
+    with store.changes.watching(watched.id) as watch:
+        await store.set_runtime(other.id, {"machine": "m1"})
+        await store.advance(other.id, Phase.BOOTING, expect=Status.CREATING)
+        assert not await woke(watch)  # two commits, both of another VM
+        await store.set_runtime(watched.id, {"machine": "m0"})  # before the wait: not missed
+        assert await woke(watch)
+        assert not await woke(watch)  # woken once per change
+        waiting = asyncio.create_task(woke(watch))
+        await asyncio.sleep(0)  # the task runs until it waits
+        await store.advance(watched.id, Phase.BOOTING, expect=Status.CREATING)
+        assert await waiting
+        store.changes.notify()  # a commit whose subjects are unknown (another host's)
+        assert await woke(watch)
+
+
 @pytest.mark.parametrize("moment", ["before_cursor_execute", "after_cursor_execute"])
 async def test_a_write_whose_caller_is_cancelled_mid_statement_ends_and_blocks_no_other(
     store: Store, moment: str

@@ -156,17 +156,16 @@ class Fleet:
             )
         except VMNotFound:
             return
-        changes = self._store.changes
-        while True:
-            seen = changes.version
-            try:
-                vm = await self._store.get(vm.id)
-            except VMNotFound:
-                return
-            if vm.status is not Status.DELETING:  # its hypervisor refused; it is put back
-                raise StateConflict(f"VM {vm.id}: its host {vm.host} could not destroy it")
-            await self.refuse_if_lost(vm)
-            await changes.wait(seen, self._interval)
+        with self._store.changes.watching(vm.id) as change:
+            while True:
+                try:
+                    vm = await self._store.get(vm.id)
+                except VMNotFound:
+                    return
+                if vm.status is not Status.DELETING:  # its hypervisor refused; it is put back
+                    raise StateConflict(f"VM {vm.id}: its host {vm.host} could not destroy it")
+                await self.refuse_if_lost(vm)
+                await change.wait(self._interval)
 
     async def refuse_if_lost(self, vm: VM) -> None:
         """Raise ``HostLost`` if ``vm``'s host is lost."""

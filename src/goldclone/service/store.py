@@ -212,9 +212,12 @@ class Store:
         async with contextlib.AsyncExitStack() as stack:
             if self._one_writer is not None:
                 await stack.enter_async_context(self._one_writer)
-            yield await stack.enter_async_context(self._writer.begin())
+            conn = await stack.enter_async_context(self._writer.begin())
+            events.take_touched(conn)  # left by a transaction rolled back
+            yield conn
+            touched = events.take_touched(conn)
         if announce:
-            self.changes.notify()  # committed
+            self.changes.notify(touched)  # committed
 
     async def open(self) -> None:
         """Bring the database to this code's schema (``service.schema``). On PostgreSQL,
@@ -390,6 +393,7 @@ class Store:
     async def set_runtime(self, vm_id: str, record: Mapping[str, str]) -> None:
         """Record the driver's runtime of the VM's machine."""
         async with self._write() as conn:
+            events.touched(conn, vm_id)
             result = await conn.execute(
                 _vms.update().where(_vms.c.id == vm_id).values(runtime=dict(record))
             )

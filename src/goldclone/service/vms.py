@@ -172,15 +172,14 @@ class VMService:
         """The VM; with ``wait``, once it is no longer ``creating`` or after ``wait`` seconds,
         whichever comes first."""
         vm_id = _valid_id(vm_id)
-        changes = self._store.changes
         deadline = asyncio.get_running_loop().time() + wait
-        while True:
-            seen = changes.version
-            vm = await self._as_known(await self._store.get(vm_id))
-            left = deadline - asyncio.get_running_loop().time()
-            if vm.status is not Status.CREATING or left <= 0:
-                return vm
-            await changes.wait(seen, left)
+        with self._store.changes.watching(vm_id) as change:
+            while True:
+                vm = await self._as_known(await self._store.get(vm_id))
+                left = deadline - asyncio.get_running_loop().time()
+                if vm.status is not Status.CREATING or left <= 0:
+                    return vm
+                await change.wait(left)
 
     async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
         """Every VM, or those that ``wanted`` matches."""
