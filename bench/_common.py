@@ -33,7 +33,9 @@ from tests.servers import FileServer
 
 QEMU = "qemu-system-x86_64"
 POLL = 0.02
-"""How often the benchmarks poll GET /vms/{id}: every 20 ms."""
+"""How often the benchmarks poll a file or a raw guest: every 20 ms."""
+WAIT_MAX = 300.0
+"""The longest ``?timeout=`` that GET /vms/{id}?wait=true takes."""
 
 
 def start(title: str) -> None:
@@ -254,18 +256,25 @@ def span(vm: dict[str, Any], first: str, last: str) -> float:
 
 
 async def wait_running(server: Server, vm_id: str, timeout: float = 180.0) -> dict[str, Any]:
-    """Poll GET /vms/{id} every 20 ms until the VM runs; an error or a timeout raises."""
+    """Wait, as the client does (``GET /vms/{id}?wait=true``, answered within milliseconds of
+    a change), until the VM runs; an error or a timeout raises. Polling instead, every 20 ms,
+    cost 20 VMs posted at once 1000 requests a second, a core of this 2-core host."""
     deadline = time.perf_counter() + timeout
     while True:
+        left = max(0.0, deadline - time.perf_counter())
         try:
-            vm: dict[str, Any] = (await server.client.get(f"/vms/{vm_id}")).json()
+            response = await server.client.get(
+                f"/vms/{vm_id}",
+                params={"wait": "true", "timeout": min(left, WAIT_MAX)},
+                timeout=min(left, WAIT_MAX) + 30,
+            )
         except (httpx.RemoteProtocolError, httpx.ReadError):  # a kept-alive connection closed
             continue
+        vm: dict[str, Any] = response.json()
         if vm["status"] == "running":
             return vm
         if vm["status"] != "creating" or time.perf_counter() > deadline:
             raise RuntimeError(f"VM {vm_id} did not come up: {vm}")
-        await asyncio.sleep(POLL)
 
 
 @asynccontextmanager
