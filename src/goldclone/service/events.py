@@ -6,7 +6,7 @@ shared database, every service sees every host's changes). Each event's ``id`` i
 sequence number, so IDs only grow; the table keeps the last ``WINDOW`` events. ``Changes``
 wakes, on this service, whoever waits for the next commit, or for the next one that touches
 one VM: a ``?wait=true`` woken by every commit re-read its VM each time, and 20 of them during
-20 creates cost the service more CPU than the creates themselves.
+20 restores cost the service 3.6 CPU-s, against 1.9 once each woke for its own VM.
 """
 
 from __future__ import annotations
