@@ -86,8 +86,8 @@ def touched(conn: AsyncConnection, subject: str) -> None:
 
 
 def take_touched(conn: AsyncConnection) -> set[str]:
-    """What ``touched`` noted in ``conn``'s transaction, forgotten here; a transaction rolled
-    back before it was asked leaves its set behind, so each transaction asks as it begins."""
+    """What ``touched`` noted in ``conn``'s transaction, forgotten here (the connection's
+    ``info`` outlives the transaction)."""
     found: set[str] = conn.info.pop(_TOUCHED, set())
     return found
 
@@ -166,11 +166,8 @@ class Changes:
 
     async def wait(self, seen: int, timeout: float) -> None:
         """Return once ``version`` is past ``seen``, or after ``timeout`` seconds."""
-        if self.version != seen:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._next.wait()
+        if self.version == seen:
+            await _set_within(self._next, timeout)
 
 
 @dataclass
@@ -179,13 +176,20 @@ class Watch:
 
     _event: asyncio.Event
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
         """Return at the next commit that touches the subject (at once if one came since the
-        last wait), or after ``timeout`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._event.wait()
+        last wait), or after ``timeout`` seconds: whether such a commit came."""
+        woken = await _set_within(self._event, timeout)
         self._event.clear()
+        return woken
+
+
+async def _set_within(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` is set within ``timeout`` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            return await event.wait()
+    return False
 
 
 @dataclass(frozen=True)

@@ -213,9 +213,10 @@ class Store:
             if self._one_writer is not None:
                 await stack.enter_async_context(self._one_writer)
             conn = await stack.enter_async_context(self._writer.begin())
-            events.take_touched(conn)  # left by a transaction rolled back
-            yield conn
-            touched = events.take_touched(conn)
+            try:
+                yield conn
+            finally:
+                touched = events.take_touched(conn)
         if announce:
             self.changes.notify(touched)  # committed
 
