@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import re
 import time
 import uuid
@@ -18,6 +19,7 @@ import pytest
 
 from goldclone.drivers.base import MachineSpec, TemplateFiles
 from goldclone.drivers.qemu import QemuDriver
+from goldclone.drivers.qemu.driver import GUEST_NICE
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
@@ -91,6 +93,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     maker = str(uuid.uuid4())
     await host.boot(shape(GuestConfig(maker, "template"), files, restore=False))
     await asyncio.wait_for(_agent_up(host, maker), 60)
+    assert _scheduling(host, maker) == {(os.SCHED_OTHER, GUEST_NICE)}  # a cold boot
     runtime = host.machines[maker]
     await host.driver.save_template(maker, runtime, files)
     await host.destroy(maker)
@@ -127,6 +130,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
         pid = int((host.driver.vm_dir(guest.instance_id) / "qemu.pid").read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert any(f"mem-path={files.ram},share=off".encode() in arg for arg in cmdline)
+        assert _scheduling(host, guest.instance_id) == {(os.SCHED_BATCH, GUEST_NICE)}
     # a fresh VM generation ID: the two kernels reseeded apart
     reads = [await _urandom(host, g.instance_id) for g, _, _ in clones.values()]
     assert reads[0] != reads[1]
@@ -137,6 +141,13 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
         vm = {"id": guest.instance_id, "ip_address": ip, "mac_address": ""}
         assert leftovers(host.driver.vm_dir(guest.instance_id).parent.parent, vm) == []
     assert processes_mentioning(str(files.ram)) == []
+
+
+def _scheduling(host: Host, machine: str) -> set[tuple[int, int]]:
+    """The scheduling policies and nice values of the threads of the machine's QEMU."""
+    pid = int((host.driver.vm_dir(machine) / "qemu.pid").read_text())
+    threads = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    return {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in threads}
 
 
 async def _agent_up(host: Host, machine: str) -> None:
