@@ -34,7 +34,7 @@ def short_dir(workdir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="doctor", dir=workdir))
 
 
-PROGRAMS = ("qemu", "qemu-img", "dnsmasq", "dhcp_release", "nftables", "iproute2")
+PROGRAMS = ("qemu", "qemu-img", "dnsmasq", "dhcp_release", "nftables", "iproute2", "nice", "chrt")
 
 
 async def _findings(**settings: Any) -> dict[str, Finding]:

@@ -93,7 +93,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     maker = str(uuid.uuid4())
     await host.boot(shape(GuestConfig(maker, "template"), files, restore=False))
     await asyncio.wait_for(_agent_up(host, maker), 60)
-    assert _scheduling(host, maker) == {(os.SCHED_OTHER, GUEST_NICE)}  # a cold boot
+    assert _scheduling(_qemu_pid(host, maker)) == {(os.SCHED_OTHER, GUEST_NICE)}  # cold
     runtime = host.machines[maker]
     await host.driver.save_template(maker, runtime, files)
     await host.destroy(maker)
@@ -127,10 +127,10 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
         # the clock is the host's, not the template's
         guest_ns = await host.agent(guest.instance_id, "guest-get-time")
         assert abs(guest_ns - time.time_ns()) < 1_000_000_000
-        pid = int((host.driver.vm_dir(guest.instance_id) / "qemu.pid").read_text())
+        pid = _qemu_pid(host, guest.instance_id)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert any(f"mem-path={files.ram},share=off".encode() in arg for arg in cmdline)
-        assert _scheduling(host, guest.instance_id) == {(os.SCHED_BATCH, GUEST_NICE)}
+        assert _scheduling(pid) == {(os.SCHED_BATCH, GUEST_NICE)}
     # a fresh VM generation ID: the two kernels reseeded apart
     reads = [await _urandom(host, g.instance_id) for g, _, _ in clones.values()]
     assert reads[0] != reads[1]
@@ -143,9 +143,12 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     assert processes_mentioning(str(files.ram)) == []
 
 
-def _scheduling(host: Host, machine: str) -> set[tuple[int, int]]:
-    """The scheduling policies and nice values of the threads of the machine's QEMU."""
-    pid = int((host.driver.vm_dir(machine) / "qemu.pid").read_text())
+def _qemu_pid(host: Host, machine: str) -> int:
+    return int((host.driver.vm_dir(machine) / "qemu.pid").read_text())
+
+
+def _scheduling(pid: int) -> set[tuple[int, int]]:
+    """The scheduling policies and nice values of the threads of process ``pid``."""
     threads = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
     return {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in threads}
 

@@ -2,9 +2,9 @@
 rest. Each check is a ``Finding``; ``check_host`` makes them and ``render_findings`` prints them.
 
 The checks follow the settings: the QEMU driver needs QEMU, qemu-img, dnsmasq, nftables,
-iproute2 and the capabilities to make bridges and taps, and tells whether KVM really runs
-guests (the driver's own probe); the vmware driver needs vmrun; every driver needs a data dir
-on a filesystem that takes what the service keeps there, with room beyond the reserve.
+iproute2, nice and chrt, and the capabilities to make bridges and taps, and tells whether KVM
+really runs guests (the driver's own probe); the vmware driver needs vmrun; every driver needs a
+data dir on a filesystem that takes what the service keeps there, with room beyond the reserve.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ async def check_host(settings: Settings) -> list[Finding]:
             _program("dhcp_release", "dhcp_release", "dnsmasq-utils", None),
             _program("nftables", "nft", "nftables", "--version"),
             _program("iproute2", "ip", "iproute2", "-V"),
+            _program("nice", "nice", "coreutils", "--version"),
+            _program("chrt", "chrt", "util-linux", "--version"),
             _kvm(settings),
         )  # fmt: skip
         findings.append(capabilities(Path("/proc/self/status").read_text(), os.geteuid()))

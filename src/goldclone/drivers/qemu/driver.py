@@ -508,12 +508,9 @@ def _nic_device(mac: str) -> str:
 
 
 def _scheduling(spec: MachineSpec) -> list[str]:
-    """What runs QEMU with the scheduling it is given (docs/design.md, "Scheduling the
-    guests"): ``GUEST_NICE``, and ``SCHED_BATCH`` for a restored machine, whose work is
-    all on its CPU (QEMU translating the guest's code afresh): 20 restored at once and
-    preempting each other cost each about a sixth more CPU. A cold boot keeps the default
-    policy: its firmware polls devices, and 20 cold boots under ``SCHED_BATCH`` took half
-    as long again. Lowering one's own priority needs no privilege."""
+    """The commands that run QEMU at ``GUEST_NICE``, and a restored machine, whose work is all
+    on its CPU, under ``SCHED_BATCH``; a cold boot, whose firmware polls devices, keeps the
+    default policy (docs/design.md, "The QEMU driver", with what was measured)."""
     batch = ["chrt", "--batch", "0"] if spec.restore else []
     return ["nice", "-n", str(GUEST_NICE), *batch]
 
