@@ -51,9 +51,12 @@ async def _tcp(ip: str, port: int) -> bool:
 
 async def _http(ip: str, port: int, path: str) -> bool:
     """Whether ``GET path`` answers with a status below 500; redirects are not followed, and
-    no proxy of the environment is used: the guest is on our own network."""
+    no proxy of the environment is used: the guest is on our own network. The request is plain
+    HTTP, so the client loads no CA certificates, which cost the event loop 28 ms a probe."""
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=PROBE_TIMEOUT, trust_env=False, verify=False
+        ) as client:
             response = await client.get(f"http://{ip}:{port}{path}")
     except httpx.HTTPError:
         return False
