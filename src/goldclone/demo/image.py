@@ -85,6 +85,7 @@ _GUEST_SCRIPTS = {
     "configure": "sbin/configure",
     "agent": "sbin/agent",
     "nic-added": "sbin/nic-added",
+    "mdev.conf": "etc/mdev.conf",
     "index.cgi": "www/cgi-bin/index.cgi",
 }
 
