@@ -105,11 +105,12 @@ async def delete_link(name: str) -> None:
         raise NetworkFailed(f"could not delete {name}: {err.strip()}")
 
 
-async def add_tap(tap: str, bridge: str) -> None:
-    """Create tap ``tap`` and put it, up, on ``bridge``; nothing is left if that fails."""
+async def add_tap(tap: str, bridge: str, alias: str) -> None:
+    """Create tap ``tap`` labelled ``alias`` and put it, up, on ``bridge``; nothing is left if
+    that fails."""
     await _run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
     try:
-        await attach(tap, bridge)
+        await _run("ip", "link", "set", tap, "master", bridge, "alias", alias, "up")
     except BaseException:
         await delete_link(tap)
         raise

@@ -256,8 +256,7 @@ class Networks:
         attachment = Attachment(machine, network_type, await self._new_mac(), name, tap)
         self._attached[tap] = attachment
         try:
-            await bridge.add_tap(tap, name)
-            await bridge.set_alias(tap, self.label)
+            await bridge.add_tap(tap, name, self.label)
             if network_type == BRIDGED:
                 self._watch(attachment)
         except BaseException:
