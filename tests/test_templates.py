@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import re
 import time
@@ -30,6 +31,14 @@ from tests.harness import Goldclone, leftovers, links, processes_mentioning
 from tests.servers import FileServer
 
 USER_DATA = "#!/bin/sh\necho restored-{name} > /www/hello.txt\n"
+
+
+async def _backing_file(disk: Path) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "qemu-img", "info", "-U", "--output=json", str(disk), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    return str(json.loads(out)["backing-filename"])
 
 
 class Host:
@@ -98,7 +107,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     await host.driver.save_template(maker, runtime, files)
     await host.destroy(maker)
     assert {p.name: p.stat().st_mode & 0o777 for p in files.folder.iterdir()} == {
-        "disk.qcow2": 0o400, "ram": 0o400, "state": 0o400,
+        "disk.qcow2": 0o400, "ram": 0o400, "state": 0o400, "overlay.qcow2": 0o400,
     }  # fmt: skip
     ram_digest = hashlib.sha256(files.ram.read_bytes()).hexdigest()
 
@@ -114,6 +123,10 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     nic_a, nic_b = host.machines[a.instance_id], host.machines[b.instance_id]
     assert len({nic_a.mac, nic_b.mac}) == 2 and len({nic_a.tap, nic_b.tap}) == 2
     assert ip_a != ip_b
+    for guest in (a, b):  # a copy of the template's empty overlay, on the template's disk
+        disk = host.driver.vm_dir(guest.instance_id) / "disk.qcow2"
+        assert await _backing_file(disk) == str(files.disk)
+        assert disk.stat().st_mode & 0o777 == 0o600
     for guest, ip, _ in clones.values():
         async with httpx.AsyncClient(timeout=10) as client:
             page = (await client.get(f"http://{ip}/")).text.splitlines()

@@ -79,6 +79,12 @@ class TemplateFiles:
     def state(self) -> Path:
         return self.folder / "state"
 
+    @property
+    def overlay(self) -> Path:
+        """An empty qcow2 overlay on ``disk``: what every machine restored from the template
+        starts as, copied (templates of earlier releases have none)."""
+        return self.folder / "overlay.qcow2"
+
 
 @dataclass(frozen=True)
 class MachineSpec:
