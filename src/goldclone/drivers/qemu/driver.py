@@ -161,10 +161,12 @@ class QemuDriver:
         frozen disk: the same bytes for every clone, and no process to start for each."""
         vm_dir = self.vm_dir(machine)
         vm_dir.mkdir(parents=True, mode=0o700)
-        if template is not None and await asyncio.to_thread(
-            _copy_if_present, template.overlay, self._disk(machine)
-        ):
-            return
+        if template is not None:
+            try:
+                if await asyncio.to_thread(_copy_if_present, template.overlay, self._disk(machine)):
+                    return
+            except OSError as exc:
+                raise CloneFailed(f"could not copy the template's disk: {exc.strerror}") from exc
         base, base_format = (
             (gold.disk.path.absolute(), gold.disk.format)
             if template is None
@@ -443,7 +445,7 @@ async def _create_overlay(base: Path, base_format: str, overlay: Path) -> None:
             timeout=30,
         )  # fmt: skip
     except CommandError as exc:
-        raise CloneFailed(f"could not clone the gold image: {exc.message}") from exc
+        raise CloneFailed(f"could not make a disk overlay: {exc.message}") from exc
 
 
 def _copy_if_present(source: Path, target: Path) -> bool:
