@@ -1,9 +1,11 @@
-"""The QEMU driver's parts that stand alone: the accelerator probe and the command runner."""
+"""The QEMU driver's parts that stand alone: the accelerator probe, the command runner, its
+command lines and disk clones."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import sys
 import time
@@ -18,7 +20,9 @@ from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.errors import CommandError, CommandTimeout
 from goldclone.guest.config import GuestConfig
 from goldclone.host.commands import run
-from goldclone.settings import NetworkConfig
+from goldclone.images.cache import GoldImage
+from goldclone.images.checks.disks import DiskImage
+from goldclone.settings import NetworkConfig, Settings
 from tests.harness import processes_mentioning
 
 
@@ -124,6 +128,29 @@ def test_a_restored_machine_maps_the_template_privately_and_plugs_its_nic_later(
     assert "vmgenid,id=vmgen0" in made and any(
         a.startswith("vmgenid,id=vmgen0,guid=") for a in again
     )
+
+
+async def test_a_restored_machines_disk_is_the_templates_overlay_or_one_made_on_its_disk(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A copy of the template's empty overlay; for a template of an earlier release, which has
+    none, one made by qemu-img. Either is the machine's own, on the template's disk."""
+    files = TemplateFiles(tmp_path / "templates" / "t")
+    files.folder.mkdir(parents=True)
+    await run("qemu-img", "create", "-q", "-f", "qcow2", str(files.disk), "1M", timeout=30)
+    driver = _driver(str(settings.data_dir))
+    gold = GoldImage("sha256-x", tmp_path, DiskImage(files.disk, "qcow2"), None)
+    await driver.clone("older", gold, files)
+    await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(files.disk), "-F", "qcow2",
+              "-o", "cluster_size=4096", str(files.overlay), timeout=30)  # fmt: skip
+    await driver.clone("newer", gold, files)
+    older, newer = (driver.vm_dir(name) / "disk.qcow2" for name in ("older", "newer"))
+    for disk in (older, newer):
+        _, out, _ = await run("qemu-img", "info", "--output=json", str(disk), timeout=30)
+        assert json.loads(out)["backing-filename"] == str(files.disk)
+    assert json.loads(out)["cluster-size"] == 4096  # the copy, not a new one
+    assert newer.read_bytes() == files.overlay.read_bytes()
+    assert newer.stat().st_mode & 0o777 == 0o600
 
 
 def test_headless_means_no_display() -> None:

@@ -449,14 +449,14 @@ async def _create_overlay(base: Path, base_format: str, overlay: Path) -> None:
 
 
 def _copy_if_present(source: Path, target: Path) -> bool:
-    """Copy ``source`` to ``target`` (made 0600); whether there was a ``source``."""
+    """Copy ``source`` to ``target`` (0600, never half-written); whether there was a
+    ``source``."""
     try:
-        with source.open("rb") as src:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        src = source.open("rb")
     except FileNotFoundError:
         return False
+    with src:
+        write_atomically(target, lambda out: shutil.copyfileobj(src, out), 0o600)
     return True
 
 
