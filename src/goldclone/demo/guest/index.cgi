@@ -32,6 +32,6 @@ while read -r key; do echo "ssh-key $key"; done < /root/.ssh/authorized_keys
 metadata=/run/goldclone/metadata.json
 [ -r "$metadata" ] || metadata=/sys/firmware/qemu_fw_cfg/by_name/opt/goldclone/metadata/raw
 if [ -r "$metadata" ]; then
-    IFS= read -r json < "$metadata" || [ -n "$json" ]
+    IFS= read -r json < "$metadata" # JSON without a newline: read says EOF but keeps it
     echo "metadata $json"
 fi
