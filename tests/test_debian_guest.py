@@ -130,6 +130,17 @@ class Ssh:
             except CommandError as second:
                 raise AssertionError(f"{first}; again: {second}\n{await self._state()}") from None
 
+    async def host_keys(self) -> dict[str, str]:
+        """The host keys that sshd serves, by kind, as ``ssh-keyscan`` reads them. Its default
+        5 s wait per connection was too short for a loaded guest's sshd (CI, once); an empty
+        scan is an error with the guest's state."""
+        _, scanned, _ = await run("ssh-keyscan", "-T", "90", "-t", "rsa,ecdsa,ed25519", self.ip,
+                                  timeout=300, check=False)  # fmt: skip
+        keys = {line.split()[1]: line.split()[2] for line in scanned.splitlines()}
+        if not keys:
+            raise AssertionError(f"ssh-keyscan read no host key\n{await self._state()}")
+        return keys
+
     async def _run(self, command: str) -> str:
         _, out, _ = await run(
             "ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=90",
@@ -284,10 +295,8 @@ async def _restores(
         assert json.loads(await ssh("sudo cat /run/goldclone/metadata.json")) == metadata
         assert abs(float(await ssh("date +%s.%N")) - time.time()) < 2  # ssh's own delay included
         random = await ssh("head -c 16 /dev/urandom | od -An -tx1")
-        _, scanned, _ = await run("ssh-keyscan", "-t", "rsa,ecdsa,ed25519", vm["ip_address"],
-                                  timeout=30)  # fmt: skip
-        host_keys = {line.split()[1]: line.split()[2] for line in scanned.splitlines()}
-        assert len(host_keys) == 3, scanned  # all three kinds, each read by sshd (so 0600)
+        host_keys = await ssh.host_keys()
+        assert len(host_keys) == 3, host_keys  # all three kinds, each read by sshd (so 0600)
         seen[name] = {"address": (vm["ip_address"], vm["mac_address"]),
                       "host key": host_keys["ssh-ed25519"], "random bytes": random}  # fmt: skip
     for part in ("address", "host key", "random bytes"):  # each VM's own, all running at once
