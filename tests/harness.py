@@ -19,6 +19,7 @@ import uvicorn
 
 from goldclone.drivers.qemu.network import Networks
 from goldclone.drivers.qemu.network.manager import tap_name
+from goldclone.host.commands import run
 from goldclone.server import build_app
 from goldclone.settings import Settings
 
@@ -179,6 +180,12 @@ def processes_mentioning(text: str) -> list[int]:
         if text.encode() in cmdline:
             found.append(int(entry.name))
     return found
+
+
+async def disk_info(disk: Path) -> dict[str, Any]:
+    """``qemu-img info`` of ``disk``, also while a running QEMU holds its lock (``-U``)."""
+    _, out, _ = await run("qemu-img", "info", "-U", "--output=json", str(disk), timeout=30)
+    return dict(json.loads(out))
 
 
 def forget(data_dir: Path, vm_id: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -23,7 +22,7 @@ from goldclone.host.commands import run
 from goldclone.images.cache import GoldImage
 from goldclone.images.checks.disks import DiskImage
 from goldclone.settings import NetworkConfig, Settings
-from tests.harness import processes_mentioning
+from tests.harness import disk_info, processes_mentioning
 
 
 async def test_the_probe_firmware_runs_under_tcg() -> None:
@@ -146,9 +145,8 @@ async def test_a_restored_machines_disk_is_the_templates_overlay_or_one_made_on_
     await driver.clone("newer", gold, files)
     older, newer = (driver.vm_dir(name) / "disk.qcow2" for name in ("older", "newer"))
     for disk in (older, newer):
-        _, out, _ = await run("qemu-img", "info", "--output=json", str(disk), timeout=30)
-        assert json.loads(out)["backing-filename"] == str(files.disk)
-    assert json.loads(out)["cluster-size"] == 4096  # the copy, not a new one
+        assert (await disk_info(disk))["backing-filename"] == str(files.disk)
+    assert (await disk_info(newer))["cluster-size"] == 4096  # the copy, not a new one
     assert newer.read_bytes() == files.overlay.read_bytes()
     assert newer.stat().st_mode & 0o777 == 0o600
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import re
 import time
@@ -27,18 +26,10 @@ from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import ImageSpec
 from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import Goldclone, leftovers, links, processes_mentioning
+from tests.harness import Goldclone, disk_info, leftovers, links, processes_mentioning
 from tests.servers import FileServer
 
 USER_DATA = "#!/bin/sh\necho restored-{name} > /www/hello.txt\n"
-
-
-async def _backing_file(disk: Path) -> str:
-    process = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "-U", "--output=json", str(disk), stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await process.communicate()
-    return str(json.loads(out)["backing-filename"])
 
 
 class Host:
@@ -125,7 +116,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     assert ip_a != ip_b
     for guest in (a, b):  # a copy of the template's empty overlay, on the template's disk
         disk = host.driver.vm_dir(guest.instance_id) / "disk.qcow2"
-        assert await _backing_file(disk) == str(files.disk)
+        assert (await disk_info(disk))["backing-filename"] == str(files.disk)
         assert disk.stat().st_mode & 0o777 == 0o600
     for guest, ip, _ in clones.values():
         async with httpx.AsyncClient(timeout=10) as client:
