@@ -125,12 +125,28 @@ def taken_port() -> Iterator[int]:
 
 
 def _serve(data_dir: Path, port: int, **env: str) -> subprocess.CompletedProcess[str]:
-    """``goldclone serve`` as its own process, with ``env`` added, until it exits."""
+    """``goldclone serve`` as its own process, with ``env`` added, until it exits (1.5-2 s
+    here). Once in CI it had not ended after 60 s, with no trace of why: one that hangs now
+    gets SIGABRT, which with ``PYTHONFAULTHANDLER`` writes every thread's stack to its log,
+    and the test fails with that whole log."""
     command = [sys.executable, "-m", "goldclone.cli", "serve", "--port", str(port),
                "--data-dir", str(data_dir)]  # fmt: skip
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=60, check=False, env=os.environ | env
-    )
+    env = os.environ | env | {"PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            try:
+                _, err = process.communicate(timeout=10)
+            finally:
+                process.kill()
+            raise AssertionError(f"goldclone serve did not end within 60 s:\n{err}") from None
+        finally:
+            process.kill()  # a no-op once it has ended; ends it on Ctrl-C
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 async def test_a_second_service_elsewhere_leaves_the_first_alone(
