@@ -94,17 +94,20 @@ async def addresses(name: str) -> list[str]:
 
 
 async def our_tables() -> list[str]:
+    """The test networks' nftables tables, as ``FAMILY NAME``."""
     _, out, _ = await run("nft", "-j", "list", "tables", timeout=10)
-    names = [i["table"]["name"] for i in json.loads(out)["nftables"] if "table" in i]
-    return [name for name in names if name.startswith("goldclone_gct")]
+    tables = [i["table"] for i in json.loads(out)["nftables"] if "table" in i]
+    return sorted(
+        f"{t['family']} {t['name']}" for t in tables if t["name"].startswith("goldclone_gct")
+    )
 
 
 async def link_names() -> list[str]:
     return [str(entry["ifname"]) for entry in await ip_json("link", "show")]
 
 
-async def nft_table(name: str) -> str:
-    _, out, _ = await run("nft", "list", "table", "ip", name, timeout=10)
+async def nft_table(name: str, family: str = "ip") -> str:
+    _, out, _ = await run("nft", "list", "table", family, name, timeout=10)
     return out
 
 
@@ -144,9 +147,9 @@ async def test_nat_comes_up_with_masquerade(networks: Networks) -> None:
     assert "masquerade" in await nft_table("goldclone_gctnat0")
     assert read("/proc/sys/net/ipv4/ip_forward").strip() == "1"
 
-    assert attachment == Attachment(
-        "282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat", attachment.mac, "gctnat0", "gc282ee68a2e4d"
-    )
+    assert attachment == Attachment("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat",
+                                    attachment.mac, "gctnat0", "gc282ee68a2e4d", attachment.ip)  # fmt: skip
+    assert IPv4Address(attachment.ip) in NAT
     assert MAC.fullmatch(attachment.mac)
     tap = await link(attachment.tap)
     assert tap is not None and tap["master"] == "gctnat0" and "UP" in tap["flags"]
@@ -158,9 +161,10 @@ async def test_hostonly_has_no_masquerade_or_route(networks: Networks) -> None:
 
     assert await addresses("gcthost0") == ["172.31.124.1/24"]
     assert await link("gctnat0") is None
-    assert await our_tables() == ["goldclone_gcthost0"]
+    assert await our_tables() == ["bridge goldclone_gcthost0", "ip goldclone_gcthost0"]
     rules = await nft_table("goldclone_gcthost0")
-    assert "masquerade" not in rules and 'iifname "gcthost0" oifname != "gcthost0" drop' in rules
+    assert "masquerade" not in rules
+    assert 'iifname "gcthost0" counter packets 0 bytes 0 drop comment "egress"' in rules
     assert "--dhcp-option=3" in networks.dnsmasq("hostonly").argv()
 
 
@@ -283,10 +287,13 @@ async def test_bridged_ip_from_dhcp_ack(
         await guest.dhcp(script)
         ip = await networks.wait_for_ip(attachment, timeout=5)
     assert parse(host_bridge.lease_file.read_text())[attachment.mac] == ip
-    assert await our_tables() == []
+    [table] = await our_tables()  # the host's bridge is not ours: only the guest's own rules
+    assert table.startswith("bridge goldclone_gctbr0_")
+    assert f"ip saddr != {ip} " in await nft_table(table.split()[1], "bridge")
 
     await networks.detach(attachment)
     await networks.teardown()
+    assert await our_tables() == []
     assert await link(attachment.tap) is None
     assert await link(HOST_BRIDGE) is not None
 
@@ -298,6 +305,7 @@ async def test_bridged_ip_from_lease_file_and_neighbours(
     attachment = await networks.attach("bridged", "vm-11")
     async with fake_guest(attachment.tap, attachment.mac) as guest:
         await guest.dhcp(script)
+        await networks.wait_for_ip(attachment, timeout=5)  # and its rules let it send from it
         await guest.exec("busybox", "ping", "-c", "1", "-W", "2", "10.77.0.1")
         await networks.close()  # a restart: nobody saw the DHCP ACK
         leased = parse(host_bridge.lease_file.read_text())[attachment.mac]
@@ -312,7 +320,9 @@ async def test_bridged_ip_from_lease_file_and_neighbours(
         from_neighbours = Networks(replace(CONFIG, bridged_bridge=HOST_BRIDGE), state_dir)
         assert await from_neighbours.wait_for_ip(attachment, timeout=5) == leased
         await from_neighbours.detach(attachment)
+        await from_neighbours.teardown()
     assert await link(attachment.tap) is None
+    assert await our_tables() == []
 
 
 async def test_bridged_bridge_must_exist(state_dir: Path) -> None:

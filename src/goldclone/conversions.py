@@ -15,6 +15,8 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from types import UnionType
 
+from goldclone.egress import Destination, destination
+
 Conversion = Callable[[object], object]
 
 _INTERFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
@@ -165,3 +167,17 @@ def schedule(value: object) -> tuple[float, ...]:
 
 def paths(value: object) -> tuple[Path, ...]:
     return tuple(path(item) for item in _items(value, os.pathsep))
+
+
+def ports(value: object) -> tuple[int, ...]:
+    """TCP and UDP ports, 1 to 65535."""
+    port = whole(1, 65535)
+    try:
+        return tuple(sorted({port(item) for item in _items(value, ",")}))
+    except ValueError:
+        raise ValueError("must be ports from 1 to 65535, such as 3142,8080") from None
+
+
+def destinations(value: object) -> tuple[Destination, ...]:
+    """Egress destinations: IPv4 networks with optional ports (``goldclone.egress``)."""
+    return tuple(sorted({destination(text(item)) for item in _items(value, ",")}))

@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 
 from goldclone import conversions
 from goldclone.conversions import Conversion
+from goldclone.egress import Destination, EgressPolicy
 
 DEFAULT_PORT = 12345
 DRIVERS = ("qemu", "vmware", "synthetic")
@@ -58,6 +59,11 @@ class NetworkConfig:
     bridged_lease_file: Path | None = None
     check_interval: float = 2.0
     """Seconds between two checks of the owned networks (a gone bridge, a dead dnsmasq)."""
+    guest_host_ports: tuple[int, ...] = ()
+    """Host ports (TCP and UDP) that guests on owned networks may reach on their bridge's
+    address, besides DHCP and DNS."""
+    egress_allow: tuple[Destination, ...] = ()
+    egress_deny: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:
         _check("nat_bridge", conversions.interface_name, self.nat_bridge)
@@ -74,6 +80,11 @@ class NetworkConfig:
             )
         if self.nat_subnet.overlaps(self.hostonly_subnet):
             raise ValueError("nat_subnet and hostonly_subnet must not overlap")
+
+    @property
+    def egress(self) -> EgressPolicy:
+        """Where guests on ``nat`` may send packets beyond the host."""
+        return EgressPolicy(self.egress_allow, self.egress_deny)
 
     def bridge(self, network_type: str) -> str | None:
         """Return the bridge of ``network_type``, or ``None`` when it is not configured."""
@@ -393,6 +404,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "that bridge's DHCP server's lease file (dnsmasq format), to find IPs"),
     _s("GOLDCLONE_NETWORK_CHECK_INTERVAL", "network.check_interval", _seconds,
        "seconds between two checks (and repairs) of the owned networks"),
+    _s("GOLDCLONE_GUEST_HOST_PORTS", "network.guest_host_ports", conversions.ports,
+       "host ports guests may reach on their bridge's address besides DHCP and DNS",
+       "none"),
+    _s("GOLDCLONE_EGRESS_ALLOW", "network.egress_allow", conversions.destinations,
+       "nat: CIDR[:PORT]s guests may reach although private or in egress_deny", "none"),
+    _s("GOLDCLONE_EGRESS_DENY", "network.egress_deny", conversions.destinations,
+       "nat: CIDR[:PORT]s guests may not reach, besides the private ranges", "none"),
     _s("GOLDCLONE_VMRUN", "vmware.vmrun", conversions.text,
        "vmware: the path of vmrun", "found on PATH, then where Fusion and Workstation put it"),
     _s("GOLDCLONE_VMWARE_TYPE", "vmware.host_type", conversions.one_of(HOST_TYPES),

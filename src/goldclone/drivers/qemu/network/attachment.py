@@ -14,6 +14,10 @@ class Attachment(Runtime):
 
     bridge: str
     tap: str
+    ip: str = ""
+    """The address fixed for it before it started: on owned networks, the only one its DHCP
+    server gives it and its rules let it send from. Empty on ``bridged``, and in records of
+    releases before addresses were fixed."""
 
     @classmethod
     def from_record(cls, machine: str, record: Mapping[str, str]) -> Attachment:
@@ -25,4 +29,5 @@ class Attachment(Runtime):
             mac=record["mac"],
             bridge=record["bridge"],
             tap=record["tap"],
+            ip=record.get("ip", ""),
         )

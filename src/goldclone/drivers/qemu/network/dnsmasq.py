@@ -7,18 +7,19 @@ exactly the command line this configuration would start. It is signalled by PID,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from goldclone.drivers.qemu.network import dnsmasq_leases
 from goldclone.errors import CommandError, NetworkFailed
 from goldclone.host import processes
 from goldclone.host.commands import run
+from goldclone.host.files import write_atomically
 from goldclone.polling import until
-from goldclone.settings import dhcp_range
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class Dnsmasq:
     ``router`` says whether guests are told to route through the host.
     """
 
-    def __init__(self, bridge: str, subnet: IPv4Network, state_dir: Path, *, router: bool) -> None:
+    def __init__(
+        self, bridge: str, subnet: IPv4Network, state_dir: Path, hosts_dir: Path, *, router: bool
+    ) -> None:
         self.bridge = bridge
         self.subnet = subnet
         self.state_dir = state_dir
@@ -55,23 +58,26 @@ class Dnsmasq:
         self.pid_file = state_dir / "dnsmasq.pid"
         self.index_file = state_dir / "bridge.index"
         self.lease_file = state_dir / "leases"
-        self.hosts_file = state_dir / "hosts"
+        self.hosts_dir = hosts_dir
+        """One file per guest, named by its MAC, fixing its address: dnsmasq reads a new one
+        at once (inotify), and hands out no address that no file names. It reads them as the
+        unprivileged user it drops to, so the folder is not in the data dir, which that user
+        may not be able to enter."""
 
     def argv(self) -> list[str]:
         """Return the exact command line that starts this server."""
-        first, last = dhcp_range(self.subnet)
         argv = [
             "dnsmasq",
             "--conf-file=/dev/null",
             "--bind-interfaces",
             f"--interface={self.bridge}",
             "--except-interface=lo",
-            f"--dhcp-range={first},{last},{self.subnet.netmask},12h",
+            f"--dhcp-range={self.subnet.network_address},static,{self.subnet.netmask},12h",
             f"--dhcp-leasefile={self.lease_file}",
             "--dhcp-authoritative",
             "--no-ping",
             f"--pid-file={self.pid_file}",
-            f"--dhcp-hostsfile={self.hosts_file}",
+            f"--dhcp-hostsdir={self.hosts_dir}",
         ]
         # DNS on the bridge address: the host's /etc/hosts, and, for a network with a route
         # out, the host's resolvers; plain names and private reverse lookups stay here.
@@ -125,7 +131,7 @@ class Dnsmasq:
             return pid
         await self.stop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.hosts_file.touch()
+        self.hosts_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
         try:
             await run(*self.argv(), timeout=START_TIMEOUT)
@@ -147,14 +153,35 @@ class Dnsmasq:
             raise NetworkFailed(f"dnsmasq {pid} on {self.bridge} did not exit after SIGKILL")
         log.info("stopped dnsmasq %d on %s", pid, self.bridge)
 
+    def _host_file(self, mac: str) -> Path:
+        return self.hosts_dir / mac.lower().replace(":", "-")
+
+    def fix(self, mac: str, ip: IPv4Address) -> None:
+        """Make ``ip`` the only address that ``mac`` is given."""
+        self.hosts_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # dnsmasq skips the temporary dotfile and reads the renamed one whole
+        write_atomically(self._host_file(mac), f"{mac.lower()},{ip}\n".encode(), 0o644)
+
+    def fixed(self) -> dict[str, IPv4Address]:
+        """Each MAC with a fixed address, and that address."""
+        found = {}
+        for path in self.hosts_dir.glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                mac, ip = path.read_text().strip().split(",")
+                found[mac] = IPv4Address(ip)
+        return found
+
     async def release(self, mac: str) -> None:
-        """Forget ``mac``: drop its hosts-file entries and release its lease.
+        """Forget ``mac``: drop its fixed address and release its lease.
 
         Waits until dnsmasq has rewritten its lease file without the lease.
         """
         pid = self.owned_pid()
-        if _drop_lines(self.hosts_file, mac) and pid is not None:
-            os.kill(pid, signal.SIGHUP)  # dnsmasq rereads --dhcp-hostsfile on SIGHUP
+        path = self._host_file(mac)
+        if path.exists():
+            path.unlink()
+            if pid is not None:
+                os.kill(pid, signal.SIGHUP)  # dnsmasq forgets a deleted host file on SIGHUP
         ip = dnsmasq_leases.lookup(self.lease_file, mac)
         if ip is None:
             return

@@ -11,8 +11,8 @@ import secrets
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +22,16 @@ from goldclone.drivers.qemu.network.dnsmasq import Dnsmasq
 from goldclone.drivers.qemu.network.sniffer import DhcpAckSniffer
 from goldclone.errors import DriverUnavailable, InvalidRequest, IPTimeout, NetworkFailed
 from goldclone.polling import until
-from goldclone.settings import BRIDGED, NAT, NETWORK_TYPES, OWNED_TYPES, NetworkConfig, host_address
+from goldclone.settings import (
+    BRIDGED,
+    HOSTONLY,
+    NAT,
+    NETWORK_TYPES,
+    OWNED_TYPES,
+    NetworkConfig,
+    dhcp_range,
+    host_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,9 @@ LABEL = "goldclone "
 network state dir, which names its data dir."""
 BRIDGED_POLL = 1.0
 TAP_PREFIX = "gc"
+HOSTS_ROOT = Path("/run/goldclone")
+"""Where the DHCP servers' fixed addresses live (see ``Dnsmasq.hosts_dir``): one folder per
+service, named by a hash of its network state dir."""
 _OUR_TAP = re.compile(rf"{TAP_PREFIX}[0-9a-f]{{12}}")
 
 
@@ -47,7 +59,7 @@ class Repair:
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: Literal["gone", "foreign", "no-dhcp"] | None
+    kind: Literal["gone", "foreign", "no-dhcp", "unguarded"] | None
     reason: str | None
 
 
@@ -62,6 +74,12 @@ def tap_name(vm_id: str) -> str:
 
 async def _vm_taps_on(bridge_name: str) -> list[str]:
     return [port for port in await bridge.ports(bridge_name) if _OUR_TAP.fullmatch(port)]
+
+
+def _guard(attachment: Attachment) -> firewall.Guard:
+    return firewall.Guard(
+        attachment.tap, attachment.mac, IPv4Address(attachment.ip) if attachment.ip else None
+    )
 
 
 def _random_mac() -> str:
@@ -81,11 +99,58 @@ class Networks:
         self.config = config
         self.state_dir = state_dir.absolute()
         self.label = f"{LABEL}{self.state_dir}"
+        self.hosts_root = HOSTS_ROOT / hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
         """What this service's bridges and taps carry as their alias."""
         self._locks = {t: asyncio.Lock() for t in OWNED_TYPES}
         self._up: set[str] = set()
         self._attached: dict[str, Attachment] = {}
         self._sniffers: dict[str, DhcpAckSniffer] = {}
+        self._wall_locks: dict[str, asyncio.Lock] = {}
+        """Held while a network's rules change, so that a full rewrite from ``_attached``
+        and one guest's change are never interleaved."""
+        self._bridged_walled = False
+
+    def wall(self, network_type: str) -> firewall.Wall:
+        """The rules of ``network_type``'s network (see ``firewall``)."""
+        name = self._bridge(network_type)
+        suffix = ""
+        if network_type == BRIDGED:  # not ours alone: another service may use the same bridge
+            suffix = "_" + hashlib.sha256(self.label.encode()).hexdigest()[:8]
+        return firewall.Wall(
+            name,
+            NAT if network_type == NAT else HOSTONLY if network_type == HOSTONLY else BRIDGED,
+            firewall.table_name(name, suffix),
+            self.config.guest_host_ports,
+            self.config.egress,
+        )
+
+    def _guards(self, bridge_name: str) -> list[firewall.Guard]:
+        return [_guard(a) for a in self._attached.values() if a.bridge == bridge_name]
+
+    async def _wall_up(self, network_type: str) -> None:
+        """Rewrite ``network_type``'s rules whole, from the guests attached to it."""
+        wall = self.wall(network_type)
+        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
+            subnet = self.config.subnet(network_type) if wall.owned else None
+            await firewall.apply(wall, subnet, self._guards(wall.bridge))
+
+    async def _put_guard(self, attachment: Attachment, replacing: Attachment | None = None) -> None:
+        """Put ``attachment``'s rules in place of those of ``replacing``."""
+        wall = self.wall(attachment.network_type)
+        if attachment.network_type == BRIDGED and not self._bridged_walled:
+            await self._wall_up(BRIDGED)
+            self._bridged_walled = True
+            return
+        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
+            old = _guard(replacing) if replacing is not None else None
+            await firewall.guard(wall, _guard(attachment), self._guards(wall.bridge), old)
+
+    async def _drop_guard(self, attachment: Attachment) -> None:
+        wall = self.wall(attachment.network_type)
+        if attachment.network_type == BRIDGED and not self._bridged_walled:
+            return
+        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
+            await firewall.unguard(wall, _guard(attachment), self._guards(wall.bridge))
 
     def dnsmasq(self, network_type: str) -> Dnsmasq:
         """Return the DHCP server of owned network ``network_type`` (running or not)."""
@@ -93,6 +158,7 @@ class Networks:
             self._bridge(network_type),
             self.config.subnet(network_type),
             self.state_dir / network_type,
+            self.hosts_root / network_type,
             router=network_type == NAT,
         )
 
@@ -162,9 +228,7 @@ class Networks:
         await bridge.set_alias(name, self.label)
         if network_type == NAT:
             firewall.enable_forwarding()
-            await firewall.apply_nat(name, subnet)
-        else:
-            await firewall.apply_hostonly(name)
+        await self._wall_up(network_type)
         found = await bridge.link(name)
         assert found is not None  # just made
         await self.dnsmasq(network_type).start(found.index)
@@ -187,6 +251,9 @@ class Networks:
             return _Fault("foreign", reason)
         if self.dnsmasq(network_type).adoptable_pid(found.index) is None:
             return _Fault("no-dhcp", f"no DHCP server serves {name}")
+        guarded = await firewall.guarded(self.wall(network_type))
+        if bare := sorted(set(await _vm_taps_on(name)) - (guarded or set())):
+            return _Fault("unguarded", f"the tap(s) {', '.join(bare)} on {name} have no rules")
         return _Fault(None, None)
 
     async def supervise(self) -> None:
@@ -231,6 +298,8 @@ class Networks:
                 done = (
                     f"made the bridge again, put {len(taps)} tap(s) back on it and restarted DHCP"
                 )
+            elif fault.kind == "unguarded":
+                done = "wrote its rules again"
             else:
                 done = "restarted DHCP"
             repair = Repair(network_type, str(fault.reason), done, time.monotonic() - started)
@@ -253,14 +322,22 @@ class Networks:
         tap = tap_name(machine)
         if await bridge.link_exists(tap):
             raise NetworkFailed(f"tap {tap} for VM {machine} already exists")
-        attachment = Attachment(machine, network_type, await self._new_mac(), name, tap)
-        self._attached[tap] = attachment
+        mac = await self._new_mac()
+        ip = self._new_ip(network_type) if network_type in OWNED_TYPES else None
+        attachment = Attachment(machine, network_type, mac, name, tap, str(ip or ""))
+        self._attached[tap] = attachment  # its MAC and address are taken from here on
         try:
+            if ip is not None:
+                self.dnsmasq(network_type).fix(mac, ip)
+            await self._put_guard(attachment)  # before the tap, so its first frame is checked
             await bridge.add_tap(tap, name, self.label)
             if network_type == BRIDGED:
                 self._watch(attachment)
         except BaseException:
             del self._attached[tap]
+            await self._drop_guard(attachment)
+            if network_type in OWNED_TYPES:
+                await self.dnsmasq(network_type).release(mac)
             raise
         log.info("attached %s (%s) to %s", tap, attachment.mac, name)
         return attachment
@@ -271,9 +348,29 @@ class Networks:
         Its owned network is brought up or adopted, so the guest keeps its DHCP server, and its
         MAC is counted as taken. Raises ``NetworkFailed`` when the network cannot be set up.
         """
-        self._attached[attachment.tap] = attachment
         if attachment.network_type in OWNED_TYPES:
+            attachment = self._with_fixed_ip(attachment)
+            self._attached[attachment.tap] = attachment
             await self.ensure(attachment.network_type)
+        else:
+            found = await self._known_bridged_ip(attachment)
+            attachment = replace(attachment, ip=found or "")
+            self._attached[attachment.tap] = attachment
+        await self._put_guard(attachment)
+
+    def _with_fixed_ip(self, attachment: Attachment) -> Attachment:
+        """``attachment``, with the address of its lease fixed for it if it had none (it
+        was made by a release before addresses were fixed)."""
+        dnsmasq = self.dnsmasq(attachment.network_type)
+        if attachment.ip:
+            if attachment.mac not in dnsmasq.fixed():  # its file was lost: fix it again
+                dnsmasq.fix(attachment.mac, IPv4Address(attachment.ip))
+            return attachment
+        leased = dnsmasq_leases.lookup(dnsmasq.lease_file, attachment.mac)
+        if leased is None:
+            return attachment
+        dnsmasq.fix(attachment.mac, IPv4Address(leased))
+        return replace(attachment, ip=leased)
 
     async def _new_mac(self) -> str:
         taken = await bridge.macs_in_use()
@@ -283,6 +380,19 @@ class Networks:
         while (mac := _random_mac()) in taken:
             pass
         return mac
+
+    def _new_ip(self, network_type: str) -> IPv4Address:
+        """A free address of ``network_type``'s DHCP range, at random, so that an address
+        freed a moment ago (still in a neighbour's ARP cache) is seldom the next one."""
+        dnsmasq = self.dnsmasq(network_type)
+        taken = {IPv4Address(a.ip) for a in self._attached.values() if a.ip}
+        taken |= set(dnsmasq.fixed().values())
+        taken |= {IPv4Address(ip) for ip in dnsmasq_leases.read(dnsmasq.lease_file).values()}
+        first, last = dhcp_range(self.config.subnet(network_type))
+        free = [n for n in range(int(first), int(last) + 1) if IPv4Address(n) not in taken]
+        if not free:
+            raise NetworkFailed(f"the {network_type} network has no free address left")
+        return IPv4Address(secrets.choice(free))
 
     def _lease_files(self) -> list[Path]:
         files = [self.dnsmasq(t).lease_file for t in OWNED_TYPES]
@@ -325,16 +435,27 @@ class Networks:
         )
 
     async def _bridged_ip(self, attachment: Attachment) -> str:
+        ip = await self._find_bridged_ip(attachment)
+        current = self._attached.get(attachment.tap)
+        if current is not None and current.ip != ip:
+            learned = replace(current, ip=ip)
+            self._attached[attachment.tap] = learned
+            await self._put_guard(learned, replacing=current)  # its address, from now on
+        return ip
+
+    async def _known_bridged_ip(self, attachment: Attachment) -> str | None:
+        if self.config.bridged_lease_file is not None:
+            ip = dnsmasq_leases.lookup(self.config.bridged_lease_file, attachment.mac)
+            if ip is not None:
+                return ip
+        return await bridge.neighbour_ip(attachment.bridge, attachment.mac)
+
+    async def _find_bridged_ip(self, attachment: Attachment) -> str:
         sniffer = self._sniffers.get(attachment.tap) or self._watch(attachment)
         while True:
             if sniffer is not None and sniffer.ip is not None:
                 return sniffer.ip
-            if self.config.bridged_lease_file is not None:
-                ip = dnsmasq_leases.lookup(self.config.bridged_lease_file, attachment.mac)
-                if ip is not None:
-                    return ip
-            ip = await bridge.neighbour_ip(attachment.bridge, attachment.mac)
-            if ip is not None:
+            if (ip := await self._known_bridged_ip(attachment)) is not None:
                 return ip
             if sniffer is None:
                 await asyncio.sleep(BRIDGED_POLL)
@@ -348,7 +469,9 @@ class Networks:
 
         Calling it again, or from a new instance after a restart, is fine.
         """
+        known = self._attached.get(attachment.tap, attachment)
         await self._remove_tap(attachment.tap)
+        await self._drop_guard(known)
         if attachment.network_type in OWNED_TYPES:
             await self.dnsmasq(attachment.network_type).release(attachment.mac)
         log.info("detached %s (%s)", attachment.tap, attachment.mac)
@@ -357,6 +480,8 @@ class Networks:
         """Remove ``tap`` and release ``mac``'s lease on every owned network: ``detach`` for a
         NIC whose attachment was never recorded. A tap or lease that is not there is fine."""
         await self._remove_tap(tap)
+        for network_type in sorted(self._up):  # rewritten without it: whatever it had is gone
+            await self._wall_up(network_type)
         if mac is not None:
             for network_type in OWNED_TYPES:
                 await self.dnsmasq(network_type).release(mac)
@@ -392,6 +517,9 @@ class Networks:
             if attachment.network_type == BRIDGED:
                 await bridge.delete_link(tap)
         self._attached.clear()
+        if self.config.bridged_bridge is not None:
+            await firewall.remove(self.wall(BRIDGED))
+            self._bridged_walled = False
         for network_type in OWNED_TYPES:
             await self._teardown_owned(network_type)
 
@@ -404,9 +532,12 @@ class Networks:
                 return
             dnsmasq = self.dnsmasq(network_type)
             await dnsmasq.stop()
-            await firewall.remove(name)
+            await firewall.remove(self.wall(network_type))
             if await bridge.link_exists(name):
                 for tap in await _vm_taps_on(name):
                     await bridge.delete_link(tap)
                 await bridge.delete_link(name)
             await asyncio.to_thread(shutil.rmtree, dnsmasq.state_dir, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, dnsmasq.hosts_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # once both networks' folders are gone
+            self.hosts_root.rmdir()

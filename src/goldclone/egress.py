@@ -1,0 +1,91 @@
+"""Where a guest on the ``nat`` network may send packets beyond its host.
+
+A *destination* is an IPv4 network with an optional port (``10.0.5.7/32:3142``; TCP and UDP
+alike). The host's policy is the private ranges of ``PRIVATE``, plus the operator's
+``egress_deny``, minus the operator's ``egress_allow``: an allowed destination beats a denied
+one, so ``egress_deny = ["0.0.0.0/0"]`` with a short ``egress_allow`` lets guests reach only
+that list. A request may narrow this for its VM, never widen it (``refusal``).
+
+Guests send no IPv6 at all (their NIC's rules drop it), so the policy has no IPv6 part.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Final
+
+_DESTINATION = re.compile(r"(?P<network>[0-9./]+)(?::(?P<port>[0-9]{1,5}))?")
+
+
+@dataclass(frozen=True, order=True)
+class Destination:
+    """An IPv4 network, and a port on it when ``port`` is set (TCP and UDP)."""
+
+    network: IPv4Network
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.network}:{self.port}" if self.port is not None else str(self.network)
+
+    def covers(self, other: Destination) -> bool:
+        """Whether every packet to ``other`` is also one to this destination."""
+        return other.network.subnet_of(self.network) and self.port in (None, other.port)
+
+
+def destination(text: str) -> Destination:
+    """Read ``NETWORK[:PORT]`` (``NETWORK`` an IPv4 address or CIDR); ``ValueError`` with a
+    reason that does not repeat the text."""
+    found = _DESTINATION.fullmatch(text.strip())
+    if found is None:
+        raise ValueError("must be an IPv4 address or network with an optional port, such as "
+                         "203.0.113.0/24 or 10.0.5.7:3142 (guests have no IPv6)")  # fmt: skip
+    try:
+        network = IPv4Network(found["network"], strict=False)
+    except ValueError:
+        raise ValueError("must be an IPv4 address or network such as 203.0.113.0/24") from None
+    port = int(found["port"]) if found["port"] is not None else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("has a port outside 1-65535")
+    return Destination(network, port)
+
+
+PRIVATE: Final = tuple(
+    Destination(IPv4Network(n))
+    for n in (
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",  # RFC 1918
+        "100.64.0.0/10",  # carrier-grade NAT
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local, where clouds serve instance metadata
+        "172.16.0.0/12",  # RFC 1918
+        "192.168.0.0/16",  # RFC 1918
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+    )
+)
+"""What a guest on ``nat`` cannot reach unless the operator allows it."""
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """A host's egress: ``PRIVATE`` and ``deny`` are refused unless ``allow`` covers them."""
+
+    allow: tuple[Destination, ...] = ()
+    deny: tuple[Destination, ...] = ()
+
+    @property
+    def refused(self) -> tuple[Destination, ...]:
+        return PRIVATE + self.deny
+
+    def refusal(self, wanted: Destination) -> str | None:
+        """Why a request may not ask for ``wanted`` on this host, or ``None`` if it may: all
+        of it must be allowed here, so it may overlap a refused range only where one allowed
+        destination covers it."""
+        if any(entry.covers(wanted) for entry in self.allow):
+            return None
+        for entry in self.refused:
+            if wanted.network.overlaps(entry.network) and entry.port in (None, wanted.port):
+                return f"{wanted} reaches {entry.network}, which this host does not allow"
+        return None
