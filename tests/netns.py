@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -183,11 +184,22 @@ class FakeGuest:
 async def fake_guest(tap: str, mac: str) -> AsyncIterator[FakeGuest]:
     """Plug a fake guest with MAC ``mac`` into ``tap``."""
     async with namespace() as ns, veth_into(ns, mac=mac) as (outer, inner):
+        # The outer end lives in this namespace, the host's: without this table the host
+        # would take the guest's packets from it directly, around the bridge and its rules.
+        # The relay's packet socket still sees them: it comes before the ingress hook.
+        table = f"gctest_{outer}"
+        chain = f"type filter hook ingress device {outer} priority 0; policy drop;"
+        script = f"table netdev {table} {{\n chain ingress {{\n {chain}\n }}\n}}\n"
+        await run("nft", "-f", "-", stdin=script.encode(), timeout=10)
+        # The relay copies frames as they are, so the guest must fill in its checksums
+        # itself: with offloading its TCP segments would reach the host without them.
+        await run("ip", "netns", "exec", ns, "ethtool", "-K", inner, "tx", "off", timeout=10)
         relay = _Relay(tap, outer)
         try:
             yield FakeGuest(ns, inner, mac)
         finally:
             relay.close()
+            await run("nft", "delete", "table", "netdev", table, timeout=10, check=False)
 
 
 class DhcpServer:
@@ -216,3 +228,63 @@ class DhcpServer:
         if self.pid is not None:
             await stop_pid(self.pid)
             self.pid = None
+
+
+@contextlib.asynccontextmanager
+async def http_server(directory: Path, address: str, ns: str | None = None) -> AsyncIterator[int]:
+    """busybox httpd serving ``directory`` on ``address`` (``IP:PORT``), in namespace ``ns`` or
+    this one, until the block ends; yields its PID. It answers once the port is bound."""
+    argv = ["busybox", "httpd", "-f", "-p", address, "-h", str(directory)]
+    if ns is not None:
+        argv = ["ip", "netns", "exec", ns, *argv]
+    process = await asyncio.create_subprocess_exec(*argv)
+    try:
+        host, port = address.rsplit(":", 1)
+        host = "127.0.0.1" if host == "0.0.0.0" else host
+        for _ in range(50):  # it binds within milliseconds; each try waits up to 0.2 s
+            if await reaches(ns, host, int(port), timeout=0.2):
+                break
+        else:
+            raise RuntimeError(f"busybox httpd on {address} does not answer")
+        yield process.pid
+    finally:
+        await stop_pid(process.pid)
+        await process.wait()
+
+
+UPSTREAM = {
+    "link": "192.0.2.2",  # TEST-NET-1, the host's neighbour
+    "lan": "10.66.0.2",  # a machine in a private range behind the host
+    "metadata": "169.254.169.254",  # a cloud's instance metadata service
+    "internet": "198.51.100.7",  # TEST-NET-2, which stands in for a public address
+}
+
+
+@contextlib.asynccontextmanager
+async def upstream(directory: Path) -> AsyncIterator[str]:
+    """A namespace behind a veth that holds every address of ``UPSTREAM``, each serving
+    ``directory`` over HTTP on port 80, with routes to them from this namespace; this end is
+    192.0.2.1. Yields the namespace."""
+    async with namespace() as ns, veth_into(ns) as (outer, inner):
+        await run("ip", "addr", "add", "192.0.2.1/24", "dev", outer, timeout=10)
+        await run("ip", "-n", ns, "addr", "add", "192.0.2.2/24", "dev", inner, timeout=10)
+        for name, address in UPSTREAM.items():
+            if name != "link":
+                await run("ip", "-n", ns, "addr", "add", f"{address}/32", "dev", "lo", timeout=10)
+                await run("ip", "route", "add", f"{address}/32", "via", "192.0.2.2", timeout=10)
+        async with http_server(directory, "0.0.0.0:80", ns):
+            yield ns
+
+
+_CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+
+
+async def reaches(ns: str | None, address: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection from namespace ``ns`` (``None``: this one) to
+    ``address:port`` is accepted within ``timeout`` seconds; refused, dropped and timed out
+    alike are ``False``."""
+    argv = [sys.executable, "-c", _CONNECT, address, str(port), str(timeout)]
+    if ns is not None:
+        argv = ["ip", "netns", "exec", ns, *argv]
+    code, _, _ = await run(*argv, timeout=timeout + 30, check=False)
+    return code == 0

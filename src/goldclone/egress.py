@@ -12,6 +12,7 @@ Guests send no IPv6 at all (their NIC's rules drop it), so the policy has no IPv
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Final
@@ -89,3 +90,31 @@ class EgressPolicy:
             if wanted.network.overlaps(entry.network) and entry.port in (None, wanted.port):
                 return f"{wanted} reaches {entry.network}, which this host does not allow"
         return None
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What one VM may reach besides DHCP, DNS and the host's allowed ports: the other VMs of
+    its ``group`` (none without one), and beyond the host on ``nat`` the ``egress`` list,
+    within the host's policy (``None``: all the host's policy allows; ``()``: nothing)."""
+
+    group: str | None = None
+    egress: tuple[Destination, ...] | None = None
+
+    def record(self) -> dict[str, str]:
+        """As strings for a driver's runtime record; ``from_record`` reads them back."""
+        egress = "" if self.egress is None else ",".join(map(str, self.egress)) or "none"
+        return {"group": self.group or "", "egress": egress}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> Reach:
+        egress = record.get("egress", "")
+        return cls(
+            record.get("group") or None,
+            None if not egress else () if egress == "none" else
+            tuple(destination(d) for d in egress.split(",")),
+        )  # fmt: skip
+
+
+DEFAULT_REACH: Final = Reach()
+"""No group, and the host's egress policy."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from goldclone.drivers.base import Runtime
+from goldclone.egress import Reach
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,13 @@ class Attachment(Runtime):
     """The address fixed for it before it started: on owned networks, the only one its DHCP
     server gives it and its rules let it send from. Empty on ``bridged``, and in records of
     releases before addresses were fixed."""
+    group: str = ""
+    egress: str = ""
+    """Its ``Reach``, as ``Reach.record`` writes it."""
+
+    @property
+    def reach(self) -> Reach:
+        return Reach.from_record({"group": self.group, "egress": self.egress})
 
     @classmethod
     def from_record(cls, machine: str, record: Mapping[str, str]) -> Attachment:
@@ -30,4 +38,5 @@ class Attachment(Runtime):
             bridge=record["bridge"],
             tap=record["tap"],
             ip=record.get("ip", ""),
+            **Reach.from_record(record).record(),
         )

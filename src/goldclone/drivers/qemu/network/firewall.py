@@ -83,9 +83,12 @@ def _egress_chain(tap: str) -> str:
     return f"egress_{tap}"
 
 
-def _guest_rules(guard: Guard) -> list[str]:
+def _guest_rules(wall: Wall, guard: Guard) -> list[str]:
     own = str(guard.ip) if guard.ip is not None else "0.0.0.0"
     arp_sources = own if guard.ip is None else f"{{ {own}, 0.0.0.0 }}"
+    # Only a frame forwarded to another port has an output interface: the two peer rules
+    # are skipped for frames to the host.
+    peers = ["iifname . oifname @peers return", 'meta oiftype ether counter drop comment "peer"']
     return [
         f'ether saddr != {guard.mac} counter drop comment "mac"',
         'ether type != { ip, arp } counter drop comment "protocol"',
@@ -94,7 +97,7 @@ def _guest_rules(guard: Guard) -> list[str]:
         "ip saddr 0.0.0.0 udp sport 68 udp dport 67 return",
         f'ip saddr != {own} counter drop comment "ip"',
         'udp sport 67 counter drop comment "dhcp-server"',
-    ]
+    ] + (peers if wall.owned else [])
 
 
 def _to(destination: Destination) -> str:
@@ -137,16 +140,19 @@ def _bridge_table(wall: Wall, guards: list[Guard]) -> str:
         f"set peers {{ type ifname . ifname;{_elements(pairs)} }}",
         f"map guards {{ type ifname : verdict;{_elements(jumps)} }}",
     ]
-    parts += [_block(f"chain {_chain(g.tap)}", _guest_rules(g)) for g in guards]
+    parts += [_block(f"chain {_chain(g.tap)}", _guest_rules(wall, g)) for g in guards]
     hook = "type filter hook {} priority filter; policy accept;"
     # Bridge-family hooks see the frames of every bridge on the host, so each rule names its
     # taps (this kernel has no bridge name to match; many lack it).
     into_host = [hook.format("input"), "iifname vmap @guards"]
     between = [hook.format("forward"), "iifname vmap @guards"]
     if wall.owned:  # on the operator's bridge, the other ports are not ours to wall off
-        between += ["iifname . oifname @peers accept",
-                    'iifname @guarded counter drop comment "peer"',
-                    'oifname @guarded counter drop comment "peer"']  # fmt: skip
+        # a guest's own chain drops what it sends to a non-peer; this, what it would get
+        # from a port without rules
+        between += [
+            "iifname . oifname @peers accept",
+            'oifname @guarded counter drop comment "peer"',
+        ]
     parts += [_block("chain input", into_host), _block("chain forward", between)]
     return _block(f"table bridge {wall.table}", parts)
 
@@ -245,7 +251,7 @@ def _guard_script(wall: Wall, guard: Guard, others: Iterable[Guard]) -> str:
     table = f"bridge {wall.table}"
     chain = _chain(guard.tap)
     lines = [f"add chain {table} {chain}"]
-    lines += [f"add rule {table} {chain} {rule}" for rule in _guest_rules(guard)]
+    lines += [f"add rule {table} {chain} {rule}" for rule in _guest_rules(wall, guard)]
     lines += [f'add element {table} guards {{ "{guard.tap}" : jump {chain} }}',
               f'add element {table} guarded {{ "{guard.tap}" }}']  # fmt: skip
     if pairs := _peers(guard, others):

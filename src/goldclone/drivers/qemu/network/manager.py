@@ -20,6 +20,7 @@ from goldclone.drivers.qemu.network import bridge, dnsmasq_leases, firewall
 from goldclone.drivers.qemu.network.attachment import Attachment
 from goldclone.drivers.qemu.network.dnsmasq import Dnsmasq
 from goldclone.drivers.qemu.network.sniffer import DhcpAckSniffer
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import DriverUnavailable, InvalidRequest, IPTimeout, NetworkFailed
 from goldclone.polling import until
 from goldclone.settings import (
@@ -77,8 +78,13 @@ async def _vm_taps_on(bridge_name: str) -> list[str]:
 
 
 def _guard(attachment: Attachment) -> firewall.Guard:
+    reach = attachment.reach
     return firewall.Guard(
-        attachment.tap, attachment.mac, IPv4Address(attachment.ip) if attachment.ip else None
+        attachment.tap,
+        attachment.mac,
+        IPv4Address(attachment.ip) if attachment.ip else None,
+        reach.group,
+        reach.egress,
     )
 
 
@@ -307,8 +313,11 @@ class Networks:
                         repair.found, repair.done, repair.seconds)  # fmt: skip
             return repair
 
-    async def attach(self, network_type: str, machine: str) -> Attachment:
-        """Give ``machine`` a new tap on ``network_type``'s bridge and a new MAC.
+    async def attach(
+        self, network_type: str, machine: str, reach: Reach = DEFAULT_REACH
+    ) -> Attachment:
+        """Give ``machine`` a new tap on ``network_type``'s bridge, a new MAC, and on an owned
+        network a new address, with rules that let it reach what ``reach`` says.
 
         Raises ``InvalidRequest`` for an unknown or unconfigured network type and
         ``NetworkFailed`` when the network cannot be set up.
@@ -324,7 +333,8 @@ class Networks:
             raise NetworkFailed(f"tap {tap} for VM {machine} already exists")
         mac = await self._new_mac()
         ip = self._new_ip(network_type) if network_type in OWNED_TYPES else None
-        attachment = Attachment(machine, network_type, mac, name, tap, str(ip or ""))
+        attachment = Attachment(machine, network_type, mac, name, tap, str(ip or ""),
+                                **reach.record())  # fmt: skip
         self._attached[tap] = attachment  # its MAC and address are taken from here on
         try:
             if ip is not None:
@@ -341,6 +351,18 @@ class Networks:
             raise
         log.info("attached %s (%s) to %s", tap, attachment.mac, name)
         return attachment
+
+    async def set_reach(self, attachment: Attachment, reach: Reach) -> Attachment:
+        """Change what the running ``attachment`` may reach, in one step; return it changed."""
+        current = self._attached.get(attachment.tap, attachment)
+        changed = replace(current, **reach.record())
+        self._attached[attachment.tap] = changed
+        try:
+            await self._put_guard(changed, replacing=current)
+        except BaseException:
+            self._attached[attachment.tap] = current
+            raise
+        return replace(attachment, **reach.record())
 
     async def adopt(self, attachment: Attachment) -> None:
         """Take over the attachment of a guest that kept running through a restart.
