@@ -276,7 +276,10 @@ async def upstream(directory: Path) -> AsyncIterator[str]:
             yield ns
 
 
-_CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+_CONNECT = (
+    "import socket, sys; "
+    "socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+)
 
 
 async def reaches(ns: str | None, address: str, port: int, timeout: float = 2.0) -> bool:

@@ -147,8 +147,10 @@ async def test_nat_comes_up_with_masquerade(networks: Networks) -> None:
     assert "masquerade" in await nft_table("goldclone_gctnat0")
     assert read("/proc/sys/net/ipv4/ip_forward").strip() == "1"
 
-    assert attachment == Attachment("282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat",
-                                    attachment.mac, "gctnat0", "gc282ee68a2e4d", attachment.ip)  # fmt: skip
+    assert attachment == Attachment(
+        "282ee68a-2e4d-4bd7-9c0e-7f37e12fc489", "nat", attachment.mac, "gctnat0",
+        "gc282ee68a2e4d", attachment.ip,
+    )  # fmt: skip
     assert IPv4Address(attachment.ip) in NAT
     assert MAC.fullmatch(attachment.mac)
     tap = await link(attachment.tap)

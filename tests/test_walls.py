@@ -270,8 +270,8 @@ async def test_no_rogue_dhcp_server_or_router_advertisement_reaches_a_peer(
     try:
         await in_victim.exec("ip", "addr", "flush", "dev", in_victim.link)
         await in_victim.dhcp(guests.script)  # the rogue hears it, as a group member
-        [address] = json.loads((await in_victim.exec("ip", "-j", "-4", "addr", "show", "dev",
-                                                     in_victim.link)))[0]["addr_info"]  # fmt: skip
+        [address] = json.loads(await in_victim.exec("ip", "-j", "-4", "addr", "show", "dev",
+                                                     in_victim.link))[0]["addr_info"]  # fmt: skip
         assert address["local"] == victim.ip
         assert (await drops(guests.networks, rogue))["dhcp-server"] > 0
     finally:
@@ -302,7 +302,8 @@ async def test_egress_follows_the_operator_and_narrows_per_vm(
     world: str, tmp_path: Path, dhcp_script: Path, served: Path
 ) -> None:
     lan_cache = destination(f"{UPSTREAM['lan']}:80")
-    config = replace(CONFIG, egress_allow=(lan_cache,), egress_deny=(destination("198.51.100.0/24"),))  # fmt: skip
+    internet = destination("198.51.100.0/24")
+    config = replace(CONFIG, egress_allow=(lan_cache,), egress_deny=(internet,))
     networks = Networks(config, tmp_path / "networks")
     made = Guests(networks, dhcp_script, served)
     try:
@@ -310,8 +311,10 @@ async def test_egress_follows_the_operator_and_narrows_per_vm(
             _, host_policy = await made.add("vm-1")
             _, only_lan = await made.add("vm-2", Reach(egress=(lan_cache,)))
             _, nothing = await made.add("vm-3", Reach(egress=()))
-            targets = {"lan": (UPSTREAM["lan"], 80), "internet": (UPSTREAM["internet"], 80),
-                       "metadata": (UPSTREAM["metadata"], 80), "host": (HOST, ALLOWED_PORT)}  # fmt: skip
+            targets = {
+                "lan": (UPSTREAM["lan"], 80), "internet": (UPSTREAM["internet"], 80),
+                "metadata": (UPSTREAM["metadata"], 80), "host": (HOST, ALLOWED_PORT),
+            }  # fmt: skip
 
             assert await probe_all(host_policy.ns, targets) == {
                 "lan": True, "internet": False, "metadata": False, "host": True}  # fmt: skip

@@ -116,5 +116,7 @@ class Reach:
         )  # fmt: skip
 
 
+NO_EGRESS_RULES: Final = EgressPolicy()
+"""The private ranges refused, and nothing else allowed or refused."""
 DEFAULT_REACH: Final = Reach()
 """No group, and the host's egress policy."""

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from goldclone.egress import Reach, destination
 from goldclone.labels import Labels
 
 ChecksumType = Literal["md5", "sha1", "sha256", "sha512"]
@@ -359,6 +360,31 @@ def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+_GROUP_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+NetworkGroup = Annotated[StrictStr, Field(pattern=_GROUP_PATTERN)]
+MAX_EGRESS = 32
+
+
+def _egress(value: Literal["none"] | list[str] | None) -> Literal["none"] | list[str] | None:
+    if isinstance(value, list):
+        return [str(destination(item)) for item in value]  # its ValueError names no value
+    return value
+
+
+Egress = Annotated[
+    Literal["none"] | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EGRESS)],
+    AfterValidator(_egress),
+]
+
+
+def reach_of(network_group: str | None, egress: Literal["none"] | list[str] | None) -> Reach:
+    """The driver's ``Reach`` for a VM's ``network_group`` and ``egress``."""
+    if egress is None:
+        return Reach(network_group)
+    destinations = () if egress == "none" else tuple(destination(d) for d in egress)
+    return Reach(network_group, destinations)
+
+
 MAX_WAIT = 300.0
 """The longest ``GET /vms/{id}?wait=true`` waits, in seconds."""
 StartMode = Literal["auto", "cold"]
@@ -373,6 +399,11 @@ class CreateVMRequest(_Strict):
     cpus: Count = 2
     memory: MemoryMB = 1024
     network_type: NetworkType = "nat"
+    network_group: NetworkGroup | None = None
+    """The VMs created with the same group may reach each other; no other VM reaches it."""
+    egress: Egress | None = None
+    """On ``nat``, where beyond the host it may send: ``"none"``, or ``CIDR[:PORT]``s within
+    what the host allows; left out, all the host allows."""
     headless: StrictBool = True
     callback_url: HttpUrl | None = None
     ready_when: ReadyWhen | None = None
@@ -400,6 +431,18 @@ class CreateVMRequest(_Strict):
 
     _callback_url = field_validator("callback_url")(_http_url)
     _name = field_validator("name")(_dns_label)
+
+    @model_validator(mode="after")
+    def _reach_fits_the_network(self) -> CreateVMRequest:
+        if self.network_type == "bridged" and (self.network_group or self.egress):
+            raise ValueError(
+                "network_group and egress need a network goldclone owns (nat or hostonly); "
+                "a bridged network is its operator's"
+            )
+        if isinstance(self.egress, list) and self.network_type != "nat":
+            raise ValueError('egress: only nat reaches beyond the host; use "none" or leave it out')
+        return self
+
     _user_data = field_validator("user_data")(_check_user_data)
     _metadata = field_validator("metadata")(_check_metadata)
 
@@ -445,6 +488,11 @@ class VM(BaseModel):
     cpus: int
     memory: int
     network_type: NetworkType
+    network_group: str | None = None
+    egress: Literal["none"] | list[str] | None = None
+    dropped_packets: dict[str, int] | None = None
+    """What its network's rules dropped of what it sent, by reason; present while it runs, on
+    the host that answers."""
     headless: bool
     callback_url: str | None
     ready_when: ReadyWhen | None = None

@@ -281,3 +281,30 @@ async def test_a_create_goes_to_a_host_whose_bounds_take_it_and_is_refused_if_no
         alone = await a.client.post("/vms", json=body)  # host b is lost: no host takes it
         assert alone.status_code == 400
         assert alone.json()["message"] == "cpus: must be between 1 and 2 on this host"
+
+
+async def test_a_groups_vms_go_to_the_host_that_has_its_members(
+    host_settings: Any, images: FileServer
+) -> None:
+    body = {"image": image_of(images), "cpus": 1, "memory": 256}
+    first = Service(host_settings("host-a", max_vms=2))
+    second = Service(host_settings("host-b", max_vms=2))
+    async with hosts(first, second) as (a, b):
+        for host in (a, b):  # both hold the image, so that spread alone would choose
+            assert (await host.client.post("/images", json=body["image"])).status_code == 202
+        async with asyncio.timeout(10):
+            while any(f"sha256-{body['image']['checksum']}" not in h["images"]
+                      for h in (await listed_hosts(a)).values()):  # fmt: skip
+                await asyncio.sleep(0.05)
+        member = await a.boot({**body, "network_group": "job-41"})
+        assert member["host"] == "host-a" and member["network_group"] == "job-41"
+        other = await b.boot(body)  # spread: host b has fewer VMs now
+        assert other["host"] == "host-b"
+        joined = await b.boot({**body, "network_group": "job-41"})
+        assert joined["host"] == "host-a"  # though host b has as many VMs
+        refused = await b.client.post("/vms", json={**body, "network_group": "job-41"})
+        assert refused.status_code == 409, refused.text  # its host is full; b has room
+        assert refused.json()["code"] == "capacity-exceeded"
+        assert "host-a allows 2 VMs" in refused.json()["message"]
+        elsewhere = await b.boot({**body, "network_group": "job-42"})
+        assert elsewhere["host"] == "host-b"

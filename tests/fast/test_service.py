@@ -390,3 +390,34 @@ async def test_a_guest_that_never_gets_ready_ends_in_not_ready(
         assert "the guest agent of the guest at 198.18" in vm["error"]["message"]
         assert "within 1 s" in vm["error"]["message"]
         assert service.leftovers(vm["id"]) == []
+
+
+async def test_network_group_and_egress_are_kept_and_checked(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    vm = await service.boot({**request_body, "network_group": "ci-7.build_2",
+                             "egress": ["203.0.113.0/24:443", "198.51.100.7"]})  # fmt: skip
+    assert (vm["network_group"], vm["egress"]) == (
+        "ci-7.build_2", ["203.0.113.0/24:443", "198.51.100.7/32"])  # fmt: skip
+    assert vm["dropped_packets"] == {}  # what its rules dropped (the synthetic host: nothing)
+    closed = await service.boot({**request_body, "egress": "none", "network_type": "hostonly"})
+    assert closed["egress"] == "none" and closed["network_group"] is None
+
+    refusals = {
+        "egress: 10.0.0.0/8:5432 reaches 10.0.0.0/8, which this host does not allow":
+            {"egress": ["10.0.0.0/8:5432"]},
+        "egress: 0.0.0.0/0 reaches 0.0.0.0/8": {"egress": ["0.0.0.0/0"]},
+        "egress: must be an IPv4 address or network": {"egress": ["2001:db8::/32"]},
+        "egress: only nat reaches beyond the host":
+            {"egress": ["203.0.113.0/24"], "network_type": "hostonly"},
+        "network_group and egress need a network goldclone owns":
+            {"network_group": "g", "network_type": "bridged"},
+        "network_group": {"network_group": "-starts-with-a-dash"},
+        "egress": {"egress": []},
+    }  # fmt: skip
+    for expected, change in refusals.items():
+        response = await service.client.post("/vms", json={**request_body, **change})
+        assert response.status_code == 400, (change, response.text)
+        assert response.json()["code"] == "invalid-request"
+        assert expected in response.json()["message"], (expected, response.json())
+    assert len((await service.client.get("/vms")).json()["vms"]) == 2

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import BootFailed
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage
@@ -50,13 +51,15 @@ class Capabilities:
     the driver knows but cannot offer here to the reason, for the error a request gets.
     ``memory_templates`` says whether the driver can start a machine from a saved, booted
     template instead of a cold boot; ``guest_agent`` whether it can ping a QEMU guest agent in
-    the guest.
+    the guest; ``walls`` whether it enforces a ``Reach`` (groups and egress) on its own
+    networks.
     """
 
     network_types: tuple[str, ...]
     package_kinds: frozenset[PackageKind]
     memory_templates: bool = False
     guest_agent: bool = False
+    walls: bool = False
     unavailable_networks: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -144,8 +147,22 @@ class Driver(Protocol):
         """Make the machine's linked clone of the gold image, whose kind the driver takes, or
         of ``template``'s frozen disk (only with ``capabilities.memory_templates``)."""
 
-    async def attach(self, machine: str, network_type: str) -> Runtime:
-        """Give the machine a NIC with a fresh MAC on one of ``capabilities.network_types``."""
+    async def attach(
+        self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH
+    ) -> Runtime:
+        """Give the machine a NIC with a fresh MAC on one of ``capabilities.network_types``,
+        that may reach what ``reach`` says (with ``capabilities.walls``)."""
+        ...
+
+    async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
+        """Change what the running machine's NIC may reach; return its runtime changed."""
+        ...
+
+    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+        """The packets that network rules have dropped, by reason: of what the machine of
+        ``runtime`` sent, or of all this host's machines together (some drops belong to no
+        one machine). ``None`` for a driver without ``capabilities.walls``, or a machine
+        without rules."""
         ...
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:

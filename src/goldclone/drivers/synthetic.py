@@ -30,6 +30,7 @@ from goldclone.drivers.base import (
     is_vm_id,
     unless_exited,
 )
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
@@ -112,6 +113,7 @@ class SyntheticDriver:
             package_kinds=frozenset({"disk", "vmx"}),
             memory_templates=True,
             guest_agent=True,
+            walls=True,  # its machines have no network to reach anything through
             unavailable_networks={
                 t: f"'{t}' is not offered by this synthetic host"
                 for t in ("bridged", "nat", "hostonly")
@@ -147,7 +149,15 @@ class SyntheticDriver:
         (folder / "clone").write_text(gold.key)
         self.host.machines[machine] = Machine(machine, gold.key)
 
-    async def attach(self, machine: str, network_type: str) -> Runtime:
+    async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
+        return runtime
+
+    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+        return {}
+
+    async def attach(
+        self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH
+    ) -> Runtime:
         self.host.check_fault("attach")
         if network_type not in self._capabilities.network_types:
             raise NetworkFailed(f"network {network_type!r} is not offered here")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from goldclone.drivers.base import Capabilities
+from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
 from goldclone.guest.config import GuestConfig
 from goldclone.models import (
@@ -46,6 +47,7 @@ class Admission:
         leases: LeasePolicy,
         placement: PlacementPolicy = "spread",
         host_lost_after: float = 60.0,
+        egress: EgressPolicy = NO_EGRESS_RULES,
     ) -> None:
         self._limits = limits
         self._policy = placement
@@ -53,7 +55,7 @@ class Admission:
         self.leases = leases
         self._store = store
         self._outbound = policy
-        self.bounds = bounds_of(limits, capabilities)
+        self.bounds = bounds_of(limits, capabilities, egress)
         """What one VM on this host may be, as this host offers it to the fleet."""
 
     async def admit(
@@ -68,7 +70,7 @@ class Admission:
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
-        wanted = Held(request.cpus, request.memory)
+        wanted = Held(request.cpus, request.memory, request.network_group)
         takes = _taker(request)
         choose = chooser(self._policy, wanted, takes, self._store.host_id)
         placing = Placing(request.image.key, request.cpus, request.memory,
@@ -117,8 +119,11 @@ class Admission:
         return check
 
 
-def bounds_of(limits: Limits, capabilities: Capabilities) -> dict[str, Any]:
-    """The per-VM bounds of a host with ``limits`` and a driver of ``capabilities``."""
+def bounds_of(
+    limits: Limits, capabilities: Capabilities, egress: EgressPolicy = NO_EGRESS_RULES
+) -> dict[str, Any]:
+    """The per-VM bounds of a host with ``limits``, a driver of ``capabilities`` and the
+    operator's ``egress`` policy."""
     least = max(limits.min_memory_mb, MIN_MEMORY_MB)  # what a guest needs, or the host
     return {
         "cpus": [limits.min_cpus, limits.max_cpus],
@@ -126,6 +131,8 @@ def bounds_of(limits: Limits, capabilities: Capabilities) -> dict[str, Any]:
         "guest_agent": capabilities.guest_agent,
         "network_types": list(capabilities.network_types),
         "unavailable_networks": dict(capabilities.unavailable_networks),
+        "walls": capabilities.walls,
+        "egress": {"allow": [str(d) for d in egress.allow], "deny": [str(d) for d in egress.deny]},
     }
 
 
@@ -153,12 +160,33 @@ def network_refusal(bounds: Mapping[str, Any], network_type: str) -> str | None:
     return f"network_type: {reason or 'must be one of ' + ', '.join(offered)}"
 
 
+def reach_refusal(bounds: Mapping[str, Any], request: CreateVMRequest) -> str | None:
+    """Why a host of ``bounds`` cannot give a VM the ``network_group`` and ``egress`` that
+    ``request`` asks for; ``None`` if it can."""
+    if request.network_group is None and request.egress is None:
+        return None
+    if not bounds.get("walls", False):  # a host of a release before walls offers none
+        what = "network_group" if request.network_group is not None else "egress"
+        return f"{what}: its driver cannot wall VMs off from each other"
+    if isinstance(request.egress, list):
+        offered = bounds.get("egress", {})
+        policy = EgressPolicy(
+            tuple(destination(d) for d in offered.get("allow", ())),
+            tuple(destination(d) for d in offered.get("deny", ())),
+        )
+        for wanted in request.egress:
+            if (refused := policy.refusal(destination(wanted))) is not None:
+                return f"egress: {refused}"
+    return None
+
+
 def _taker(request: CreateVMRequest) -> Callable[[Mapping[str, Any]], str | None]:
     """Why a host of given bounds would never take ``request``; ``None`` if it would."""
 
     def refusal(bounds: Mapping[str, Any]) -> str | None:
         shape = shape_refusal(bounds, request.cpus, request.memory, request.ready_when)
-        return shape or network_refusal(bounds, request.network_type)
+        network = network_refusal(bounds, request.network_type)
+        return shape or network or reach_refusal(bounds, request)
 
     return refusal
 
@@ -178,6 +206,8 @@ def _new_vm(request: CreateVMRequest, guest: GuestConfig, expires_at: str | None
         cpus=request.cpus,
         memory=request.memory,
         network_type=request.network_type,
+        network_group=request.network_group,
+        egress=request.egress,
         headless=request.headless,
         callback_url=request.callback_url,
         ready_when=request.ready_when,

@@ -21,6 +21,7 @@ from goldclone.drivers.base import (
     TemplateFiles,
     package_kind,
 )
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     GoldcloneError,
     ImageUnsupported,
@@ -31,7 +32,7 @@ from goldclone.errors import (
 )
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
-from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status
+from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, reach_of
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
@@ -295,7 +296,7 @@ class Lifecycle:
 
         spec = MachineSpec(vm.id, vm.cpus, vm.memory, vm.headless, guest, template, restore)
         runtime, ip = await bring_up(self._driver, spec, vm.network_type, attached,
-                                     self._settings.ip_timeout)  # fmt: skip
+                                     self._settings.ip_timeout, _reach(vm))  # fmt: skip
         vm = await self._running(vm, runtime, ip)
         if not restore and vm.start == "auto" and not guest.needs_first_boot:
             await self._templates.booted_cold(gold.key, vm.cpus, vm.memory)
@@ -306,6 +307,9 @@ class Lifecycle:
         identity; it has run since the pool restored it, so it has its IP already."""
         runtime = await self.runtime(vm.id)
         assert runtime is not None  # the pooled machine's, recorded with the claim
+        if (reach := _reach(vm)) != DEFAULT_REACH:  # its pool kept it with the default
+            runtime = await self._driver.set_reach(runtime, reach)
+            await self._store.set_runtime(vm.id, runtime.record())
         await self._step(vm, Phase.CLAIMED, mac_address=runtime.mac, image_from_cache=True)
         await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT, new_machine=False)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
@@ -345,3 +349,7 @@ class Lifecycle:
     def _public(self, message: str) -> str:
         """``message`` without the host's data dir path in it."""
         return message.replace(str(Path(self._settings.data_dir).absolute()), "$DATA_DIR")
+
+
+def _reach(vm: VM) -> Reach:
+    return reach_of(vm.network_group, vm.egress)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
+from goldclone.egress import DEFAULT_REACH, Reach
 
 PERSONALIZE_TIMEOUT = 300.0
 """Seconds a restored guest's agent has to answer and take its identity: a few seconds as a
@@ -20,11 +21,13 @@ async def bring_up(
     network_type: str,
     attached: Callable[[Runtime], Awaitable[None]],
     ip_timeout: float,
+    reach: Reach = DEFAULT_REACH,
 ) -> tuple[Runtime, str]:
-    """Attach the cloned ``spec.machine`` to ``network_type``, tell ``attached`` (which
+    """Attach the cloned ``spec.machine`` to ``network_type``, to reach what ``reach`` says,
+    tell ``attached`` (which
     records the runtime, so that a failure later can be cleaned up), start it, give a restored
     guest ``spec.guest``'s identity, and wait for its IP: the runtime and the IP."""
-    runtime = await driver.attach(spec.machine, network_type)
+    runtime = await driver.attach(spec.machine, network_type, reach)
     await attached(runtime)
     await driver.start(spec, runtime)
     if spec.restore:

@@ -9,7 +9,7 @@ the gold cache, capacity) are read from the store and the cache at each scrape.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,6 +71,12 @@ class Metrics:
             "What is left of the host's configured totals (only those that are configured).",
             ["resource"], registry=registry,
         )  # fmt: skip
+        self._dropped = Gauge(
+            "goldclone_network_dropped_packets",
+            "Packets from guests that the network rules of this host dropped, by reason, since "
+            "the rules were last written whole (at a network's start or repair).",
+            ["reason"], registry=registry,
+        )  # fmt: skip
         self._requests = Counter(
             "goldclone_http_requests", "HTTP requests by method, route and status.",
             ["method", "route", "status"], registry=registry,
@@ -93,8 +99,16 @@ class Metrics:
     def request(self, method: str, route: str, status: int) -> None:
         self._requests.labels(method, route, str(status)).inc()
 
-    def text(self, vms: Iterable[VM], images: Iterable[Image], held: list[Held]) -> bytes:
+    def text(
+        self,
+        vms: Iterable[VM],
+        images: Iterable[Image],
+        held: list[Held],
+        dropped: Mapping[str, int] | None = None,
+    ) -> bytes:
         """The exposition of every metric, the gauges read from what is given."""
+        for reason, packets in (dropped or {}).items():
+            self._dropped.labels(reason).set(packets)
         by_status = Tally(vm.status for vm in vms)
         for status in Status:
             self._vms.labels(status.value).set(by_status[status])

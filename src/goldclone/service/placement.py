@@ -39,6 +39,15 @@ def chooser(
         offering = [c for c in candidates if refused[c.host_id] is None]
         if not offering:
             raise InvalidRequest(_not_taken(refused, receiver))
+        if wanted.group is not None:  # a group's VMs reach each other on one host's bridge
+            members = [c for c in candidates if any(h.group == wanted.group for h in c.held)]
+            if members:
+                offering = [c for c in offering if c in members]
+                if not offering:
+                    raise InvalidRequest(
+                        f"network_group: its VMs are on {members[0].host_id}, which does "
+                        f"not take this VM: {refused[members[0].host_id]}"
+                    )
         refusals = {c.host_id: full(c.host["capacity"], c.held, wanted) for c in offering}
         fitting = [c for c in offering if c.pooled or refusals[c.host_id] is None]
         if not fitting:

@@ -103,10 +103,11 @@ class Leftover:
 
 
 class Held(NamedTuple):
-    """What one VM or pooled machine holds of the host."""
+    """What one VM or pooled machine holds of the host, and the network group it is in."""
 
     cpus: int
     memory: int
+    group: str | None = None
 
 
 MemberStatus = Literal["filling", "ready"]
@@ -901,7 +902,7 @@ async def _holding_by_host(conn: AsyncConnection, host_id: str | None) -> dict[s
     held: dict[str, list[Held]] = {}
     for row in await conn.execute(vms):
         vm = VM.model_validate(row.vm)
-        held.setdefault(row.host_id, []).append(Held(vm.cpus, vm.memory))
+        held.setdefault(row.host_id, []).append(Held(vm.cpus, vm.memory, vm.network_group))
     for member in await conn.execute(members):
         held.setdefault(member.host_id, []).append(Held(member.cpus, member.memory))
     return held

@@ -65,7 +65,7 @@ class VMService:
         self.leases = LeasePolicy.of(settings)
         self._admission = Admission(
             settings.limits, driver.capabilities, store, policy, self.leases,
-            settings.placement, settings.host_lost_after,
+            settings.placement, settings.host_lost_after, settings.network.egress,
         )  # fmt: skip
         self.templates = Templates(settings, store, images, driver, self._admission)
         self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
@@ -178,8 +178,17 @@ class VMService:
                 vm = await self._as_known(await self._store.get(vm_id))
                 left = deadline - asyncio.get_running_loop().time()
                 if vm.status is not Status.CREATING or left <= 0:
-                    return vm
+                    return await self._with_drops(vm)
                 await change.wait(left)
+
+    async def _with_drops(self, vm: VM) -> VM:
+        """``vm`` with what its network's rules dropped, if it runs here."""
+        if vm.status is not Status.RUNNING or not self.fleet.is_mine(vm):
+            return vm
+        runtime = await self._lifecycle.runtime(vm.id)
+        if runtime is None:
+            return vm
+        return vm.model_copy(update={"dropped_packets": await self._driver.dropped(runtime)})
 
     async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
         """Every VM, or those that ``wanted`` matches."""
@@ -290,7 +299,8 @@ class VMService:
     async def metrics_text(self) -> bytes:
         """Every metric in Prometheus' text format (``service.metrics``)."""
         images = await self.catalog.images()
-        return self.metrics.text(await self._store.list(), images, await self._store.holding())
+        return self.metrics.text(await self._store.list(), images, await self._store.holding(),
+                                 await self._driver.dropped())  # fmt: skip
 
     def _phase_added(self, vm: VM) -> None:
         self.metrics.phase_added(vm)

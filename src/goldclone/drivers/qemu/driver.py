@@ -40,6 +40,7 @@ from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
@@ -112,6 +113,7 @@ class QemuDriver:
             package_kinds=frozenset({"disk", "vmx"}),
             memory_templates=True,
             guest_agent=True,
+            walls=True,
             unavailable_networks=unavailable,
         )
 
@@ -174,8 +176,18 @@ class QemuDriver:
         )
         await _create_overlay(base, base_format, self._disk(machine))
 
-    async def attach(self, machine: str, network_type: str) -> Attachment:
-        return await self._networks.attach(network_type, machine)
+    async def attach(
+        self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH
+    ) -> Attachment:
+        return await self._networks.attach(network_type, machine, reach)
+
+    async def set_reach(self, runtime: Runtime, reach: Reach) -> Attachment:
+        return await self._networks.set_reach(_nic(runtime), reach)
+
+    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+        if runtime is None:
+            return self._networks.dropped_by_reason()
+        return self._networks.dropped(_nic(runtime))
 
     def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
         """The qemu command that boots ``spec``'s clone; every path in it is absolute.

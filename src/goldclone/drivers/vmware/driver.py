@@ -27,6 +27,7 @@ from goldclone.drivers.base import (
 )
 from goldclone.drivers.vmware import clonevmx, vmnet_leases, vmrun
 from goldclone.drivers.vmware.templates import Templates
+from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
@@ -129,8 +130,17 @@ class VMwareDriver:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
         self._edit(machine, clonevmx.confine)
 
-    async def attach(self, machine: str, network_type: str) -> Runtime:
-        """Give the clone one NIC with a fresh MAC in VMware's static range."""
+    async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
+        return runtime  # without capabilities.walls, nobody asks for another
+
+    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+        return None
+
+    async def attach(
+        self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH
+    ) -> Runtime:
+        """Give the clone one NIC with a fresh MAC in VMware's static range; vmnet walls
+        nothing off (docs/vmware.md), so ``reach`` is only ever the default."""
         mac = clonevmx.fresh_mac(self._macs_in_use())
         self._edit(machine, lambda vmx: clonevmx.set_nic(vmx, network_type, mac))
         return Runtime(machine, network_type, mac)

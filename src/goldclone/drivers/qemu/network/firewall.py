@@ -21,6 +21,7 @@ Every drop is counted, with its reason as the rule's comment (``REASONS``).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -280,6 +281,39 @@ async def unguard(wall: Wall, guard: Guard, others: Iterable[Guard]) -> None:
     """Remove ``guard``'s rules from ``wall``'s tables; rules that are not there are fine."""
     others = [g for g in others if g.tap != guard.tap]
     await _nft(_unguard_script(wall, guard, others))
+
+
+@dataclass
+class Drops:
+    """What rules dropped, in packets by reason: each guest's own (by its tap), and all."""
+
+    by_tap: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, chain: str, reason: str, packets: int) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + packets
+        for prefix in (_chain(""), _egress_chain("")):
+            if chain.startswith(prefix):
+                mine = self.by_tap.setdefault(chain.removeprefix(prefix), {})
+                mine[reason] = mine.get(reason, 0) + packets
+
+
+async def count(wall: Wall, drops: Drops) -> None:
+    """Add what ``wall``'s rules dropped to ``drops``; tables that are not there dropped
+    nothing."""
+    for family in ("bridge", "ip") if wall.owned else ("bridge",):
+        code, out, _ = await run("nft", "-j", "list", "table", family, wall.table,
+                                 timeout=TIMEOUT, check=False)  # fmt: skip
+        if code != 0:
+            continue
+        for item in json.loads(out).get("nftables", []):
+            rule = item.get("rule")
+            if rule is None or rule.get("comment") not in REASONS:
+                continue
+            for expression in rule.get("expr", []):
+                if "counter" in expression:
+                    packets = int(expression["counter"]["packets"])
+                    drops.add(rule["chain"], rule["comment"], packets)
 
 
 async def guarded(wall: Wall) -> set[str] | None:

@@ -115,6 +115,7 @@ class Networks:
         """Held while a network's rules change, so that a full rewrite from ``_attached``
         and one guest's change are never interleaved."""
         self._bridged_walled = False
+        self._drops = firewall.Drops()
 
     def wall(self, network_type: str) -> firewall.Wall:
         """The rules of ``network_type``'s network (see ``firewall``)."""
@@ -268,6 +269,8 @@ class Networks:
         failing: dict[str, str] = {}  # a repair that keeps failing is logged once
         while True:
             await asyncio.sleep(self.config.check_interval)
+            with contextlib.suppress(NetworkFailed):
+                await self.count()
             for network_type in sorted(self._up):
                 try:
                     await self.heal(network_type)
@@ -363,6 +366,26 @@ class Networks:
             self._attached[attachment.tap] = current
             raise
         return replace(attachment, **reach.record())
+
+    def dropped(self, attachment: Attachment) -> dict[str, int] | None:
+        """What the rules of ``attachment`` dropped of what its guest sent, by reason, as of
+        the last ``count``; ``None`` when it has no rules here."""
+        if attachment.tap not in self._attached:
+            return None
+        return dict(self._drops.by_tap.get(attachment.tap, {}))
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """What the rules of every network in use dropped, by reason, as of the last
+        ``count``."""
+        return dict(self._drops.by_reason)
+
+    async def count(self) -> None:
+        """Read what every network's rules have dropped so far (``supervise`` does it at each
+        check, so that reading a VM costs no ``nft``)."""
+        drops = firewall.Drops()
+        for network_type in sorted(self._up) + ([BRIDGED] if self._bridged_walled else []):
+            await firewall.count(self.wall(network_type), drops)
+        self._drops = drops
 
     async def adopt(self, attachment: Attachment) -> None:
         """Take over the attachment of a guest that kept running through a restart.
