@@ -21,11 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from goldclone.drivers.qemu.network import Attachment, Networks
+from goldclone.doctor import Verdict, check_host
+from goldclone.drivers.qemu.network import Attachment, Networks, firewall
 from goldclone.egress import DEFAULT_REACH, Reach, destination
 from goldclone.host.commands import run
 from goldclone.polling import until
-from goldclone.settings import NetworkConfig
+from goldclone.settings import NetworkConfig, Settings
 from tests.netns import UPSTREAM, DhcpServer, FakeGuest, fake_guest, http_server, reaches, upstream
 
 NAT = IPv4Network("172.31.125.0/24")
@@ -324,3 +325,42 @@ async def test_egress_follows_the_operator_and_narrows_per_vm(
                 "lan": False, "internet": False, "metadata": False, "host": True}  # fmt: skip
     finally:
         await networks.teardown()
+
+
+async def test_rules_come_and_go_with_the_tap_and_are_mended_when_lost(
+    world: str, guests: Guests, tmp_path: Path
+) -> None:
+    networks = guests.networks
+    wall = networks.wall("nat")
+    a, in_a = await guests.add("vm-a")
+    b, _ = await guests.add("vm-b")
+    assert await firewall.guarded(wall) == {a.tap, b.tap}
+    settings = Settings(data_dir=tmp_path, network=CONFIG)  # the networks' own data dir
+
+    # rules lost behind the service's back: the check finds the tap bare, doctor says so,
+    # and the repair writes every guest's rules again
+    await run("nft", "delete", "element", "bridge", wall.table, "guarded", f'{{ "{a.tap}" }}',
+              timeout=10)  # fmt: skip
+    doctor = {f.name: f for f in await check_host(settings)}["walls"]
+    assert doctor.verdict is Verdict.PROBLEM and a.tap in doctor.found, doctor
+    assert "have no rules" in str((await networks.health())["network nat"])
+    repair = await networks.heal("nat")
+    assert repair is not None and repair.done == "wrote its rules again"
+    assert await firewall.guarded(wall) == {a.tap, b.tap}
+    assert {f.name: f for f in await check_host(settings)}["walls"].verdict is Verdict.OK
+    assert not await reaches(in_a.ns, b.ip, 80)
+
+    # a service that restarts adopts its guests with their rules, even if the tables are gone
+    await networks.close()
+    await run("nft", "delete", "table", "bridge", wall.table, timeout=10)
+    restarted = Networks(CONFIG, tmp_path / "networks")
+    for attachment in (a, b):
+        await restarted.adopt(Attachment.from_record(attachment.machine, attachment.record()))
+    assert await firewall.guarded(wall) == {a.tap, b.tap}
+    assert not await reaches(in_a.ns, b.ip, 80) and await reaches(in_a.ns, HOST, ALLOWED_PORT)
+
+    await restarted.detach(b)
+    assert await firewall.guarded(wall) == {a.tap}
+    assert b.tap not in (await run("nft", "list", "ruleset", timeout=10))[1]
+    await restarted.detach(a)
+    assert await firewall.guarded(wall) == set()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from goldclone.drivers.qemu.accel import kvm_problem
 from goldclone.drivers.qemu.driver import MAX_DATA_DIR_LENGTH
-from goldclone.errors import CommandError, DriverUnavailable
+from goldclone.drivers.qemu.network import Networks
+from goldclone.errors import CommandError, DriverUnavailable, NetworkFailed
 from goldclone.host.commands import run
 from goldclone.settings import Settings
 
@@ -67,11 +68,26 @@ async def check_host(settings: Settings) -> list[Finding]:
             _program("nice", "nice", "coreutils", "--version"),
             _program("chrt", "chrt", "util-linux", "--version"),
             _kvm(settings),
+            _walls(settings),
         )  # fmt: skip
         findings.append(capabilities(Path("/proc/self/status").read_text(), os.geteuid()))
     elif settings.driver == "vmware":
         findings.append(_vmrun(settings))
     return findings
+
+
+async def _walls(settings: Settings) -> Finding:
+    """Whether every VM tap on this service's networks has its rules (``docs/design.md``,
+    "Walls")."""
+    try:
+        bare = await Networks(settings.network, settings.data_dir / "networks").unguarded()
+    except (CommandError, NetworkFailed) as exc:
+        return Finding("walls", Verdict.WARNING, f"could not be checked: {exc}")
+    if not bare:
+        return Finding("walls", Verdict.OK, "every VM tap has its rules")
+    taps = "; ".join(f"{', '.join(taps)} on {name}" for name, taps in bare.items())
+    fix = "start the service, or wait for its next network check: it writes them again"
+    return Finding("walls", Verdict.PROBLEM, f"VM taps without rules: {taps}", fix)
 
 
 def render_findings(findings: Sequence[Finding]) -> tuple[list[str], int]:

@@ -258,10 +258,24 @@ class Networks:
             return _Fault("foreign", reason)
         if self.dnsmasq(network_type).adoptable_pid(found.index) is None:
             return _Fault("no-dhcp", f"no DHCP server serves {name}")
-        guarded = await firewall.guarded(self.wall(network_type))
-        if bare := sorted(set(await _vm_taps_on(name)) - (guarded or set())):
+        if bare := await self._unguarded(network_type):
             return _Fault("unguarded", f"the tap(s) {', '.join(bare)} on {name} have no rules")
         return _Fault(None, None)
+
+    async def _unguarded(self, network_type: str) -> list[str]:
+        guarded = await firewall.guarded(self.wall(network_type))
+        return sorted(set(await _vm_taps_on(self._bridge(network_type))) - (guarded or set()))
+
+    async def unguarded(self) -> dict[str, list[str]]:
+        """Each of this service's owned bridges that has VM taps without rules, with them:
+        what ``goldclone doctor`` asks, without a running service."""
+        found = {}
+        for network_type in OWNED_TYPES:
+            name = self._bridge(network_type)
+            ours = await bridge.link_exists(name) and await self._not_ours(network_type) is None
+            if ours and (bare := await self._unguarded(network_type)):
+                found[name] = bare
+        return found
 
     async def supervise(self) -> None:
         """Every ``check_interval`` seconds, repair each owned network that is up; see
