@@ -150,10 +150,18 @@ async def goldclone(settings: Settings) -> AsyncIterator[Goldclone]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running(workdir: Path) -> Iterator[None]:
-    """No qemu or dnsmasq that this test run started outlives it."""
+    """No qemu or dnsmasq that this test run started outlives it, nor a cgroup it made."""
+    before = goldclone_cgroups()
     yield
     left = processes_mentioning(str(workdir))
     assert not left, f"processes of the test run are still running: {left}"
+    made = sorted(goldclone_cgroups() - before)
+    assert not made, f"cgroups of the test run are left: {made}"
+
+
+def goldclone_cgroups() -> set[Path]:
+    """The parent cgroups of goldclone services on this host, in each hierarchy."""
+    return {path for path in Path("/sys/fs/cgroup").glob("*/**/goldclone-*") if path.is_dir()}
 
 
 def prepared(variable: str, what: str) -> Path:

@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import uvicorn
 
+from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.network import Networks
 from goldclone.drivers.qemu.network.manager import tap_name
+from goldclone.host.cgroups import Cgroups
 from goldclone.host.commands import run
 from goldclone.server import build_app
 from goldclone.settings import Settings
@@ -144,6 +146,12 @@ class Goldclone(ApiCalls):
             await self._task
         self._server = self._task = None
         await self.client.aclose()
+
+    def cgroups(self) -> Cgroups:
+        """The cgroups of this service's machines."""
+        found = Cgroups.find(group_name(self.data_dir))
+        assert found is not None, "this host has no cgroups to use"
+        return found
 
     async def remove_networks(self) -> None:
         await Networks(self.settings.network, self.data_dir.absolute() / "networks").teardown()

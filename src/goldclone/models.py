@@ -516,7 +516,7 @@ class VM(BaseModel):
     mac_address: str = ""
     status: Status = Status.CREATING
     status_reason: str | None = None
-    """Why the status is ``unknown``; null otherwise."""
+    """Why the status is ``unknown`` or ``stopped``; null otherwise."""
     host: str | None = None
     """The ID of the host whose hypervisor runs it (``GET /hosts``)."""
     guest_os: str = ""

@@ -55,6 +55,8 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
             settings.accel,
             settings.shutdown_timeout,
             settings.qemu_user,
+            settings.qemu_memory_overhead,
+            settings.qemu_tcg_cache,
         )
     if settings.driver == "synthetic":
         from goldclone.drivers.synthetic import SyntheticDriver

@@ -235,6 +235,10 @@ class Settings:
     qemu_binary: str = "qemu-system-x86_64"
     qemu_user: str | None = field(default_factory=lambda: "nobody" if os.geteuid() == 0 else None)
     """The user QEMU drops to once it has opened its files; ``None`` keeps the service's."""
+    qemu_memory_overhead: int = 256
+    """Megabytes a QEMU may take beyond its guest's RAM and TCG's cache (its cgroup's limit)."""
+    qemu_tcg_cache: int = 128
+    """Megabytes of TCG's translation cache (``tb-size``), counted in the memory limit."""
     accel: str = "auto"
     """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -343,6 +347,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _s("GOLDCLONE_QEMU_USER", "qemu_user", conversions.user_or_none,
        "qemu: the user QEMU drops to once it has opened its files; none keeps the service's",
        "nobody when run as root"),
+    _s("GOLDCLONE_QEMU_MEMORY_OVERHEAD", "qemu_memory_overhead", conversions.whole(16),
+       "qemu: MB a QEMU may take beyond its guest's RAM and TCG's cache, its cgroup's limit"),
+    _s("GOLDCLONE_QEMU_TCG_CACHE", "qemu_tcg_cache", conversions.whole(16, 4096),
+       "qemu: MB of TCG's translation cache (tb-size), counted in that limit"),
     _s("GOLDCLONE_LOG_FORMAT", "log_format", conversions.one_of(("text", "json")),
        "text, or json (one object per line)"),
     _s("GOLDCLONE_LOG_LEVEL", "log_level",

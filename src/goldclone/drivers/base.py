@@ -208,6 +208,11 @@ class Driver(Protocol):
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""
 
+    async def exit_reason(self, machine: str) -> str | None:
+        """Why the machine's hypervisor process ended, when the driver knows more than that
+        it did (the kernel killed it at its memory limit); ``None`` otherwise."""
+        ...
+
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:

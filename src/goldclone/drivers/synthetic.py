@@ -149,6 +149,9 @@ class SyntheticDriver:
         (folder / "clone").write_text(gold.key)
         self.host.machines[machine] = Machine(machine, gold.key)
 
+    async def exit_reason(self, machine: str) -> str | None:
+        return None
+
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         return runtime
 

@@ -42,6 +42,8 @@ from goldclone.settings import Settings
 
 log = logging.getLogger(__name__)
 
+STOPPED_REASON = "its hypervisor process ended: the guest powered off, or the process exited"
+
 _PACKAGE_KINDS: dict[PackageKind, str] = {
     "disk": "a bare disk image",
     "vmx": "a VMware VM package (a .vmx with its disks)",
@@ -189,15 +191,16 @@ class Lifecycle:
         return Leftover(vm_id, runtime.machine, runtime.record(), reason)
 
     async def refresh(self, vm: VM) -> VM:
-        """``vm``, marked ``stopped`` if its guest has powered itself off."""
-        if vm.status is not Status.RUNNING or await self._driver.is_running(
-            await self.machine(vm.id)
-        ):
+        """``vm``, marked ``stopped`` if its hypervisor process has ended, with the reason."""
+        machine = await self.machine(vm.id)
+        if vm.status is not Status.RUNNING or await self._driver.is_running(machine):
             return vm
+        reason = await self._driver.exit_reason(machine) or STOPPED_REASON
         try:
             return await self._store.advance(
-                vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED
-            )
+                vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED,
+                status_reason=reason,
+            )  # fmt: skip
         except StateConflict:
             return await self._store.get(vm.id)  # it changed meanwhile: that state stands
 

@@ -37,6 +37,7 @@ from goldclone.drivers.base import (
 from goldclone.drivers.qemu import memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
+from goldclone.drivers.qemu.bounds import MachineBounds
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
@@ -91,8 +92,11 @@ class QemuDriver:
         accel: str = "auto",
         shutdown_timeout: float = 10.0,
         run_as: str | None = None,
+        memory_overhead_mb: int = 256,
+        tcg_cache_mb: int = 128,
     ) -> None:
         self._vms_dir = data_dir.absolute() / "vms"
+        self.bounds = MachineBounds(data_dir, memory_overhead_mb, tcg_cache_mb)
         self._run_as = run_as
         self._networks = networks
         self._qemu = qemu_binary
@@ -128,8 +132,10 @@ class QemuDriver:
         await self._networks.claim()
 
     async def prepare(self) -> None:
-        """Choose the accelerator once, and start watching the networks."""
+        """Choose the accelerator once, make the machines' parent cgroups, and start watching
+        the networks."""
         self._accel = await choose_accel(self._accel_setting, self._qemu)
+        await self.bounds.prepare()
         self._supervisor = asyncio.create_task(self._networks.supervise(), name="networks")
 
     def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Attachment:
@@ -206,7 +212,7 @@ class QemuDriver:
         return [
             self._qemu,
             "-name", f"goldclone-{spec.machine}",
-            "-accel", self._accel,
+            "-accel", self.bounds.accel(self._accel),
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
             *_memory(spec),
@@ -250,8 +256,11 @@ class QemuDriver:
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         await asyncio.to_thread(self._write_guest_config, spec, _nic(runtime).mac)
+        limit = self.bounds.memory_limit_mb(spec.memory_mb, self._accel)
+        argv = [*_scheduling(spec), *self.command_line(spec, runtime)]
+        argv = await self.bounds.launch(spec.machine, spec.cpus, limit, argv)
         try:
-            await run(*_scheduling(spec), *self.command_line(spec, runtime), timeout=30)
+            await run(*argv, timeout=30)
         except CommandError as exc:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
         if self._read_pid(spec.machine) is None:
@@ -370,6 +379,15 @@ class QemuDriver:
 
     async def adopt(self, runtime: Runtime) -> None:
         await self._networks.adopt(_nic(runtime))
+        pid = self._read_pid(runtime.machine)
+        argv = processes.argv(pid) if pid is not None else None
+        if pid is not None and argv:  # its bounds, as its command line says
+            cpus, memory_mb = int(_option(argv, "-smp") or 1), int(_option(argv, "-m") or 0)
+            limit = self.bounds.memory_limit_mb(memory_mb, self._accel)
+            await self.bounds.adopt(runtime.machine, pid, cpus, limit)
+
+    async def exit_reason(self, machine: str) -> str | None:
+        return self.bounds.exit_reason(machine)
 
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
@@ -393,6 +411,7 @@ class QemuDriver:
             if qemu.pid != pid:
                 await processes.end(qemu.pid, (signal.SIGKILL,), KILL_GRACE)
         await asyncio.to_thread(shutil.rmtree, self.vm_dir(machine), ignore_errors=True)
+        await self.bounds.release(machine)
         if runtime:
             await self._networks.detach(_nic(runtime))
         else:
@@ -404,6 +423,7 @@ class QemuDriver:
         found = {qemu.machine for qemu in await self._qemus()}
         found |= {entry.name for entry in self._vms_dir.glob("*") if is_vm_id(entry.name)}
         taps = await self._networks.vm_taps()
+        grouped = self.bounds.machines()
         known = await known_machines()
         for machine in sorted(found - known):
             log.warning("VM %s is not in the store; removing what is left of it", machine)
@@ -411,6 +431,8 @@ class QemuDriver:
         for tap in taps - {tap_name(machine) for machine in known | found}:
             log.warning("tap %s belongs to no VM in the store; removing it", tap)
             await self._networks.forget(tap, None)
+        for machine in sorted(grouped - known - found):
+            await self.bounds.release(machine)
 
     async def close(self, vms_running: bool) -> None:
         """Keep the networks up for running guests; otherwise remove them."""
@@ -425,6 +447,7 @@ class QemuDriver:
             await self._networks.close()
         else:
             await self._networks.teardown()
+            await self.bounds.close()
 
     async def health(self) -> dict[str, str | None]:
         return await self._networks.health()

@@ -130,6 +130,9 @@ class VMwareDriver:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
         self._edit(machine, clonevmx.confine)
 
+    async def exit_reason(self, machine: str) -> str | None:
+        return None
+
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         return runtime  # without capabilities.walls, nobody asks for another
 

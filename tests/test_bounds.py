@@ -1,0 +1,117 @@
+"""What one guest may take of its host, with real QEMU guests: each QEMU in cgroups of its own
+under a parent that weighs less than the service, a busy guest that cannot starve its
+neighbour, and a QEMU killed at its memory limit, which its VM then reports. Measured by the
+cgroups' own accounting, not by timing the guests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from goldclone.drivers.qemu.bounds import PIDS
+from goldclone.host.cgroups import PARENT_SHARES
+from goldclone.polling import until
+from goldclone.settings import Settings
+from tests.conftest import checksum
+from tests.harness import Goldclone, goldclone_server
+from tests.servers import FileServer
+
+MB = 1024 * 1024
+BUSY = "#!/bin/sh\n" + "while :; do :; done &\n" * 2
+"""Two shell loops that never end: two busy vCPUs, or one busy vCPU shared by two loops."""
+FILL_ON_KNOCK = """#!/bin/sh
+(nc -l -p 81 </dev/null >/dev/null; dd if=/dev/zero of=/fill bs=1M count=160) >/dev/null 2>&1 &
+"""
+"""Once the host connects to port 81, the guest writes 160 MB into its RAM disk: QEMU then
+holds that much more of the guest's RAM."""
+
+
+@pytest.fixture
+def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
+    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
+    return {"image": image, "cpus": 1, "memory": 256}
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[Goldclone]:
+    async with goldclone_server(settings) as goldclone:
+        yield goldclone
+
+
+async def test_each_qemu_runs_in_groups_of_its_own_that_go_with_it(
+    settings: Settings, demo_body: dict[str, Any]
+) -> None:
+    async with goldclone_server(settings) as goldclone:
+        vm = await goldclone.boot({**demo_body, "cpus": 2})
+        assert vm["status"] == "running", vm
+        cgroups = goldclone.cgroups()
+        [pid] = (cgroups.groups(vm["id"])["cpu"] / "cgroup.procs").read_text().split()
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"qemu-system")
+        cpu, memory = cgroups.groups(vm["id"])["cpu"], cgroups.groups(vm["id"])["memory"]
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "200000"  # 2 CPUs a period
+        assert (cpu / "cpu.shares").read_text().strip() == "1024"  # as any other VM
+        assert (cpu.parent / "cpu.shares").read_text().strip() == str(PARENT_SHARES)
+        limit = 256 + settings.qemu_memory_overhead + settings.qemu_tcg_cache
+        assert int((memory / "memory.limit_in_bytes").read_text()) == limit * MB
+        assert (cgroups.groups(vm["id"])["pids"] / "pids.max").read_text().strip() == str(PIDS)
+        assert f"tb-size={settings.qemu_tcg_cache}" in Path(f"/proc/{pid}/cmdline").read_text()
+
+        await goldclone.delete(vm["id"])
+        assert not any(group.exists() for group in cgroups.groups(vm["id"]).values())
+    assert not any(parent.exists() for parent in cgroups.parents.values())
+
+
+async def test_a_guest_busy_on_two_cpus_leaves_its_neighbour_its_core(
+    served: Goldclone, demo_body: dict[str, Any]
+) -> None:
+    hog, neighbour = await asyncio.gather(
+        served.boot({**demo_body, "cpus": 2, "user_data": BUSY}),
+        served.boot({**demo_body, "user_data": BUSY}),
+    )
+    assert hog["status"] == neighbour["status"] == "running", (hog, neighbour)
+    cgroups = served.cgroups()
+
+    def used() -> tuple[float, float, float]:
+        hog_s, neighbour_s = (cgroups.cpu_seconds(vm["id"]) for vm in (hog, neighbour))
+        assert hog_s is not None and neighbour_s is not None
+        return time.monotonic(), hog_s, neighbour_s
+
+    start = await asyncio.to_thread(used)
+    await asyncio.sleep(10)  # the window the accounting is read over
+    end = await asyncio.to_thread(used)
+    seconds = end[0] - start[0]
+    hog_cores, neighbour_cores = ((end[i] - start[i]) / seconds for i in (1, 2))
+    # three busy vCPU threads on two cores: without a group each, two thirds of a core each
+    assert neighbour_cores >= 0.75, (hog_cores, neighbour_cores)
+    assert hog_cores <= 2.0 + 0.05, hog_cores
+
+
+async def test_a_qemu_over_its_memory_limit_is_killed_and_its_vm_says_why(
+    served: Goldclone, demo_body: dict[str, Any]
+) -> None:
+    vm = await served.boot({**demo_body, "user_data": FILL_ON_KNOCK})
+    neighbour = await served.boot(demo_body)
+    assert vm["status"] == neighbour["status"] == "running", (vm, neighbour)
+    memory = served.cgroups().groups(vm["id"])["memory"]
+    # a deliberately small limit: what it holds now, and 32 MB
+    used = int((memory / "memory.usage_in_bytes").read_text())
+    (memory / "memory.limit_in_bytes").write_text(str(used + 32 * MB))
+
+    knock = await asyncio.to_thread(socket.create_connection, (vm["ip_address"], 81), 10)
+    knock.close()
+
+    async def stopped() -> dict[str, Any] | None:
+        found: dict[str, Any] = (await served.client.get(f"/vms/{vm['id']}")).json()
+        return found if found["status"] != "running" else None
+
+    ended = await until(stopped, interval=0.5, timeout=120)
+    assert ended["status"] == "stopped", ended
+    assert "killed its QEMU at the memory limit" in ended["status_reason"], ended
+    again = (await served.client.get(f"/vms/{neighbour['id']}")).json()
+    assert again["status"] == "running" and again["status_reason"] is None, again
