@@ -27,7 +27,7 @@ from goldclone.demo.image import build_demo_image
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.network import Networks
-from goldclone.settings import NetworkConfig
+from goldclone.settings import Settings
 from tests.netns import foreign_network
 from tests.servers import FileServer
 
@@ -204,7 +204,7 @@ async def serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
             process.kill()
             process.wait()
         await server.client.aclose()
-        networks = Networks(NetworkConfig(), data_dir.absolute() / "networks")
+        networks = Networks(Settings.from_env(env).network, data_dir.absolute() / "networks")
         driver = QemuDriver(data_dir, networks, QEMU)
         vms = data_dir / "vms"
         for vm_dir in list(vms.iterdir()) if vms.is_dir() else []:

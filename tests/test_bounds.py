@@ -6,12 +6,15 @@ cgroups' own accounting, not by timing the guests."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from goldclone.drivers.qemu.bounds import PIDS
@@ -115,3 +118,41 @@ async def test_a_qemu_over_its_memory_limit_is_killed_and_its_vm_says_why(
     assert "killed its QEMU at the memory limit" in ended["status_reason"], ended
     again = (await served.client.get(f"/vms/{neighbour['id']}")).json()
     assert again["status"] == "running" and again["status_reason"] is None, again
+
+
+FLOOD = """#!/bin/sh
+(while ! ip -4 addr show dev eth0 | grep -q inet; do sleep 0.1; done
+ i=0; while :; do i=$((i + 1)); echo "flood line $i xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"; done
+) > /dev/ttyS0 2>&1 &
+"""
+
+
+async def test_a_guest_flooding_its_console_keeps_it_to_its_bound(
+    settings: Settings, demo_body: dict[str, Any]
+) -> None:
+    bounded = dataclasses.replace(settings, console_max=1)  # MB
+    async with goldclone_server(bounded) as goldclone:
+        flood, quiet = await asyncio.gather(
+            goldclone.boot({**demo_body, "user_data": FLOOD}), goldclone.boot(demo_body)
+        )
+        assert flood["status"] == quiet["status"] == "running", (flood, quiet)
+        console = goldclone.data_dir / "vms" / flood["id"] / "console.log"
+
+        def written() -> int:  # the number of the newest line in the file
+            tail = console.read_bytes()[-4096:].decode(errors="replace")
+            numbers = [int(n) for n in re.findall(r"flood line (\d+) ", tail)]
+            return max(numbers, default=0)
+
+        # the guest has written well over the bound (each line is about 60 bytes)
+        await until(lambda: written() > 3 * (1 << 20) // 64, interval=0.5, timeout=300)
+        size = console.stat().st_size
+        assert size <= 4 << 20, size  # the bound, and what a second of flood can add
+        text = (await goldclone.client.get(f"/vms/{flood['id']}/console")).text
+        assert "flood line 1 " not in text and "goldclone-guest: seed on" not in text
+        page = await fetch_page(quiet["ip_address"])
+        assert quiet["mac_address"] in page
+
+
+async def fetch_page(ip: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return (await client.get(f"http://{ip}/")).text

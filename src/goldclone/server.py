@@ -57,6 +57,7 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
             settings.qemu_user,
             settings.qemu_memory_overhead,
             settings.qemu_tcg_cache,
+            settings.console_max * 1024 * 1024,
         )
     if settings.driver == "synthetic":
         from goldclone.drivers.synthetic import SyntheticDriver

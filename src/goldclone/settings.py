@@ -239,6 +239,8 @@ class Settings:
     """Megabytes a QEMU may take beyond its guest's RAM and TCG's cache (its cgroup's limit)."""
     qemu_tcg_cache: int = 128
     """Megabytes of TCG's translation cache (``tb-size``), counted in the memory limit."""
+    console_max: int = 8
+    """Megabytes of a guest's console log kept: past it, the oldest half goes."""
     accel: str = "auto"
     """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -351,6 +353,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "qemu: MB a QEMU may take beyond its guest's RAM and TCG's cache, its cgroup's limit"),
     _s("GOLDCLONE_QEMU_TCG_CACHE", "qemu_tcg_cache", conversions.whole(16, 4096),
        "qemu: MB of TCG's translation cache (tb-size), counted in that limit"),
+    _s("GOLDCLONE_CONSOLE_MAX", "console_max", conversions.whole(1, 1024),
+       "qemu: MB of a guest's console log kept; past it, the oldest half goes"),
     _s("GOLDCLONE_LOG_FORMAT", "log_format", conversions.one_of(("text", "json")),
        "text, or json (one object per line)"),
     _s("GOLDCLONE_LOG_LEVEL", "log_level",

@@ -38,6 +38,7 @@ from goldclone.drivers.qemu import memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.bounds import MachineBounds
+from goldclone.drivers.qemu.consoles import keep_consoles
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
@@ -94,9 +95,12 @@ class QemuDriver:
         run_as: str | None = None,
         memory_overhead_mb: int = 256,
         tcg_cache_mb: int = 128,
+        console_max_bytes: int = 8 << 20,
     ) -> None:
         self._vms_dir = data_dir.absolute() / "vms"
         self.bounds = MachineBounds(data_dir, memory_overhead_mb, tcg_cache_mb)
+        self._console_max = console_max_bytes
+        self._consoles: asyncio.Task[None] | None = None
         self._run_as = run_as
         self._networks = networks
         self._qemu = qemu_binary
@@ -137,6 +141,9 @@ class QemuDriver:
         self._accel = await choose_accel(self._accel_setting, self._qemu)
         await self.bounds.prepare()
         self._supervisor = asyncio.create_task(self._networks.supervise(), name="networks")
+        self._consoles = asyncio.create_task(
+            keep_consoles(self._vms_dir, self._console_max), name="consoles"
+        )
 
     def runtime_from_record(self, machine: str, record: Mapping[str, str]) -> Attachment:
         return Attachment.from_record(machine, record)
@@ -224,7 +231,9 @@ class QemuDriver:
             "-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
             *([] if spec.restore else ["-device", _nic_device(nic.mac)]),
             *display,
-            "-serial", f"file:{self.console_path(spec.machine)}",
+            # appended to, so that the oldest output can be dropped under QEMU (consoles.py)
+            "-chardev", f"file,id=console0,path={self.console_path(spec.machine)},append=on",
+            "-serial", "chardev:console0",
             "-qmp", f"unix:{self._qmp(spec.machine)},server=on,wait=off",
             "-device", f"virtio-serial-pci,addr={PCI_SERIAL}",
             "-chardev", f"socket,id=qga0,path={self._agent(spec.machine)},server=on,wait=off",
@@ -436,10 +445,11 @@ class QemuDriver:
 
     async def close(self, vms_running: bool) -> None:
         """Keep the networks up for running guests; otherwise remove them."""
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
-            self._supervisor = None
+        for task in (self._supervisor, self._consoles):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._supervisor = self._consoles = None
         for link in self._agents.values():
             await link.close()
         self._agents.clear()

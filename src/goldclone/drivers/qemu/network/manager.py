@@ -134,8 +134,8 @@ class Networks:
     def _guards(self, bridge_name: str) -> list[firewall.Guard]:
         return [_guard(a) for a in self._attached.values() if a.bridge == bridge_name]
 
-    async def _wall_up(self, network_type: str) -> None:
-        """Rewrite ``network_type``'s rules whole, from the guests attached to it."""
+    async def rewrite(self, network_type: str) -> None:
+        """Write ``network_type``'s rules whole, from the guests attached to it."""
         wall = self.wall(network_type)
         async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
             subnet = self.config.subnet(network_type) if wall.owned else None
@@ -145,7 +145,7 @@ class Networks:
         """Put ``attachment``'s rules in place of those of ``replacing``."""
         wall = self.wall(attachment.network_type)
         if attachment.network_type == BRIDGED and not self._bridged_walled:
-            await self._wall_up(BRIDGED)
+            await self.rewrite(BRIDGED)
             self._bridged_walled = True
             return
         async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
@@ -235,7 +235,7 @@ class Networks:
         await bridge.set_alias(name, self.label)
         if network_type == NAT:
             firewall.enable_forwarding()
-        await self._wall_up(network_type)
+        await self.rewrite(network_type)
         found = await bridge.link(name)
         assert found is not None  # just made
         await self.dnsmasq(network_type).start(found.index)
@@ -540,7 +540,7 @@ class Networks:
         NIC whose attachment was never recorded. A tap or lease that is not there is fine."""
         await self._remove_tap(tap)
         for network_type in sorted(self._up):  # rewritten without it: whatever it had is gone
-            await self._wall_up(network_type)
+            await self.rewrite(network_type)
         if mac is not None:
             for network_type in OWNED_TYPES:
                 await self.dnsmasq(network_type).release(mac)
