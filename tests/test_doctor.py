@@ -55,8 +55,9 @@ async def test_this_host_has_every_program_and_privilege_the_qemu_driver_needs(
     short_dir: Path,
 ) -> None:
     found = await _findings(data_dir=short_dir / "data")
-    for name in (*PROGRAMS, "privileges"):
+    for name in (*PROGRAMS, "privileges", "cgroups", "walls"):
         assert found[name].verdict is Verdict.OK, found[name]
+    assert found["cgroups"].found.startswith("cgroup v1: ")  # what this project's machines have
     # a warning at most: the suite's folder may be on tmpfs, or its disk fuller than 1 GB
     assert found["data dir"].verdict is not Verdict.PROBLEM, found["data dir"]
     assert found["free space"].verdict is not Verdict.PROBLEM, found["free space"]

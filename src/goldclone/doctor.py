@@ -22,9 +22,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from goldclone.drivers.qemu.accel import kvm_problem
+from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.driver import MAX_DATA_DIR_LENGTH
 from goldclone.drivers.qemu.network import Networks
 from goldclone.errors import CommandError, DriverUnavailable, NetworkFailed
+from goldclone.host.cgroups import Cgroups
 from goldclone.host.commands import run
 from goldclone.settings import Settings
 
@@ -70,10 +72,31 @@ async def check_host(settings: Settings) -> list[Finding]:
             _kvm(settings),
             _walls(settings),
         )  # fmt: skip
+        findings.append(_cgroups(settings))
         findings.append(capabilities(Path("/proc/self/status").read_text(), os.geteuid()))
     elif settings.driver == "vmware":
         findings.append(_vmrun(settings))
     return findings
+
+
+def _cgroups(settings: Settings) -> Finding:
+    """Whether the service can make its machines' cgroups (``host.cgroups``)."""
+    unbounded = "VMs would run without CPU, memory and task bounds"
+    found = Cgroups.find(group_name(settings.data_dir))
+    if found is None:
+        fix = "mount the cgroup controllers (v2, or v1 cpu, cpuacct, memory, pids)"
+        return Finding("cgroups", Verdict.WARNING, f"no cgroup hierarchy to use: {unbounded}", fix)
+    for parent in found.parents.values():
+        probe = parent.parent / f"goldclone-doctor-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            found_ = f"cannot make a group in {parent.parent}: {exc.strerror}: {unbounded}"
+            fix = "run as root, or delegate that group to the service (Delegate=yes)"
+            return Finding("cgroups", Verdict.WARNING, found_, fix)
+    controllers = ", ".join(sorted(found.parents)) or "the unified hierarchy"
+    return Finding("cgroups", Verdict.OK, f"cgroup v{found.version}: {controllers}")
 
 
 async def _walls(settings: Settings) -> Finding:
