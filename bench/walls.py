@@ -1,4 +1,4 @@
-"""(n) What the walls cost (issue #26): a pool claim and a template start with the network rules
+"""(o) What the walls cost (issue #26): a pool claim and a template start with the network rules
 and without them, the time to put one VM's rules in place and take them away, and TCP
 throughput between two peers of one group with and without the rules.
 
@@ -203,9 +203,12 @@ async def throughput(runs: int, megabytes: int) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    await rule_changes(args.vms)
-    await throughput(args.runs, args.megabytes)
-    await starts(args.runs, args.baseline)
+    if "rules" in args.parts:
+        await rule_changes(args.vms)
+    if "throughput" in args.parts:
+        await throughput(args.runs, args.megabytes)
+    if "starts" in args.parts:
+        await starts(args.runs, args.baseline)
 
 
 if __name__ == "__main__":
@@ -214,5 +217,7 @@ if __name__ == "__main__":
     parser.add_argument("--vms", type=int, default=50, help="VMs on the network of the rules")
     parser.add_argument("--megabytes", type=int, default=1000, help="per throughput run")
     parser.add_argument("--baseline", default=BASELINE, help="the commit without the rules")
+    parser.add_argument("--parts", nargs="+", default=["rules", "throughput", "starts"],
+                        choices=["rules", "throughput", "starts"])  # fmt: skip
     start("walls: what the network rules cost")
     asyncio.run(main(parser.parse_args()))
