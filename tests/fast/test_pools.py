@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from goldclone.drivers.synthetic import SyntheticHost
+from goldclone.egress import Reach
 from goldclone.guest.config import GuestConfig
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, serving
@@ -236,3 +237,24 @@ async def test_a_pool_whose_template_fails_says_why_and_restores_nothing(
         assert "not-ready" in pool["error"]["message"]
         vm = await service.boot(request_body)
         assert vm["started_from"] == "cold"
+
+
+async def test_a_claim_with_a_group_or_egress_gives_the_pooled_machine_its_reach(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    response = await service.client.put("/pools/ci", json=pool_body(request_body, size=1))
+    assert response.status_code == 201, response.text
+    await service.wait_pool("ci", 1)
+    [member] = pooled(service)
+    assert service.host.machines[member].reaches == [Reach()]  # a pool keeps the default
+
+    vm = await service.boot({**request_body, "network_group": "job-9", "egress": "none"})
+    assert (vm["started_from"], vm["network_group"], vm["egress"]) == ("pool", "job-9", "none")
+    assert service.host.machines[member].reaches == [Reach(), Reach("job-9", ())]
+
+    await service.wait_pool("ci", 1)
+    plain = await service.boot(request_body)  # the default: nothing to change at the claim
+    assert plain["started_from"] == "pool"
+    [claimed] = [m for m in service.host.machines.values() if m.personalized
+                 and m.personalized.instance_id == plain["id"]]  # fmt: skip
+    assert claimed.reaches == [Reach()]

@@ -58,6 +58,8 @@ class Machine:
     """The identity a restored machine was given last."""
     personalizations: list[bool] = field(default_factory=list)
     """``new_machine`` of each time it was given an identity."""
+    reaches: list[Reach] = field(default_factory=list)
+    """What its NIC was given to reach: at its attach, then at each change."""
 
 
 @dataclass
@@ -153,6 +155,7 @@ class SyntheticDriver:
         return None
 
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
+        self._machine(runtime.machine).reaches.append(reach)
         return runtime
 
     async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
@@ -169,6 +172,7 @@ class SyntheticDriver:
             pass
         runtime = Runtime(machine, network_type, mac)
         self._machine(machine).runtime = runtime
+        self._machine(machine).reaches.append(reach)
         return runtime
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
