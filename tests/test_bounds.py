@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from goldclone.drivers.qemu.bounds import PIDS
 from goldclone.host.cgroups import PARENT_SHARES
+from goldclone.host.commands import run
 from goldclone.polling import until
 from goldclone.settings import Settings
 from tests.conftest import checksum
@@ -156,3 +159,73 @@ async def test_a_guest_flooding_its_console_keeps_it_to_its_bound(
 async def fetch_page(ip: str) -> str:
     async with httpx.AsyncClient(timeout=10) as client:
         return (await client.get(f"http://{ip}/")).text
+
+
+FILL_DISK_ON_KNOCK = """#!/bin/sh
+(nc -l -p 81 </dev/null >/dev/null
+ dd if=/dev/zero of=/dev/vda bs=1M count=48 conv=fsync && echo filled > /www/filled.txt
+) >/dev/null 2>&1 &
+"""
+"""Once the host connects to port 81, the guest writes 48 MB to its disk (its boot files,
+which it no longer needs)."""
+
+
+async def test_a_full_host_disk_pauses_the_writing_guest_and_it_goes_on_once_there_is_room(
+    settings: Settings, demo_body: dict[str, Any], workdir: Path
+) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="full", dir=workdir))
+    await run("mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(data_dir), timeout=10)
+    try:
+        small = dataclasses.replace(
+            settings, data_dir=data_dir, reserve_mb=4,
+            database_url=f"sqlite+aiosqlite:///{workdir / (data_dir.name + '.db')}",
+        )  # fmt: skip
+        async with goldclone_server(small) as goldclone:
+            writer = await goldclone.boot({**demo_body, "user_data": FILL_DISK_ON_KNOCK})
+            neighbour = await goldclone.boot(demo_body)
+            assert writer["status"] == neighbour["status"] == "running", (writer, neighbour)
+            filler = data_dir / "filler"  # leaves 16 MB: less than the guest writes
+            await asyncio.to_thread(_fill, filler, shutil.disk_usage(data_dir).free - (16 << 20))
+            knock = await asyncio.to_thread(socket.create_connection,
+                                            (writer["ip_address"], 81), 10)  # fmt: skip
+            knock.close()
+
+            async def paused() -> dict[str, Any] | None:
+                vm: dict[str, Any] = (await goldclone.client.get(f"/vms/{writer['id']}")).json()
+                return vm if vm["status_reason"] else None
+
+            vm = await until(paused, interval=0.5, timeout=120)
+            assert vm["status"] == "running" and "host's disk is full" in vm["status_reason"]
+            other = (await goldclone.client.get(f"/vms/{neighbour['id']}")).json()
+            assert other["status"] == "running" and other["status_reason"] is None, other
+            assert neighbour["mac_address"] in await fetch_page(neighbour["ip_address"])
+
+            filler.unlink()  # room again: the writer goes on and finishes
+
+            async def went_on() -> dict[str, Any] | None:
+                vm: dict[str, Any] = (await goldclone.client.get(f"/vms/{writer['id']}")).json()
+                return vm if vm["status_reason"] is None else None
+
+            await until(went_on, interval=0.5, timeout=120)
+            async with httpx.AsyncClient(timeout=10) as client:
+                url = f"http://{writer['ip_address']}/filled.txt"
+                done = await until(lambda: _ok(client, url), interval=0.5, timeout=120)
+            assert done == "filled\n"
+            overlay = data_dir / "vms" / neighbour["id"] / "disk.qcow2"
+            code, out, err = await run("qemu-img", "check", "-U", str(overlay), timeout=30,
+                                       check=False)  # fmt: skip
+            assert code == 0, out + err
+    finally:
+        await run("umount", str(data_dir), timeout=10)
+        data_dir.rmdir()
+
+
+def _fill(path: Path, size: int) -> None:
+    with path.open("wb") as f:
+        for _ in range(size >> 20):
+            f.write(bytes(1 << 20))
+
+
+async def _ok(client: httpx.AsyncClient, url: str) -> str | None:
+    response = await client.get(url)
+    return response.text if response.status_code == 200 else None

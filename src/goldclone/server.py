@@ -33,9 +33,11 @@ def build_service(settings: Settings, driver: Driver | None = None) -> VMService
     policy = OutboundPolicy(allow_private=settings.allow_private_urls)
     http = httpx.AsyncClient(follow_redirects=True, transport=PolicyTransport(policy))
     store = Store(settings.db_url, host_id_of(settings))
+    driver = driver or build_driver(settings, data_dir)
     images = ImageCache(data_dir, http, settings.download_timeout,
-                        reserve_bytes=settings.reserve_mb << 20, checksums=store)  # fmt: skip
-    return VMService(settings, store, images, driver or build_driver(settings, data_dir), http)
+                        reserve_bytes=settings.reserve_mb << 20, checksums=store,
+                        growth=driver.disk_growth)  # fmt: skip
+    return VMService(settings, store, images, driver, http)
 
 
 def build_driver(settings: Settings, data_dir: Path) -> Driver:

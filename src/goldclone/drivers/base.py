@@ -208,6 +208,18 @@ class Driver(Protocol):
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""
 
+    def disk_growth(self) -> int:
+        """Bytes that the disks of this host's machines can still grow into; blocking."""
+        ...
+
+    async def disk_stalled(self, machine: str) -> bool:
+        """Whether the machine is paused because its disk could not be written (the host's
+        disk is full)."""
+        ...
+
+    async def resume(self, machine: str) -> None:
+        """Let a machine that ``disk_stalled`` run again."""
+
     async def exit_reason(self, machine: str) -> str | None:
         """Why the machine's hypervisor process ended, when the driver knows more than that
         it did (the kernel killed it at its memory limit); ``None`` otherwise."""

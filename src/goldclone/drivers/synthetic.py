@@ -151,6 +151,15 @@ class SyntheticDriver:
         (folder / "clone").write_text(gold.key)
         self.host.machines[machine] = Machine(machine, gold.key)
 
+    def disk_growth(self) -> int:
+        return 0
+
+    async def disk_stalled(self, machine: str) -> bool:
+        return False
+
+    async def resume(self, machine: str) -> None:
+        pass
+
     async def exit_reason(self, machine: str) -> str | None:
         return None
 

@@ -83,6 +83,7 @@ class ImageCache:
         limits: UnpackLimits | None = None,
         reserve_bytes: int = 0,
         checksums: ChecksumBook | None = None,
+        growth: Callable[[], int] | None = None,
     ) -> None:
         self._images = data_dir.absolute() / "images"
         self._uses = data_dir.absolute() / "last-used"
@@ -91,6 +92,9 @@ class ImageCache:
         self._timeout = download_timeout
         self._limits = limits or UnpackLimits()
         self._reserve_bytes = reserve_bytes
+        self._growth = growth
+        """What the running machines' disks can still grow into, which a download leaves free
+        too (blocking)."""
         self._inflight: dict[str, asyncio.Task[GoldImage]] = {}
         self._specs: dict[str, ImageSpec] = {}
         self._progress: dict[str, DownloadProgress] = {}
@@ -303,9 +307,12 @@ class ImageCache:
     async def _fetch(self, spec: ImageSpec) -> GoldImage:
         download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
         staging = self._images / f".tmp-{spec.key}-{uuid.uuid4().hex}"
+        reserve = self._reserve_bytes
+        if self._growth is not None:
+            reserve += await asyncio.to_thread(self._growth)
         try:
             content = await fetch(
-                self._http, spec, download, self._timeout, self._reserve_bytes,
+                self._http, spec, download, self._timeout, reserve,
                 on_start=lambda progress: self._progress.__setitem__(spec.key, progress),
             )  # fmt: skip
             await self._learn(spec, content)

@@ -114,5 +114,6 @@ def _check_room(spec: ImageSpec, folder: Path, size: int | None, reserve_bytes: 
     if size + reserve_bytes > usage.free:
         raise InsufficientSpace(
             f"image {spec.key} is {size} bytes, and {usage.free} bytes are free on the "
-            f"data dir's disk, {reserve_bytes} of which are kept in reserve"
+            f"data dir's disk, {reserve_bytes} of which are kept in reserve (for the host, "
+            f"and for what the running VMs' disks can still grow into)"
         )

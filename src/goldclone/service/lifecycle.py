@@ -8,7 +8,9 @@ doing, and an actor that lost a race learns it from a ``StateConflict``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,12 @@ from goldclone.settings import Settings
 log = logging.getLogger(__name__)
 
 STOPPED_REASON = "its hypervisor process ended: the guest powered off, or the process exited"
+DISK_CHECK = 2.0
+"""Seconds between two looks at the data dir's free space (``watch_disks``)."""
+DISK_FULL_REASON = (
+    "paused: its disk could not be written, since the host's disk is full; it goes on by "
+    "itself once there is room again"
+)
 
 _PACKAGE_KINDS: dict[PackageKind, str] = {
     "disk": "a bare disk image",
@@ -203,6 +211,47 @@ class Lifecycle:
             )  # fmt: skip
         except StateConflict:
             return await self._store.get(vm.id)  # it changed meanwhile: that state stands
+
+    async def watch_disks(self) -> None:
+        """Every ``DISK_CHECK`` seconds, while the data dir's disk has no more than the
+        reserve free, or a VM is paused for it, ask the running VMs whether their hypervisor
+        paused them because their disk could not be written: say so on each
+        (``status_reason``), and let each go on once the disk has room again. A disk with
+        room costs one ``statvfs``."""
+        stalled: set[str] = set()
+        while True:
+            await asyncio.sleep(DISK_CHECK)
+            usage = await asyncio.to_thread(shutil.disk_usage, self._settings.data_dir)
+            room = usage.free > self._settings.reserve_mb << 20
+            if room and not stalled:
+                continue
+            try:
+                for vm in await self._store.list():
+                    if vm.status is Status.RUNNING and (not room or vm.id in stalled):
+                        if await self._watch_disk(vm, room):
+                            stalled.add(vm.id)
+                        else:
+                            stalled.discard(vm.id)
+                stalled &= {vm.id for vm in await self._store.list()}
+            except Exception:
+                log.exception("checking the VMs' disks failed; trying again")
+
+    async def _watch_disk(self, vm: VM, room: bool) -> bool:
+        """Whether ``vm`` stays paused for its disk; say so on it, and resume it if ``room``."""
+        machine = await self.machine(vm.id)
+        stalled = await self._driver.disk_stalled(machine)
+        if stalled and room:
+            log.info("VM %s: its host's disk has room again; it goes on", vm.id)
+            await self._driver.resume(machine)
+            stalled = False
+        wanted = DISK_FULL_REASON if stalled else None
+        if vm.status_reason != wanted and (stalled or vm.status_reason == DISK_FULL_REASON):
+            if stalled:
+                log.warning("VM %s is paused: its disk could not be written (the host's disk "
+                            "is full)", vm.id)  # fmt: skip
+            with contextlib.suppress(StateConflict, VMNotFound):
+                await self._store.amend(vm.id, Status.RUNNING, status_reason=wanted)
+        return stalled
 
     async def fail(self, vm: VM, exc: Exception) -> VM:
         """Remove everything of ``vm``, a create that failed with ``exc``, and record it in

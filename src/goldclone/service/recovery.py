@@ -56,6 +56,7 @@ class Recovery:
         self._lifecycle.spawn(self._store.changes.follow(
             self._deletes_asked, "reading the VMs to delete"
         ))  # fmt: skip
+        self._lifecycle.spawn(self._lifecycle.watch_disks())
         while True:
             await self.reconcile()
             await asyncio.sleep(self._interval)

@@ -34,7 +34,7 @@ from goldclone.drivers.base import (
     is_vm_id,
     unless_exited,
 )
-from goldclone.drivers.qemu import memory
+from goldclone.drivers.qemu import disks, memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.bounds import MachineBounds
@@ -223,7 +223,9 @@ class QemuDriver:
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
             *_memory(spec),
-            "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=none,id=disk0",
+            # a full host pauses the guest (disks.stalled) instead of failing its writes
+            "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=none,id=disk0,"
+                      "werror=stop,rerror=stop",
             "-device", f"virtio-blk-pci,drive=disk0,addr={PCI_DISK}",
             "-drive", f"file={self._seed(spec.machine)},format=raw,if=none,id=seed0,readonly=on",
             "-device", f"virtio-blk-pci,drive=seed0,addr={PCI_SEED}",
@@ -397,6 +399,15 @@ class QemuDriver:
 
     async def exit_reason(self, machine: str) -> str | None:
         return self.bounds.exit_reason(machine)
+
+    def disk_growth(self) -> int:
+        return disks.growth_of_all(self._vms_dir)
+
+    async def disk_stalled(self, machine: str) -> bool:
+        return await disks.stalled(self._qmp(machine))
+
+    async def resume(self, machine: str) -> None:
+        await disks.resume(self._qmp(machine))
 
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True

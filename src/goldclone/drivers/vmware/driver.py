@@ -130,6 +130,15 @@ class VMwareDriver:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
         self._edit(machine, clonevmx.confine)
 
+    def disk_growth(self) -> int:
+        return 0
+
+    async def disk_stalled(self, machine: str) -> bool:
+        return False
+
+    async def resume(self, machine: str) -> None:
+        pass
+
     async def exit_reason(self, machine: str) -> str | None:
         return None
 

@@ -1,0 +1,49 @@
+"""A running machine's disk on a full host: how far the overlays can still grow, and a machine
+that QEMU paused because its disk could not be written (``werror=stop``), and its resumption.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from goldclone.drivers.qemu.qmp import qmp_execute
+from goldclone.errors import QMPError
+
+QCOW2_MAGIC = b"QFI\xfb"
+STATUS_TIMEOUT = 2.0
+
+
+def growth(overlay: Path) -> int:
+    """Bytes that qcow2 file ``overlay`` can still grow by before it holds its whole virtual
+    disk (its metadata aside): the virtual size less what it takes on disk now. 0 for a file
+    that is gone or not qcow2. Blocking."""
+    try:
+        with overlay.open("rb") as f:
+            header = f.read(32)
+            blocks = overlay.stat().st_blocks
+    except FileNotFoundError:
+        return 0
+    if len(header) < 32 or header[:4] != QCOW2_MAGIC:
+        return 0
+    virtual = int.from_bytes(header[24:32], "big")
+    return max(0, virtual - blocks * 512)
+
+
+def growth_of_all(vms_dir: Path) -> int:
+    """What every machine's disk overlay in ``vms_dir`` can still grow by. Blocking."""
+    return sum(growth(disk) for disk in vms_dir.glob("*/disk.qcow2"))
+
+
+async def stalled(qmp: Path) -> bool:
+    """Whether the machine behind QMP socket ``qmp`` is paused because its disk could not be
+    written or read; a machine that does not answer is not counted as stalled."""
+    try:
+        status = await qmp_execute(qmp, "query-status", timeout=STATUS_TIMEOUT)
+    except (QMPError, OSError):
+        return False
+    return isinstance(status, dict) and status.get("status") == "io-error"
+
+
+async def resume(qmp: Path) -> None:
+    """Let a stalled machine run again; its failed writes are retried."""
+    await qmp_execute(qmp, "cont", timeout=STATUS_TIMEOUT)
