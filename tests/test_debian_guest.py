@@ -15,6 +15,7 @@ import dataclasses
 import json
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,12 +28,14 @@ from goldclone.host.commands import run
 from goldclone.settings import Settings
 from tests.conftest import checksum, prepared, ssh_key
 from tests.harness import Goldclone, goldclone_server, leftovers, processes_mentioning
+from tests.netns import http_server
 from tests.servers import CallbackReceiver, FileServer
 from tests.serving import GOLDCLONE
 
 pytestmark = pytest.mark.timeout(1500)
 
 BOOT_TIMEOUT = 900.0
+HOST = "192.168.123.1"  # the default nat bridge's address
 VMX = """\
 .encoding = "UTF-8"
 config.version = "8"
@@ -225,6 +228,12 @@ async def _check_configured(
     assert (await ssh("getent hosts buildcache.example")).split() == [
         "10.9.8.7", "buildcache.example",
     ]  # fmt: skip
+    # the walls, from a real cloud guest: its bridge's DNS answers (above); a service that the
+    # host runs on all its addresses does not
+    probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{HOST}/8765' && echo reached || echo refused"
+    with tempfile.TemporaryDirectory() as served:
+        async with http_server(Path(served), "0.0.0.0:8765"):
+            assert (await ssh(probe)).strip() == "refused"
     # its own SSH host keys, made at its first boot, not the image's
     assert (await ssh("ls /etc/ssh/ssh_host_ed25519_key.pub")).strip()
     console = (await server.client.get(f"/vms/{vm['id']}/console")).text
