@@ -27,7 +27,17 @@ from goldclone.egress import DEFAULT_REACH, Reach, destination
 from goldclone.host.commands import run
 from goldclone.polling import until
 from goldclone.settings import NetworkConfig, Settings
-from tests.netns import UPSTREAM, DhcpServer, FakeGuest, fake_guest, http_server, reaches, upstream
+from tests.netns import (
+    UPSTREAM,
+    DhcpServer,
+    FakeGuest,
+    fake_guest,
+    http_server,
+    namespace,
+    reaches,
+    upstream,
+    veth_into,
+)
 
 NAT = IPv4Network("172.31.125.0/24")
 HOSTONLY = IPv4Network("172.31.126.0/24")
@@ -364,3 +374,53 @@ async def test_rules_come_and_go_with_the_tap_and_are_mended_when_lost(
     assert b.tap not in (await run("nft", "list", "ruleset", timeout=10))[1]
     await restarted.detach(a)
     assert await firewall.guarded(wall) == set()
+
+
+async def test_on_a_bridged_network_a_guest_keeps_its_own_mac_and_address(
+    tmp_path: Path, dhcp_script: Path, served: Path
+) -> None:
+    """The operator's bridge: goldclone walls off only its own guests' frames, by the address
+    their DHCP server gave them, which it learns from the answer."""
+    host_bridge = "gctwbr0"
+    await run("ip", "link", "add", host_bridge, "type", "bridge", "forward_delay", "0",
+              timeout=10)  # fmt: skip
+    try:
+        await run("ip", "addr", "add", "10.78.0.1/24", "dev", host_bridge, timeout=10)
+        await run("ip", "link", "set", host_bridge, "up", timeout=10)
+        async with namespace() as ns, veth_into(ns) as (outer, inner):
+            await run("ip", "link", "set", outer, "master", host_bridge, timeout=10)
+            await run("ip", "-n", ns, "addr", "add", "10.78.0.2/24", "dev", inner, timeout=10)
+            server = DhcpServer(ns, inner, tmp_path)
+            await server.start("10.78.0.10", "10.78.0.250")
+            networks = Networks(replace(CONFIG, bridged_bridge=host_bridge), tmp_path / "nets")
+            try:
+                attachment = await networks.attach("bridged", "vm-b")
+                async with fake_guest(attachment.tap, attachment.mac) as guest:
+                    await guest.dhcp(dhcp_script)
+                    ip = await networks.wait_for_ip(attachment, timeout=10)
+                    async with http_server(served, "0.0.0.0:80", ns):
+                        assert await reaches(guest.ns, "10.78.0.2", 80)  # the LAN, as asked
+                        await guest.exec("ip", "addr", "add", "10.78.0.99/24", "dev", guest.link)
+                        await guest.exec("ip", "route", "add", "10.78.0.2/32", "dev",
+                                         guest.link, "src", "10.78.0.99")  # fmt: skip
+                        assert not await reaches(guest.ns, "10.78.0.2", 80)  # not as another
+                        await guest.exec("ip", "route", "del", "10.78.0.2/32")
+                        await guest.exec("ip", "link", "set", "dev", guest.link, "address",
+                                         "52:54:00:77:77:77")  # fmt: skip
+                        assert not await reaches(guest.ns, "10.78.0.2", 80)  # nor another MAC
+                    dropped = await drops_in(networks, attachment)
+                    assert dropped["ip"] > 0 and dropped["mac"] > 0, dropped
+                    assert ip.startswith("10.78.0.")
+            finally:
+                await networks.teardown()
+                await server.stop()
+    finally:
+        await run("ip", "link", "del", host_bridge, timeout=10)
+
+
+async def drops_in(networks: Networks, attachment: Attachment) -> dict[str, int]:
+    """The packets of ``attachment``'s own rules dropped so far, as the service counts them."""
+    await networks.count()
+    found = networks.dropped(attachment)
+    assert found is not None
+    return found
