@@ -282,7 +282,7 @@ _CONNECT = (
 )
 
 
-async def reaches(ns: str | None, address: str, port: int, timeout: float = 2.0) -> bool:
+async def reaches(ns: str | None, address: str, port: int, timeout: float = 3.0) -> bool:
     """Whether a TCP connection from namespace ``ns`` (``None``: this one) to
     ``address:port`` is accepted within ``timeout`` seconds; refused, dropped and timed out
     alike are ``False``."""

@@ -29,7 +29,7 @@ ATTACKS = """#!/bin/sh
 (
 while ! ip -4 addr show dev eth0 | grep -q inet; do sleep 0.1; done
 probe() {{
-  if echo | nc -w 3 "$2" "$3" >/dev/null 2>&1; then a=yes; else a=no; fi
+  if echo | nc -w 5 "$2" "$3" >/dev/null 2>&1; then a=yes; else a=no; fi
   echo "$1 $a" > "/tmp/probe.$1"
 }}
 probe peer {peer} 80 &
