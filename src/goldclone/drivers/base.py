@@ -249,6 +249,24 @@ class Driver(Protocol):
         ...
 
 
+class UnwatchedDisks:
+    """The answers of a driver that knows nothing of its machines' disks and exits beyond
+    whether they run: their disks never grow and never stall them, and a stop has no reason
+    but that the process ended."""
+
+    def disk_growth(self) -> int:
+        return 0
+
+    async def disk_stalled(self, machine: str) -> bool:
+        return False
+
+    async def resume(self, machine: str) -> None:
+        """Nothing is ever stalled."""
+
+    async def exit_reason(self, machine: str) -> str | None:
+        return None
+
+
 async def unless_exited(
     work: Awaitable[T], is_running: Callable[[], Awaitable[bool]], what: str
 ) -> T:

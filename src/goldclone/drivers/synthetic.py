@@ -27,6 +27,7 @@ from goldclone.drivers.base import (
     MachineSpec,
     Runtime,
     TemplateFiles,
+    UnwatchedDisks,
     is_vm_id,
     unless_exited,
 )
@@ -99,7 +100,7 @@ class SyntheticHost:
         return str(address)
 
 
-class SyntheticDriver:
+class SyntheticDriver(UnwatchedDisks):
     name = "synthetic"
 
     def __init__(
@@ -150,18 +151,6 @@ class SyntheticDriver:
         folder.mkdir(parents=True, mode=0o700)
         (folder / "clone").write_text(gold.key)
         self.host.machines[machine] = Machine(machine, gold.key)
-
-    def disk_growth(self) -> int:
-        return 0
-
-    async def disk_stalled(self, machine: str) -> bool:
-        return False
-
-    async def resume(self, machine: str) -> None:
-        pass
-
-    async def exit_reason(self, machine: str) -> str | None:
-        return None
 
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         self._machine(runtime.machine).reaches.append(reach)

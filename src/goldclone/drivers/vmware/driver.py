@@ -22,6 +22,7 @@ from goldclone.drivers.base import (
     MachineSpec,
     Runtime,
     TemplateFiles,
+    UnwatchedDisks,
     is_vm_id,
     unless_exited,
 )
@@ -56,7 +57,7 @@ _LEASE_POLL = 0.5
 _HARD_STOP_TIMEOUT = 30.0
 
 
-class VMwareDriver:
+class VMwareDriver(UnwatchedDisks):
     name = "vmware"
     capabilities = Capabilities(
         network_types=tuple(clonevmx.CONNECTION_TYPES),
@@ -129,18 +130,6 @@ class VMwareDriver:
         except (CommandError, VMConflict) as exc:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc
         self._edit(machine, clonevmx.confine)
-
-    def disk_growth(self) -> int:
-        return 0
-
-    async def disk_stalled(self, machine: str) -> bool:
-        return False
-
-    async def resume(self, machine: str) -> None:
-        pass
-
-    async def exit_reason(self, machine: str) -> str | None:
-        return None
 
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         return runtime  # without capabilities.walls, nobody asks for another
