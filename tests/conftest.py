@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from goldclone.demo.image import build_demo_image
+from goldclone.drivers.qemu.network.manager import HOSTS_ROOT
 from goldclone.service.store import Store
 from goldclone.settings import Settings, VMwareConfig
 from tests.fake_vmrun import FakeVmrun
@@ -150,13 +151,19 @@ async def goldclone(settings: Settings) -> AsyncIterator[Goldclone]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running(workdir: Path) -> Iterator[None]:
-    """No qemu or dnsmasq that this test run started outlives it, nor a cgroup it made."""
-    before = goldclone_cgroups()
+    """No qemu or dnsmasq that this test run started outlives it, nor a cgroup or a folder of
+    DHCP host files that it made."""
+    before = goldclone_cgroups() | dhcp_host_folders()
     yield
     left = processes_mentioning(str(workdir))
     assert not left, f"processes of the test run are still running: {left}"
-    made = sorted(goldclone_cgroups() - before)
-    assert not made, f"cgroups of the test run are left: {made}"
+    made = sorted((goldclone_cgroups() | dhcp_host_folders()) - before)
+    assert not made, f"cgroups or DHCP host folders of the test run are left: {made}"
+
+
+def dhcp_host_folders() -> set[Path]:
+    """The folders of fixed DHCP addresses of goldclone services on this host."""
+    return set(HOSTS_ROOT.glob("*")) if HOSTS_ROOT.is_dir() else set()
 
 
 def goldclone_cgroups() -> set[Path]:
