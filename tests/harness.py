@@ -175,6 +175,12 @@ async def goldclone_server(settings: Settings) -> AsyncIterator[Goldclone]:
         await server.remove_networks()
 
 
+def settled(vm: dict[str, Any]) -> dict[str, Any]:
+    """``vm`` without what changes while it runs (``dropped_packets``, which only ``GET
+    /vms/{id}`` fills in), to compare it with the same VM read at another moment."""
+    return {key: value for key, value in vm.items() if key != "dropped_packets"}
+
+
 def processes_mentioning(text: str) -> list[int]:
     """PIDs of processes whose command line contains ``text``."""
     found = []

@@ -31,7 +31,7 @@ from goldclone.drivers.qemu.network import Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.settings import NetworkConfig
 from tests.conftest import checksum
-from tests.harness import forget, leftovers, links, processes_mentioning
+from tests.harness import forget, leftovers, links, processes_mentioning, settled
 from tests.packages import extract_disk
 from tests.servers import CallbackReceiver, FileServer
 from tests.serving import GOLDCLONE, free_port
@@ -368,7 +368,7 @@ def test_a_running_guest_is_adopted_and_one_that_dies_is_stopped(
     service.kill()
 
     service.start()
-    assert service.vm(vm_id) == vm
+    assert settled(service.vm(vm_id)) == settled(vm)
     assert service.qemu_pid(vm_id) == pid and not gone(pid), "the same qemu, not restarted"
     assert "goldclone demo guest" in httpx.get(f"http://{vm['ip_address']}/", timeout=10).text
 

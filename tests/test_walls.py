@@ -208,7 +208,8 @@ async def test_a_claim_moves_a_running_guest_into_a_group(world: str, guests: Gu
     changed = await guests.networks.set_reach(a, Reach(group="job-3"))
 
     assert changed.reach == Reach(group="job-3")
-    assert await reaches(in_a.ns, b.ip, 80)
+    # the guest asks again for the peer's MAC, which it failed to learn before
+    assert await until(lambda: reaches(in_a.ns, b.ip, 80), interval=0.1, timeout=30)
     await guests.networks.set_reach(changed, DEFAULT_REACH)
     assert not await reaches(in_a.ns, b.ip, 80)
 

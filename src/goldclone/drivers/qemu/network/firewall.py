@@ -298,6 +298,16 @@ class Drops:
                 mine[reason] = mine.get(reason, 0) + packets
 
 
+def own_reasons(wall: Wall, guard: Guard) -> tuple[str, ...]:
+    """The reasons that ``guard``'s own rules count drops by."""
+    reasons: tuple[str, ...] = ("mac", "protocol", "arp", "ip", "dhcp-server")
+    if wall.owned:
+        reasons += ("peer",)
+    if wall.network_type == "nat" and guard.egress is not None and guard.ip is not None:
+        reasons += ("egress",)
+    return reasons
+
+
 async def count(wall: Wall, drops: Drops) -> None:
     """Add what ``wall``'s rules dropped to ``drops``; tables that are not there dropped
     nothing."""

@@ -384,9 +384,11 @@ class Networks:
     def dropped(self, attachment: Attachment) -> dict[str, int] | None:
         """What the rules of ``attachment`` dropped of what its guest sent, by reason, as of
         the last ``count``; ``None`` when it has no rules here."""
-        if attachment.tap not in self._attached:
+        known = self._attached.get(attachment.tap)
+        if known is None:
             return None
-        return dict(self._drops.by_tap.get(attachment.tap, {}))
+        zeros = dict.fromkeys(firewall.own_reasons(self.wall(known.network_type), _guard(known)), 0)
+        return zeros | self._drops.by_tap.get(attachment.tap, {})
 
     def dropped_by_reason(self) -> dict[str, int]:
         """What the rules of every network in use dropped, by reason, as of the last
