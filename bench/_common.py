@@ -206,10 +206,12 @@ async def serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
         await server.client.aclose()
         networks = Networks(Settings.from_env(env).network, data_dir.absolute() / "networks")
         driver = QemuDriver(data_dir, networks, QEMU)
+        await driver.bounds.prepare()  # so that a guest's cgroups go with it
         vms = data_dir / "vms"
         for vm_dir in list(vms.iterdir()) if vms.is_dir() else []:
-            await driver.destroy(vm_dir.name, None)  # only if the server left a guest behind
+            await driver.destroy(vm_dir.name, None)  # a pool's machines, which the server kept
         await networks.teardown()
+        await driver.bounds.close()
 
 
 def _spawn(data_dir: Path, port: int, extra: dict[str, str]) -> subprocess.Popen[bytes]:
