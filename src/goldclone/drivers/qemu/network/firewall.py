@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from goldclone.egress import Destination, EgressPolicy
 from goldclone.errors import CommandError, NetworkFailed
@@ -66,7 +66,7 @@ class Wall:
     """One network's rules: its bridge, its type, and for an owned one the host's policy."""
 
     bridge: str
-    network_type: Literal["nat", "hostonly", "bridged"]
+    network_type: str
     table: str
     host_ports: tuple[int, ...] = ()
     egress: EgressPolicy = field(default_factory=EgressPolicy)
@@ -74,6 +74,12 @@ class Wall:
     @property
     def owned(self) -> bool:
         return self.network_type != "bridged"
+
+
+def _narrows(wall: Wall, guard: Guard) -> bool:
+    """Whether ``guard`` has an egress chain of its own: a narrowed guest of ``nat`` whose
+    address is known."""
+    return wall.network_type == "nat" and guard.egress is not None and guard.ip is not None
 
 
 def _chain(tap: str) -> str:
@@ -181,7 +187,7 @@ def _ip_table(wall: Wall, subnet: IPv4Network, guards: list[Guard]) -> str:
     ]
     parts = [_block("chain input", host)]
     if wall.network_type == "nat":
-        narrowed = [g for g in guards if g.egress is not None and g.ip is not None]
+        narrowed = [g for g in guards if _narrows(wall, g)]
         forward.append(f"iifname {bridge} jump egress")
         egress = ["ip saddr vmap @narrowed"]
         egress += [f"{_to(d)} accept" for d in wall.egress.allow]
@@ -238,7 +244,7 @@ def _unguard_script(wall: Wall, guard: Guard, others: Iterable[Guard]) -> str:
     if pairs := _peers(guard, others):
         lines += [f"add element {table} peers {{ {', '.join(pairs)} }}",
                   f"delete element {table} peers {{ {', '.join(pairs)} }}"]  # fmt: skip
-    if wall.network_type == "nat" and guard.egress is not None and guard.ip is not None:
+    if _narrows(wall, guard):
         table = f"ip {wall.table}"
         chain = _egress_chain(guard.tap)
         lines += [f"add chain {table} {chain}",
@@ -249,19 +255,21 @@ def _unguard_script(wall: Wall, guard: Guard, others: Iterable[Guard]) -> str:
 
 
 def _guard_script(wall: Wall, guard: Guard, others: Iterable[Guard]) -> str:
+    # A chain that is there already (the guard of an adopted guest, which the network's
+    # rewrite just made) is emptied, so that its rules are never there twice.
     table = f"bridge {wall.table}"
     chain = _chain(guard.tap)
-    lines = [f"add chain {table} {chain}"]
+    lines = [f"add chain {table} {chain}", f"flush chain {table} {chain}"]
     lines += [f"add rule {table} {chain} {rule}" for rule in _guest_rules(wall, guard)]
     lines += [f'add element {table} guards {{ "{guard.tap}" : jump {chain} }}',
               f'add element {table} guarded {{ "{guard.tap}" }}']  # fmt: skip
     if pairs := _peers(guard, others):
         lines.append(f"add element {table} peers {{ {', '.join(pairs)} }}")
-    if wall.network_type == "nat" and guard.egress is not None and guard.ip is not None:
+    if _narrows(wall, guard):
         table = f"ip {wall.table}"
         chain = _egress_chain(guard.tap)
-        lines.append(f"add chain {table} {chain}")
-        lines += [f"add rule {table} {chain} {rule}" for rule in _egress_rules(guard.egress)]
+        lines += [f"add chain {table} {chain}", f"flush chain {table} {chain}"]
+        lines += [f"add rule {table} {chain} {rule}" for rule in _egress_rules(guard.egress or ())]
         lines.append(f"add element {table} narrowed {{ {guard.ip} : jump {chain} }}")
     return "".join(line + "\n" for line in lines)
 
@@ -303,7 +311,7 @@ def own_reasons(wall: Wall, guard: Guard) -> tuple[str, ...]:
     reasons: tuple[str, ...] = ("mac", "protocol", "arp", "ip", "dhcp-server")
     if wall.owned:
         reasons += ("peer",)
-    if wall.network_type == "nat" and guard.egress is not None and guard.ip is not None:
+    if _narrows(wall, guard):
         reasons += ("egress",)
     return reasons
 
