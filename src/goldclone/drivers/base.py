@@ -158,11 +158,10 @@ class Driver(Protocol):
         """Change what the running machine's NIC may reach; return its runtime changed."""
         ...
 
-    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
-        """The packets that network rules have dropped, by reason: of what the machine of
-        ``runtime`` sent, or of all this host's machines together (some drops belong to no
-        one machine). ``None`` for a driver without ``capabilities.walls``, or a machine
-        without rules."""
+    async def dropped(self, machine: str | None = None) -> dict[str, int] | None:
+        """The packets that network rules have dropped, by reason: of what ``machine`` sent,
+        or of all this host's machines together (some drops belong to no one machine).
+        ``None`` for a driver without ``capabilities.walls``, or a machine without rules."""
         ...
 
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:

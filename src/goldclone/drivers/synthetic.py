@@ -156,7 +156,7 @@ class SyntheticDriver(UnwatchedDisks):
         self._machine(runtime.machine).reaches.append(reach)
         return runtime
 
-    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+    async def dropped(self, machine: str | None = None) -> dict[str, int] | None:
         return {}
 
     async def attach(

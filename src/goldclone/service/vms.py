@@ -185,10 +185,8 @@ class VMService:
         """``vm`` with what its network's rules dropped, if it runs here."""
         if vm.status is not Status.RUNNING or not self.fleet.is_mine(vm):
             return vm
-        runtime = await self._lifecycle.runtime(vm.id)
-        if runtime is None:
-            return vm
-        return vm.model_copy(update={"dropped_packets": await self._driver.dropped(runtime)})
+        dropped = await self._driver.dropped(await self._lifecycle.machine(vm.id))
+        return vm.model_copy(update={"dropped_packets": dropped})
 
     async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
         """Every VM, or those that ``wanted`` matches."""

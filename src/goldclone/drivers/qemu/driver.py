@@ -197,10 +197,10 @@ class QemuDriver:
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Attachment:
         return await self._networks.set_reach(_nic(runtime), reach)
 
-    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
-        if runtime is None:
+    async def dropped(self, machine: str | None = None) -> dict[str, int] | None:
+        if machine is None:
             return self._networks.dropped_by_reason()
-        return self._networks.dropped(_nic(runtime))
+        return self._networks.dropped(tap_name(machine))
 
     def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
         """The qemu command that boots ``spec``'s clone; every path in it is absolute.

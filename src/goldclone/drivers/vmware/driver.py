@@ -134,7 +134,7 @@ class VMwareDriver(UnwatchedDisks):
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         return runtime  # without capabilities.walls, nobody asks for another
 
-    async def dropped(self, runtime: Runtime | None = None) -> dict[str, int] | None:
+    async def dropped(self, machine: str | None = None) -> dict[str, int] | None:
         return None
 
     async def attach(

@@ -25,7 +25,6 @@ from goldclone.errors import DriverUnavailable, InvalidRequest, IPTimeout, Netwo
 from goldclone.polling import until
 from goldclone.settings import (
     BRIDGED,
-    HOSTONLY,
     NAT,
     NETWORK_TYPES,
     OWNED_TYPES,
@@ -105,8 +104,8 @@ class Networks:
         self.config = config
         self.state_dir = state_dir.absolute()
         self.label = f"{LABEL}{self.state_dir}"
-        self.hosts_root = HOSTS_ROOT / hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
         """What this service's bridges and taps carry as their alias."""
+        self.hosts_root = HOSTS_ROOT / hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
         self._locks = {t: asyncio.Lock() for t in OWNED_TYPES}
         self._up: set[str] = set()
         self._attached: dict[str, Attachment] = {}
@@ -125,7 +124,7 @@ class Networks:
             suffix = "_" + hashlib.sha256(self.label.encode()).hexdigest()[:8]
         return firewall.Wall(
             name,
-            NAT if network_type == NAT else HOSTONLY if network_type == HOSTONLY else BRIDGED,
+            network_type,
             firewall.table_name(name, suffix),
             self.config.guest_host_ports,
             self.config.egress,
@@ -381,14 +380,14 @@ class Networks:
             raise
         return replace(attachment, **reach.record())
 
-    def dropped(self, attachment: Attachment) -> dict[str, int] | None:
-        """What the rules of ``attachment`` dropped of what its guest sent, by reason, as of
-        the last ``count``; ``None`` when it has no rules here."""
-        known = self._attached.get(attachment.tap)
+    def dropped(self, tap: str) -> dict[str, int] | None:
+        """What the rules of the guest on ``tap`` dropped of what it sent, by reason, as of the
+        last ``count``; ``None`` when it has no rules here."""
+        known = self._attached.get(tap)
         if known is None:
             return None
         zeros = dict.fromkeys(firewall.own_reasons(self.wall(known.network_type), _guard(known)), 0)
-        return zeros | self._drops.by_tap.get(attachment.tap, {})
+        return zeros | self._drops.by_tap.get(tap, {})
 
     def dropped_by_reason(self) -> dict[str, int]:
         """What the rules of every network in use dropped, by reason, as of the last
