@@ -24,8 +24,8 @@ from typing import Final, Literal
 log = logging.getLogger(__name__)
 
 ROOT: Final = Path("/sys/fs/cgroup")
-V1_CONTROLLERS: Final = ("cpu", "cpuacct", "memory", "pids", "blkio")
-V2_CONTROLLERS: Final = ("cpu", "memory", "pids", "io")
+V1_CONTROLLERS: Final = ("cpu", "cpuacct", "memory", "pids")
+V2_CONTROLLERS: Final = ("cpu", "memory", "pids")
 PERIOD_US: Final = 100_000
 PARENT_SHARES: Final = 512
 """v1: the parent's ``cpu.shares``, half a busy task of the service at nice 0 (1024); each
@@ -37,15 +37,11 @@ PARENT_WEIGHT: Final = 50
 @dataclass(frozen=True)
 class Bounds:
     """What one machine may take: ``cpus`` CPUs of time, ``memory_bytes`` of memory (more is
-    an out-of-memory kill), ``pids`` tasks, and, where set, disk bytes per second on the
-    block device ``device`` (``MAJOR:MINOR``)."""
+    an out-of-memory kill) and ``pids`` tasks."""
 
     cpus: int
     memory_bytes: int
     pids: int
-    device: str | None = None
-    read_bps: int | None = None
-    write_bps: int | None = None
 
 
 def _write(path: Path, value: str) -> None:
@@ -140,11 +136,6 @@ class Cgroups:
             _write(groups["memory"] / "memory.limit_in_bytes", str(bounds.memory_bytes))
         if "pids" in groups:
             _write(groups["pids"] / "pids.max", str(bounds.pids))
-        if "blkio" in groups and bounds.device is not None:
-            for kind, bps in (("read", bounds.read_bps), ("write", bounds.write_bps)):
-                if bps is not None:
-                    path = groups["blkio"] / f"blkio.throttle.{kind}_bps_device"
-                    _write(path, f"{bounds.device} {bps}")
 
     @staticmethod
     def _set_v2(group: Path, bounds: Bounds) -> None:
@@ -153,10 +144,6 @@ class Cgroups:
         with contextlib.suppress(FileNotFoundError):  # no swap accounting on this kernel
             _write(group / "memory.swap.max", "0")
         _write(group / "pids.max", str(bounds.pids))
-        if bounds.device is not None and (bounds.read_bps or bounds.write_bps):
-            rates = (("rbps", bounds.read_bps), ("wbps", bounds.write_bps))
-            limits = [f"{kind}={bps}" for kind, bps in rates if bps]
-            _write(group / "io.max", f"{bounds.device} {' '.join(limits)}")
 
     def exists(self, machine: str) -> bool:
         return all(group.is_dir() for group in self.groups(machine).values())

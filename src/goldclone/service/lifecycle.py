@@ -226,13 +226,9 @@ class Lifecycle:
             if room and not stalled:
                 continue
             try:
-                for vm in await self._store.list():
-                    if vm.status is Status.RUNNING and (not room or vm.id in stalled):
-                        if await self._watch_disk(vm, room):
-                            stalled.add(vm.id)
-                        else:
-                            stalled.discard(vm.id)
-                stalled &= {vm.id for vm in await self._store.list()}
+                running = [v for v in await self._store.list() if v.status is Status.RUNNING]
+                asked = [vm for vm in running if not room or vm.id in stalled]
+                stalled = {vm.id for vm in asked if await self._watch_disk(vm, room)}
             except Exception:
                 log.exception("checking the VMs' disks failed; trying again")
 
