@@ -16,8 +16,8 @@ import pytest
 
 from goldclone.demo.image import build_demo_image
 from goldclone.drivers.qemu.network.manager import HOSTS_ROOT
-from goldclone.service.store import Store
 from goldclone.settings import Settings, VMwareConfig
+from goldclone.store.database import Database
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, goldclone_server, processes_mentioning
 from tests.netns import foreign_network
@@ -108,13 +108,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    """A real store, migrated, on each kind of database."""
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A real store's database, migrated, of each kind."""
     url = database_url
-    store = Store(url, "test-host")
-    await store.open()
-    yield store
-    await store.close()
+    db = Database(url, "test-host")
+    await db.open()
+    yield db
+    await db.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from goldclone.models import VM, ImageSpec, now_s
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id, signing_key
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service.deliveries import Deliveries
-from goldclone.service.store import Store
+from goldclone.store import delivery_records
+from goldclone.store.database import Database
 from tests.servers import CallbackReceiver, free_port
 
 SECRET = "whsec_" + base64.b64encode(b"a shared secret of the receiver").decode()
@@ -46,12 +47,12 @@ def verify(headers: dict[str, str], body: bytes, key: bytes) -> bool:
 
 @asynccontextmanager
 async def delivering(
-    store: Store, schedule: tuple[float, ...], secret: str | None = None
+    db: Database, schedule: tuple[float, ...], secret: str | None = None
 ) -> AsyncIterator[tuple[Deliveries, list[str]]]:
-    """Deliveries on ``store`` with ``schedule``, and the outcomes of those that end."""
+    """Deliveries on ``db`` with ``schedule``, and the outcomes of those that end."""
     ended: list[str] = []
     async with httpx.AsyncClient() as http:
-        deliveries = Deliveries(store, http, schedule, secret, ended.append)
+        deliveries = Deliveries(db, http, schedule, secret, ended.append)
         deliveries.start()
         try:
             yield deliveries, ended
@@ -91,9 +92,9 @@ def test_a_plain_secret_is_its_own_key() -> None:
     assert signing_key(SECRET) == b"a shared secret of the receiver"
 
 
-async def test_retries_follow_the_schedule_with_one_id_and_the_vm_as_it_was(store: Store) -> None:
+async def test_retries_follow_the_schedule_with_one_id_and_the_vm_as_it_was(db: Database) -> None:
     with CallbackReceiver(fail_first=2).running() as receiver:
-        async with delivering(store, (0, 0.2, 0.4), SECRET) as (deliveries, ended):
+        async with delivering(db, (0, 0.2, 0.4), SECRET) as (deliveries, ended):
             vm = vm_for(receiver.url)
             await deliveries.send(vm)
             await until_ended(ended)
@@ -102,12 +103,14 @@ async def test_retries_follow_the_schedule_with_one_id_and_the_vm_as_it_was(stor
     first, second, third = receiver.times
     assert second - first >= 0.19 and third - second >= 0.39
     assert receiver.bodies == [vm.model_dump(mode="json")]
-    assert await store.next_delivery_at() is None  # nothing left to deliver
+    assert (
+        await db.read(lambda c: delivery_records.next_at(c, "test-host")) is None
+    )  # nothing left to deliver
 
 
-async def test_retry_after_puts_the_next_attempt_no_sooner(store: Store) -> None:
+async def test_retry_after_puts_the_next_attempt_no_sooner(db: Database) -> None:
     with CallbackReceiver(fail_first=1, retry_after="1").running() as receiver:
-        async with delivering(store, (0, 0.01)) as (deliveries, ended):
+        async with delivering(db, (0, 0.01)) as (deliveries, ended):
             sent = time.monotonic()
             await deliveries.send(vm_for(receiver.url))
             await until_ended(ended)
@@ -116,9 +119,9 @@ async def test_retry_after_puts_the_next_attempt_no_sooner(store: Store) -> None
     assert took >= 0.95
 
 
-async def test_a_receiver_that_answers_410_gets_no_more(store: Store) -> None:
+async def test_a_receiver_that_answers_410_gets_no_more(db: Database) -> None:
     with CallbackReceiver(fail_first=10**6, fail_status=410).running() as receiver:
-        async with delivering(store, (0, 0.01, 0.01, 0.01)) as (deliveries, ended):
+        async with delivering(db, (0, 0.01, 0.01, 0.01)) as (deliveries, ended):
             await deliveries.send(vm_for(receiver.url))
             await until_ended(ended)
             await deliveries.send(vm_for(receiver.url))
@@ -127,35 +130,37 @@ async def test_a_receiver_that_answers_410_gets_no_more(store: Store) -> None:
 
 
 async def test_a_receiver_that_never_answers_well_gets_each_attempt_then_is_let_go(
-    store: Store,
+    db: Database,
 ) -> None:
     with CallbackReceiver(fail_first=10**6).running() as receiver:
-        async with delivering(store, (0, 0.01, 0.01)) as (deliveries, ended):
+        async with delivering(db, (0, 0.01, 0.01)) as (deliveries, ended):
             await deliveries.send(vm_for(receiver.url))
             await until_ended(ended)
     assert ended == ["failed"] and receiver.attempts == 3
-    assert await store.next_delivery_at() is None
+    assert await db.read(lambda c: delivery_records.next_at(c, "test-host")) is None
 
 
 async def test_a_receiver_that_is_down_across_a_restart_still_gets_its_callback(
-    store: Store,
+    db: Database,
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/vm-ready"
     schedule = (0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5)
-    async with delivering(store, schedule) as (deliveries, ended):  # the service before
+    async with delivering(db, schedule) as (deliveries, ended):  # the service before
         await deliveries.send(vm_for(url))
         async with asyncio.timeout(10):
-            while (await store.due_deliveries("9999", 1))[0].attempts < 2:
+            while (await db.read(lambda c: delivery_records.due(c, "test-host", "9999", 1)))[
+                0
+            ].attempts < 2:
                 await asyncio.sleep(0.05)  # two attempts refused: nothing listens
     assert ended == []
     with CallbackReceiver(port=port).running() as receiver:
-        async with delivering(store, schedule) as (_, ended):  # the service, restarted
+        async with delivering(db, schedule) as (_, ended):  # the service, restarted
             await until_ended(ended)
     assert ended == ["delivered"] and len(receiver.bodies) == 1
 
 
-async def test_a_forbidden_callback_address_is_not_contacted_or_retried(store: Store) -> None:
+async def test_a_forbidden_callback_address_is_not_contacted_or_retried(db: Database) -> None:
     transport = PolicyTransport(OutboundPolicy(allow_private=True))
     async with httpx.AsyncClient(transport=transport) as http:
         tried = await attempt(http, "http://169.254.169.254/latest", b"{}", new_message_id())

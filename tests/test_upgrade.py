@@ -17,8 +17,8 @@ import pytest
 
 from goldclone.errors import SchemaTooNew
 from goldclone.server import build_service
-from goldclone.service.schema import head
 from goldclone.settings import Settings
+from goldclone.store.schema import head
 from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer, free_port

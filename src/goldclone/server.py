@@ -16,11 +16,14 @@ from goldclone import logs
 from goldclone.api import create_app
 from goldclone.drivers.base import Driver
 from goldclone.images.cache import ImageCache
+from goldclone.models import VM
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
-from goldclone.service import VMService
+from goldclone.service import VMService, journal
 from goldclone.service.fleet import host_id_of
-from goldclone.service.store import Store
+from goldclone.service.metrics import Metrics
 from goldclone.settings import Settings
+from goldclone.store.checksum_records import Checksums
+from goldclone.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +35,18 @@ def build_service(settings: Settings, driver: Driver | None = None) -> VMService
     data_dir.mkdir(parents=True, exist_ok=True)
     policy = OutboundPolicy(allow_private=settings.allow_private_urls)
     http = httpx.AsyncClient(follow_redirects=True, transport=PolicyTransport(policy))
-    store = Store(settings.db_url, host_id_of(settings))
+    metrics = Metrics(settings.limits)
+
+    def phase_added(vm: VM) -> None:
+        metrics.phase_added(vm)
+        journal.phase_added(vm)
+
+    db = Database(settings.db_url, host_id_of(settings), on_phase=phase_added)
     driver = driver or build_driver(settings, data_dir)
     images = ImageCache(data_dir, http, settings.download_timeout,
-                        reserve_bytes=settings.reserve_mb << 20, checksums=store,
+                        reserve_bytes=settings.reserve_mb << 20, checksums=Checksums(db),
                         growth=driver.disk_growth)  # fmt: skip
-    return VMService(settings, store, images, driver, http)
+    return VMService(settings, db, images, driver, http, metrics)
 
 
 def build_driver(settings: Settings, data_dir: Path) -> Driver:

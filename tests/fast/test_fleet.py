@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone import logs
 from goldclone.models import seconds_until
-from goldclone.service.tables import vms
 from goldclone.settings import Settings
+from goldclone.store.tables import vms
 from tests.fast.conftest import Service, image_of, serving
 from tests.servers import CallbackReceiver, FileServer
 

@@ -15,9 +15,10 @@ import pytest
 
 from goldclone.models import ImageSpec, Pool
 from goldclone.service.fleet import HOST_ID_FILE
-from goldclone.service.listener import ChangeListener
-from goldclone.service.store import Store
 from goldclone.settings import Limits, Settings
+from goldclone.store import pool_records, vm_records
+from goldclone.store.database import Database
+from goldclone.store.listener import ChangeListener
 from tests.fast.conftest import Service, image_of, serving
 from tests.fast.test_pools import pooled
 from tests.postgres import PostgresCluster
@@ -70,34 +71,33 @@ async def until_lost(service: Service, host_id: str) -> dict[str, Any]:
 async def test_hosts_that_start_at_once_migrate_a_new_database_one_after_another(
     fleet_url: str,
 ) -> None:
-    stores = [Store(fleet_url, f"host-{i}") for i in range(3)]
+    dbs = [Database(fleet_url, f"host-{i}") for i in range(3)]
     try:
-        await asyncio.gather(*(store.open() for store in stores))
-        assert [await store.list() for store in stores] == [[], [], []]
+        await asyncio.gather(*(db.open() for db in dbs))
+        assert [await db.read(lambda c: vm_records.of_host(c, None)) for db in dbs] == [[]] * 3
     finally:
-        for store in stores:
-            await store.close()
+        for db in dbs:
+            await db.close()
 
 
 async def test_a_commit_on_one_host_wakes_the_waiters_of_another(fleet_url: str) -> None:
-    first, second = Store(fleet_url, "host-a"), Store(fleet_url, "host-b")
+    first, second = Database(fleet_url, "host-a"), Database(fleet_url, "host-b")
     await first.open()
     await second.open()
     listener = ChangeListener(fleet_url, second.changes)
     await listener.start()
     try:
         seen = second.changes.version
-        await first.put_pool(
-            Pool(
-                name="p",
-                image=ImageSpec(url="http://x/", checksum="0" * 64),
-                cpus=1,
-                memory=256,
-                network_type="nat",
-                size=0,
-                created_at="2026-12-02T00:00:00Z",
-            )
+        pool = Pool(
+            name="p",
+            image=ImageSpec(url="http://x/", checksum="0" * 64),
+            cpus=1,
+            memory=256,
+            network_type="nat",
+            size=0,
+            created_at="2026-12-02T00:00:00Z",
         )
+        await first.write(lambda c: pool_records.put(c, pool, "host-a"))
         async with asyncio.timeout(5):
             await second.changes.wait(seen, 5)
         assert second.changes.version > seen  # woken by the notification, not the timeout

@@ -19,6 +19,7 @@ SERVER_SIDE = (
     "goldclone.server",
     "goldclone.api",
     "goldclone.service",
+    "goldclone.store",
     "goldclone.drivers",
     "goldclone.images",
     "goldclone.host",
@@ -55,12 +56,18 @@ def test_settings_import_no_driver_or_network_code() -> None:
 
 
 def _imports(path: Path) -> set[str]:
-    """The goldclone modules that ``path`` imports when it is loaded (top level only: an
-    import inside a function is deferred on purpose)."""
+    """The goldclone modules that ``path`` imports when it is loaded or type-checked (top
+    level and ``if TYPE_CHECKING:``; an import inside a function is deferred on purpose),
+    with ``from package import module`` counted as an import of that module."""
     found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module:
+    body = list(ast.parse(path.read_text()).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, ast.If):
+            body.extend(node.body + node.orelse)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
     return {name for name in found if name.startswith("goldclone")}

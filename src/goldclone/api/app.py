@@ -49,9 +49,10 @@ from goldclone.models import (
     explain_json_error,
 )
 from goldclone.service import VMService
-from goldclone.service.events import Event, VMFilter
+from goldclone.service.events import VMFilter
 from goldclone.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from goldclone.settings import Limits
+from goldclone.store.event_log import Event
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,12 @@ from goldclone.models import (
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
 from goldclone.service.placement import chooser, full
-from goldclone.service.store import Earlier, Held, Placing, Store
 from goldclone.settings import Limits, PlacementPolicy
+from goldclone.store import admissions
+from goldclone.store.admissions import Placing
+from goldclone.store.database import Database
+from goldclone.store.host_records import Held
+from goldclone.store.vm_records import Earlier
 
 
 class Admission:
@@ -42,7 +46,7 @@ class Admission:
         self,
         limits: Limits,
         capabilities: Capabilities,
-        store: Store,
+        db: Database,
         policy: OutboundPolicy,
         leases: LeasePolicy,
         placement: PlacementPolicy = "spread",
@@ -53,7 +57,7 @@ class Admission:
         self._policy = placement
         self._lost_after = host_lost_after
         self.leases = leases
-        self._store = store
+        self._db = db
         self._outbound = policy
         self.bounds = bounds_of(limits, capabilities, egress)
         """What one VM on this host may be, as this host offers it to the fleet."""
@@ -72,16 +76,22 @@ class Admission:
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
         wanted = Held(request.cpus, request.memory, request.network_group)
         takes = _taker(request)
-        choose = chooser(self._policy, wanted, takes, self._store.host_id)
+        choose = chooser(self._policy, wanted, takes, self._db.host_id)
         placing = Placing(request.image.key, request.cpus, request.memory,
                           in_ms(-self._lost_after), choose)  # fmt: skip
-        recorded = await self._store.admit(
+        recorded = await admissions.record(
+            self._db,
             _new_vm(request, guest, expires_at), idempotency, placing, pools,
             request.model_dump_json(),
         )  # fmt: skip
         if isinstance(recorded, Earlier):
             return _repeat(recorded, digest), None
         return recorded, guest
+
+    async def add_member(self, pool: str, machine: str, wanted: Held) -> None:
+        """Record a machine that ``pool`` is about to restore on this host, if the host has
+        room for it; raises ``CapacityExceeded``."""
+        await admissions.add_member(self._db, pool, machine, wanted, self._capacity_check(wanted))
 
     def check_urls(self, request: CreateVMRequest) -> None:
         self.check_url("image.url", request.image.url)
@@ -104,7 +114,7 @@ class Admission:
         except URLForbidden as exc:
             raise InvalidRequest(f"{field}: {exc.message}") from None
 
-    def capacity_check(self, wanted: Held) -> Callable[[list[Held]], None] | None:
+    def _capacity_check(self, wanted: Held) -> Callable[[list[Held]], None] | None:
         """What raises ``CapacityExceeded`` if a machine of shape ``wanted`` would take this
         host past a total, given what it holds; ``None`` when the host has no totals (no need
         to read every VM)."""

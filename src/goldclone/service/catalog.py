@@ -13,8 +13,9 @@ from goldclone.images.cache import ImageCache
 from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
 from goldclone.service.admission import Admission
 from goldclone.service.pools import Pools
-from goldclone.service.store import Store
 from goldclone.service.templates import Templates
+from goldclone.store import vm_records
+from goldclone.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 class Catalog:
     def __init__(
         self,
-        store: Store,
+        db: Database,
         images: ImageCache,
         admission: Admission,
         templates: Templates,
         pools: Pools,
         budget: int | None = None,
     ) -> None:
-        self._store = store
+        self._db = db
         self._pools = pools
         self._images = images
         self._admission = admission
@@ -110,7 +111,9 @@ class Catalog:
     async def _users(self) -> list[VM]:
         """The VMs that may hold a clone of their gold image: not those in ``error``, whose
         clone (if they got one) was removed when they failed."""
-        return [vm for vm in await self._store.list() if vm.status is not Status.ERROR]
+        host_id = self._db.host_id
+        mine = await self._db.read(lambda conn: vm_records.of_host(conn, host_id))
+        return [vm for vm in mine if vm.status is not Status.ERROR]
 
 
 def cache_bytes(images: list[Image]) -> int:

@@ -19,7 +19,9 @@ import httpx
 
 from goldclone.models import VM, in_ms, now_ms, seconds_until
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id
-from goldclone.service.store import Delivery, Store
+from goldclone.store import delivery_records
+from goldclone.store.database import Database
+from goldclone.store.delivery_records import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,13 @@ _AT_ONCE = 32
 class Deliveries:
     def __init__(
         self,
-        store: Store,
+        db: Database,
         http: httpx.AsyncClient,
         schedule: Sequence[float],
         secret: str | None,
         ended: Callable[[str], None],
     ) -> None:
-        self._store = store
+        self._db = db
         self._http = http
         self._schedule = tuple(schedule)
         self._secret = secret
@@ -57,7 +59,8 @@ class Deliveries:
             return
         delivery = Delivery(new_message_id(), vm.id, vm.callback_url, vm.model_dump_json(),
                             attempts=0, next_at=in_ms(self._schedule[0]))  # fmt: skip
-        await self._store.add_delivery(delivery)
+        host_id = self._db.host_id
+        await self._db.write(lambda conn: delivery_records.add(conn, host_id, delivery))
         self._wake.set()
 
     def start(self) -> None:
@@ -74,7 +77,11 @@ class Deliveries:
         while True:
             self._wake.clear()
             self._ended_meanwhile.clear()
-            due = await self._store.due_deliveries(now_ms(), _AT_ONCE)
+            due = await self._db.read(
+                functools.partial(
+                    delivery_records.due, host_id=self._db.host_id, now=now_ms(), limit=_AT_ONCE
+                )
+            )
             room = _AT_ONCE - len(self._trying)
             for delivery in due:
                 busy = self._trying.keys() | self._ended_meanwhile
@@ -93,7 +100,7 @@ class Deliveries:
     async def _sleep(self) -> None:
         """Until the next delivery is due, one is added, or one being tried is over (a due
         one that is being tried wakes this when it is)."""
-        next_at = await self._store.next_delivery_at()
+        next_at = await self._db.read(lambda conn: delivery_records.next_at(conn, self._db.host_id))
         due_in = _IDLE if next_at is None else seconds_until(next_at)
         wait = _IDLE if due_in <= 0 and self._trying else min(_IDLE, max(0.0, due_in))
         with contextlib.suppress(TimeoutError):
@@ -110,11 +117,15 @@ class Deliveries:
                 wait = max(wait, min(tried.retry_after, MAX_RETRY_AFTER))
             log.warning("callback for VM %s, attempt %d of %d: %s; next in %g s", delivery.vm_id,
                         number, len(self._schedule), tried.reason, wait)  # fmt: skip
-            await self._store.delivery_tried(delivery.message_id, in_ms(wait))
+            await self._tried(delivery, in_ms(wait))
             return
         outcome = "failed" if tried.outcome in (Outcome.RETRY, Outcome.REFUSED) else tried.outcome
         if outcome != Outcome.DELIVERED:
             log.warning("callback for VM %s not delivered (%s): %s", delivery.vm_id, outcome,
                         tried.reason)  # fmt: skip
-        await self._store.delivery_tried(delivery.message_id, None)
+        await self._tried(delivery, None)
         self._ended(str(outcome))
+
+    async def _tried(self, delivery: Delivery, next_at: str | None) -> None:
+        message_id = delivery.message_id
+        await self._db.write(lambda conn: delivery_records.tried(conn, message_id, next_at))

@@ -7,7 +7,7 @@ a lost host are shown ``unknown`` (never re-created elsewhere, nor forgotten) un
 back and adopts them, or until an operator forgets it (``DELETE /hosts/{id}``), which ends
 them in ``error`` (``host-lost``). A DELETE of a VM that another host runs is asked through
 the store (the VM becomes ``deleting``) and done by that host, which hears of it at once
-(``service.listener``, or its next check); the answer comes when the VM is gone.
+(``store.listener``, or its next check); the answer comes when the VM is gone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from goldclone.errors import HostLost, StateConflict, VMNotFound
@@ -33,8 +34,10 @@ from goldclone.models import (
     in_ms,
     now_ms,
 )
-from goldclone.service.store import HostRecord, Store
 from goldclone.settings import Settings, host_memory_mb
+from goldclone.store import host_records, vm_records
+from goldclone.store.database import Database
+from goldclone.store.host_records import HostRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +68,12 @@ class Fleet:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        db: Database,
         driver_name: str,
         bounds: dict[str, Any],
         images: Callable[[], dict[str, list[str]]],
     ) -> None:
-        self._store = store
+        self._db = db
         self._images = images
         self._interval = settings.heartbeat_interval
         self._lost_after = settings.host_lost_after
@@ -90,7 +93,7 @@ class Fleet:
 
     @property
     def host_id(self) -> str:
-        return self._store.host_id
+        return self._db.host_id
 
     async def start(self) -> None:
         """Register this host (its first heartbeat), and keep beating in the background."""
@@ -106,7 +109,8 @@ class Fleet:
     async def _beat(self) -> None:
         if self._held is None:  # each image's metadata is on disk: not read every beat
             self._held = self._images()
-        await self._store.beat({**self._offer, "images": self._held})
+        offer = {**self._offer, "images": self._held}
+        await self._db.write(lambda conn: host_records.beat(conn, self.host_id, offer))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -126,17 +130,18 @@ class Fleet:
 
     async def hosts(self) -> list[Host]:
         since = self._since()
-        return [_host(record, since) for record in await self._store.hosts()]
+        return [_host(record, since) for record in await self._db.read(host_records.every)]
 
     async def forget(self, host_id: str) -> list[VM]:
-        """Forget a lost host (``Store.forget_host``); the VMs it ended."""
-        ended = await self._store.forget_host(host_id, self._since())
+        """Forget a lost host (``host_records.forget``); the VMs it ended."""
+        since = self._since()
+        ended = await self._db.write(lambda conn: host_records.forget(conn, host_id, since))
         log.warning("forgot host %s; %d of its VMs ended as host-lost", host_id, len(ended))
         return ended
 
     async def seen(self, vms: Sequence[VM]) -> list[VM]:
         """``vms`` as they are known: those of a lost host ``unknown``, with the reason."""
-        silent = await self._store.silent_hosts(self._since())
+        silent = await self._silent()
         return [_unknown(vm, silent[vm.host]) if vm.host in silent else vm for vm in vms]
 
     def is_mine(self, vm: VM) -> bool:
@@ -144,22 +149,24 @@ class Fleet:
 
     async def forgotten(self, vm: VM) -> bool:
         """Whether ``vm``'s host was forgotten (``DELETE /hosts/{id}``)."""
-        return vm.host is not None and await self._store.heartbeat_of(vm.host) is None
+        if (host := vm.host) is None:
+            return False
+        return await self._db.read(lambda conn: host_records.heartbeat_of(conn, host)) is None
 
     async def delete_elsewhere(self, vm: VM) -> None:
         """Have the host that runs ``vm`` destroy it, and return once it is gone. Raises
         ``HostLost`` if that host is lost (now, or while it is waited for)."""
         await self.refuse_if_lost(vm)
         try:
-            await self._store.advance(
-                vm.id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
-            )
+            await self._db.write(lambda conn: vm_records.change(
+                conn, vm.id, tuple(Status), Phase.DELETING, Status.DELETING
+            ))  # fmt: skip
         except VMNotFound:
             return
-        with self._store.changes.watching(vm.id) as change:
+        with self._db.changes.watching(vm.id) as change:
             while True:
                 try:
-                    vm = await self._store.get(vm.id)
+                    vm = await self._db.read(partial(vm_records.get, vm_id=vm.id))
                 except VMNotFound:
                     return
                 if vm.status is not Status.DELETING:  # its hypervisor refused; it is put back
@@ -169,13 +176,17 @@ class Fleet:
 
     async def refuse_if_lost(self, vm: VM) -> None:
         """Raise ``HostLost`` if ``vm``'s host is lost."""
-        silent = await self._store.silent_hosts(self._since())
+        silent = await self._silent()
         if vm.host in silent:
             raise HostLost(
                 f"VM {vm.id} is on host {vm.host}, not heard from since {silent[vm.host]}: it "
                 f"can be deleted once that host is back, or ended by forgetting the host "
                 f"(DELETE /hosts/{vm.host})"
             )
+
+    async def _silent(self) -> dict[str, str]:
+        since = self._since()
+        return await self._db.read(lambda conn: host_records.silent(conn, since))
 
     def _since(self) -> str:
         return in_ms(-self._lost_after)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from goldclone.errors import GoldcloneError, InvalidRequest, StateConflict, VMNotFound
 from goldclone.models import in_ms, now_ms
-from goldclone.service.store import Store
 from goldclone.settings import Settings
+from goldclone.store import vm_records
+from goldclone.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class LeasePolicy:
 class Sweeper:
     """Destroys, through ``expire``, every VM whose lease has ended."""
 
-    def __init__(self, store: Store, expire: Callable[[str], Awaitable[None]]) -> None:
-        self._store = store
+    def __init__(self, db: Database, expire: Callable[[str], Awaitable[None]]) -> None:
+        self._db = db
         self._expire = expire
         self._task: asyncio.Task[None] | None = None
 
@@ -72,7 +73,8 @@ class Sweeper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def sweep(self) -> None:
-        for vm_id in await self._store.expired(now_ms()):
+        host_id, now = self._db.host_id, now_ms()
+        for vm_id in await self._db.read(lambda conn: vm_records.expired(conn, host_id, now)):
             try:
                 await self._expire(vm_id)
             except (VMNotFound, StateConflict):

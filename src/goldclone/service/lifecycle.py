@@ -15,6 +15,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from goldclone.drivers.base import (
     Driver,
     MachineSpec,
@@ -38,9 +40,12 @@ from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, reac
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
-from goldclone.service.store import LIVE, Leftover, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
+from goldclone.store import handoff_records, leftover_records, vm_records
+from goldclone.store.database import Database
+from goldclone.store.leftover_records import Leftover
+from goldclone.store.vm_records import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class Lifecycle:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        db: Database,
         images: ImageCache,
         driver: Driver,
         templates: Templates,
@@ -73,7 +78,7 @@ class Lifecycle:
         self._settings = settings
         self._deliveries = deliveries
         self._templates = templates
-        self._store = store
+        self._db = db
         self._images = images
         self._driver = driver
         self._creating: dict[str, asyncio.Task[None]] = {}
@@ -91,11 +96,11 @@ class Lifecycle:
         return task
 
     async def take_handoffs(self) -> list[tuple[VM, asyncio.Task[None]]]:
-        """Begin the creates that other hosts placed on this one (``Store.admit``), as if
+        """Begin the creates that other hosts placed on this one (``Admission.record``), as if
         this host had received them; each VM with the task that creates it."""
         async with self._taking:
             begun = []
-            for vm, request in await self._store.take_handoffs():
+            for vm, request in await self._take_handoffs():
                 guest = GuestConfig.of(vm.id, CreateVMRequest.model_validate_json(request))
                 log.info("VM %s: placed on this host; creating it", vm.id)
                 begun.append((vm, self.begin(vm, guest)))
@@ -127,23 +132,19 @@ class Lifecycle:
         could not be removed is retried by reconciliation.
         """
         async with self.lock(vm_id):
-            before = await self._store.get(vm_id)
+            before = await self.get(vm_id)
             if (task := await self._cut_off(vm_id)) is not None:
-                before = await self._store.get(vm_id)
+                before = await self.get(vm_id)
             if expired:
-                vm = await self._store.advance(
-                    vm_id, Phase.EXPIRED, expect=LIVE, status=Status.DELETING
-                )
+                vm = await self.advance(vm_id, Phase.EXPIRED, LIVE, Status.DELETING)
                 await self.report(vm)
             else:
-                await self._store.advance(
-                    vm_id, Phase.DELETING, expect=tuple(Status), status=Status.DELETING
-                )
+                await self.advance(vm_id, Phase.DELETING, tuple(Status), Status.DELETING)
             try:
                 await self.destroy(vm_id, graceful=before.status is Status.RUNNING)
             except VMConflict:
                 if task is None:
-                    await self._store.restore(before)
+                    await self._db.write(lambda conn: vm_records.put_back(conn, before))
                 raise
 
     async def _cut_off(self, vm_id: str) -> asyncio.Task[None] | None:
@@ -160,7 +161,7 @@ class Lifecycle:
         that refused, or another host that asked for it; a create of it still under way here
         is cut off first. Call it holding ``lock(vm_id)``."""
         cut_off = await self._cut_off(vm_id) is not None
-        vm = await self._store.get(vm_id)
+        vm = await self.get(vm_id)
         if vm.status is Status.DELETING:
             await self.destroy(vm_id, graceful=not cut_off and vm.ip_address != "")
 
@@ -169,10 +170,24 @@ class Lifecycle:
         remove kept for reconciliation. Raises ``VMConflict`` when the hypervisor refuses.
         A guest is asked to power off only if ``graceful``: one still booting would not."""
         leftover = await self._teardown_leaving(vm_id, graceful=graceful)
-        await self._store.forget(vm_id, leftover)
+        await self.forget(vm_id, leftover)
         self._locks.pop(vm_id, None)
         self._machines.pop(vm_id, None)
         log.info("VM %s destroyed%s", vm_id, " (with a cleanup left to retry)" if leftover else "")
+
+    async def forget(self, vm_id: str, leftover: Leftover | None = None) -> None:
+        """Remove the record of a ``deleting`` VM whose machine is gone, with ``leftover``,
+        what its teardown could not remove, recorded in the same transaction for
+        reconciliation to retry."""
+        host_id = self._db.host_id
+
+        async def forget(conn: AsyncConnection) -> None:
+            await vm_records.remove(conn, vm_id)
+            await handoff_records.drop(conn, vm_id)
+            if leftover is not None:
+                await leftover_records.add(conn, host_id, leftover)
+
+        await self._db.write(forget)
 
     async def _teardown_leaving(
         self, vm_id: str, refused_too: bool = False, graceful: bool = False
@@ -205,12 +220,11 @@ class Lifecycle:
             return vm
         reason = await self._driver.exit_reason(machine) or STOPPED_REASON
         try:
-            return await self._store.advance(
-                vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED,
-                status_reason=reason,
-            )  # fmt: skip
+            return await self.advance(
+                vm.id, Phase.STOPPED, Status.RUNNING, Status.STOPPED, status_reason=reason
+            )
         except StateConflict:
-            return await self._store.get(vm.id)  # it changed meanwhile: that state stands
+            return await self.get(vm.id)  # it changed meanwhile: that state stands
 
     async def watch_disks(self) -> None:
         """Every ``DISK_CHECK`` seconds, while the data dir's disk has no more than the
@@ -226,7 +240,7 @@ class Lifecycle:
             if room and not stalled:
                 continue
             try:
-                running = [v for v in await self._store.list() if v.status is Status.RUNNING]
+                running = [v for v in await self.mine() if v.status is Status.RUNNING]
                 asked = [vm for vm in running if not room or vm.id in stalled]
                 stalled = {vm.id for vm in asked if await self._watch_disk(vm, room)}
             except Exception:
@@ -246,7 +260,7 @@ class Lifecycle:
                 log.warning("VM %s is paused: its disk could not be written (the host's disk "
                             "is full)", vm.id)  # fmt: skip
             with contextlib.suppress(StateConflict, VMNotFound):
-                await self._store.amend(vm.id, Status.RUNNING, status_reason=wanted)
+                await self.advance(vm.id, None, Status.RUNNING, status_reason=wanted)
         return stalled
 
     async def fail(self, vm: VM, exc: Exception) -> VM:
@@ -261,10 +275,9 @@ class Lifecycle:
                 code="internal-error", message="an internal error; see the server log"
             )
         if (leftover := await self._teardown_leaving(vm.id, refused_too=True)) is not None:
-            await self._store.keep_leftover(leftover)
-        return await self._store.advance(
-            vm.id, Phase.ERROR, expect=Status.CREATING, status=Status.ERROR, error=error
-        )
+            host_id = self._db.host_id
+            await self._db.write(lambda conn: leftover_records.add(conn, host_id, leftover))
+        return await self.advance(vm.id, Phase.ERROR, Status.CREATING, Status.ERROR, error=error)
 
     async def teardown(self, vm_id: str, graceful: bool = False) -> None:
         """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
@@ -275,8 +288,45 @@ class Lifecycle:
 
     async def runtime(self, vm_id: str) -> Runtime | None:
         """The driver's runtime of the VM's machine, once recorded."""
-        record = await self._store.runtime(vm_id)
+        record = await self._db.read(lambda conn: vm_records.runtime(conn, vm_id))
         return self._driver.runtime_from_record(vm_id, record) if record else None
+
+    async def mine(self) -> list[VM]:
+        """This host's VMs, in the order they were accepted."""
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: vm_records.of_host(conn, host_id))
+
+    async def get(self, vm_id: str) -> VM:
+        return await self._db.read(lambda conn: vm_records.get(conn, vm_id))
+
+    async def advance(
+        self,
+        vm_id: str,
+        phase: Phase | None,
+        expect: Status | tuple[Status, ...],
+        status: Status | None = None,
+        **fields: Any,
+    ) -> VM:
+        """The VM, changed as ``vm_records.change`` says, in a transaction of its own."""
+        return await self._db.write(
+            lambda conn: vm_records.change(conn, vm_id, expect, phase, status, **fields)
+        )
+
+    async def _set_runtime(self, vm_id: str, runtime: Runtime) -> None:
+        record = runtime.record()
+        await self._db.write(lambda conn: vm_records.set_runtime(conn, vm_id, record))
+
+    async def _take_handoffs(self) -> list[tuple[VM, str]]:
+        """The VMs that other hosts placed on this one, with their requests (JSON), taken:
+        each is returned once (only this host takes its own, one call at a time). Looking
+        writes nothing, and taking wakes no one: it runs at every change."""
+        host_id = self._db.host_id
+        waiting = await self._db.read(lambda conn: handoff_records.waiting(conn, host_id))
+        if not waiting:
+            return []
+        taken = [vm_id for vm_id, _ in waiting]
+        found = await self._db.write(lambda conn: handoff_records.take(conn, taken))
+        return [(found[vm_id], request) for vm_id, request in waiting if vm_id in found]
 
     async def report(self, vm: VM) -> None:
         """Have the VM's callback delivered, as the VM is now (``service.deliveries``)."""
@@ -337,7 +387,7 @@ class Lifecycle:
         restore = template is not None
 
         async def attached(runtime: Runtime) -> None:
-            await self._store.set_runtime(vm.id, runtime.record())
+            await self._set_runtime(vm.id, runtime)
             await self._step(vm, Phase.RESTORING if restore else Phase.BOOTING,
                              mac_address=runtime.mac,
                              started_from="template" if restore else "cold")  # fmt: skip
@@ -357,7 +407,7 @@ class Lifecycle:
         assert runtime is not None  # the pooled machine's, recorded with the claim
         if (reach := _reach(vm)) != DEFAULT_REACH:  # its pool kept it with the default
             runtime = await self._driver.set_reach(runtime, reach)
-            await self._store.set_runtime(vm.id, runtime.record())
+            await self._set_runtime(vm.id, runtime)
         await self._step(vm, Phase.CLAIMED, mac_address=runtime.mac, image_from_cache=True)
         await self._driver.personalize(runtime, guest, PERSONALIZE_TIMEOUT, new_machine=False)
         ip = await self._driver.wait_for_ip(runtime, self._settings.ip_timeout)
@@ -392,7 +442,7 @@ class Lifecycle:
             )
 
     async def _step(self, vm: VM, phase: Phase, **changes: Any) -> VM:
-        return await self._store.advance(vm.id, phase, expect=Status.CREATING, **changes)
+        return await self.advance(vm.id, phase, Status.CREATING, **changes)
 
     def _public(self, message: str) -> str:
         """``message`` without the host's data dir path in it."""

@@ -22,8 +22,8 @@ from prometheus_client import (
 
 from goldclone.models import VM, Image, ImageStatus, Phase, Status, seconds_between
 from goldclone.service.catalog import cache_bytes
-from goldclone.service.store import Held
 from goldclone.settings import Limits
+from goldclone.store.host_records import Held
 
 CONTENT_TYPE = exposition.CONTENT_TYPE_LATEST
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from goldclone.errors import CapacityExceeded, InvalidRequest
-from goldclone.service.store import Candidate, Held
 from goldclone.settings import PlacementPolicy
+from goldclone.store.host_records import Candidate, Held
 
 _TOTALS = (("vms", "VMs"), ("cpus", "vCPUs"), ("memory", "MB of memory"))
 

@@ -1,6 +1,6 @@
 """Warm pools: machines of one gold image and shape, restored from its memory template and
 kept running, with nothing of any request in them, so that a ``POST /vms`` of that image and
-shape claims one (in its admission's transaction, ``Store.admit``) and is running as soon as
+shape claims one (in its admission's transaction, ``Admission.record``) and is running as soon as
 the guest has taken the request's identity.
 
 Each pool has a keeper task: it fetches the image, has the template made, restores machines
@@ -32,9 +32,12 @@ from goldclone.models import (
 )
 from goldclone.service.admission import Admission
 from goldclone.service.machines import bring_up
-from goldclone.service.store import Held, Member, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
+from goldclone.store import pool_records
+from goldclone.store.database import Database
+from goldclone.store.host_records import Held
+from goldclone.store.pool_records import Member, MemberStatus
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +52,14 @@ class Pools:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        db: Database,
         images: ImageCache,
         driver: Driver,
         admission: Admission,
         templates: Templates,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._db = db
         self._images = images
         self._driver = driver
         self._admission = admission
@@ -71,16 +74,16 @@ class Pools:
 
     async def start(self) -> None:
         """Keep the stored pools: their machines that still run stay, the others go."""
-        self._pools = {pool.name: pool for pool in await self._store.pools()}
-        for member in await self._store.members():
+        self._pools = {pool.name: pool for pool in await self._counted()}
+        for member in await self._members():
             pool = self._pools.get(member.pool)
             if pool is None or member.status != "ready" or not await self._runs(member):
                 await self._remove(member)
         for name in self._pools:
             self._keep(name)
-        if self._store.shared:
+        if self._db.shared:
             self._follower = asyncio.create_task(
-                self._store.changes.follow(self._follow_fleet, "following the fleet's pools"),
+                self._db.changes.follow(self._follow_fleet, "following the fleet's pools"),
                 name="follow the fleet's pools",
             )
 
@@ -117,31 +120,32 @@ class Pools:
             if earlier is not None:
                 kept = {"created_at": earlier.created_at, "claimed": earlier.claimed}
             pool = Pool.model_validate({"name": name, **request.model_dump(), **kept})
-            created = await self._store.put_pool(pool)
+            created = await self._put(pool)
             await self._take_up(pool)
-        return await self._store.pool(name), created
+        return await self._one(name), created
 
     async def get(self, name: str) -> Pool:
         if name not in self._pools:
             raise PoolNotFound(f"there is no pool {name!r}")
-        return await self._store.pool(name)
+        return await self._one(name)
 
     async def all(self) -> list[Pool]:
-        return await self._store.pools()
+        return await self._counted()
 
     async def delete(self, name: str) -> None:
         """Remove the pool and its unclaimed machines; VMs claimed from it stay."""
         async with self._changing:
             if name not in self._pools:
                 raise PoolNotFound(f"there is no pool {name!r}")
-            await self._store.forget_pool(name)
+            host_id = self._db.host_id
+            await self._db.write(lambda conn: pool_records.forget(conn, host_id, name))
             await self._drop(name)
 
     async def _follow_fleet(self) -> None:
         """Keep what the stored definitions now say: pools that other hosts made or changed
         are kept here too, and those they removed are dropped."""
         async with self._changing:
-            stored = {pool.name: pool for pool in await self._store.pools()}
+            stored = {pool.name: pool for pool in await self._counted()}
             for name in self._pools.keys() - stored.keys():
                 await self._drop(name)
             for name, pool in stored.items():
@@ -169,7 +173,7 @@ class Pools:
         await self._remove_members(name)
 
     async def _remove_members(self, name: str) -> None:
-        for member in await self._store.members(name):
+        for member in await self._members(name):
             await self._remove(member)
 
     def image_users(self, image_id: str) -> list[str]:
@@ -238,7 +242,7 @@ class Pools:
         """Remove the pool's machines that died, or that it has too many of; restore the
         ones it lacks, one at a time."""
         members = []
-        for member in await self._store.members(pool.name):
+        for member in await self._members(pool.name):
             if member.status == "ready" and not await self._runs(member):
                 log.warning("pool %s: machine %s stopped; it is replaced", pool.name,
                             member.machine)  # fmt: skip
@@ -254,15 +258,14 @@ class Pools:
         gold = await self._images.ensure(pool.image)
         template = await self._templates.made(gold.key, pool.cpus, pool.memory)
         machine = str(uuid.uuid4())
-        held = Held(pool.cpus, pool.memory)
-        await self._store.add_member(pool.name, machine, held, self._admission.capacity_check(held))
+        await self._admission.add_member(pool.name, machine, Held(pool.cpus, pool.memory))
         member = Member(machine, pool.name, "filling", {})
         try:
             async with self._images.lock(gold.key):
                 await self._driver.clone(machine, gold, template)
 
             async def attached(runtime: Runtime) -> None:
-                await self._store.set_member(machine, runtime=runtime.record())
+                await self._set_member(machine, runtime=runtime.record())
 
             guest = GuestConfig(machine, f"pool-{pool.name}"[:63].rstrip("-"))
             spec = MachineSpec(machine, pool.cpus, pool.memory, True, guest, template, True)
@@ -271,7 +274,7 @@ class Pools:
         except BaseException:
             await self._remove(member)
             raise
-        await self._store.set_member(machine, status="ready")
+        await self._set_member(machine, status="ready")
         log.info("pool %s: machine %s is ready", pool.name, machine)
 
     async def _runs(self, member: Member) -> bool:
@@ -288,7 +291,37 @@ class Pools:
         except GoldcloneError as exc:
             log.warning("pool %s: machine %s: %s; reconciliation removes it", member.pool,
                         member.machine, exc)  # fmt: skip
-        await self._store.forget_member(member.machine)
+        host_id, machine = self._db.host_id, member.machine
+        await self._db.write(lambda conn: pool_records.forget_member(conn, host_id, machine))
+
+    async def _counted(self) -> list[Pool]:
+        """Every pool, oldest first, with how many machines this host has ready and filling
+        for it."""
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: pool_records.counted(conn, host_id))
+
+    async def _one(self, name: str) -> Pool:
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: pool_records.one(conn, host_id, name))
+
+    async def _members(self, pool: str | None = None) -> list[Member]:
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: pool_records.members(conn, host_id, pool))
+
+    async def _put(self, pool: Pool) -> bool:
+        host_id = self._db.host_id
+        return await self._db.write(lambda conn: pool_records.put(conn, pool, host_id))
+
+    async def _set_member(
+        self,
+        machine: str,
+        status: MemberStatus | None = None,
+        runtime: dict[str, str] | None = None,
+    ) -> None:
+        host_id = self._db.host_id
+        await self._db.write(
+            lambda conn: pool_records.set_member(conn, host_id, machine, status, runtime)
+        )
 
     async def _trouble(self, name: str, exc: BaseException | None) -> None:
         """Show ``exc`` as the pool's error, or clear the error it had."""
@@ -301,7 +334,7 @@ class Pools:
             log.warning("pool %s cannot be filled: %s", name, error.message)
         if pool.error != error:
             pool = self._pools[name] = pool.model_copy(update={"error": error})
-            await self._store.put_pool(pool)
+            await self._put(pool)
 
 
 def _kind(pool: Pool) -> tuple[object, ...]:

@@ -17,7 +17,9 @@ from goldclone.drivers.base import Driver
 from goldclone.errors import Interrupted, VMNotFound
 from goldclone.models import Status
 from goldclone.service.lifecycle import Lifecycle
-from goldclone.service.store import Store
+from goldclone.store import host_records, leftover_records, vm_records
+from goldclone.store.database import Database
+from goldclone.store.leftover_records import Leftover
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,9 @@ class Recovery:
     """Brings the host and the store back into agreement."""
 
     def __init__(
-        self, store: Store, driver: Driver, lifecycle: Lifecycle, reconcile_interval: float
+        self, db: Database, driver: Driver, lifecycle: Lifecycle, reconcile_interval: float
     ) -> None:
-        self._store = store
+        self._db = db
         self._driver = driver
         self._lifecycle = lifecycle
         self._interval = reconcile_interval
@@ -37,7 +39,7 @@ class Recovery:
         """Adopt the guests that kept running; finish the rest in the background, so that no
         guest can hold up the API."""
         unfinished = []
-        for vm in await self._store.list():
+        for vm in await self._lifecycle.mine():
             if vm.status is Status.RUNNING:
                 await self._adopt(vm.id)
             elif vm.status in (Status.CREATING, Status.DELETING):
@@ -49,11 +51,11 @@ class Recovery:
         ``stopped``."""
         if (runtime := await self._lifecycle.runtime(vm_id)) is not None:
             await self._driver.adopt(runtime)
-        await self._lifecycle.refresh(await self._store.get(vm_id))
+        await self._lifecycle.refresh(await self._lifecycle.get(vm_id))
 
     async def _maintain(self, unfinished: list[str]) -> None:
         await asyncio.gather(*(self._finish(vm_id) for vm_id in unfinished))
-        self._lifecycle.spawn(self._store.changes.follow(
+        self._lifecycle.spawn(self._db.changes.follow(
             self._deletes_asked, "reading the VMs to delete"
         ))  # fmt: skip
         self._lifecycle.spawn(self._lifecycle.watch_disks())
@@ -63,7 +65,8 @@ class Recovery:
 
     async def _deletes_asked(self) -> None:
         """Destroy this host's VMs that another host's DELETE made ``deleting``."""
-        for vm_id in await self._store.deleting():
+        host_id = self._db.host_id
+        for vm_id in await self._db.read(lambda conn: vm_records.deleting(conn, host_id)):
             if not self._lifecycle.lock(vm_id).locked():
                 self._lifecycle.spawn(self._finish(vm_id))
 
@@ -74,7 +77,7 @@ class Recovery:
         lifecycle = self._lifecycle
         try:
             async with lifecycle.lock(vm_id):
-                vm = await self._store.get(vm_id)
+                vm = await lifecycle.get(vm_id)
                 if vm.status is Status.CREATING and not await lifecycle.creating(vm_id):
                     stopped = Interrupted("the service stopped while this VM was being created")
                     await lifecycle.report(await lifecycle.fail(vm, stopped))
@@ -91,18 +94,19 @@ class Recovery:
         pass is logged, and the next one tries again."""
         try:
             await self._retry_leftovers()
-            for vm in await self._store.list():
+            for vm in await self._lifecycle.mine():
                 if vm.status is Status.DELETING and not self._lifecycle.lock(vm.id).locked():
                     await self._finish(vm.id)
-            await self._driver.remove_orphans(self._store.machines)
-            for vm in await self._store.list():
+            await self._driver.remove_orphans(self._machines)
+            for vm in await self._lifecycle.mine():
                 with contextlib.suppress(VMNotFound):
                     await self._lifecycle.refresh(vm)
         except Exception:
             log.exception("checking the host against the store failed")
 
     async def _retry_leftovers(self) -> None:
-        for leftover in await self._store.leftovers():
+        host_id = self._db.host_id
+        for leftover in await self._db.read(lambda conn: leftover_records.of_host(conn, host_id)):
             runtime = (
                 self._driver.runtime_from_record(leftover.machine, leftover.runtime)
                 if leftover.runtime
@@ -115,8 +119,16 @@ class Recovery:
                     "VM %s: retry %d of its cleanup failed again (%s); the next check tries "
                     "again", leftover.vm_id, leftover.attempts + 1, exc,
                 )  # fmt: skip
-                await self._store.leftover_done(leftover, str(exc))
+                await self._done(leftover, str(exc))
                 continue
             log.info("VM %s: retry %d of its cleanup removed what was left (%s)",
                      leftover.vm_id, leftover.attempts + 1, leftover.reason)  # fmt: skip
-            await self._store.leftover_done(leftover, None)
+            await self._done(leftover, None)
+
+    async def _done(self, leftover: Leftover, failure: str | None) -> None:
+        await self._db.write(lambda conn: leftover_records.done(conn, leftover, failure))
+
+    async def _machines(self) -> set[str]:
+        """The machines that this host's store knows (``host_records.machines``)."""
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: host_records.machines(conn, host_id))

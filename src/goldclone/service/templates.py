@@ -44,8 +44,9 @@ from goldclone.models import (
 from goldclone.polling import until
 from goldclone.service.admission import Admission
 from goldclone.service.readiness import wait_ready
-from goldclone.service.store import Store
 from goldclone.settings import Settings
+from goldclone.store import template_records
+from goldclone.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,14 @@ class Templates:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        db: Database,
         images: ImageCache,
         driver: Driver,
         admission: Admission,
     ) -> None:
         self._settings = settings
         self._root = settings.data_dir.absolute() / "templates"
-        self._store = store
+        self._db = db
         self._images = images
         self._driver = driver
         self._admission = admission
@@ -86,7 +87,10 @@ class Templates:
             id=str(uuid.uuid4()), image_id=gold.key, cpus=request.cpus, memory=request.memory,
             ready_when=request.ready_when, created_at=now_s(),
         )  # fmt: skip
-        recorded = await self._store.add_template(template, machine=template.id)
+        host_id = self._db.host_id
+        recorded = await self._db.write(
+            lambda conn: template_records.add(conn, host_id, template, template.id)
+        )
         if recorded.id == template.id:
             task = asyncio.create_task(self._make(template, gold), name=f"template {template.id}")
             self._building[template.id] = task
@@ -111,7 +115,7 @@ class Templates:
 
     async def ready(self, image_id: str, cpus: int, memory: int) -> TemplateFiles | None:
         """The files of the ready template of this image and shape, if there is one."""
-        for template, _ in await self._store.templates(image_id):
+        for template, _ in await self._of_host(image_id):
             if (template.cpus, template.memory, template.status) == (
                 cpus, memory, TemplateStatus.READY,
             ):  # fmt: skip
@@ -125,7 +129,7 @@ class Templates:
         template = await self.create(image_id, TemplateRequest(cpus=cpus, memory=memory))
         if (task := self._building.get(template.id)) is not None:
             await asyncio.shield(task)  # whoever waits for it, the template is made once
-        for found, machine in await self._store.templates(image_id):
+        for found, machine in await self._of_host(image_id):
             if found.id != template.id:
                 continue
             if found.status is TemplateStatus.READY:
@@ -137,12 +141,12 @@ class Templates:
         raise TemplateFailed(f"template {template.id} was removed while it was made")
 
     async def of_image(self, image_id: str) -> list[Template]:
-        return [template for template, _ in await self._store.templates(image_id)]
+        return [template for template, _ in await self._of_host(image_id)]
 
     async def remove_all(self, image_id: str) -> None:
         """Remove every template of the image, those being made included. The caller holds
         the image's lock and has made sure that no VM uses the image."""
-        for template, machine in await self._store.templates(image_id):
+        for template, machine in await self._of_host(image_id):
             if (task := self._building.get(template.id)) is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -151,17 +155,26 @@ class Templates:
 
     async def recover(self) -> None:
         """End the templates that a stopped service was making as ``interrupted``."""
-        for template, machine in await self._store.templates():
+        for template, machine in await self._of_host():
             if template.status is TemplateStatus.CREATING:
                 await self._remove(template, machine, keep_record=True)
                 failed = _failed(template, Interrupted("the service stopped while it was made"))
-                await self._store.set_template(failed)
+                await self._put(failed)
 
     async def close(self) -> None:
         tasks = list(self._building.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _of_host(self, image_id: str | None = None) -> list[tuple[Template, str | None]]:
+        """This host's templates (of ``image_id``), oldest first, with the machine making
+        each."""
+        host_id = self._db.host_id
+        return await self._db.read(lambda conn: template_records.of_host(conn, host_id, image_id))
+
+    async def _put(self, template: Template) -> None:
+        await self._db.write(lambda conn: template_records.put(conn, template))
 
     def _gold(self, image_id: str) -> GoldImage:
         image = self._images.image(image_id)
@@ -198,7 +211,7 @@ class Templates:
             done = _failed(template, exc)
         else:
             await self._driver.destroy(machine, runtime, graceful=False)
-        await self._store.set_template(done)
+        await self._put(done)
 
     async def _boot_and_save(
         self, template: Template, files: TemplateFiles, runtime: Runtime
@@ -237,7 +250,7 @@ class Templates:
             await self._driver.destroy(machine, None, graceful=False)
         await asyncio.to_thread(shutil.rmtree, self.files(template).folder, ignore_errors=True)
         if not keep_record:
-            await self._store.forget_template(template.id)
+            await self._db.write(lambda conn: template_records.forget(conn, template.id))
 
 
 def _failed(template: Template, exc: Exception) -> Template:

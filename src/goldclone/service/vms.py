@@ -32,17 +32,20 @@ from goldclone.service import console, events, journal
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
 from goldclone.service.deliveries import Deliveries
-from goldclone.service.events import Event, EventKind, VMFilter
+from goldclone.service.events import VMFilter
 from goldclone.service.fleet import Fleet
 from goldclone.service.leases import LeasePolicy, Sweeper
 from goldclone.service.lifecycle import Lifecycle
-from goldclone.service.listener import ChangeListener
 from goldclone.service.metrics import Metrics
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
-from goldclone.service.store import LIVE, Store
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
+from goldclone.store import event_log, host_records, vm_records
+from goldclone.store.database import Database
+from goldclone.store.event_log import Event, EventKind
+from goldclone.store.listener import ChangeListener
+from goldclone.store.vm_records import LIVE
 
 
 class VMService:
@@ -51,37 +54,35 @@ class VMService:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        db: Database,
         images: ImageCache,
         driver: Driver,
         http: httpx.AsyncClient,
+        metrics: Metrics,
     ) -> None:
         self._lock = DataDirLock(settings.data_dir)
-        self._store = store
+        self._db = db
         self._images = images
         self._driver = driver
         self._http = http
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
         self.leases = LeasePolicy.of(settings)
         self._admission = Admission(
-            settings.limits, driver.capabilities, store, policy, self.leases,
+            settings.limits, driver.capabilities, db, policy, self.leases,
             settings.placement, settings.host_lost_after, settings.network.egress,
         )  # fmt: skip
-        self.templates = Templates(settings, store, images, driver, self._admission)
-        self.pools = Pools(settings, store, images, driver, self._admission, self.templates)
-        self.metrics = Metrics(settings.limits)
-        store.on_phase = self._phase_added
-        self._deliveries = Deliveries(store, http, settings.callback_schedule,
+        self.templates = Templates(settings, db, images, driver, self._admission)
+        self.pools = Pools(settings, db, images, driver, self._admission, self.templates)
+        self.metrics = metrics
+        self._deliveries = Deliveries(db, http, settings.callback_schedule,
                                       settings.callback_secret, self.metrics.delivered)  # fmt: skip
-        self._lifecycle = Lifecycle(
-            settings, store, images, driver, self.templates, self._deliveries
-        )
-        self._recovery = Recovery(store, driver, self._lifecycle, settings.reconcile_interval)
-        self.catalog = Catalog(store, images, self._admission, self.templates, self.pools,
+        self._lifecycle = Lifecycle(settings, db, images, driver, self.templates, self._deliveries)
+        self._recovery = Recovery(db, driver, self._lifecycle, settings.reconcile_interval)
+        self.catalog = Catalog(db, images, self._admission, self.templates, self.pools,
                                settings.image_cache_bytes)  # fmt: skip
-        self._sweeper = Sweeper(store, self.expire)
-        self.fleet = Fleet(settings, store, driver.name, self._admission.bounds, self._images_held)
-        self._listener = ChangeListener(settings.db_url, store.changes) if store.shared else None
+        self._sweeper = Sweeper(db, self.expire)
+        self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
+        self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
         images.on_change = self._image_changed
 
     async def claim(self) -> None:
@@ -101,14 +102,15 @@ class VMService:
         recover what a stopped service left. A start that fails leaves the data dir free."""
         await self.claim()
         try:
-            await self._store.open()
+            await self._db.open()
+            await self._db.write(lambda conn: host_records.adopt_unowned(conn, self._db.host_id))
             if self._listener is not None:
                 await self._listener.start()
             await self.fleet.start()
             await self._driver.prepare()
             await self._images.open()
             await self.templates.recover()
-            self._lifecycle.spawn(self._store.changes.follow(
+            self._lifecycle.spawn(self._db.changes.follow(
                 self._take_handoffs, "taking the creates placed on this host"
             ))  # fmt: skip
             await self._recovery.start()
@@ -125,7 +127,7 @@ class VMService:
             await self._deliveries.close()
             await self._lifecycle.close()
             await self._driver.close(vms_running=True)  # what runs was there before
-            await self._store.close()
+            await self._db.close()
             await self._http.aclose()
             self._lock.release()
             raise
@@ -143,9 +145,11 @@ class VMService:
         await self.fleet.close()
         if self._listener is not None:
             await self._listener.close()
-        running = [await self._driver.is_running(m) for m in await self._store.machines()]
+        host_id = self._db.host_id
+        machines = await self._db.read(lambda conn: host_records.machines(conn, host_id))
+        running = [await self._driver.is_running(m) for m in machines]
         await self._driver.close(vms_running=any(running))
-        await self._store.close()
+        await self._db.close()
         await self._http.aclose()
         self._lock.release()
 
@@ -173,9 +177,9 @@ class VMService:
         whichever comes first."""
         vm_id = _valid_id(vm_id)
         deadline = asyncio.get_running_loop().time() + wait
-        with self._store.changes.watching(vm_id) as change:
+        with self._db.changes.watching(vm_id) as change:
             while True:
-                vm = await self._as_known(await self._store.get(vm_id))
+                vm = await self._as_known(await self._lifecycle.get(vm_id))
                 left = deadline - asyncio.get_running_loop().time()
                 if vm.status is not Status.CREATING or left <= 0:
                     return await self._with_drops(vm)
@@ -191,7 +195,8 @@ class VMService:
     async def list_vms(self, wanted: VMFilter | None = None) -> list[VM]:
         """Every VM, or those that ``wanted`` matches."""
         vms = []
-        for vm in await self.fleet.seen(await self._store.list(all_hosts=True)):
+        every = await self._db.read(lambda conn: vm_records.of_host(conn, None))
+        for vm in await self.fleet.seen(every):
             with contextlib.suppress(VMNotFound):  # deleted since the list was read
                 vm = await self._fresh(vm)
                 if wanted is None or wanted.matches(vm):
@@ -216,9 +221,9 @@ class VMService:
             fields["expires_at"] = self.leases.expiry(change.ttl, given=True)
         if change.labels is not None:
             fields["labels"] = change.labels
-        await self.fleet.refuse_if_lost(await self._store.get(_valid_id(vm_id)))
+        await self.fleet.refuse_if_lost(await self._lifecycle.get(_valid_id(vm_id)))
         try:
-            vm = await self._store.amend(_valid_id(vm_id), LIVE, **fields)
+            vm = await self._lifecycle.advance(_valid_id(vm_id), None, LIVE, **fields)
         except StateConflict:
             raise VMConflict(f"VM {vm_id} is being deleted; it can no longer be changed") from None
         return self._with_progress(vm)
@@ -226,14 +231,13 @@ class VMService:
     async def delete(self, vm_id: str) -> None:
         """Destroy the VM here, or have its host do it (``Fleet.delete_elsewhere``); a VM
         whose host was forgotten has nothing left to destroy, and its record goes."""
-        vm = await self._store.get(_valid_id(vm_id))
+        vm = await self._lifecycle.get(_valid_id(vm_id))
         if self.fleet.is_mine(vm):
             await self._lifecycle.delete(vm.id)
             self._freed()
         elif await self.fleet.forgotten(vm):
-            await self._store.advance(vm.id, Phase.DELETING, expect=tuple(Status),
-                                      status=Status.DELETING)  # fmt: skip
-            await self._store.forget(vm.id)
+            await self._lifecycle.advance(vm.id, Phase.DELETING, tuple(Status), Status.DELETING)
+            await self._lifecycle.forget(vm.id)
         else:
             await self.fleet.delete_elsewhere(vm)
 
@@ -257,13 +261,13 @@ class VMService:
     def events(self, after: int | None, wanted: VMFilter | None) -> AsyncIterator[Event | None]:
         """The change log from after the event ``after`` (from now, without it); see
         ``service.events.stream``."""
-        return events.stream(self._store, after, wanted)
+        return events.stream(self._db, after, wanted)
 
     async def console(self, vm_id: str, follow: bool) -> AsyncIterator[str]:
         """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``
         and ``ConsoleUnavailable`` before the first line."""
         vm_id = _valid_id(vm_id)
-        if not self.fleet.is_mine(vm := await self._store.get(vm_id)):
+        if not self.fleet.is_mine(vm := await self._lifecycle.get(vm_id)):
             raise ConsoleUnavailable(
                 f"the console of VM {vm_id} is kept by its host, {vm.host}; ask that host's API"
             )
@@ -273,7 +277,7 @@ class VMService:
 
         async def still_there() -> bool:
             try:
-                await self._store.get(vm_id)
+                await self._lifecycle.get(vm_id)
             except VMNotFound:
                 return False
             return True
@@ -282,7 +286,7 @@ class VMService:
 
     async def readiness(self) -> Readiness:
         """Whether the store and each part of the driver work, with the reason where not."""
-        parts = {"store": await self._store.health(), **await self._driver.health()}
+        parts = {"store": await self._db.health(), **await self._driver.health()}
         return Readiness(
             status="ok" if all(reason is None for reason in parts.values()) else "failing",
             checks={
@@ -297,12 +301,10 @@ class VMService:
     async def metrics_text(self) -> bytes:
         """Every metric in Prometheus' text format (``service.metrics``)."""
         images = await self.catalog.images()
-        return self.metrics.text(await self._store.list(), images, await self._store.holding(),
-                                 await self._driver.dropped())  # fmt: skip
-
-    def _phase_added(self, vm: VM) -> None:
-        self.metrics.phase_added(vm)
-        journal.phase_added(vm)
+        host_id = self._db.host_id
+        held = await self._db.read(lambda conn: host_records.held_by(conn, host_id))
+        vms = await self._lifecycle.mine()
+        return self.metrics.text(vms, images, held, await self._driver.dropped())
 
     def _images_held(self) -> dict[str, list[str]]:
         """Each gold image this host holds, with every checksum it is known by
@@ -317,7 +319,9 @@ class VMService:
         self.fleet.changed()
         kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE
         data = image.model_dump(mode="json", exclude={"progress"})
-        self._lifecycle.spawn(self._store.record_event(kind, image.id, data))
+        self._lifecycle.spawn(
+            self._db.write(lambda conn: event_log.record(conn, kind, image.id, data))
+        )
         if image.status is ImageStatus.READY and not deleted:
             self._lifecycle.spawn(self.catalog.trim())  # the cache grew
 

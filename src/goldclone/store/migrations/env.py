@@ -1,4 +1,4 @@
-"""Alembic's environment: migrations run on the connection that ``service.schema`` hands over,
+"""Alembic's environment: migrations run on the connection that ``store.schema`` hands over,
 inside its transaction, in batch mode so that SQLite can alter tables."""
 
 from alembic import context

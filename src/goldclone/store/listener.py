@@ -1,5 +1,5 @@
 """Other hosts' commits, heard on PostgreSQL: every event is announced with ``NOTIFY`` at its
-commit (``events.record``); this service listens on its own connection and counts each one as
+commit (``event_log.record``); this service listens on its own connection and counts each one as
 a change of its own, so that ``?wait=true``, ``GET /events`` and this host's work on its VMs
 (a DELETE asked through another host) wake at once rather than at the next poll.
 
@@ -17,7 +17,8 @@ from collections.abc import Callable
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from goldclone.service.events import CHANNEL, Changes
+from goldclone.store.changes import Changes
+from goldclone.store.event_log import CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The store's tables as its queries see them; ``service/migrations`` makes them."""
+"""The store's tables as its queries see them; ``store/migrations`` makes them."""
 
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""The store's schema migrations (Alembic). ``service.schema`` runs them at start."""

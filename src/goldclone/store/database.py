@@ -1,0 +1,171 @@
+"""The database that the store's records live in: SQLAlchemy over SQLite by default, so that
+PostgreSQL can take its place. Each aggregate's queries are functions of their own module
+(``vm_records``, ``pool_records``, ...) that take a connection; ``Database.write`` runs one of
+them, or several that make one change together, in one transaction, and ``Database.read``
+runs reads.
+
+Every change of a record is a transaction that reads what it changes under a write lock
+(``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` elsewhere) and checks it before it
+writes: a compare-and-set, so that two actors (a create task and a DELETE, two services on one
+database) never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from goldclone.models import VM
+from goldclone.store import event_log, schema
+from goldclone.store.changes import Changes
+from goldclone.store.tables import vms as _vms
+
+T = TypeVar("T")
+Work = Callable[[AsyncConnection], Awaitable[T]]
+"""What runs in one transaction: queries of the record modules, given its connection."""
+
+_MIGRATION_LOCK = 0x676F6D69  # "gomi": the key of the advisory lock that migrations take
+_PHASED = "goldclone_phased"
+"""The key, in a connection's ``info``, of the VMs whose transaction gave them a phase."""
+
+
+class Database:
+    """The store's database, as the service on host ``host_id`` uses it.
+
+    Several hosts may share one database (PostgreSQL). What stands for a host's own machines
+    and files (VMs, pools' machines, templates, cleanups, callbacks) is written with its host
+    ID; each record module's functions take the host they are about. ``on_phase`` is told of
+    each VM that got a new phase (``note_phase``), once that is committed.
+    """
+
+    def __init__(
+        self, url: str, host_id: str, on_phase: Callable[[VM], None] | None = None
+    ) -> None:
+        self.host_id = host_id
+        sqlite = url.startswith("sqlite")
+        # SQLite's connections are threads of this process; 50 VMs restored at once, each
+        # polled by its client, waited past the default pool's 30 s for one
+        pool = {"pool_size": 20, "max_overflow": 40} if sqlite else {}
+        self._engine: AsyncEngine = create_async_engine(url, **pool)
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
+            event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
+        self._writer = self._engine.execution_options(goldclone_write=True)
+        self._one_writer = asyncio.Lock() if self._engine.dialect.name == "sqlite" else None
+        self._on_phase = on_phase
+        self.changes = Changes()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other services may share this database (PostgreSQL, not SQLite)."""
+        return self._engine.dialect.name == "postgresql"
+
+    async def write(self, work: Work[T]) -> T:
+        """``work``'s result, run in one write transaction to its end even if the caller is
+        cancelled (``_to_the_end``). Its commit wakes this service's waiters if it changed
+        what they can wait for (``event_log.touched``): a heartbeat wakes no one."""
+        return await _to_the_end(self._write(work))
+
+    async def read(self, work: Work[T]) -> T:
+        """``work``'s result, run on a connection that writes nothing, to its end."""
+        return await _to_the_end(self._read(work))
+
+    async def _write(self, work: Work[T]) -> T:
+        """SQLite has one writer at a time: this service's writers queue here, on the event
+        loop, rather than in SQLite's busy handler, which gives up after ``busy_timeout``
+        (50 concurrent creates on a loaded host waited longer, and failed with "database is
+        locked"); the busy handler is left to other processes."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._one_writer is not None:
+                await stack.enter_async_context(self._one_writer)
+            conn = await stack.enter_async_context(self._writer.begin())
+            try:
+                result = await work(conn)
+            finally:
+                touched = event_log.take_touched(conn)
+                phased: list[VM] = conn.info.pop(_PHASED, [])
+        if touched:
+            self.changes.notify(touched)  # committed
+        if self._on_phase is not None:
+            for vm in phased:
+                self._on_phase(vm)
+        return result
+
+    async def _read(self, work: Work[T]) -> T:
+        async with self._engine.connect() as conn:
+            return await work(conn)
+
+    async def open(self) -> None:
+        """Bring the database to this code's schema (``store.schema``). On PostgreSQL,
+        services that start at once migrate one after another (each of three creating
+        ``alembic_version`` failed all but one): the schema's changes are transactional
+        there, and the lock is held until they commit."""
+
+        async def migrate(conn: AsyncConnection) -> None:
+            if self.shared:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+            await conn.run_sync(schema.upgrade)
+
+        await self.write(migrate)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def health(self) -> str | None:
+        """Why the database cannot be read, or ``None``."""
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(select(_vms.c.seq).limit(1))
+        except Exception as exc:  # whatever the database driver raises
+            return f"the store cannot be read: {type(exc).__name__}"
+        return None
+
+
+def note_phase(conn: AsyncConnection, vm: VM) -> None:
+    """Note that ``conn``'s transaction gives ``vm`` a new phase, for ``on_phase``."""
+    conn.info.setdefault(_PHASED, []).append(vm)
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """``work``'s result, run to its end in a task of its own; its caller's cancellation is
+    raised once it has ended. A transaction cut off inside the database driver can outlive
+    its connection (on SQLite, one kept the write lock, and every later write failed with
+    "database is locked"), and a DELETE cuts off its VM's create task wherever that is."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # a further cancellation waits on too
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller is gone
+        raise
+
+
+def _sqlite_for_concurrency(connection: Any, _: object) -> None:
+    """Write-ahead logging lets readers and a writer work at once; in the default journal,
+    each waits out the other in SQLite's busy handler, which tripled the POST latency while
+    VMs booted (bench/RESULTS.md, d). ``synchronous=NORMAL`` is safe against a crash of the
+    service; only an OS crash can lose the last commits. Transactions are begun by
+    ``_sqlite_begin`` rather than by the driver's own guesswork."""
+    connection.isolation_level = None
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """A write transaction takes SQLite's write lock when it begins (``BEGIN IMMEDIATE``), so
+    what it reads cannot change before it writes; a read-only one does not block writers."""
+    immediate = conn.get_execution_options().get("goldclone_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

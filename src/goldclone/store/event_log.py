@@ -1,0 +1,89 @@
+"""The change log: every change of a VM, pool or image, written to the ``events`` table in
+the transaction that makes it, so the log misses nothing that was committed and survives
+restarts (and, on a shared database, every host sees every host's changes). Each event's
+``id`` is its row's sequence number, so IDs only grow; the table keeps the last ``WINDOW``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from goldclone.models import now_ms
+from goldclone.store.tables import events as _events
+
+WINDOW = 10_000
+"""Events kept; a client that comes back after more than that many is told with ``dropped``."""
+CHANNEL = "goldclone_changes"
+"""The PostgreSQL notification channel that every event is announced on, at its commit."""
+_TOUCHED = "goldclone_touched"
+"""The key, in a connection's ``info``, of the subjects its transaction has changed."""
+
+
+class EventKind(StrEnum):
+    VM = "vm"
+    VM_DELETED = "vm.deleted"
+    IMAGE = "image"
+    IMAGE_DELETED = "image.deleted"
+    POOL = "pool"
+    POOL_DELETED = "pool.deleted"
+    DROPPED = "dropped"
+
+
+class Event(BaseModel):
+    """One change: ``data`` is the VM, image or pool object as the change left it (for a
+    ``*.deleted`` event, as it last was)."""
+
+    id: int
+    kind: EventKind
+    subject: str
+    at: str
+    data: dict[str, Any]
+
+
+async def record(
+    conn: AsyncConnection, kind: EventKind, subject: str, data: Mapping[str, Any]
+) -> None:
+    """Add an event in ``conn``'s transaction, and drop those beyond the window."""
+    touched(conn, subject)
+    inserted = await conn.execute(
+        _events.insert().values(kind=kind.value, subject=subject, data=dict(data), at=now_ms())
+    )
+    (seq,) = inserted.inserted_primary_key or (None,)
+    if seq is not None and seq > WINDOW:
+        await conn.execute(_events.delete().where(_events.c.seq <= seq - WINDOW))
+    if conn.dialect.name == "postgresql":  # sent at commit, to every listening service
+        await conn.execute(text(f"NOTIFY {CHANNEL}"))
+
+
+def touched(conn: AsyncConnection, subject: str) -> None:
+    """Note that ``conn``'s transaction changes ``subject`` (a VM's ID, a pool's name), for
+    ``Changes.notify`` at its commit (``record`` notes the subject of each event)."""
+    conn.info.setdefault(_TOUCHED, set()).add(subject)
+
+
+def take_touched(conn: AsyncConnection) -> set[str]:
+    """What ``touched`` noted in ``conn``'s transaction, forgotten here (the connection's
+    ``info`` outlives the transaction)."""
+    found: set[str] = conn.info.pop(_TOUCHED, set())
+    return found
+
+
+async def read_after(conn: AsyncConnection, after: int, limit: int) -> tuple[list[Event], int]:
+    """Up to ``limit`` events after the one with ID ``after``, oldest first, and the ID of the
+    oldest event still kept (0 when there is none)."""
+    query = select(_events).where(_events.c.seq > after).order_by(_events.c.seq).limit(limit)
+    found = [
+        Event(id=row.seq, kind=row.kind, subject=row.subject, at=row.at, data=row.data)
+        for row in await conn.execute(query)
+    ]
+    oldest = (await conn.execute(select(func.min(_events.c.seq)))).scalar()
+    return found, oldest or 0
+
+
+async def last_id(conn: AsyncConnection) -> int:
+    return (await conn.execute(select(func.max(_events.c.seq)))).scalar() or 0

@@ -1,0 +1,1 @@
+"""The store's schema migrations (Alembic). ``store.schema`` runs them at start."""
