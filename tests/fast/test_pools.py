@@ -13,9 +13,12 @@ import pytest
 from goldclone.drivers.synthetic import SyntheticHost
 from goldclone.egress import Reach
 from goldclone.guest.config import GuestConfig
+from goldclone.polling import until
+from goldclone.service.catalog import Catalog
 from goldclone.settings import Limits, Settings
-from tests.fast.conftest import Service, serving
+from tests.fast.conftest import DISK, Service, serving
 from tests.fast.test_templates import phases
+from tests.servers import FileServer
 
 
 def pool_body(request_body: dict[str, Any], size: int = 2, **changes: Any) -> dict[str, Any]:
@@ -258,3 +261,33 @@ async def test_a_claim_with_a_group_or_egress_gives_the_pooled_machine_its_reach
     [claimed] = [m for m in service.host.machines.values() if m.personalized
                  and m.personalized.instance_id == plain["id"]]  # fmt: skip
     assert claimed.reaches == [Reach()]
+
+
+async def test_a_start_that_fails_after_the_pools_started_leaves_nothing_running(
+    fast_settings: Settings,
+    request_body: dict[str, Any],
+    images: FileServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parts that a start got going are stopped when a later part fails: here the pool's
+    keeper is downloading its image (which never comes) when the start fails."""
+    stalled = {**request_body["image"], "url": images.url(f"stall/{DISK}")}
+    async with serving(Service(fast_settings)) as first:
+        await first.put_pool("ci", pool_body(request_body, size=1, image=stalled))
+
+    async def busy_then_failing(_: Catalog) -> None:
+        await until(lambda: bool(_filling()), timeout=10, interval=0.01)
+        raise RuntimeError("a part after the pools failed")
+
+    monkeypatch.setattr(Catalog, "trim", busy_then_failing)
+    before = asyncio.all_tasks()
+    with pytest.raises(RuntimeError, match="after the pools failed"):
+        async with serving(Service(fast_settings)):
+            pass
+    assert [task.get_name() for task in asyncio.all_tasks() - before if not task.done()] == []
+
+
+def _filling() -> list[asyncio.Task[Any]]:
+    """The tasks of this process that fetch an image or make a template."""
+    return [task for task in asyncio.all_tasks()
+            if task.get_name().startswith(("fetch ", "template ")) and not task.done()]  # fmt: skip

@@ -1,11 +1,14 @@
-"""``VMService``: the one object the API calls. It owns this host's VMs and gold images, and
-hands each operation to the part that does it: admission, the lifecycle of one VM, recovery,
-and the image catalog."""
+"""``VMService``: what the API calls. It owns this host's VMs and gold images, starts and stops
+every part of the service, and hands each VM operation to the part that does it (admission,
+the lifecycle of one VM, recovery). The API calls its methods and, for what is not a VM's,
+the parts it exposes: ``catalog`` (images), ``templates``, ``pools``, ``fleet`` (hosts),
+``leases`` and ``metrics``; the others are its own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -47,6 +50,8 @@ from goldclone.store.event_log import Event, EventKind
 from goldclone.store.listener import ChangeListener
 from goldclone.store.vm_records import LIVE
 
+log = logging.getLogger(__name__)
+
 
 class VMService:
     """Every VM and gold image of this host."""
@@ -83,6 +88,7 @@ class VMService:
         self._sweeper = Sweeper(db, self.expire)
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
+        self._parts = contextlib.AsyncExitStack()
         images.on_change = self._image_changed
 
     async def claim(self) -> None:
@@ -99,59 +105,59 @@ class VMService:
 
     async def start(self) -> None:
         """Take the data dir, bring the store to this code's schema, check the hypervisor, and
-        recover what a stopped service left. A start that fails leaves the data dir free."""
+        recover what a stopped service left. Each part that starts joins the stack that
+        ``close`` unwinds; a start that fails unwinds it at once, so it leaves nothing
+        running and the data dir free."""
         await self.claim()
-        try:
+        async with contextlib.AsyncExitStack() as parts:
+            parts.callback(self._lock.release)
+            parts.push_async_callback(self._http.aclose)
+            parts.push_async_callback(self._db.close)
+            parts.push_async_callback(self._close_driver)
             await self._db.open()
             await self._db.write(lambda conn: host_records.adopt_unowned(conn, self._db.host_id))
             if self._listener is not None:
                 await self._listener.start()
+                parts.push_async_callback(self._listener.close)
             await self.fleet.start()
+            parts.push_async_callback(self.fleet.close)
             await self._driver.prepare()
+            parts.push_async_callback(self._images.close)
             await self._images.open()
+            parts.push_async_callback(self.templates.close)
             await self.templates.recover()
+            parts.push_async_callback(self._lifecycle.close)
             self._lifecycle.spawn(self._db.changes.follow(
                 self._take_handoffs, "taking the creates placed on this host"
             ))  # fmt: skip
             await self._recovery.start()
+            parts.push_async_callback(self._deliveries.close)
             self._deliveries.start()
+            parts.push_async_callback(self._sweeper.close)
             await self._sweeper.start()
+            parts.push_async_callback(self.pools.close)
             await self.pools.start()
             await self.catalog.trim()
-        except BaseException:
-            await self.pools.close()
-            await self.fleet.close()
-            if self._listener is not None:
-                await self._listener.close()
-            await self._sweeper.close()
-            await self._deliveries.close()
-            await self._lifecycle.close()
-            await self._driver.close(vms_running=True)  # what runs was there before
-            await self._db.close()
-            await self._http.aclose()
-            self._lock.release()
-            raise
+            self._parts = parts.pop_all()
 
     async def close(self) -> None:
-        """Stop background work. Running VMs keep running, with their networks; unfinished
-        creates are cut off and finished as ``interrupted`` at the next start. With no VM
-        running, the networks are removed too, so a stopped service leaves nothing behind."""
-        await self.pools.close()
-        await self._sweeper.close()
-        await self._lifecycle.close()
-        await self._deliveries.close()
-        await self.templates.close()
-        await self._images.close()
-        await self.fleet.close()
-        if self._listener is not None:
-            await self._listener.close()
+        """Stop background work, each part in the reverse order of its start. Running VMs
+        keep running, with their networks; unfinished creates are cut off and finished as
+        ``interrupted`` at the next start. With no VM running, the networks are removed too,
+        so a stopped service leaves nothing behind."""
+        await self._parts.aclose()
+
+    async def _close_driver(self) -> None:
+        """Close the driver, with its networks unless a machine of this host still runs (or
+        the store cannot say: what runs was there before)."""
         host_id = self._db.host_id
-        machines = await self._db.read(lambda conn: host_records.machines(conn, host_id))
-        running = [await self._driver.is_running(m) for m in machines]
-        await self._driver.close(vms_running=any(running))
-        await self._db.close()
-        await self._http.aclose()
-        self._lock.release()
+        try:
+            machines = await self._db.read(lambda conn: host_records.machines(conn, host_id))
+            running = any([await self._driver.is_running(m) for m in machines])
+        except Exception:
+            log.warning("the store cannot say which machines run; the networks are kept")
+            running = True
+        await self._driver.close(vms_running=running)
 
     async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
         """Accept a VM and start creating it in the background; see ``Admission.admit``."""
