@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema_rs
 
 from goldclone.host import processes
 from goldclone.models import parse_time
@@ -32,6 +33,8 @@ class Received:
     id: int
     kind: str
     data: dict[str, Any]
+    fields: dict[str, str]
+    """The event's fields as an SSE parser reads them."""
 
 
 class EventStream:
@@ -68,9 +71,9 @@ class EventStream:
                     fields[name] = value.removeprefix(" ")
                     continue
                 if "data" in fields:
-                    self.received.append(
-                        Received(int(fields["id"]), fields["event"], json.loads(fields["data"]))
-                    )
+                    self.received.append(Received(
+                        int(fields["id"]), fields["event"], json.loads(fields["data"]), fields
+                    ))  # fmt: skip
                 fields = {}
 
     async def until(self, found: Any, timeout: float = 60) -> Received:
@@ -171,6 +174,20 @@ async def test_a_stream_resumed_with_last_event_id_gets_every_event_it_missed_in
     ]
     assert any(e.data.get("id") == missed["id"] and e.data["status"] == "running"
                for e in resumed.received)  # fmt: skip
+    openapi = (await goldclone.client.get("/openapi.json")).json()
+    for event in steady.received:
+        assert_declared(openapi, event)
+
+
+def assert_declared(openapi: dict[str, Any], event: Received) -> None:
+    """``event`` is one of those that ``GET /events`` declares in the OpenAPI description, its
+    ``data`` too (``contentSchema``, which validators leave alone unless asked)."""
+    declared = openapi["paths"]["/events"]["get"]["responses"]["200"]["content"]
+    stream = {**declared["text/event-stream"]["schema"], "components": openapi["components"]}
+    jsonschema_rs.validate(stream, event.fields)
+    [kind] = [s for s in stream["oneOf"] if event.kind in s["properties"]["event"]["enum"]]
+    data = kind["properties"]["data"]["contentSchema"]
+    jsonschema_rs.validate({**data, "components": openapi["components"]}, event.data)
 
 
 async def test_wait_answers_within_100_ms_of_the_vms_change(
