@@ -7,6 +7,7 @@ so that the caller decides whether the value may be shown (a secret's may not).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from types import UnionType
 
+from goldclone.access import NAME, Role, Token
 from goldclone.egress import Destination, destination
 
 Conversion = Callable[[object], object]
@@ -152,6 +154,41 @@ def tokens(value: object) -> tuple[str, ...]:
     if any(len(token) < 16 for token in found):
         raise ValueError("each token needs at least 16 characters")
     return found
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def named_tokens(value: object) -> tuple[Token, ...]:
+    """Named tokens: a table of tables (TOML; JSON text from the environment), each
+    ``NAME = {sha256 = HEX, role = ROLE, tenant = NAME}``; ``tenant`` defaults to the token's
+    name."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object of tokens") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a table of tokens, each a table")
+    found = []
+    for name, fields in value.items():
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError("each token's name must be 1-63 lower-case letters, digits or '-'")
+        if not isinstance(fields, dict) or set(fields) - {"sha256", "role", "tenant"}:
+            raise ValueError(f"token {name}: must be a table of sha256, role and tenant")
+        sha256 = fields.get("sha256")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise ValueError(f"token {name}: sha256 must be the 64 hex digits of its secret's")
+        role = fields.get("role")
+        if role not in [r.value for r in Role]:
+            raise ValueError(f"token {name}: role must be one of {', '.join(Role)}")
+        tenant = fields.get("tenant", name)
+        if not isinstance(tenant, str) or not NAME.fullmatch(tenant):
+            raise ValueError(f"token {name}: tenant must be 1-63 lower-case letters, digits or '-'")
+        found.append(Token(name, sha256, Role(role), tenant))
+    if len({token.sha256 for token in found}) < len(found):
+        raise ValueError("two tokens have one secret")
+    return tuple(found)
 
 
 def schedule(value: object) -> tuple[float, ...]:

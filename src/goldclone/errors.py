@@ -6,6 +6,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── InvalidJSON                     400 invalid-json
     ├── InvalidRequest                  400 invalid-request
     ├── Unauthorized                    401 unauthorized
+    ├── Forbidden                       403 forbidden (the token's role may not do it)
     ├── VMNotFound                      404 vm-not-found
     ├── ImageNotFound                   404 image-not-found
     ├── ConsoleUnavailable              404 console-unavailable
@@ -80,6 +81,11 @@ class Unauthorized(GoldcloneError):
 
     def __init__(self, message: str = "a valid bearer token is required") -> None:
         super().__init__(message)
+
+
+class Forbidden(GoldcloneError):
+    code = "forbidden"
+    status = 403
 
 
 class VMNotFound(GoldcloneError):

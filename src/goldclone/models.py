@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from goldclone.access import DEFAULT_TENANT
 from goldclone.egress import Reach, destination
 from goldclone.labels import Labels
 
@@ -377,12 +378,21 @@ Egress = Annotated[
 ]
 
 
-def reach_of(network_group: str | None, egress: Literal["none"] | list[str] | None) -> Reach:
-    """The driver's ``Reach`` for a VM's ``network_group`` and ``egress``."""
+def reach_of(
+    tenant: str, network_group: str | None, egress: Literal["none"] | list[str] | None
+) -> Reach:
+    """The driver's ``Reach`` for a VM of ``tenant`` with ``network_group`` and ``egress``."""
+    group = tenant_group(tenant, network_group)
     if egress is None:
-        return Reach(network_group)
+        return Reach(group)
     destinations = () if egress == "none" else tuple(destination(d) for d in egress)
-    return Reach(network_group, destinations)
+    return Reach(group, destinations)
+
+
+def tenant_group(tenant: str, network_group: str | None) -> str | None:
+    """A ``network_group`` as the driver and placement know it: one tenant's, so that two
+    tenants that choose one name never reach each other."""
+    return None if network_group is None else f"{tenant}/{network_group}"
 
 
 MAX_WAIT = 300.0
@@ -519,6 +529,8 @@ class VM(BaseModel):
     """Why the status is ``unknown`` or ``stopped``; null otherwise."""
     host: str | None = None
     """The ID of the host whose hypervisor runs it (``GET /hosts``)."""
+    tenant: str = DEFAULT_TENANT
+    """The tenant whose token made it, which alone (with ``admin`` tokens) sees it."""
     guest_os: str = ""
     error: ErrorBody | None = None
     created_at: str

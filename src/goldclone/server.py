@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from goldclone import logs
+from goldclone.access import Access
 from goldclone.api import create_app
 from goldclone.drivers.base import Driver
 from goldclone.images.cache import ImageCache
@@ -85,8 +86,7 @@ def build_app(
 
 
 def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> FastAPI:
-    app = create_app(service, settings.max_body_bytes, settings.api_tokens, settings.limits,
-                     settings.metrics_tokens)  # fmt: skip
+    app = create_app(service, settings.max_body_bytes, access_of(settings), settings.limits)
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app
@@ -99,12 +99,17 @@ on a connection just as its idle time runs out can be cut off ("Server disconnec
 sending a response")."""
 
 
+def access_of(settings: Settings) -> Access:
+    """The tokens that ``settings`` name, and who each is."""
+    return Access(settings.tokens, settings.api_tokens, settings.metrics_tokens)
+
+
 def serve(settings: Settings, demo_dir: Path | None = None) -> None:
     logs.configure(settings.log_format, settings.log_level)
-    if not settings.api_tokens and not _is_loopback(settings.host):
+    if access_of(settings).open and not _is_loopback(settings.host):
         log.warning(
             "*** goldclone is listening on %s WITHOUT authentication: anyone who can reach it "
-            "can create VMs and make this host fetch URLs. Set GOLDCLONE_API_TOKENS. ***",
+            "can create VMs and make this host fetch URLs. Set tokens (docs/api.md). ***",
             settings.host,
         )
     service = build_service(settings)

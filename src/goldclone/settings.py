@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from goldclone import conversions
+from goldclone.access import Token
 from goldclone.conversions import Conversion
 from goldclone.egress import Destination, EgressPolicy
 
@@ -253,10 +254,13 @@ class Settings:
     callback_secret: str | None = field(default=None, repr=False)
     """Signs callbacks (Standard Webhooks) when set."""
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
-    """Bearer tokens; when set, every endpoint but ``/healthz`` needs one of them."""
+    """Bearer tokens of the default tenant's ``admin`` role (``access``); with any token set,
+    every endpoint but ``/healthz`` needs one."""
     metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
-    """Bearer tokens good for ``/metrics`` only (for a Prometheus server); when set,
-    ``/metrics`` needs one of them or an API token."""
+    """Bearer tokens good for ``/metrics`` only (for a Prometheus server): ``metrics``
+    tokens."""
+    tokens: tuple[Token, ...] = field(default=(), repr=False)
+    """Named tokens, each with the sha256 of its secret, a role and a tenant (``access``)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.host_lost_after <= self.heartbeat_interval:
@@ -396,10 +400,15 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _s("GOLDCLONE_CALLBACK_SECRET", "callback_secret", conversions.text,
        "signs every callback (Standard Webhooks): whsec_<base64> or any string", secret=True),
     _s("GOLDCLONE_API_TOKENS", "api_tokens", conversions.tokens,
-       "bearer tokens (16+ characters each); when set, every endpoint but /healthz needs one",
+       "admin bearer tokens of the default tenant (16+ characters each); with any token set, "
+       "every endpoint but /healthz needs one",
        secret=True),
     _s("GOLDCLONE_METRICS_TOKENS", "metrics_tokens", conversions.tokens,
        "bearer tokens (16+ characters each) good for GET /metrics only", secret=True),
+    _s("GOLDCLONE_TOKENS", "tokens", conversions.named_tokens,
+       "named tokens, each NAME = {sha256 = the hex sha256 of its secret, role = read, user, "
+       "operator, admin or metrics, tenant = NAME (default: the token's name)}", "none",
+       secret=True),
     _s("GOLDCLONE_ALLOW_PRIVATE_URLS", "allow_private_urls", conversions.flag,
        "whether image and callback URLs may lead to loopback and private addresses"),
     _s("GOLDCLONE_NAT_BRIDGE", "network.nat_bridge", conversions.interface_name,

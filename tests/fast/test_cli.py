@@ -331,3 +331,40 @@ complete_words goldclone create --che
     for shell in ("zsh", "fish"):
         done = subprocess.run([*GOLDCLONE, "completion", shell], capture_output=True, text=True)
         assert done.returncode == 0 and "goldclone" in done.stdout
+
+
+def test_the_cli_acts_as_its_tokens_tenant_and_role(tmp_path: Path, served: Served) -> None:
+    """A server with named tokens: the CLI, given each token, sees and changes only what its
+    tenant and role may, and says so without a traceback."""
+    secrets = {"alice": "alice-cli-secret-0123", "bob": "bob-cli-secret-012345",
+               "alice-reader": "reader-cli-secret-0123"}  # fmt: skip
+    roles = {"alice": ("user", "team-a"), "bob": ("user", "team-b"),
+             "alice-reader": ("read", "team-a")}  # fmt: skip
+    tokens = {name: {"sha256": hashlib.sha256(secret.encode()).hexdigest(), "role": role,
+                     "tenant": tenant}
+              for name, (role, tenant) in roles.items() for secret in [secrets[name]]}  # fmt: skip
+    port = free_port()
+    env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(tmp_path / "data"),
+           "PORT": str(port), "GOLDCLONE_TOKENS": json.dumps(tokens)}  # fmt: skip
+    with serving([*GOLDCLONE, "serve"], env, port):
+        cli = Served(f"http://127.0.0.1:{port}", tmp_path / "data", served.images)
+
+        def as_(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return cli.run(*args, env={"GOLDCLONE_TOKEN": secrets[name]})
+
+        made = as_("alice", "create", *cli.image_args(), "--wait", "--json")
+        assert made.returncode == 0, made.stderr
+        vm = json.loads(made.stdout)
+        assert vm["tenant"] == "team-a"
+        assert as_("bob", "list", "-q").stdout.split() == []
+        assert as_("alice-reader", "list", "-q").stdout.split() == [vm["id"]]
+        for name, args, code, said in (
+            ("bob", ("get", vm["id"]), 1, "vm-not-found"),
+            ("bob", ("delete", vm["id"]), 1, "vm-not-found"),
+            ("alice-reader", ("delete", vm["id"]), 1, "forbidden"),
+        ):
+            done = as_(name, *args)
+            assert (done.returncode, "Traceback" in done.stderr) == (code, False), done.stderr
+            assert said in done.stderr, done.stderr
+            assert secrets[name] not in done.stderr + done.stdout
+        assert as_("alice", "delete", vm["id"]).returncode == 0

@@ -237,7 +237,7 @@ async def test_metrics_take_the_metrics_token_which_opens_nothing_else(
     async with serving(Service(settings)) as service:
         for token, path, status in (
             (scraper, "/metrics", 200), (api, "/metrics", 200), (None, "/metrics", 401),
-            (scraper, "/vms", 401), (api, "/vms", 200), (None, "/healthz", 200),
+            (scraper, "/vms", 403), (api, "/vms", 200), (None, "/healthz", 200),
         ):  # fmt: skip
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             response = await service.client.get(path, headers=headers)

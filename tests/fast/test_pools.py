@@ -253,7 +253,7 @@ async def test_a_claim_with_a_group_or_egress_gives_the_pooled_machine_its_reach
 
     vm = await service.boot({**request_body, "network_group": "job-9", "egress": "none"})
     assert (vm["started_from"], vm["network_group"], vm["egress"]) == ("pool", "job-9", "none")
-    assert service.host.machines[member].reaches == [Reach(), Reach("job-9", ())]
+    assert service.host.machines[member].reaches == [Reach(), Reach("default/job-9", ())]
 
     await service.wait_pool("ci", 1)
     plain = await service.boot(request_body)  # the default: nothing to change at the claim

@@ -287,6 +287,9 @@ async def test_vms_recorded_before_hosts_existed_become_the_first_hosts_own(
     try:
         [adopted] = await listed(db)  # its own now
         assert adopted.id == old.id and adopted.host == "first-host"
+        assert adopted.tenant == "default"  # as every VM made before tenants
+        tenants = await db.read(lambda c: c.execute(sqlalchemy.select(tables.vms.c.tenant)))
+        assert [row.tenant for row in tenants] == ["default"]
         assert await machines(db) == {old.id}
     finally:
         await db.close()

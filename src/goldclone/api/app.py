@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from json import JSONDecodeError
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -17,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from goldclone.access import Access, Principal, Role
 from goldclone.api.guards import BearerGuard, BodyGuard, RequestLog, error_response
 from goldclone.errors import (
+    Forbidden,
     GoldcloneError,
     InvalidJSON,
     InvalidRequest,
@@ -66,14 +68,13 @@ _INTERNAL = GoldcloneError("an internal error; see the server log")
 def create_app(
     service: VMService,
     max_body_bytes: int = 64 * 1024,
-    tokens: tuple[str, ...] = (),
+    access: Access | None = None,
     limits: Limits | None = None,
-    metrics_tokens: tuple[str, ...] = (),
 ) -> FastAPI:
     """The goldclone API over ``service``, which it starts and closes with the server.
 
-    With ``tokens``, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``;
-    ``metrics_tokens`` are good for ``/metrics`` only.
+    With tokens in ``access``, every endpoint but ``/healthz`` needs ``Authorization: Bearer
+    TOKEN``, and each route what its role may do (``access.Role``).
     ``limits`` bound ``cpus`` and ``memory`` in the OpenAPI description as they do in requests.
     """
 
@@ -99,10 +100,10 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response, operation_id="metrics",
-             responses={200: _TEXT})  # fmt: skip
+             responses={200: _TEXT}, dependencies=[_needs(Role.METRICS)])  # fmt: skip
     async def metrics() -> Response:
-        """Prometheus metrics in its text format; with the API's tokens, or the metrics
-        token."""
+        """Prometheus metrics in its text format; with a ``metrics``, ``operator`` or
+        ``admin`` token."""
         return Response(await service.metrics_text(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/readyz", response_model=Readiness, operation_id="readyz",
@@ -115,44 +116,49 @@ def create_app(
         return JSONResponse(readiness.model_dump(mode="json"), status_code=status)
 
     @app.post("/vms", status_code=202, response_model=VM, operation_id="create_vm",
-              responses={202: {"links": _VM_LINKS}})  # fmt: skip
+              responses={202: {"links": _VM_LINKS}}, dependencies=[_needs(Role.USER)])  # fmt: skip
     async def create_vm(
         body: CreateVMRequest,
+        who: _Who,
         idempotency_key: Annotated[
             str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
         ] = None,
     ) -> VM:
-        """Accept a VM for creation; the work goes on in the background.
+        """Accept a VM for creation, for the token's tenant; the work goes on in the
+        background.
 
         With an ``Idempotency-Key``, a repeat of the same request returns the same VM.
         """
-        return await service.create(body, idempotency_key)
+        return await service.create(body, idempotency_key, who.tenant)
 
     @app.get("/vms", response_model=VMList, operation_id="list_vms")
-    async def list_vms(label: _Labels = (), status: _Statuses = ()) -> VMList:
-        """Every VM, oldest first; or those with every ``label=KEY=VALUE`` given and one of
-        the ``status`` values given."""
-        return VMList(vms=await service.list_vms(_filter(label, status)))
+    async def list_vms(who: _Who, label: _Labels = (), status: _Statuses = ()) -> VMList:
+        """Every VM of the token's tenant (every tenant's, for ``admin``), oldest first; or
+        those with every ``label=KEY=VALUE`` given and one of the ``status`` values given."""
+        return VMList(vms=await service.list_vms(_filter(who, label, status)))
 
     @app.get("/vms/{vm_id}", response_model=VM, operation_id="get_vm")
     async def get_vm(
         vm_id: str,
+        who: _Who,
         wait: bool = False,
         timeout: Annotated[float, Query(ge=0, le=MAX_WAIT)] = DEFAULT_WAIT,
     ) -> VM:
         """The VM. With ``wait=true``, the answer comes as soon as the VM is no longer
         ``creating``, or after ``timeout`` seconds with the VM as it is then."""
-        return await service.get(vm_id, timeout if wait else 0.0)
+        return await service.get(vm_id, timeout if wait else 0.0, who.tenant_seen)
 
-    @app.patch("/vms/{vm_id}", response_model=VM, operation_id="update_vm")
-    async def update_vm(vm_id: str, body: UpdateVMRequest) -> VM:
+    @app.patch("/vms/{vm_id}", response_model=VM, operation_id="update_vm",
+               dependencies=[_needs(Role.USER)])  # fmt: skip
+    async def update_vm(vm_id: str, body: UpdateVMRequest, who: _Who) -> VM:
         """Renew the VM's lease (``ttl``: it ends that many seconds from now) or replace its
         ``labels``; 409 once the VM is being deleted."""
-        return await service.update(vm_id, body)
+        return await service.update(vm_id, body, who.tenant_seen)
 
     @app.get("/events", response_class=StreamingResponse, operation_id="events",
              responses={200: _EVENT_STREAM})  # fmt: skip
     async def events(
+        who: _Who,
         label: _Labels = (),
         status: _Statuses = (),
         last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
@@ -161,24 +167,26 @@ def create_app(
         (``image``, ``image.deleted``) or a pool (``pool``, ``pool.deleted``), its ``data``
         the object as the change left it. With ``Last-Event-ID``, the events after that one
         come first (``dropped`` says that some of them are no longer kept); without it, the
-        stream starts now. ``label`` and ``status`` keep only the VMs' events that match."""
-        wanted = _filter(label, status)
+        stream starts now. ``label`` and ``status`` keep only the VMs' events that match; a
+        VM's events come only to its tenant's tokens (and ``admin`` ones)."""
+        wanted = _filter(who, label, status)
         stream = service.events(last_event_id, wanted)
         return StreamingResponse(_server_sent(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/vms/{vm_id}/console", response_class=StreamingResponse,
              operation_id="get_console", responses={200: _TEXT})  # fmt: skip
-    async def get_console(vm_id: str, follow: bool = False) -> StreamingResponse:
+    async def get_console(vm_id: str, who: _Who, follow: bool = False) -> StreamingResponse:
         """The guest's serial console so far (its last MiB), as text; with ``follow``, what it
         writes next is streamed until the VM is gone."""
-        lines = await service.console(vm_id, follow)
+        lines = await service.console(vm_id, follow, who.tenant_seen)
         return StreamingResponse(lines, media_type="text/plain; charset=utf-8")
 
-    @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm")
-    async def delete_vm(vm_id: str) -> Response:
+    @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm",
+                dependencies=[_needs(Role.USER)])  # fmt: skip
+    async def delete_vm(vm_id: str, who: _Who) -> Response:
         """Stop the VM and remove its clone and everything it had."""
-        await service.delete(vm_id)
+        await service.delete(vm_id, who.tenant_seen)
         return Response(status_code=204)
 
     @app.get("/images", response_model=ImageList, operation_id="list_images")
@@ -187,13 +195,14 @@ def create_app(
         return ImageList(images=await service.catalog.images())
 
     @app.post("/images", status_code=202, response_model=Image, operation_id="pull_image",
-              responses={202: {"links": _IMAGE_LINKS}})  # fmt: skip
+              responses={202: {"links": _IMAGE_LINKS}},
+              dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def prefetch_image(body: ImageSpec) -> Image:
         """Fetch an image ahead of time, so that the first VM does not wait for it."""
         return service.catalog.prefetch(body)
 
     @app.post("/images/{image_id}/templates", status_code=202, response_model=Template,
-              operation_id="create_template")  # fmt: skip
+              operation_id="create_template", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def create_template(image_id: str, body: TemplateRequest) -> Template:
         """Make a memory template of a ready gold image for one shape (``cpus``, ``memory``):
         VMs of that image and shape then start from it in about a second. A template of that
@@ -201,7 +210,7 @@ def create_app(
         return await service.templates.create(image_id, body)
 
     @app.delete("/images/{image_id}", status_code=204, response_class=Response,
-                operation_id="delete_image")  # fmt: skip
+                operation_id="delete_image", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def delete_image(image_id: str) -> Response:
         """Remove a gold image; 409 ``image-in-use`` while any VM or warm pool uses it."""
         await service.catalog.delete(image_id)
@@ -213,6 +222,7 @@ def create_app(
         return PoolList(pools=await service.pools.all())
 
     @app.put("/pools/{name}", response_model=Pool, operation_id="put_pool",
+             dependencies=[_needs(Role.OPERATOR)],
              responses={200: {"links": _POOL_LINKS},
                         201: {"model": Pool, "description": "The pool was made.",
                               "links": _POOL_LINKS}})  # fmt: skip
@@ -229,7 +239,7 @@ def create_app(
         return await service.pools.get(name)
 
     @app.delete("/pools/{name}", status_code=204, response_class=Response,
-                operation_id="delete_pool")  # fmt: skip
+                operation_id="delete_pool", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def delete_pool(name: str) -> Response:
         """Remove a warm pool and the VMs it holds unclaimed; VMs claimed from it stay."""
         await service.pools.delete(name)
@@ -244,7 +254,7 @@ def create_app(
         return HostList(hosts=await service.fleet.hosts())
 
     @app.delete("/hosts/{host_id}", status_code=204, response_class=Response,
-                operation_id="forget_host")  # fmt: skip
+                operation_id="forget_host", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def forget_host(host_id: str) -> Response:
         """Forget a ``lost`` host that will not come back: its VMs end in ``error``
         (``host-lost``) and their callbacks are told; 409 ``host-up`` for a host that still
@@ -289,8 +299,8 @@ def create_app(
 
     _describe_host(app, service, limits)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
-    if tokens or metrics_tokens:  # before any body is read
-        app.add_middleware(BearerGuard, tokens=tokens, metrics_tokens=metrics_tokens)
+    # before any body is read
+    app.add_middleware(BearerGuard, access=access or Access())
     app.add_middleware(RequestLog, count=service.metrics.request)  # refusals too
     return app
 
@@ -337,14 +347,35 @@ _Labels = Annotated[
 _Statuses = Annotated[tuple[Status, ...], Query(max_length=8)]
 
 
-def _filter(labels: Sequence[str], statuses: Sequence[Status]) -> VMFilter | None:
-    if not labels and not statuses:
+def _filter(who: Principal, labels: Sequence[str], statuses: Sequence[Status]) -> VMFilter | None:
+    """The VMs that ``who`` asks for and may see; ``None``: every VM."""
+    if not labels and not statuses and who.tenant_seen is None:
         return None
     try:
         wanted = parse_selectors(labels)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return VMFilter(wanted, frozenset(statuses))
+    return VMFilter(wanted, frozenset(statuses), who.tenant_seen)
+
+
+def _principal(request: Request) -> Principal:
+    """Who the request comes from, as ``BearerGuard`` found."""
+    found: Principal = request.state.principal
+    return found
+
+
+_Who = Annotated[Principal, Depends(_principal)]
+
+
+def _needs(role: Role) -> Any:
+    """A route's dependency that refuses (403) a token whose role may not do what ``role``
+    may."""
+
+    def check(who: _Who) -> None:
+        if not who.may(role):
+            raise Forbidden(f"token {who.name} ({who.role} role) may not do this: it needs {role}")
+
+    return Depends(check)
 
 
 async def _server_sent(stream: AsyncIterator[Event | None]) -> AsyncIterator[str]:

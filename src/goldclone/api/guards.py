@@ -3,7 +3,6 @@ media type."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +10,14 @@ from collections.abc import Callable
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from goldclone.errors import BodyTooLarge, GoldcloneError, Unauthorized, UnsupportedMediaType
+from goldclone.access import ANONYMOUS, Access, Role
+from goldclone.errors import (
+    BodyTooLarge,
+    Forbidden,
+    GoldcloneError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("goldclone.http")
 
@@ -22,39 +28,40 @@ def error_response(error: GoldcloneError) -> JSONResponse:
 
 
 class BearerGuard:
-    """Answers 401 unless the request carries one of the tokens as a bearer token.
+    """Answers 401 unless the request carries a known bearer token (``access``), and tells the
+    routes who the request comes from (``scope["state"]["principal"]``). With no token
+    configured, every request is ``ANONYMOUS``. Tokens are never logged."""
 
-    Every configured token is compared, in constant time, so the answer's timing tells nothing
-    about which token came close. Tokens are never logged.
-    """
-
-    def __init__(
-        self, app: ASGIApp, tokens: tuple[str, ...], metrics_tokens: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, app: ASGIApp, access: Access) -> None:
         self._app = app
-        self._tokens = [token.encode() for token in tokens]
-        self._metrics_tokens = [token.encode() for token in metrics_tokens]
+        self._access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/healthz":
             await self._app(scope, receive, send)
             return
-        tokens = self._tokens + (self._metrics_tokens if scope["path"] == "/metrics" else [])
-        if not tokens or self._allowed(scope, tokens):
+        principal = ANONYMOUS if self._access.open else self._access.principal(_bearer(scope))
+        if principal is None:
+            response = error_response(Unauthorized())
+            response.headers["WWW-Authenticate"] = "Bearer"
+        elif not principal.may(Role.READ) and scope["path"] != "/metrics":
+            response = error_response(Forbidden(
+                f"token {principal.name} ({principal.role} role) is good for GET /metrics only"
+            ))  # fmt: skip
+        else:
+            scope.setdefault("state", {})["principal"] = principal
             await self._app(scope, receive, send)
             return
-        response = error_response(Unauthorized())
-        response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
-    @staticmethod
-    def _allowed(scope: Scope, tokens: list[bytes]) -> bool:
-        presented = b""
-        for name, value in scope["headers"]:
-            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        matches = [hmac.compare_digest(presented, token) for token in tokens]
-        return any(matches)
+
+def _bearer(scope: Scope) -> bytes:
+    """The request's bearer token; empty without one."""
+    presented = b""
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            presented = value[7:].strip()
+    return presented
 
 
 class RequestLog:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from goldclone.access import DEFAULT_TENANT
 from goldclone.drivers.base import Capabilities
 from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
@@ -27,6 +28,7 @@ from goldclone.models import (
     in_ms,
     now_ms,
     now_s,
+    tenant_group,
 )
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
@@ -63,25 +65,30 @@ class Admission:
         """What one VM on this host may be, as this host offers it to the fleet."""
 
     async def admit(
-        self, request: CreateVMRequest, idempotency_key: str | None, pools: Sequence[str] = ()
+        self,
+        request: CreateVMRequest,
+        idempotency_key: str | None,
+        pools: Sequence[str] = (),
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[VM, GuestConfig | None]:
-        """The VM recorded for ``request``, ``creating`` (with a machine claimed from one of
-        ``pools`` if one has a ready machine), and its guest's configuration; or the VM that
-        an earlier request with the same ``idempotency_key`` and body made, and ``None``.
-        The same key with another body is an ``IdempotencyConflict``."""
+        """The VM recorded for ``request``, of ``tenant``, ``creating`` (with a machine claimed
+        from one of ``pools`` if one has a ready machine), and its guest's configuration; or
+        the VM that an earlier request of the tenant with the same ``idempotency_key`` and
+        body made, and ``None``. The same key with another body is an
+        ``IdempotencyConflict``."""
         self.check_urls(request)
         expires_at = self.leases.expiry(request.ttl, "ttl" in request.model_fields_set)
         digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
-        wanted = Held(request.cpus, request.memory, request.network_group)
+        wanted = Held(request.cpus, request.memory, tenant_group(tenant, request.network_group))
         takes = _taker(request)
         choose = chooser(self._policy, wanted, takes, self._db.host_id)
         placing = Placing(request.image.key, request.cpus, request.memory,
                           in_ms(-self._lost_after), choose)  # fmt: skip
         recorded = await admissions.record(
             self._db,
-            _new_vm(request, guest, expires_at), idempotency, placing, pools,
+            _new_vm(request, guest, expires_at, tenant), idempotency, placing, pools,
             request.model_dump_json(),
         )  # fmt: skip
         if isinstance(recorded, Earlier):
@@ -209,8 +216,11 @@ def _repeat(earlier: Earlier, digest: str) -> VM:
     return earlier.vm
 
 
-def _new_vm(request: CreateVMRequest, guest: GuestConfig, expires_at: str | None) -> VM:
+def _new_vm(
+    request: CreateVMRequest, guest: GuestConfig, expires_at: str | None, tenant: str
+) -> VM:
     return VM(
+        tenant=tenant,
         id=guest.instance_id,
         image=request.image,
         cpus=request.cpus,

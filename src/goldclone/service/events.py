@@ -20,17 +20,23 @@ _BATCH = 500
 
 @dataclass(frozen=True)
 class VMFilter:
-    """``GET /vms``'s and ``GET /events``'s filters: every label given, and one of the
-    statuses given (any, without)."""
+    """``GET /vms``'s and ``GET /events``'s filters: the VMs of ``tenant`` (any, without),
+    with every label given, and one of the statuses given (any, without)."""
 
     labels: Mapping[str, str] = field(default_factory=dict)
     statuses: frozenset[Status] = frozenset()
+    tenant: str | None = None
 
     def matches(self, vm: VM) -> bool:
-        return matches(vm.labels, self.labels) and (not self.statuses or vm.status in self.statuses)
+        return (
+            (self.tenant is None or vm.tenant == self.tenant)
+            and matches(vm.labels, self.labels)
+            and (not self.statuses or vm.status in self.statuses)
+        )
 
     def passes(self, event: Event) -> bool:
-        """A VM's event if its VM matches; the others only without filters."""
+        """A VM's event if its VM matches; the others (images, pools) only without labels or
+        statuses."""
         if event.kind in (EventKind.VM, EventKind.VM_DELETED):
             return self.matches(VM.model_validate(event.data))
         return not self.labels and not self.statuses

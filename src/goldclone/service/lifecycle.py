@@ -450,4 +450,4 @@ class Lifecycle:
 
 
 def _reach(vm: VM) -> Reach:
-    return reach_of(vm.network_group, vm.egress)
+    return reach_of(vm.tenant, vm.network_group, vm.egress)

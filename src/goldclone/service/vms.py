@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from goldclone.access import DEFAULT_TENANT
 from goldclone.drivers.base import Driver
 from goldclone.errors import ConsoleUnavailable, StateConflict, VMConflict, VMNotFound
 from goldclone.host.datadir import DataDirLock
@@ -159,10 +160,16 @@ class VMService:
             running = True
         await self._driver.close(vms_running=running)
 
-    async def create(self, request: CreateVMRequest, idempotency_key: str | None = None) -> VM:
-        """Accept a VM and start creating it in the background; see ``Admission.admit``."""
+    async def create(
+        self,
+        request: CreateVMRequest,
+        idempotency_key: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> VM:
+        """Accept a VM of ``tenant`` and start creating it in the background; see
+        ``Admission.admit``."""
         pools = self.pools.matching(request)
-        vm, guest = await self._admission.admit(request, idempotency_key, pools)
+        vm, guest = await self._admission.admit(request, idempotency_key, pools, tenant)
         if guest is not None:
             journal.accepted(vm)
             if self.fleet.is_mine(vm):
@@ -178,14 +185,14 @@ class VMService:
         for vm, task in await self._lifecycle.take_handoffs():
             self._begun(vm, task)
 
-    async def get(self, vm_id: str, wait: float = 0.0) -> VM:
-        """The VM; with ``wait``, once it is no longer ``creating`` or after ``wait`` seconds,
-        whichever comes first."""
+    async def get(self, vm_id: str, wait: float = 0.0, tenant: str | None = None) -> VM:
+        """The VM, if it is ``tenant``'s (with ``None``, any tenant's); with ``wait``, once it
+        is no longer ``creating`` or after ``wait`` seconds, whichever comes first."""
         vm_id = _valid_id(vm_id)
         deadline = asyncio.get_running_loop().time() + wait
         with self._db.changes.watching(vm_id) as change:
             while True:
-                vm = await self._as_known(await self._lifecycle.get(vm_id))
+                vm = await self._as_known(await self._own(vm_id, tenant))
                 left = deadline - asyncio.get_running_loop().time()
                 if vm.status is not Status.CREATING or left <= 0:
                     return await self._with_drops(vm)
@@ -220,24 +227,26 @@ class VMService:
             vm = await self._lifecycle.refresh(vm)
         return self._with_progress(vm)
 
-    async def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
-        """Renew the VM's lease, change its labels, or both; 409 once it is being deleted."""
+    async def update(self, vm_id: str, change: UpdateVMRequest, tenant: str | None = None) -> VM:
+        """Renew the VM's lease, change its labels, or both, if it is ``tenant``'s; 409 once it
+        is being deleted."""
         fields: dict[str, Any] = {}
         if "ttl" in change.model_fields_set:
             fields["expires_at"] = self.leases.expiry(change.ttl, given=True)
         if change.labels is not None:
             fields["labels"] = change.labels
-        await self.fleet.refuse_if_lost(await self._lifecycle.get(_valid_id(vm_id)))
+        await self.fleet.refuse_if_lost(await self._own(vm_id, tenant))
         try:
             vm = await self._lifecycle.advance(_valid_id(vm_id), None, LIVE, **fields)
         except StateConflict:
             raise VMConflict(f"VM {vm_id} is being deleted; it can no longer be changed") from None
         return self._with_progress(vm)
 
-    async def delete(self, vm_id: str) -> None:
-        """Destroy the VM here, or have its host do it (``Fleet.delete_elsewhere``); a VM
-        whose host was forgotten has nothing left to destroy, and its record goes."""
-        vm = await self._lifecycle.get(_valid_id(vm_id))
+    async def delete(self, vm_id: str, tenant: str | None = None) -> None:
+        """Destroy the VM, if it is ``tenant``'s, here, or have its host do it
+        (``Fleet.delete_elsewhere``); a VM whose host was forgotten has nothing left to
+        destroy, and its record goes."""
+        vm = await self._own(vm_id, tenant)
         if self.fleet.is_mine(vm):
             await self._lifecycle.delete(vm.id)
             self._freed()
@@ -246,6 +255,14 @@ class VMService:
             await self._lifecycle.forget(vm.id)
         else:
             await self.fleet.delete_elsewhere(vm)
+
+    async def _own(self, vm_id: str, tenant: str | None) -> VM:
+        """The VM, if it is ``tenant``'s (any tenant's, with ``None``): another tenant's is
+        not found, so that its ID tells nothing."""
+        vm = await self._lifecycle.get(_valid_id(vm_id))
+        if tenant is not None and vm.tenant != tenant:
+            raise VMNotFound()
+        return vm
 
     def _freed(self) -> None:
         """A VM is gone: the room it held may be what a pool waits for, and its image may be
@@ -269,11 +286,14 @@ class VMService:
         ``service.events.stream``."""
         return events.stream(self._db, after, wanted)
 
-    async def console(self, vm_id: str, follow: bool) -> AsyncIterator[str]:
-        """The VM's serial console as text; see ``service.console``. Raises ``VMNotFound``
-        and ``ConsoleUnavailable`` before the first line."""
+    async def console(
+        self, vm_id: str, follow: bool, tenant: str | None = None
+    ) -> AsyncIterator[str]:
+        """The serial console, as text, of the VM if it is ``tenant``'s; see
+        ``service.console``. Raises ``VMNotFound`` and ``ConsoleUnavailable`` before the first
+        line."""
         vm_id = _valid_id(vm_id)
-        if not self.fleet.is_mine(vm := await self._lifecycle.get(vm_id)):
+        if not self.fleet.is_mine(vm := await self._own(vm_id, tenant)):
             raise ConsoleUnavailable(
                 f"the console of VM {vm_id} is kept by its host, {vm.host}; ask that host's API"
             )

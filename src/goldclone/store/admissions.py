@@ -48,15 +48,16 @@ async def record(
     that host, the VM claims it: the machine leaves its pool and becomes the VM's (its
     runtime record is the VM's), and the VM is recorded ``started_from: "pool"``; so no two
     VMs claim one machine. A VM placed on another host is handed to it with ``request`` (its
-    JSON). A ``vm.name`` that a recorded VM has is a ``NameConflict``.
+    JSON). A ``vm.name`` that a recorded VM of its tenant has is a ``NameConflict``; keys and
+    names are each tenant's own.
     """
     key = idempotency[0] if idempotency is not None else None
 
     async def admit(conn: AsyncConnection) -> VM | Earlier:
         await host_records.lock_admissions(conn)
-        if key is not None and (earlier := await vm_records.find_by_key(conn, key)):
+        if key is not None and (earlier := await vm_records.find_by_key(conn, vm.tenant, key)):
             return earlier
-        await vm_records.check_name_free(conn, vm.name)
+        await vm_records.check_name_free(conn, vm.tenant, vm.name)
         host = db.host_id
         if placing is not None:
             found = await host_records.candidates(
@@ -75,9 +76,9 @@ async def record(
         return placed
 
     async def after_race(conn: AsyncConnection) -> Earlier | None:
-        if key is not None and (earlier := await vm_records.find_by_key(conn, key)):
+        if key is not None and (earlier := await vm_records.find_by_key(conn, vm.tenant, key)):
             return earlier
-        await vm_records.check_name_free(conn, vm.name)
+        await vm_records.check_name_free(conn, vm.tenant, vm.name)
         return None
 
     try:

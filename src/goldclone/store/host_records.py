@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from goldclone.errors import HostLost, HostNotFound, HostUp
-from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry, now_ms
+from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry, now_ms, tenant_group
 from goldclone.store import pool_records, template_records, vm_records
 from goldclone.store.tables import cleanups as _cleanups
 from goldclone.store.tables import deliveries as _deliveries
@@ -27,7 +27,8 @@ _ADMISSION_LOCK = 0x676F6C64  # "gold": the key of the advisory lock that admiss
 
 
 class Held(NamedTuple):
-    """What one VM or pooled machine holds of the host, and the network group it is in."""
+    """What one VM or pooled machine holds of the host, and the network group it is in (as
+    ``tenant_group`` names it)."""
 
     cpus: int
     memory: int
@@ -112,7 +113,8 @@ async def holding(conn: AsyncConnection, host_id: str | None = None) -> dict[str
     held: dict[str, list[Held]] = {}
     for row in await conn.execute(vms):
         vm = VM.model_validate(row.vm)
-        held.setdefault(row.host_id, []).append(Held(vm.cpus, vm.memory, vm.network_group))
+        group = tenant_group(vm.tenant, vm.network_group)
+        held.setdefault(row.host_id, []).append(Held(vm.cpus, vm.memory, group))
     for member in await conn.execute(members):
         held.setdefault(member.host_id, []).append(Held(member.cpus, member.memory))
     return held

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
 
+from goldclone.access import DEFAULT_TENANT
+
 metadata = MetaData()
 
 vms = Table(
@@ -14,12 +16,14 @@ vms = Table(
     Column("status", String(16), nullable=False, index=True),
     Column("vm", JSON, nullable=False),
     Column("runtime", JSON, nullable=False),
-    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("idempotency_key", String(255), nullable=True),
     Column("request_digest", String(64), nullable=True),
     Column("name", String(63), nullable=True),
     Column("expires_at", String(24), nullable=True, index=True),
-    Index("ix_vms_name", "name", unique=True),
     Column("host_id", String(64), nullable=True, index=True),
+    Column("tenant", String(63), nullable=False, server_default=DEFAULT_TENANT),
+    Index("ix_vms_tenant_name", "tenant", "name", unique=True),
+    Index("ix_vms_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
 )
 
 cleanups = Table(

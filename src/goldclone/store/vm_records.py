@@ -57,7 +57,7 @@ async def add(
         _vms.insert().values(
             id=vm.id, status=vm.status.value, vm=dump(vm), runtime=dict(runtime),
             host_id=vm.host, idempotency_key=key, request_digest=digest, name=vm.name,
-            expires_at=vm.expires_at,
+            expires_at=vm.expires_at, tenant=vm.tenant,
         )
     )  # fmt: skip
     await event_log.record(conn, EventKind.VM, vm.id, dump(vm))
@@ -175,18 +175,21 @@ async def machines(conn: AsyncConnection, host_id: str) -> set[str]:
     return {row.runtime.get("machine", row.id) for row in await conn.execute(query)}
 
 
-async def find_by_key(conn: AsyncConnection, key: str) -> Earlier | None:
-    """The VM that the request with idempotency key ``key`` made, if one did."""
-    query = select(_vms.c.vm, _vms.c.request_digest).where(_vms.c.idempotency_key == key)
+async def find_by_key(conn: AsyncConnection, tenant: str, key: str) -> Earlier | None:
+    """The VM that ``tenant``'s request with idempotency key ``key`` made, if one did."""
+    query = select(_vms.c.vm, _vms.c.request_digest).where(
+        _vms.c.tenant == tenant, _vms.c.idempotency_key == key
+    )
     row = (await conn.execute(query)).first()
     return None if row is None else Earlier(VM.model_validate(row.vm), row.request_digest)
 
 
-async def check_name_free(conn: AsyncConnection, name: str | None) -> None:
-    """Raise ``NameConflict`` if a recorded VM is named ``name``."""
+async def check_name_free(conn: AsyncConnection, tenant: str, name: str | None) -> None:
+    """Raise ``NameConflict`` if a recorded VM of ``tenant`` is named ``name``."""
     if name is None:
         return
-    row = (await conn.execute(select(_vms.c.id).where(_vms.c.name == name))).first()
+    query = select(_vms.c.id).where(_vms.c.tenant == tenant, _vms.c.name == name)
+    row = (await conn.execute(query)).first()
     if row is not None:
         raise NameConflict(f"VM {row.id} is already named {name!r}; delete it or choose another")
 

@@ -2,7 +2,7 @@
 the creates placed on a host by another, until that host takes them; and, on every record
 that a host's machines and files stand behind, the host it belongs to.
 Records made before have none: the first service to start on the database after the upgrade
-takes them (``Store.open``), as the one host that made them."""
+takes them (``host_records.adopt_unowned``), as the one host that made them."""
 
 from __future__ import annotations
 

@@ -1,0 +1,225 @@
+"""Who may touch what on the API: each route with a token of each role, and tenants that see
+and change only their own VMs. In-process, on the synthetic driver; no root."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from goldclone.access import Access, Role, Token, digest_of
+from goldclone.conversions import named_tokens
+from goldclone.models import VM, ImageSpec, Status
+from goldclone.service.events import VMFilter
+from goldclone.settings import Settings, SettingsError
+from goldclone.store.event_log import Event, EventKind
+from tests.fast.conftest import Service, serving
+
+SECRETS = {
+    "alice": ("alice-secret-0123456789", Role.USER, "team-a"),
+    "alice-reader": ("alice-reader-secret-012", Role.READ, "team-a"),
+    "bob": ("bob-secret-0123456789ab", Role.USER, "team-b"),
+    "ops": ("ops-secret-0123456789ab", Role.OPERATOR, "ops"),
+    "root": ("root-secret-0123456789a", Role.ADMIN, "default"),
+    "scraper": ("scraper-secret-0123456", Role.METRICS, "scraper"),
+}
+LEGACY_API, LEGACY_METRICS = "a-legacy-api-token-0123", "a-legacy-metrics-token-0"
+
+
+def tokens() -> tuple[Token, ...]:
+    return tuple(Token(name, digest_of(secret), role, tenant)
+                 for name, (secret, role, tenant) in SECRETS.items())  # fmt: skip
+
+
+def as_(name: str) -> dict[str, str]:
+    secret = {"legacy-api": LEGACY_API, "legacy-metrics": LEGACY_METRICS}.get(name)
+    return {"Authorization": f"Bearer {secret or SECRETS[name][0]}"}
+
+
+@pytest.fixture
+def access_settings(fast_settings: Settings) -> Settings:
+    return dataclasses.replace(fast_settings, tokens=tokens(), api_tokens=(LEGACY_API,),
+                               metrics_tokens=(LEGACY_METRICS,))  # fmt: skip
+
+
+NOBODY = "00000000-0000-4000-8000-000000000000"
+ROUTES: list[tuple[str, str, Role | None]] = [
+    ("GET", "/healthz", None),
+    ("GET", "/readyz", Role.READ),
+    ("GET", "/openapi.json", Role.READ),
+    ("GET", "/vms", Role.READ),
+    ("GET", f"/vms/{NOBODY}", Role.READ),
+    ("GET", f"/vms/{NOBODY}/console", Role.READ),
+    ("GET", "/images", Role.READ),
+    ("GET", "/pools", Role.READ),
+    ("GET", "/pools/nope", Role.READ),
+    ("GET", "/hosts", Role.READ),
+    ("GET", "/metrics", Role.METRICS),
+    ("POST", "/vms", Role.USER),
+    ("PATCH", f"/vms/{NOBODY}", Role.USER),
+    ("DELETE", f"/vms/{NOBODY}", Role.USER),
+    ("POST", "/images", Role.OPERATOR),
+    ("POST", "/images/nope/templates", Role.OPERATOR),
+    ("DELETE", "/images/nope", Role.OPERATOR),
+    ("PUT", "/pools/nope", Role.OPERATOR),
+    ("DELETE", "/pools/nope", Role.OPERATOR),
+    ("DELETE", "/hosts/nope", Role.OPERATOR),
+]
+"""Each route, and the least role that may use it (``None``: no token needed). Bodies are
+left empty: a role that may use the route gets past the guard to the body's 400."""
+ROLES = {
+    "alice": Role.USER, "alice-reader": Role.READ, "ops": Role.OPERATOR, "root": Role.ADMIN,
+    "scraper": Role.METRICS, "legacy-api": Role.ADMIN, "legacy-metrics": Role.METRICS,
+}  # fmt: skip
+_ORDER = [Role.READ, Role.USER, Role.OPERATOR, Role.ADMIN]
+
+
+def _may(role: Role, needed: Role | None) -> bool:
+    if needed is None:
+        return True
+    if needed is Role.METRICS:
+        return role in (Role.METRICS, Role.OPERATOR, Role.ADMIN)
+    return role is not Role.METRICS and _ORDER.index(role) >= _ORDER.index(needed)
+
+
+async def test_each_route_takes_the_roles_that_may_use_it_and_refuses_the_others(
+    access_settings: Settings,
+) -> None:
+    async with serving(Service(access_settings)) as service:
+        for method, path, needed in ROUTES:
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            anonymous = await service.client.request(method, path, json=body)
+            assert anonymous.status_code == (200 if needed is None else 401), (method, path)
+            wrong = await service.client.request(
+                method, path, json=body, headers={"Authorization": "Bearer not-a-token-at-all"}
+            )
+            assert wrong.status_code == (200 if needed is None else 401), (method, path)
+            for name, role in ROLES.items():
+                response = await service.client.request(method, path, json=body, headers=as_(name))
+                refused = response.status_code == 403
+                assert refused != _may(role, needed), (name, method, path, response.text)
+                if refused:
+                    assert response.json()["code"] == "forbidden"
+                    assert as_(name)["Authorization"].removeprefix("Bearer ") not in response.text
+
+
+async def test_a_tenant_sees_and_changes_only_its_own_vms(
+    access_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    async with serving(Service(access_settings)) as service:
+        client = service.client
+        body = {**request_body, "name": "ci-1"}
+        mine = await _boot(service, body, "alice")
+        theirs = await _boot(service, body, "bob")  # one name in each tenant
+        assert (mine["tenant"], theirs["tenant"]) == ("team-a", "team-b")
+        again = await client.post("/vms", json=body, headers=as_("alice"))
+        assert again.status_code == 409 and again.json()["code"] == "name-conflict"
+
+        vm = f"/vms/{mine['id']}"
+        for method, path, json in (
+            ("GET", vm, None), ("GET", f"{vm}?wait=true&timeout=1", None),
+            ("GET", f"{vm}/console", None), ("PATCH", vm, {"labels": {"x": "y"}}),
+            ("DELETE", vm, None),
+        ):  # fmt: skip
+            response = await client.request(method, path, json=json, headers=as_("bob"))
+            assert response.status_code == 404, (method, path)
+            assert response.json()["code"] == "vm-not-found"
+        assert (await client.get(vm, headers=as_("alice-reader"))).status_code == 200
+        assert (await client.delete(vm, headers=as_("alice-reader"))).status_code == 403
+
+        def listed(name: str) -> Any:
+            return client.get("/vms", headers=as_(name))
+
+        assert [v["id"] for v in (await listed("alice")).json()["vms"]] == [mine["id"]]
+        assert [v["id"] for v in (await listed("bob")).json()["vms"]] == [theirs["id"]]
+        assert len((await listed("root")).json()["vms"]) == 2  # admin: every tenant's
+        assert (await listed("ops")).json()["vms"] == []  # an operator is a tenant too
+
+        assert (await client.delete(vm, headers=as_("alice"))).status_code == 204
+        other = f"/vms/{theirs['id']}"
+        assert (await client.delete(other, headers=as_("root"))).status_code == 204
+
+
+async def test_idempotency_keys_are_each_tenants_own(
+    access_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    async with serving(Service(access_settings)) as service:
+        made = {}
+        for name in ("alice", "bob", "alice"):
+            headers = {**as_(name), "Idempotency-Key": "job-42"}
+            response = await service.client.post("/vms", json=request_body, headers=headers)
+            assert response.status_code == 202, response.text
+            made.setdefault(name, set()).add(response.json()["id"])
+        assert len(made["alice"]) == 1 and made["alice"] != made["bob"]
+
+
+async def test_two_tenants_that_choose_one_network_group_are_two_groups(
+    access_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    async with serving(Service(access_settings)) as service:
+        body = {**request_body, "network_group": "build"}
+        vms = [await _boot(service, body, name) for name in ("alice", "bob", "alice")]
+        groups = [service.host.machines[vm["id"]].reaches[-1].group for vm in vms]
+        assert groups == ["team-a/build", "team-b/build", "team-a/build"]
+        assert [vm["network_group"] for vm in vms] == ["build"] * 3  # as asked
+
+
+def test_a_tenants_event_stream_carries_its_vms_and_the_images_and_pools() -> None:
+    image = ImageSpec(url="http://127.0.0.1/x", checksum="0" * 64)  # type: ignore[arg-type]
+    vm = VM(id=NOBODY, image=image, cpus=1, memory=256, network_type="nat", headless=True,
+            callback_url=None, created_at="2026-12-07T00:00:00Z", timeline=[], tenant="team-a",
+            status=Status.RUNNING)  # fmt: skip
+
+    def event(kind: EventKind, data: dict[str, Any]) -> Event:
+        return Event(id=1, kind=kind, subject="s", at="2026-12-07T00:00:00Z", data=data)
+
+    own, image_event = event(EventKind.VM, vm.model_dump(mode="json")), event(EventKind.IMAGE, {})
+    assert VMFilter(tenant="team-a").passes(own)
+    assert not VMFilter(tenant="team-b").passes(own)
+    assert not VMFilter(tenant="team-b").passes(event(EventKind.VM_DELETED, own.data))
+    assert VMFilter(tenant="team-b").passes(image_event)
+
+
+def test_tokens_are_read_from_the_config_file_by_the_hash_of_their_secret(tmp_path: Any) -> None:
+    secret = "a-token-secret-of-some-length"
+    config = tmp_path / "goldclone.toml"
+    config.write_text(f'[tokens.ci-a]\nsha256 = "{digest_of(secret)}"\nrole = "user"\n')
+    settings = Settings.load(config, env={})
+    [token] = settings.tokens
+    assert (token.name, token.role, token.tenant) == ("ci-a", Role.USER, "ci-a")
+    principal = Access(settings.tokens).principal(secret.encode())
+    assert principal is not None and principal.tenant == "ci-a"
+    assert Access(settings.tokens).principal(digest_of(secret).encode()) is None  # not the hash
+
+
+@pytest.mark.parametrize(
+    ("table", "reason"),
+    [
+        ({"Bad_Name": {"sha256": "0" * 64, "role": "user"}}, "name must be"),
+        ({"ci": {"sha256": "xyz", "role": "user"}}, "sha256 must be"),
+        ({"ci": {"sha256": "0" * 64, "role": "root"}}, "role must be one of"),
+        ({"ci": {"sha256": "0" * 64, "role": "user", "tenant": "A B"}}, "tenant must be"),
+        ({"ci": {"sha256": "0" * 64, "role": "user", "secret": "x"}}, "a table of"),
+        ({"a": {"sha256": "0" * 64, "role": "user"}, "b": {"sha256": "0" * 64, "role": "read"}},
+         "one secret"),
+    ],
+)  # fmt: skip
+def test_a_bad_token_table_is_refused_with_its_reason(table: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        named_tokens(table)
+    with pytest.raises(SettingsError, match="GOLDCLONE_TOKENS"):
+        Settings.from_env({"GOLDCLONE_TOKENS": json.dumps(table)})
+
+
+async def _boot(service: Service, body: dict[str, Any], name: str) -> dict[str, Any]:
+    response = await service.client.post("/vms", json=body, headers=as_(name))
+    assert response.status_code == 202, response.text
+    vm_id = response.json()["id"]
+    while (vm := (await service.client.get(f"/vms/{vm_id}?wait=true", headers=as_(name))).json())[
+        "status"
+    ] == "creating":
+        pass
+    assert vm["status"] == "running", vm
+    return dict(vm)
