@@ -593,6 +593,16 @@ class Image(BaseModel):
     error: ErrorBody | None = None
     templates: list[Template] = []
     """The image's memory templates."""
+    public: bool = False
+    """Whether an operator made it every tenant's (``PATCH /images/{id}``); otherwise a tenant
+    sees and uses it once it has shown it has it."""
+
+
+class ImageChange(_Strict):
+    """The body of ``PATCH /images/{id}``."""
+
+    public: bool
+    """Make the image every tenant's, or only theirs that showed they have it."""
 
 
 class TemplateRequest(_Strict):

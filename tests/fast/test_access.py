@@ -12,10 +12,12 @@ import pytest
 from goldclone.access import Access, Role, Token, digest_of
 from goldclone.conversions import named_tokens
 from goldclone.models import VM, ImageSpec, Status
+from goldclone.polling import until
 from goldclone.service.events import VMFilter
 from goldclone.settings import Settings, SettingsError
 from goldclone.store.event_log import Event, EventKind
-from tests.fast.conftest import Service, serving
+from tests.fast.conftest import DISK, Service, image_of, serving
+from tests.servers import FileServer
 
 SECRETS = {
     "alice": ("alice-secret-0123456789", Role.USER, "team-a"),
@@ -214,6 +216,82 @@ def test_a_bad_token_table_is_refused_with_its_reason(table: dict[str, Any], rea
 
 
 async def _boot(service: Service, body: dict[str, Any], name: str) -> dict[str, Any]:
+    vm = await _create(service, body, name)
+    assert vm["status"] == "running", vm
+    return vm
+
+
+async def test_a_tenant_gets_anothers_cached_image_only_by_showing_it_has_it(
+    access_settings: Settings, images: FileServer
+) -> None:
+    """The cache keeps one gold image per package, but a tenant that names another's image by
+    its checksum gets it only through a URL that gives the package (checked by a download
+    unless it was shown before), or once an operator made it public."""
+    disk = image_of(images)
+    shape = {"cpus": 1, "memory": 256}
+    elsewhere = {**disk, "url": images.url(f"slow/{DISK}")}  # the same package, another URL
+    forged = {**disk, "url": images.url("other.raw")}  # another package under its checksum
+    async with serving(Service(access_settings)) as service:
+        client = service.client
+
+        async def listed(name: str) -> list[str]:
+            found = (await client.get("/images", headers=as_(name))).json()["images"]
+            return [image["id"] for image in found]
+
+        await _boot(service, {"image": disk, **shape}, "alice")
+        [gold] = await listed("alice")
+        assert await listed("bob") == [] and await listed("root") == [gold]
+
+        failed = await _create(service, {"image": forged, **shape}, "bob")
+        assert (failed["status"], failed["error"]["code"]) == ("error", "checksum-mismatch")
+        assert await listed("bob") == []
+
+        before = images.gets[disk["url"].split("/", 3)[3]]
+        await _boot(service, {"image": disk, **shape}, "bob")  # alice's URL: no download
+        assert images.gets[disk["url"].split("/", 3)[3]] == before
+        assert await listed("bob") == [gold]
+
+        checked = images.gets[f"slow/{DISK}"]
+        await _boot(service, {"image": elsewhere, **shape}, "ops")
+        assert images.gets[f"slow/{DISK}"] == checked + 1  # downloaded once to check it
+        await _boot(service, {"image": elsewhere, **shape}, "ops")
+        assert images.gets[f"slow/{DISK}"] == checked + 1  # shown already
+
+        assert (await _create(service, {"image": forged, **shape}, "root"))["status"] == "error"
+        made_public = await client.patch(f"/images/{gold}", json={"public": True},
+                                         headers=as_("ops"))  # fmt: skip
+        assert made_public.status_code == 200 and made_public.json()["public"] is True
+        refused = await client.patch(f"/images/{gold}", json={"public": True},
+                                     headers=as_("alice"))  # fmt: skip
+        assert refused.status_code == 403
+        public = await _create(service, {"image": forged, **shape}, "root")
+        assert public["status"] == "running", public  # public: its checksum is enough
+
+
+async def test_a_pooled_machine_goes_only_to_a_url_shown_to_give_its_image(
+    access_settings: Settings, images: FileServer
+) -> None:
+    disk = image_of(images)
+    forged = {**disk, "url": images.url("other.raw")}
+    pool = {"image": disk, "cpus": 1, "memory": 256, "size": 1}
+    async with serving(Service(access_settings)) as service:
+        response = await service.client.put("/pools/warm", json=pool, headers=as_("ops"))
+        assert response.status_code == 201, response.text
+        await until(lambda: _ready(service, "warm"), timeout=30, interval=0.01)
+        failed = await _create(service, {**pool, "image": forged, "size": None}, "bob")
+        assert failed["started_from"] != "pool" and failed["status"] == "error", failed
+        claimed = await _boot(service, {"image": disk, "cpus": 1, "memory": 256}, "bob")
+        assert claimed["started_from"] == "pool"
+
+
+async def _ready(service: Service, pool: str) -> bool:
+    response = await service.client.get(f"/pools/{pool}", headers=as_("ops"))
+    return bool(response.json()["ready"] >= 1)
+
+
+async def _create(service: Service, body: dict[str, Any], name: str) -> dict[str, Any]:
+    """The VM that ``body`` makes for ``name``'s token, once it is no longer ``creating``."""
+    body = {key: value for key, value in body.items() if value is not None}
     response = await service.client.post("/vms", json=body, headers=as_(name))
     assert response.status_code == 202, response.text
     vm_id = response.json()["id"]
@@ -221,5 +299,4 @@ async def _boot(service: Service, body: dict[str, Any], name: str) -> dict[str, 
         "status"
     ] == "creating":
         pass
-    assert vm["status"] == "running", vm
     return dict(vm)

@@ -36,6 +36,7 @@ from goldclone.models import (
     ErrorBody,
     HostList,
     Image,
+    ImageChange,
     ImageList,
     ImageSpec,
     Pool,
@@ -190,16 +191,26 @@ def create_app(
         return Response(status_code=204)
 
     @app.get("/images", response_model=ImageList, operation_id="list_images")
-    async def list_images() -> ImageList:
-        """Gold images on disk, being fetched, or whose last fetch failed."""
-        return ImageList(images=await service.catalog.images())
+    async def list_images(who: _Who) -> ImageList:
+        """Gold images on disk, being fetched, or whose last fetch failed, that the token's
+        tenant has shown it has, or that are public (every one, for ``admin``)."""
+        return ImageList(images=await service.catalog.images(who.tenant_seen))
 
     @app.post("/images", status_code=202, response_model=Image, operation_id="pull_image",
               responses={202: {"links": _IMAGE_LINKS}},
               dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
-    async def prefetch_image(body: ImageSpec) -> Image:
-        """Fetch an image ahead of time, so that the first VM does not wait for it."""
-        return service.catalog.prefetch(body)
+    async def prefetch_image(body: ImageSpec, who: _Who) -> Image:
+        """Fetch an image ahead of time, so that the first VM does not wait for it. An image
+        in the cache already is checked against the URL (a download) before it is the
+        token's tenant's."""
+        return await service.catalog.prefetch(body, who.tenant)
+
+    @app.patch("/images/{image_id}", response_model=Image, operation_id="update_image",
+               dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
+    async def update_image(image_id: str, body: ImageChange) -> Image:
+        """Make a ready image every tenant's (``public: true``), or only theirs that showed
+        they have it by its URL."""
+        return await service.catalog.set_public(image_id, body.public)
 
     @app.post("/images/{image_id}/templates", status_code=202, response_model=Template,
               operation_id="create_template", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip

@@ -97,6 +97,8 @@ class ImageCache:
         too (blocking)."""
         self._inflight: dict[str, asyncio.Task[GoldImage]] = {}
         self._specs: dict[str, ImageSpec] = {}
+        self._fetched_from: set[tuple[str, str]] = set()
+        """(gold key, URL) of the fetches that this cache made since it started."""
         self._progress: dict[str, DownloadProgress] = {}
         self._failures: dict[str, VMFailure] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -183,6 +185,30 @@ class ImageCache:
             gold = await asyncio.shield(self._fetch_task(spec))
         await asyncio.to_thread(self._used, gold.key)
         return gold
+
+    def content(self, key: str) -> str | None:
+        """The sha256 of the package of the gold image that ``key`` names, if it is on disk
+        (and was fetched since gold images keep it)."""
+        key = self.resolve(key)
+        meta = _read_metadata(self._images / key)
+        return None if meta is None else _content_of(key, meta)
+
+    def fetched_from(self, key: str, url: str) -> bool:
+        """Whether this cache fetched the gold image that ``key`` names from ``url``: its
+        first fetch, or one since whose package turned out to be it."""
+        key = self.resolve(key)
+        meta = _read_metadata(self._images / key)
+        return meta is not None and (meta["url"] == url or (key, url) in self._fetched_from)
+
+    async def verify(self, spec: ImageSpec) -> str:
+        """Download ``spec`` to check it, without keeping it: the sha256 of its package, once
+        its checksum matched. Raises as a fetch does."""
+        download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
+        try:
+            return await fetch(self._http, spec, download, self._timeout, self._reserve_bytes,
+                               on_start=lambda _: None)  # fmt: skip
+        finally:
+            await asyncio.to_thread(_remove, download)
 
     def _used(self, key: str) -> None:
         """Mark the image as used now: the mtime of its file in ``last-used/``."""
@@ -341,6 +367,7 @@ class ImageCache:
             await asyncio.to_thread(_remove, staging)
         gold = self.cached(spec)
         assert gold is not None
+        self._fetched_from.add((gold.key, spec.url))
         self._used(gold.key)
         log.info("gold image %s is ready", gold.key)
         return gold

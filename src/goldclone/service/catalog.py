@@ -8,10 +8,11 @@ import asyncio
 import logging
 from collections import Counter
 
-from goldclone.errors import ImageInUse, ImageNotFound
+from goldclone.errors import ImageError, ImageInUse, ImageNotFound, InvalidRequest
 from goldclone.images.cache import ImageCache
 from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
 from goldclone.service.admission import Admission
+from goldclone.service.image_access import ImageAccess
 from goldclone.service.pools import Pools
 from goldclone.service.templates import Templates
 from goldclone.store import vm_records
@@ -28,9 +29,11 @@ class Catalog:
         admission: Admission,
         templates: Templates,
         pools: Pools,
+        access: ImageAccess,
         budget: int | None = None,
     ) -> None:
         self._db = db
+        self._access = access
         self._pools = pools
         self._images = images
         self._admission = admission
@@ -38,22 +41,39 @@ class Catalog:
         self._budget = budget
         self._trimming = asyncio.Lock()
 
-    async def images(self) -> list[Image]:
-        """Every gold image, with how many VMs use each, and its templates."""
+    async def images(self, tenant: str | None = None) -> list[Image]:
+        """Every gold image that ``tenant`` sees (``ImageAccess``; every one, with ``None``),
+        with how many VMs use each, its templates, and whether it is public."""
+        seen = await self._access.seen_by(tenant)
+        public = await self._access.public()
         asked = Counter(vm.image.key for vm in await self._users())
         users = Counter[str]()
         for key, count in asked.items():  # each checksum looked up once
             users[self._images.resolve(key)] += count
         found = []
         for image in self._images.images():
+            if not self._access.sees(tenant, seen, image.model_dump(mode="json")):
+                continue
             templates = await self._templates.of_image(image.id)
-            found.append(image.model_copy(update={"vms": users[image.id], "templates": templates}))
+            shared = self._images.content(image.id) in public
+            found.append(image.model_copy(
+                update={"vms": users[image.id], "templates": templates, "public": shared}
+            ))  # fmt: skip
         return found
 
-    def prefetch(self, spec: ImageSpec) -> Image:
-        """Start fetching an image ahead of the first VM that needs it."""
+    async def prefetch(self, spec: ImageSpec, tenant: str) -> Image:
+        """Start fetching an image for ``tenant`` ahead of the first VM that needs it. An
+        image in the cache already is the tenant's once its URL has shown it has it, which
+        may take a download (``ImageAccess.shown``); a URL that does not give it is a 400."""
         self._admission.check_url("url", spec.url)
-        self._images.prefetch(spec)
+        self._access.asked(spec, tenant)
+        if self._images.cached(spec) is None:
+            self._images.prefetch(spec)
+        else:
+            try:
+                await self._access.shown(spec, tenant)
+            except ImageError as exc:
+                raise InvalidRequest(f"url: {exc.message}") from None
         image = self._images.image(spec.key)
         assert image is not None  # cached, or its fetch was just started
         return image
@@ -88,6 +108,15 @@ class Catalog:
             and not self._pools.image_users(image.id)
             and all(t.status is not TemplateStatus.CREATING for t in image.templates)
         )
+
+    async def set_public(self, image_id: str, public: bool) -> Image:
+        """Make a ready gold image every tenant's, or only theirs that showed they have it."""
+        image = self._images.image(image_id)
+        if image is None or image.status is not ImageStatus.READY:
+            raise ImageNotFound(f"there is no ready image {image_id!r}")
+        await self._access.set_public(image.id, public)
+        [found] = [i for i in await self.images() if i.id == image.id]
+        return found
 
     async def delete(self, image_id: str) -> None:
         """Remove a gold image (named by any of its checksums), or forget a failed fetch;

@@ -38,6 +38,7 @@ from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, reach_of
 from goldclone.service.deliveries import Deliveries
+from goldclone.service.image_access import ImageAccess
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
 from goldclone.service.templates import Templates
@@ -74,12 +75,14 @@ class Lifecycle:
         driver: Driver,
         templates: Templates,
         deliveries: Deliveries,
+        access: ImageAccess,
     ) -> None:
         self._settings = settings
         self._deliveries = deliveries
         self._templates = templates
         self._db = db
         self._images = images
+        self._access = access
         self._driver = driver
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -376,11 +379,14 @@ class Lifecycle:
             fetched = True
             await self._step(vm, Phase.DOWNLOADING)
 
+        self._access.asked(vm.image, vm.tenant)
         gold = await self._images.ensure(vm.image, on_fetch=fetching)
+        await self._access.shown(vm.image, vm.tenant)
         await self._step(vm, Phase.CLONING, image_from_cache=not fetched)
         async with self._images.lock(gold.key):
             if not gold.root.exists():  # deleted since: fetch it again
                 gold = await self._images.ensure(vm.image, on_fetch=fetching)
+                await self._access.shown(vm.image, vm.tenant)
             self._check_package(gold)
             template = await self._template_for(vm, gold, guest)
             await self._driver.clone(vm.id, gold, template)

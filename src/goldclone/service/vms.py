@@ -38,6 +38,7 @@ from goldclone.service.catalog import Catalog
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.events import VMFilter
 from goldclone.service.fleet import Fleet
+from goldclone.service.image_access import ImageAccess
 from goldclone.service.leases import LeasePolicy, Sweeper
 from goldclone.service.lifecycle import Lifecycle
 from goldclone.service.metrics import Metrics
@@ -82,10 +83,13 @@ class VMService:
         self.metrics = metrics
         self._deliveries = Deliveries(db, http, settings.callback_schedule,
                                       settings.callback_secret, self.metrics.delivered)  # fmt: skip
-        self._lifecycle = Lifecycle(settings, db, images, driver, self.templates, self._deliveries)
+        self._image_access = ImageAccess(db, images)
+        self._lifecycle = Lifecycle(
+            settings, db, images, driver, self.templates, self._deliveries, self._image_access
+        )
         self._recovery = Recovery(db, driver, self._lifecycle, settings.reconcile_interval)
         self.catalog = Catalog(db, images, self._admission, self.templates, self.pools,
-                               settings.image_cache_bytes)  # fmt: skip
+                               self._image_access, settings.image_cache_bytes)  # fmt: skip
         self._sweeper = Sweeper(db, self.expire)
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
@@ -168,7 +172,10 @@ class VMService:
     ) -> VM:
         """Accept a VM of ``tenant`` and start creating it in the background; see
         ``Admission.admit``."""
+        # a pooled machine only for a URL shown to give its image: it is checked otherwise
         pools = self.pools.matching(request)
+        if pools and not await self._image_access.may_claim(request.image, tenant):
+            pools = []
         vm, guest = await self._admission.admit(request, idempotency_key, pools, tenant)
         if guest is not None:
             journal.accepted(vm)
@@ -281,10 +288,23 @@ class VMService:
         await self._lifecycle.delete(vm_id, expired=True)
         self._freed()
 
-    def events(self, after: int | None, wanted: VMFilter | None) -> AsyncIterator[Event | None]:
+    async def events(
+        self, after: int | None, wanted: VMFilter | None
+    ) -> AsyncIterator[Event | None]:
         """The change log from after the event ``after`` (from now, without it); see
-        ``service.events.stream``."""
-        return events.stream(self._db, after, wanted)
+        ``service.events.stream``. A tenant's stream has the events of the images it sees
+        (``ImageAccess``) only."""
+        tenant = wanted.tenant if wanted is not None else None
+        async for event in events.stream(self._db, after, wanted):
+            if (
+                tenant is not None
+                and event is not None
+                and event.kind in (EventKind.IMAGE, EventKind.IMAGE_DELETED)
+            ):
+                seen = await self._image_access.seen_by(tenant)
+                if not self._image_access.sees(tenant, seen, event.data):
+                    continue
+            yield event
 
     async def console(
         self, vm_id: str, follow: bool, tenant: str | None = None
@@ -343,6 +363,8 @@ class VMService:
 
     def _image_changed(self, image: Image, deleted: bool) -> None:
         self.fleet.changed()
+        if image.status is ImageStatus.READY and not deleted:
+            self._lifecycle.spawn(self._image_access.ready(image.id))
         kind = EventKind.IMAGE_DELETED if deleted else EventKind.IMAGE
         data = image.model_dump(mode="json", exclude={"progress"})
         self._lifecycle.spawn(

@@ -124,3 +124,22 @@ image_checksums = Table(
     Column("sha256", String(64), nullable=False, index=True),
     Column("at", String(24), nullable=False),
 )
+
+image_sources = Table(
+    "image_sources",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("url_sha256", String(64), primary_key=True),
+    Column("tenant", String(63), primary_key=True),
+    Column("at", String(24), nullable=False),
+)
+"""Which tenant showed, by which URL (its sha256: a URL may hold a secret), that it has an
+image package (its sha256)."""
+
+public_images = Table(
+    "public_images",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("at", String(24), nullable=False),
+)
+"""The image packages that an operator made every tenant's."""
