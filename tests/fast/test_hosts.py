@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from goldclone.access import Role, Token, digest_of
 from goldclone.models import ImageSpec, Pool
 from goldclone.service.fleet import HOST_ID_FILE
 from goldclone.settings import Limits, Settings
@@ -308,3 +309,29 @@ async def test_a_groups_vms_go_to_the_host_that_has_its_members(
         assert "host-a allows 2 VMs" in refused.json()["message"]
         elsewhere = await b.boot({**body, "network_group": "job-42"})
         assert elsewhere["host"] == "host-b"
+
+
+async def test_a_tenants_vm_is_its_own_through_every_host(
+    host_settings: Any, images: FileServer
+) -> None:
+    """Tenancy is the VM record's: another tenant's token gets a 404 through any host, its
+    own token the VM through any host."""
+    named = (Token("alice", digest_of("alice-secret-0123456"), Role.USER, "team-a"),
+             Token("bob", digest_of("bob-secret-0123456789"), Role.USER, "team-b"))  # fmt: skip
+    alice = {"Authorization": "Bearer alice-secret-0123456"}
+    bob = {"Authorization": "Bearer bob-secret-0123456789"}
+    first, second = (Service(dataclasses.replace(host_settings(name), tokens=named))
+                     for name in ("host-a", "host-b"))  # fmt: skip
+    async with hosts(first, second) as (a, b):
+        body = {"image": image_of(images), "cpus": 1, "memory": 256}
+        made = await a.client.post("/vms", json=body, headers=alice)
+        vm = made.json()
+        assert made.status_code == 202 and vm["host"] == "host-a", made.text
+        waited = await b.client.get(f"/vms/{vm['id']}?wait=true&timeout=20", headers=alice)
+        assert waited.json()["status"] == "running", waited.text
+        for service in (a, b):
+            assert (await service.client.get(f"/vms/{vm['id']}", headers=bob)).status_code == 404
+            assert (await service.client.get("/vms", headers=bob)).json()["vms"] == []
+            gone = await service.client.delete(f"/vms/{vm['id']}", headers=bob)
+            assert gone.status_code == 404
+        assert (await b.client.delete(f"/vms/{vm['id']}", headers=alice)).status_code == 204
