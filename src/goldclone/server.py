@@ -58,6 +58,7 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
         return VMwareDriver(data_dir, settings.vmware, settings.shutdown_timeout)
     if settings.driver == "qemu":
         from goldclone.drivers.qemu import QemuDriver
+        from goldclone.drivers.qemu.bounds import DiskRate
         from goldclone.drivers.qemu.network import Networks
 
         return QemuDriver(
@@ -70,6 +71,7 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
             settings.qemu_memory_overhead,
             settings.qemu_tcg_cache,
             settings.console_max * 1024 * 1024,
+            DiskRate(settings.qemu_disk_mbps, settings.qemu_disk_iops),
         )
     if settings.driver == "synthetic":
         from goldclone.drivers.synthetic import SyntheticDriver

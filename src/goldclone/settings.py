@@ -242,6 +242,10 @@ class Settings:
     """Megabytes of TCG's translation cache (``tb-size``), counted in the memory limit."""
     console_max: int = 8
     """Megabytes of a guest's console log kept: past it, the oldest half goes."""
+    qemu_disk_mbps: int = 0
+    """Megabytes a second that one VM's disk may read and write together (0: no limit)."""
+    qemu_disk_iops: int = 0
+    """Operations a second that one VM's disk may do (0: no limit)."""
     accel: str = "auto"
     """``auto`` probes KVM and falls back to TCG; ``kvm`` or ``tcg`` forces one."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -359,6 +363,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "qemu: MB of TCG's translation cache (tb-size), counted in that limit"),
     _s("GOLDCLONE_CONSOLE_MAX", "console_max", conversions.whole(1, 1024),
        "qemu: MB of a guest's console log kept; past it, the oldest half goes"),
+    _s("GOLDCLONE_QEMU_DISK_MBPS", "qemu_disk_mbps", _count,
+       "qemu: MB a second that one VM's disk may read and write together (0: no limit)"),
+    _s("GOLDCLONE_QEMU_DISK_IOPS", "qemu_disk_iops", _count,
+       "qemu: operations a second that one VM's disk may do (0: no limit)"),
     _s("GOLDCLONE_LOG_FORMAT", "log_format", conversions.one_of(("text", "json")),
        "text, or json (one object per line)"),
     _s("GOLDCLONE_LOG_LEVEL", "log_level",

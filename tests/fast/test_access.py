@@ -65,6 +65,7 @@ ROUTES: list[tuple[str, str, Role | None]] = [
     ("POST", "/images", Role.OPERATOR),
     ("POST", "/images/nope/templates", Role.OPERATOR),
     ("DELETE", "/images/nope", Role.OPERATOR),
+    ("PATCH", "/images/nope", Role.OPERATOR),
     ("PUT", "/pools/nope", Role.OPERATOR),
     ("DELETE", "/pools/nope", Role.OPERATOR),
     ("DELETE", "/hosts/nope", Role.OPERATOR),

@@ -14,8 +14,10 @@ starts it (``enter``) writes its own PID into them and then executes the hypervi
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ PERIOD_US: Final = 100_000
 PARENT_SHARES: Final = 512
 """v1: the parent's ``cpu.shares``, half a busy task of the service at nice 0 (1024); each
 machine keeps the default, 1024, so machines weigh the same among themselves."""
+BUSY_WAIT: Final = 2.0
+"""Seconds that removing a group waits for a process that is ending in it."""
 PARENT_WEIGHT: Final = 50
 """v2: the parent's ``cpu.weight``, half of the default 100 that the service's group has."""
 
@@ -190,10 +194,21 @@ class Cgroups:
         return found
 
     def remove_parents(self) -> None:
-        """Remove the parents, once no machine has a group; blocking."""
+        """Remove the groups of machines whose processes have all ended, then the parents,
+        once no machine has a group; blocking."""
         for parent in self.parents.values():
+            for group in _children(parent):
+                if group.is_dir() and not _holds_processes(group):
+                    _remove(group)
             if not any(p.is_dir() for p in _children(parent)):
                 _remove(parent)
+
+
+def _holds_processes(group: Path) -> bool:
+    try:
+        return bool((group / "cgroup.procs").read_text().strip())
+    except FileNotFoundError:
+        return False
 
 
 def _children(parent: Path) -> Iterable[Path]:
@@ -204,12 +219,20 @@ def _children(parent: Path) -> Iterable[Path]:
 
 
 def _remove(group: Path) -> None:
-    try:
-        os.rmdir(group)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # still busy: a process in it has not ended yet
-        log.warning("cgroup %s not removed: %s", group, exc.strerror)
+    """Remove ``group``, waiting up to ``BUSY_WAIT`` seconds for a process that is ending in
+    it (a killed QEMU leaves its group a moment after ``/proc`` says it is gone)."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                log.warning("cgroup %s not removed: %s", group, exc.strerror)
+                return
+        time.sleep(0.05)
 
 
 ENTER: Final = (

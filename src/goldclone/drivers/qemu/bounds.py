@@ -1,12 +1,15 @@
 """What one QEMU may take of its host: its cgroups (``host.cgroups``), made before it starts
-and removed after it ends, and the size of TCG's translation cache, which is most of what QEMU
-itself takes beyond the guest's RAM."""
+and removed after it ends, the size of TCG's translation cache, which is most of what QEMU
+itself takes beyond the guest's RAM, and the rate of its disk, which QEMU's block layer holds
+to (cgroup v1 cannot throttle writes that go through the page cache, and IO weights need BFQ).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from goldclone.host.cgroups import Bounds, Cgroups, enter
@@ -18,6 +21,27 @@ PIDS = 1024
 """Tasks one QEMU may have: its threads (one per vCPU, I/O and RCU helpers) are a few dozen."""
 
 
+@dataclass(frozen=True)
+class DiskRate:
+    """What one machine's disk may do, reads and writes together: ``mbps`` megabytes and
+    ``iops`` operations a second (0: no limit)."""
+
+    mbps: int = 0
+    iops: int = 0
+
+    def drive_options(self) -> str:
+        """The ``-drive`` options that hold a disk to this rate (empty: none)."""
+        options = []
+        if self.mbps:
+            options.append(f",throttling.bps-total={self.mbps * MB}")
+        if self.iops:
+            options.append(f",throttling.iops-total={self.iops}")
+        return "".join(options)
+
+
+UNLIMITED = DiskRate()
+
+
 def group_name(data_dir: Path) -> str:
     """The name of the parent cgroup of the machines of the service of ``data_dir``."""
     return "goldclone-" + hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:16]
@@ -27,8 +51,11 @@ class MachineBounds:
     """The cgroups of one service's QEMUs, named by a hash of its data dir, with a memory
     limit of the guest's RAM, ``tcg_cache_mb`` (under TCG) and ``overhead_mb``."""
 
-    def __init__(self, data_dir: Path, overhead_mb: int, tcg_cache_mb: int) -> None:
+    def __init__(
+        self, data_dir: Path, overhead_mb: int, tcg_cache_mb: int, disk: DiskRate = UNLIMITED
+    ) -> None:
         self.name = group_name(data_dir)
+        self.disk = disk
         self.overhead_mb = overhead_mb
         self.tcg_cache_mb = tcg_cache_mb
         self.cgroups: Cgroups | None = None

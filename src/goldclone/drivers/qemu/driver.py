@@ -37,7 +37,7 @@ from goldclone.drivers.base import (
 from goldclone.drivers.qemu import disks, memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
-from goldclone.drivers.qemu.bounds import MachineBounds
+from goldclone.drivers.qemu.bounds import UNLIMITED, DiskRate, MachineBounds
 from goldclone.drivers.qemu.consoles import keep_consoles
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
@@ -96,9 +96,10 @@ class QemuDriver:
         memory_overhead_mb: int = 256,
         tcg_cache_mb: int = 128,
         console_max_bytes: int = 8 << 20,
+        disk_rate: DiskRate = UNLIMITED,
     ) -> None:
         self._vms_dir = data_dir.absolute() / "vms"
-        self.bounds = MachineBounds(data_dir, memory_overhead_mb, tcg_cache_mb)
+        self.bounds = MachineBounds(data_dir, memory_overhead_mb, tcg_cache_mb, disk_rate)
         self._console_max = console_max_bytes
         self._consoles: asyncio.Task[None] | None = None
         self._run_as = run_as
@@ -225,7 +226,7 @@ class QemuDriver:
             *_memory(spec),
             # a full host pauses the guest (disks.stalled) instead of failing its writes
             "-drive", f"file={self._disk(spec.machine)},format=qcow2,if=none,id=disk0,"
-                      "werror=stop,rerror=stop",
+                      f"werror=stop,rerror=stop{self.bounds.disk.drive_options()}",
             "-device", f"virtio-blk-pci,drive=disk0,addr={PCI_DISK}",
             "-drive", f"file={self._seed(spec.machine)},format=raw,if=none,id=seed0,readonly=on",
             "-device", f"virtio-blk-pci,drive=seed0,addr={PCI_SEED}",
