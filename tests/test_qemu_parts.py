@@ -95,7 +95,7 @@ def _driver(data_dir: str) -> QemuDriver:
     return QemuDriver(path, Networks(NetworkConfig(), path / "networks"), accel="tcg")
 
 
-def test_qemu_gets_only_absolute_paths_since_daemonize_changes_to_root() -> None:
+def test_qemu_gets_only_absolute_paths_whatever_the_services_working_folder() -> None:
     argv = _driver("relative-data").command_line(_spec(headless=True), NIC)
     paths = [token for part in argv for token in re.split(r"[,=]|:(?=/)", part)
              if "relative-data" in token]  # fmt: skip

@@ -267,10 +267,13 @@ class UnwatchedDisks:
 
 
 async def unless_exited(
-    work: Awaitable[T], is_running: Callable[[], Awaitable[bool]], what: str
+    work: Awaitable[T],
+    is_running: Callable[[], Awaitable[bool]],
+    what: str,
+    reason: Callable[[], Awaitable[str | None]] | None = None,
 ) -> T:
     """``work``'s result, unless the machine's hypervisor process exits first, which is a
-    ``BootFailed`` saying that it exited before ``what``."""
+    ``BootFailed`` saying that it exited before ``what``, and why if ``reason`` knows."""
 
     async def exited() -> bool:
         return not await is_running()
@@ -285,4 +288,7 @@ async def unless_exited(
         await asyncio.gather(job, watch, return_exceptions=True)
     if job in done:
         return job.result()
-    raise BootFailed(f"the VM's hypervisor process exited before {what}")
+    why = await reason() if reason is not None else None
+    raise BootFailed(
+        f"the VM's hypervisor process exited before {what}" + (f"; {why}" if why else "")
+    )

@@ -8,7 +8,13 @@ import asyncio
 import logging
 from collections import Counter
 
-from goldclone.errors import ImageError, ImageInUse, ImageNotFound, InvalidRequest
+from goldclone.errors import (
+    ImageError,
+    ImageInUse,
+    ImageNotFound,
+    ImageNotReady,
+    InvalidRequest,
+)
 from goldclone.images.cache import ImageCache
 from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
 from goldclone.service.admission import Admission
@@ -112,8 +118,10 @@ class Catalog:
     async def set_public(self, image_id: str, public: bool) -> Image:
         """Make a ready gold image every tenant's, or only theirs that showed they have it."""
         image = self._images.image(image_id)
-        if image is None or image.status is not ImageStatus.READY:
-            raise ImageNotFound(f"there is no ready image {image_id!r}")
+        if image is None:
+            raise ImageNotFound(f"there is no image {image_id!r}")
+        if image.status is not ImageStatus.READY:
+            raise ImageNotReady(f"image {image.id} is {image.status.value}, not ready")
         await self._access.set_public(image.id, public)
         [found] = [i for i in await self.images() if i.id == image.id]
         return found

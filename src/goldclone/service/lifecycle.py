@@ -51,6 +51,8 @@ from goldclone.store.vm_records import LIVE
 log = logging.getLogger(__name__)
 
 STOPPED_REASON = "its hypervisor process ended: the guest powered off, or the process exited"
+CONSOLE_KEPT = 64 * 1024
+"""Bytes of the end of a failed VM's console kept in the store, after its folder is gone."""
 DISK_CHECK = 2.0
 """Seconds between two looks at the data dir's free space (``watch_disks``)."""
 DISK_FULL_REASON = (
@@ -277,10 +279,27 @@ class Lifecycle:
             error = ErrorBody(
                 code="internal-error", message="an internal error; see the server log"
             )
+        console = await self._console_end(vm.id)  # before the teardown removes it
         if (leftover := await self._teardown_leaving(vm.id, refused_too=True)) is not None:
             host_id = self._db.host_id
             await self._db.write(lambda conn: leftover_records.add(conn, host_id, leftover))
-        return await self.advance(vm.id, Phase.ERROR, Status.CREATING, Status.ERROR, error=error)
+
+        async def failed(conn: AsyncConnection) -> VM:
+            changed = await vm_records.change(
+                conn, vm.id, Status.CREATING, Phase.ERROR, Status.ERROR, error=error
+            )
+            if console:
+                await vm_records.keep_console(conn, vm.id, console)
+            return changed
+
+        return await self._db.write(failed)
+
+    async def _console_end(self, vm_id: str) -> str | None:
+        """The last ``CONSOLE_KEPT`` bytes of the VM's console, as text, if it has one."""
+        path = self._driver.console_path(await self.machine(vm_id))
+        if path is None:
+            return None
+        return await asyncio.to_thread(_end_of, path, CONSOLE_KEPT)
 
     async def teardown(self, vm_id: str, graceful: bool = False) -> None:
         """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
@@ -453,6 +472,15 @@ class Lifecycle:
     def _public(self, message: str) -> str:
         """``message`` without the host's data dir path in it."""
         return message.replace(str(Path(self._settings.data_dir).absolute()), "$DATA_DIR")
+
+
+def _end_of(path: Path, size: int) -> str | None:
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, 2) - size))
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def _reach(vm: VM) -> Reach:

@@ -310,10 +310,16 @@ class VMService:
         self, vm_id: str, follow: bool, tenant: str | None = None
     ) -> AsyncIterator[str]:
         """The serial console, as text, of the VM if it is ``tenant``'s; see
-        ``service.console``. Raises ``VMNotFound`` and ``ConsoleUnavailable`` before the first
+        ``service.console``. A VM that failed has the end of its console in the store, which
+        every host reads. Raises ``VMNotFound`` and ``ConsoleUnavailable`` before the first
         line."""
         vm_id = _valid_id(vm_id)
-        if not self.fleet.is_mine(vm := await self._own(vm_id, tenant)):
+        vm = await self._own(vm_id, tenant)
+        if vm.status is Status.ERROR:
+            kept = await self._db.read(lambda conn: vm_records.console(conn, vm_id))
+            if kept is not None:
+                return _once(kept)
+        if not self.fleet.is_mine(vm):
             raise ConsoleUnavailable(
                 f"the console of VM {vm_id} is kept by its host, {vm.host}; ask that host's API"
             )
@@ -377,6 +383,10 @@ class VMService:
         if vm.status is Status.CREATING and vm.timeline[-1].phase is Phase.DOWNLOADING:
             return vm.model_copy(update={"progress": self._images.progress(vm.image)})
         return vm
+
+
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 def _valid_id(vm_id: str) -> str:

@@ -143,3 +143,11 @@ public_images = Table(
     Column("at", String(24), nullable=False),
 )
 """The image packages that an operator made every tenant's."""
+
+console_tails = Table(
+    "console_tails",
+    metadata,
+    Column("vm_id", String(36), primary_key=True),
+    Column("text", Text, nullable=False),
+)
+"""The end of the console of each VM that failed, kept after its folder is gone."""

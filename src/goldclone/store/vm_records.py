@@ -16,6 +16,7 @@ from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
 from goldclone.store import event_log
 from goldclone.store.database import note_phase
 from goldclone.store.event_log import EventKind
+from goldclone.store.tables import console_tails as _tails
 from goldclone.store.tables import vms as _vms
 
 HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
@@ -113,6 +114,7 @@ async def remove(conn: AsyncConnection, vm_id: str) -> None:
     if last.status is not Status.DELETING:
         raise StateConflict(f"VM {vm_id} is not deleting; it is kept")
     await conn.execute(_vms.delete().where(_vms.c.id == vm_id))
+    await conn.execute(_tails.delete().where(_tails.c.vm_id == vm_id))
     await event_log.record(conn, EventKind.VM_DELETED, vm_id, dump(last))
 
 
@@ -124,6 +126,19 @@ async def set_runtime(conn: AsyncConnection, vm_id: str, record: Mapping[str, st
     )
     if result.rowcount == 0:
         raise VMNotFound()
+
+
+async def keep_console(conn: AsyncConnection, vm_id: str, text: str) -> None:
+    """Keep ``text``, the end of the VM's console, until the VM is removed."""
+    await conn.execute(_tails.delete().where(_tails.c.vm_id == vm_id))
+    await conn.execute(_tails.insert().values(vm_id=vm_id, text=text))
+
+
+async def console(conn: AsyncConnection, vm_id: str) -> str | None:
+    """The end of the VM's console kept by ``keep_console``, if any."""
+    query = select(_tails.c.text).where(_tails.c.vm_id == vm_id)
+    found: str | None = (await conn.execute(query)).scalar()
+    return found
 
 
 async def get(conn: AsyncConnection, vm_id: str) -> VM:

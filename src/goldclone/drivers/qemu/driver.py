@@ -1,9 +1,10 @@
-"""The QEMU driver: qcow2 linked clones, daemonized guests, QMP control.
+"""The QEMU driver: qcow2 linked clones, guests that outlive the service, QMP control.
 
 Each machine lives in ``vms/<name>/``: ``disk.qcow2`` (the clone), ``seed.iso`` (its NoCloud
 seed) and ``metadata.json`` (its ``metadata`` for fw_cfg), ``qmp.sock``, ``qga.sock``,
-``qemu.pid`` and ``console.log``. QEMU runs with ``-daemonize``, so guests outlive the service,
-and a restarted service finds them again through the pidfile and the socket.
+``qemu.pid``, ``console.log`` and ``qemu.log`` (what QEMU said, and how it ended). QEMU runs in
+a session of its own (``launch``), so guests outlive the service, and a restarted service finds
+them again through the pidfile and the socket.
 
 A qemu is this driver's when its command line carries ``-pidfile <data dir>/vms/<id>/qemu.pid``
 and ``-name goldclone-<id>``; that is how ``destroy`` finds one that has not written its pidfile
@@ -34,7 +35,7 @@ from goldclone.drivers.base import (
     is_vm_id,
     unless_exited,
 )
-from goldclone.drivers.qemu import disks, memory
+from goldclone.drivers.qemu import disks, launch, memory
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.bounds import UNLIMITED, DiskRate, MachineBounds
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 # Linux limits a unix socket path to 107 bytes; qmp.sock sits this deep below the data dir.
 MAX_DATA_DIR_LENGTH = 107 - len("/vms/00000000-0000-0000-0000-000000000000/qmp.sock")
 KILL_GRACE = 5.0
+START_TIMEOUT = 30.0
+"""Seconds a QEMU has to write its pidfile and make its sockets."""
 PCI_NIC, PCI_DISK, PCI_SEED, PCI_SERIAL = "0x3", "0x4", "0x5", "0x6"
 NIC_ID = "nic0"
 CLOCK_TOLERANCE_NS = 500_000_000
@@ -161,6 +164,9 @@ class QemuDriver:
     def _pidfile(self, machine: str) -> Path:
         return self.vm_dir(machine) / "qemu.pid"
 
+    def _log(self, machine: str) -> Path:
+        return self.vm_dir(machine) / "qemu.log"
+
     def _agent(self, machine: str) -> Path:
         return self.vm_dir(machine) / "qga.sock"
 
@@ -245,7 +251,6 @@ class QemuDriver:
             "-pidfile", str(self._pidfile(spec.machine)),
             *(["-incoming", "defer", "-S"] if spec.restore else []),
             *self._confinement(spec),
-            "-daemonize",
         ]  # fmt: skip
 
     def _write_guest_config(self, spec: MachineSpec, mac: str) -> None:
@@ -254,7 +259,7 @@ class QemuDriver:
         write_atomically(self._metadata(spec.machine), metadata, 0o600)
 
     def _confinement(self, spec: MachineSpec) -> list[str]:
-        """seccomp, as strict as ``-daemonize`` allows (its fork rules out ``spawn=deny``),
+        """seccomp (``spawn`` is left allowed, as under ``-daemonize`` before),
         and an unprivileged user once QEMU has opened its files, tap and sockets.
 
         Not the user for a machine that makes a memory template or is restored from one: QEMU
@@ -271,12 +276,16 @@ class QemuDriver:
         limit = self.bounds.memory_limit_mb(spec.memory_mb, self._accel)
         argv = [*_scheduling(spec), *self.command_line(spec, runtime)]
         argv = await self.bounds.launch(spec.machine, spec.cpus, limit, argv)
+        log = self._log(spec.machine)
         try:
-            await run(*argv, timeout=30)
+            await launch.launch(argv, log)
         except CommandError as exc:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
+        sockets = [self._qmp(spec.machine), self._agent(spec.machine)]
+        await launch.started(self._pidfile(spec.machine), sockets, log, START_TIMEOUT)
         if self._read_pid(spec.machine) is None:
-            raise BootFailed("qemu started but is not running; see the VM's console.log")
+            words = launch.last_words(log) or "it is not running"
+            raise BootFailed(f"qemu started, then ended: {words}")
         self._qmp(spec.machine).chmod(0o600)
         self._agent(spec.machine).chmod(0o600)
         if spec.restore:
@@ -344,17 +353,19 @@ class QemuDriver:
         argv = processes.argv(pid)
         return pid if argv and _option(argv, "-name") == f"goldclone-{machine}" else None
 
-    async def _qemus(self) -> list[_Qemu]:
-        """Every live qemu of this driver, found in ``/proc`` by a worker thread."""
-        return await asyncio.to_thread(self._scan_qemus)
+    async def _qemus(self, waiters: bool = False) -> list[_Qemu]:
+        """Every live qemu of this driver (with ``waiters``, the shells that wait for them
+        instead), found in ``/proc`` by a worker thread."""
+        return await asyncio.to_thread(self._scan_qemus, waiters)
 
-    def _scan_qemus(self) -> list[_Qemu]:
+    def _scan_qemus(self, waiters: bool) -> list[_Qemu]:
         """Every live qemu of this driver: ``-name goldclone-<name>`` with its ``-pidfile`` in
-        that machine's folder, whether or not it has written its pidfile yet."""
+        that machine's folder, whether or not it has written its pidfile yet; or the shells
+        that ``launch`` left to wait for them, whose command line carries the same."""
         found = []
         for entry in Path("/proc").iterdir():
             argv = processes.argv(int(entry.name)) if entry.name.isdigit() else None
-            if argv is None:
+            if argv is None or launch.is_waiter(argv) != waiters:
                 continue
             machine = (_option(argv, "-name") or "").removeprefix("goldclone-")
             if is_vm_id(machine) and _option(argv, "-pidfile") == str(self._pidfile(machine)):
@@ -366,6 +377,7 @@ class QemuDriver:
             self._networks.wait_for_ip(_nic(runtime), timeout),
             lambda: self.is_running(runtime.machine),
             "the guest got an IP",
+            lambda: self.exit_reason(runtime.machine),
         )
 
     async def is_running(self, machine: str) -> bool:
@@ -399,7 +411,12 @@ class QemuDriver:
             await self.bounds.adopt(runtime.machine, pid, cpus, limit)
 
     async def exit_reason(self, machine: str) -> str | None:
-        return self.bounds.exit_reason(machine)
+        """Why ``machine``'s QEMU ended: the kernel's kill at its memory limit, or how it
+        ended and the last thing it said (``qemu.log``)."""
+        if (reason := self.bounds.exit_reason(machine)) is not None:
+            return reason
+        words = await launch.ended(self._log(machine))
+        return None if words is None else f"its QEMU ended: {words}"
 
     def disk_growth(self) -> int:
         return disks.growth_of_all(self._vms_dir)
@@ -431,6 +448,10 @@ class QemuDriver:
         for qemu in qemus:
             if qemu.pid != pid:
                 await processes.end(qemu.pid, (signal.SIGKILL,), KILL_GRACE)
+        # its shell writes how it ended into the folder: it goes first
+        for waiter in await self._qemus(waiters=True):
+            if waiter.machine == machine and not await processes.wait_exit(waiter.pid, KILL_GRACE):
+                await processes.end(waiter.pid, (signal.SIGKILL,), KILL_GRACE)
         await asyncio.to_thread(shutil.rmtree, self.vm_dir(machine), ignore_errors=True)
         await self.bounds.release(machine)
         if runtime:
