@@ -103,6 +103,7 @@ def test_qemu_gets_only_absolute_paths_whatever_the_services_working_folder() ->
     assert len(paths) == 7
     assert all(Path(path).is_absolute() for path in paths), paths
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
+    assert "spawn=deny" in argv[argv.index("-sandbox") + 1]  # no fork or exec, ever
     assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "512"]
     devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
     [nic] = [device for device in devices if device.startswith("virtio-net-pci,")]

@@ -259,14 +259,14 @@ class QemuDriver:
         write_atomically(self._metadata(spec.machine), metadata, 0o600)
 
     def _confinement(self, spec: MachineSpec) -> list[str]:
-        """seccomp (``spawn`` is left allowed, as under ``-daemonize`` before),
+        """seccomp, with no program of its own to start (``spawn=deny``),
         and an unprivileged user once QEMU has opened its files, tap and sockets.
 
         Not the user for a machine that makes a memory template or is restored from one: QEMU
         reopens its disks by path when it saves or loads a machine's state, which the
         unprivileged user cannot do in the owner-only folders (docs/design.md, known limits).
         """
-        sandbox = ["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]
+        sandbox = ["-sandbox", "on,obsolete=deny,resourcecontrol=deny,spawn=deny"]
         if self._run_as is None or spec.template is not None:
             return sandbox
         return [*sandbox, "-runas", self._run_as]
