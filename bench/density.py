@@ -74,7 +74,8 @@ def qemu_pss_mb(data_dir: Path) -> tuple[int, float]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-            if b"qemu-system" not in cmdline or marker not in cmdline:
+            # QEMU itself, not the shell that waits for it (whose command line is QEMU's too)
+            if b"qemu-system" not in cmdline.split(b"\0")[0] or marker not in cmdline:
                 continue
             rollup = (entry / "smaps_rollup").read_text()
         except OSError:

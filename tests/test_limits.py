@@ -85,8 +85,12 @@ async def test_twenty_creates_against_a_limit_of_eight(
         vms = [await goldclone.wait_for(vm["id"], "running", "error") for vm in accepted]
         assert [vm["status"] for vm in vms] == ["running"] * 8
         assert len({vm["ip_address"] for vm in vms}) == 8
-        qemus = [pid for pid in processes_mentioning(str(goldclone.data_dir.absolute()))
-                 if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        # QEMU itself, not the shell that waits for it (whose command line is QEMU's too)
+        qemus = [
+            pid
+            for pid in processes_mentioning(str(goldclone.data_dir.absolute()))
+            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        ]
         assert len(qemus) == 8 == len((await goldclone.client.get("/vms")).json()["vms"])
 
         refused_now = await goldclone.client.post("/vms", json=body)
