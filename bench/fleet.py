@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import describe, scratch, start
-from goldclone.models import parse_time
+from goldclone.clock import parse_time
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, serving
 from tests.postgres import PostgresCluster

@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 import httpx
 
 from goldclone import __version__
-from goldclone.models import VM, ImageSpec, now_s
+from goldclone.clock import now_s
+from goldclone.models import VM, ImageSpec
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id, signing_key
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service.deliveries import Deliveries

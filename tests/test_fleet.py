@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import jsonschema_rs
 
+from goldclone.clock import parse_time
 from goldclone.host import processes
-from goldclone.models import parse_time
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers

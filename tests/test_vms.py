@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from goldclone.drivers.qemu.qmp import qmp_execute
-from goldclone.models import MIN_MEMORY_MB
+from goldclone.fields import MIN_MEMORY_MB
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import (

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from typing import Final
+from typing import Final, Literal
 
 _DESTINATION = re.compile(r"(?P<network>[0-9./]+)(?::(?P<port>[0-9]{1,5}))?")
 
@@ -120,3 +120,20 @@ NO_EGRESS_RULES: Final = EgressPolicy()
 """The private ranges refused, and nothing else allowed or refused."""
 DEFAULT_REACH: Final = Reach()
 """No group, and the host's egress policy."""
+
+
+def reach_of(
+    tenant: str, network_group: str | None, egress: Literal["none"] | list[str] | None
+) -> Reach:
+    """The driver's ``Reach`` for a VM of ``tenant`` with ``network_group`` and ``egress``."""
+    group = tenant_group(tenant, network_group)
+    if egress is None:
+        return Reach(group)
+    destinations = () if egress == "none" else tuple(destination(d) for d in egress)
+    return Reach(group, destinations)
+
+
+def tenant_group(tenant: str, network_group: str | None) -> str | None:
+    """A ``network_group`` as the driver and placement know it: one tenant's, so that two
+    tenants that choose one name never reach each other."""
+    return None if network_group is None else f"{tenant}/{network_group}"

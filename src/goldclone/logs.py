@@ -8,7 +8,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from goldclone.models import rfc3339_ms
+from goldclone.clock import rfc3339_ms
 
 FORMATS = ("text", "json")
 

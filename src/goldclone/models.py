@@ -2,97 +2,46 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
-import struct
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import httpx
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    JsonValue,
     StrictBool,
     StrictInt,
     StrictStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from goldclone.access import DEFAULT_TENANT
-from goldclone.egress import Reach, destination
+from goldclone.fields import (
+    CHECKSUM_HEX_LENGTH,
+    DNS_LABEL_PATTERN,
+    HEX,
+    METADATA_MAX_ENTRIES,
+    USER_DATA_MAX_BYTES,
+    ChecksumType,
+    Count,
+    Egress,
+    HttpUrl,
+    MemoryMB,
+    MetadataKey,
+    NetworkGroup,
+    NetworkType,
+    Port,
+    SSHPublicKey,
+    StrictTrue,
+    check_metadata,
+    check_user_data,
+    checksum_variants,
+    dns_label,
+    http_url,
+)
 from goldclone.labels import Labels
-
-ChecksumType = Literal["md5", "sha1", "sha256", "sha512"]
-NetworkType = Literal["bridged", "nat", "hostonly"]
-
-CHECKSUM_HEX_LENGTH: dict[str, int] = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
-_HEX = re.compile(r"[0-9a-fA-F]+")
-# Printable ASCII only (a non-ASCII host name goes in its punycode form), written without
-# inline flags so that the OpenAPI schema can carry the same pattern.
-_PORT = r"([1-5]?[0-9]{1,4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-_H16 = "[0-9a-fA-F]{1,4}"
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
-_IPV6 = "|".join(
-    [
-        f"({_H16}:){{7}}{_H16}",
-        f"({_H16}:){{1,7}}:",
-        *(f"({_H16}:){{1,{7 - n}}}(:{_H16}){{1,{n}}}" for n in range(1, 7)),
-        f":((:{_H16}){{1,7}}|:)",
-        rf"::[fF]{{4}}:({_OCTET}\.){{3}}{_OCTET}",
-    ]
-)
-# A host name label has at most 63 characters.
-_HOST = r"[A-Za-z0-9_~-]{1,63}(\.[A-Za-z0-9_~-]{1,63})*\.?"
-_HTTP_URL_PATTERN = (
-    r"^[hH][tT][tT][pP][sS]?://([A-Za-z0-9._~%!$&'()*+,;=:-]+@)?"
-    rf"({_HOST}|\[({_IPV6})\])(:{_PORT})?([/?#][!-~]*)?$"
-)
-_HTTP_URL = re.compile(_HTTP_URL_PATTERN)
-
-
-def _http_url(url: str | None) -> str | None:
-    if url is None:
-        return None
-    try:
-        valid = bool(_HTTP_URL.match(url)) and bool(httpx.URL(url).host)
-    except httpx.InvalidURL:
-        valid = False
-    if not valid:
-        raise ValueError("must be an http:// or https:// URL of printable ASCII")
-    return url
-
-
-HttpUrl = Annotated[
-    StrictStr,
-    Field(min_length=1, max_length=4096, json_schema_extra={"pattern": _HTTP_URL_PATTERN}),
-]
-
-
-def _checksum_variants() -> list[JsonValue]:
-    """The checksum's length depends on its type; this says so in the JSON schema."""
-
-    def hex_of(length: int) -> JsonValue:
-        return {"type": "string", "pattern": f"^[0-9a-fA-F]{{{length}}}$"}
-
-    variants: list[JsonValue] = [
-        {"properties": {"checksum_type": {"const": kind}, "checksum": hex_of(length)},
-         "required": ["checksum_type"]}
-        for kind, length in CHECKSUM_HEX_LENGTH.items()
-    ]  # fmt: skip
-    variants.append(
-        {"properties": {"checksum": hex_of(CHECKSUM_HEX_LENGTH["sha256"])},
-         "not": {"required": ["checksum_type"]}}
-    )  # fmt: skip
-    return variants
+from goldclone.problems import FieldProblem
 
 
 class Status(StrEnum):
@@ -124,68 +73,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class FieldProblem(ValueError):
-    """A rule of a whole object that one of its fields breaks (a checksum too short for its
-    type): raised by a model validator, it is reported under that field, ``image.checksum``,
-    rather than under the object."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def explain_validation_error(exc: ValidationError) -> str:
-    """The API's message for a request that ``exc`` refused: each problem as its field's
-    dotted path and what is wrong with it, e.g. ``image.checksum: must be hexadecimal; cpus:
-    Input should be a valid integer``. The server and the CLI say the same with it."""
-    return explain_errors(exc.errors())
-
-
-def explain_errors(errors: Iterable[Mapping[str, Any]]) -> str:
-    """``explain_validation_error`` of pydantic's error details (``ValidationError.errors()``,
-    or FastAPI's, whose locations are relative to the body)."""
-    parts = []
-    for error in errors:
-        path = [str(part) for part in error.get("loc", ())]
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, FieldProblem):
-            path.append(cause.field)
-        parts.append(f"{'.'.join(path) or 'body'}: {_what_is_wrong(error, cause)}")
-    return "; ".join(parts)
-
-
-def _what_is_wrong(error: Mapping[str, Any], cause: object) -> str:
-    kind = error.get("type")
-    if kind == "extra_forbidden":
-        return "unknown field"
-    if kind == "missing":
-        return "is required"
-    if kind == "value_error" and isinstance(cause, ValueError):
-        return str(cause)  # pydantic's msg puts "Value error, " before it
-    return str(error.get("msg", "is invalid"))
-
-
-def explain_json_error(exc: json.JSONDecodeError) -> str:
-    """Where a JSON document breaks, and how: ``line 4, column 1: Illegal trailing comma
-    before end of object``."""
-    return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-
-
 class ImageSpec(_Strict):
     """Where a VM's image package comes from, and what it must hash to."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": _checksum_variants()})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": checksum_variants()})
 
     url: HttpUrl
     checksum: StrictStr
     checksum_type: ChecksumType = "sha256"
 
-    _url = field_validator("url")(_http_url)
+    _url = field_validator("url")(http_url)
 
     @field_validator("checksum")
     @classmethod
     def _hex(cls, checksum: str) -> str:
-        if not _HEX.fullmatch(checksum):
+        if not HEX.fullmatch(checksum):
             raise ValueError("must be hexadecimal")
         return checksum
 
@@ -206,25 +108,7 @@ class ImageSpec(_Strict):
         return f"{self.checksum_type}-{self.checksum.lower()}"
 
 
-Count = StrictInt
-"""A whole number, as JSON writes one: ``2.0``, ``"2"`` and ``true`` are not counts."""
-Port = Annotated[StrictInt, Field(ge=1, le=65535)]
-MIN_MEMORY_MB = 128
-"""The least memory a VM, template or pool machine may have. The demo guest boots with 80 MB
-under QEMU (with less, its kernel runs out of memory unpacking its initramfs, and panics);
-this leaves room for a larger kernel. A host may ask for more (``Limits.min_memory_mb``)."""
-MemoryMB = Annotated[Count, Field(ge=MIN_MEMORY_MB, description="Megabytes.")]
 _PATH = r"^/[!-~]*$"
-
-
-def _true(value: bool) -> bool:
-    if not value:
-        raise ValueError("must be true, or left out")
-    return value
-
-
-StrictTrue = Annotated[StrictBool, AfterValidator(_true), Field(json_schema_extra={"const": True})]
-"""``true`` itself: ``Literal[True]`` takes ``1`` and ``1.0`` too."""
 
 
 class HttpCheck(_Strict):
@@ -260,141 +144,6 @@ class ReadyWhen(_Strict):
         return "the guest agent"
 
 
-_DNS_LABEL_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_DNS_LABEL = re.compile(_DNS_LABEL_PATTERN)
-
-
-def is_dns_label(name: str) -> bool:
-    return _DNS_LABEL.fullmatch(name) is not None
-
-
-def _dns_label(name: str | None) -> str | None:
-    if name is not None and not is_dns_label(name):
-        raise ValueError(
-            "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', "
-            "not starting or ending with '-'"
-        )
-    return name
-
-
-SSH_KEY_TYPES = frozenset(
-    {
-        "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    }
-)  # fmt: skip
-
-
-def _ssh_public_key(key: str) -> str:
-    """An OpenSSH public key line, ``TYPE BASE64 [COMMENT]``, whose key data is whole: a
-    sequence of length-prefixed fields, the first naming the same type (every public key
-    format OpenSSH has is one). A private key, a fingerprint or a cut-off key is refused."""
-    fields = key.split(maxsplit=2)
-    if len(fields) < 2 or fields[0] not in SSH_KEY_TYPES:
-        raise ValueError(
-            "is not an OpenSSH public key: expected 'TYPE BASE64 [COMMENT]' with TYPE one of "
-            + ", ".join(sorted(SSH_KEY_TYPES))
-        )
-    try:
-        blob = base64.b64decode(fields[1], validate=True)
-    except binascii.Error:
-        raise ValueError("is not an OpenSSH public key: its key data is not base64") from None
-    parts = _ssh_fields(blob)
-    if parts is None or len(parts) < 2 or parts[0] != fields[0].encode():
-        raise ValueError(f"is not an OpenSSH public key: its key data is not a {fields[0]} key")
-    return key
-
-
-def _ssh_fields(blob: bytes) -> list[bytes] | None:
-    """``blob`` split into its length-prefixed fields, or None if it is not such a sequence."""
-    parts, at = [], 0
-    while at < len(blob):
-        if at + 4 > len(blob):
-            return None
-        (length,) = struct.unpack_from(">I", blob, at)
-        at += 4 + length
-        if at > len(blob):
-            return None
-        parts.append(blob[at - length : at])
-    return parts
-
-
-SSHPublicKey = Annotated[
-    StrictStr,
-    Field(min_length=1, max_length=2048, pattern=r"^[!-~][ -~]*$"),
-    AfterValidator(_ssh_public_key),
-]
-USER_DATA_MAX_BYTES = 32 * 1024
-METADATA_MAX_ENTRIES = 64
-METADATA_MAX_BYTES = 4096
-_METADATA_KEY_PATTERN = "^[a-z0-9._-]{1,128}$"
-MetadataKey = Annotated[StrictStr, Field(pattern=_METADATA_KEY_PATTERN)]
-RESERVED_METADATA_KEYS = ("metadata", "userdata", "vendordata")
-"""What cloud-init's VMware datasource reads from ``guestinfo``; a ``metadata`` key becomes
-``guestinfo.<key>`` there, so these (and keys below them) are refused on every driver."""
-
-
-def _check_user_data(user_data: str | None) -> str | None:
-    if user_data is None:
-        return None
-    if (size := len(user_data.encode())) > USER_DATA_MAX_BYTES:
-        raise ValueError(f"is {size} bytes; at most {USER_DATA_MAX_BYTES} are allowed")
-    if not user_data.startswith(("#cloud-config", "#!")):
-        raise ValueError("must be a #cloud-config document or a #! script")
-    return user_data
-
-
-def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    if (size := sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())) > (
-        METADATA_MAX_BYTES
-    ):
-        raise ValueError(
-            f"keys and values take {size} bytes; at most {METADATA_MAX_BYTES} are allowed"
-        )
-    for key in metadata:
-        if key.split(".")[0] in RESERVED_METADATA_KEYS:
-            raise ValueError(
-                f"key {key!r} is reserved: {', '.join(RESERVED_METADATA_KEYS)} and the keys "
-                "below them are what cloud-init reads from VMware's guestinfo"
-            )
-    return metadata
-
-
-_GROUP_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-NetworkGroup = Annotated[StrictStr, Field(pattern=_GROUP_PATTERN)]
-MAX_EGRESS = 32
-
-
-def _egress(value: Literal["none"] | list[str] | None) -> Literal["none"] | list[str] | None:
-    if isinstance(value, list):
-        return [str(destination(item)) for item in value]  # its ValueError names no value
-    return value
-
-
-Egress = Annotated[
-    Literal["none"] | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EGRESS)],
-    AfterValidator(_egress),
-]
-
-
-def reach_of(
-    tenant: str, network_group: str | None, egress: Literal["none"] | list[str] | None
-) -> Reach:
-    """The driver's ``Reach`` for a VM of ``tenant`` with ``network_group`` and ``egress``."""
-    group = tenant_group(tenant, network_group)
-    if egress is None:
-        return Reach(group)
-    destinations = () if egress == "none" else tuple(destination(d) for d in egress)
-    return Reach(group, destinations)
-
-
-def tenant_group(tenant: str, network_group: str | None) -> str | None:
-    """A ``network_group`` as the driver and placement know it: one tenant's, so that two
-    tenants that choose one name never reach each other."""
-    return None if network_group is None else f"{tenant}/{network_group}"
-
-
 MAX_WAIT = 300.0
 """The longest ``GET /vms/{id}?wait=true`` waits, in seconds."""
 StartMode = Literal["auto", "cold"]
@@ -418,7 +167,7 @@ class CreateVMRequest(_Strict):
     callback_url: HttpUrl | None = None
     ready_when: ReadyWhen | None = None
     """Without it, a VM is ready when its IP is known."""
-    name: Annotated[StrictStr, Field(json_schema_extra={"pattern": _DNS_LABEL_PATTERN})] | None = (
+    name: Annotated[StrictStr, Field(json_schema_extra={"pattern": DNS_LABEL_PATTERN})] | None = (
         None
     )
     """The guest's hostname, unique among the VMs that exist; without it, ``vm-`` and the
@@ -439,8 +188,8 @@ class CreateVMRequest(_Strict):
     """The lease, in seconds from now: the VM is destroyed when it ends, unless renewed. Left
     out, the server's default; 0 or null, no lease, where the server allows that."""
 
-    _callback_url = field_validator("callback_url")(_http_url)
-    _name = field_validator("name")(_dns_label)
+    _callback_url = field_validator("callback_url")(http_url)
+    _name = field_validator("name")(dns_label)
 
     @model_validator(mode="after")
     def _reach_fits_the_network(self) -> CreateVMRequest:
@@ -453,8 +202,8 @@ class CreateVMRequest(_Strict):
             raise ValueError('egress: only nat reaches beyond the host; use "none" or leave it out')
         return self
 
-    _user_data = field_validator("user_data")(_check_user_data)
-    _metadata = field_validator("metadata")(_check_metadata)
+    _user_data = field_validator("user_data")(check_user_data)
+    _metadata = field_validator("metadata")(check_metadata)
 
 
 class UpdateVMRequest(_Strict):
@@ -722,41 +471,3 @@ class HostList(BaseModel):
 
 class PoolList(BaseModel):
     pools: list[Pool]
-
-
-def now_ms() -> str:
-    """The current UTC time as RFC 3339 with milliseconds, e.g. ``2026-11-26T18:25:40.123Z``."""
-    return _utc_now("milliseconds")
-
-
-def in_ms(seconds: float) -> str:
-    """``now_ms`` of ``seconds`` from now."""
-    return rfc3339_ms(datetime.now(UTC) + timedelta(seconds=seconds))
-
-
-def parse_time(stamp: str) -> datetime:
-    """A time as ``now_ms`` and ``now_s`` write it."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def seconds_between(start: str, end: str) -> float:
-    """Seconds from one ``now_ms`` time to a later one."""
-    return (parse_time(end) - parse_time(start)).total_seconds()
-
-
-def seconds_until(stamp: str) -> float:
-    """Seconds from now until ``stamp`` (negative once it has passed)."""
-    return (parse_time(stamp) - datetime.now(UTC)).total_seconds()
-
-
-def rfc3339_ms(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def now_s() -> str:
-    """The current UTC time as RFC 3339 in whole seconds, e.g. ``2026-11-26T18:25:40Z``."""
-    return _utc_now("seconds")
-
-
-def _utc_now(timespec: str) -> str:
-    return datetime.now(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")

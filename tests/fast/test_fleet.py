@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone import logs
-from goldclone.models import seconds_until
+from goldclone.clock import seconds_until
 from goldclone.settings import Settings
 from goldclone.store.tables import vms
 from tests.fast.conftest import Service, image_of, serving

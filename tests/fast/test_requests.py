@@ -8,16 +8,16 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from goldclone.fields import MIN_MEMORY_MB
 from goldclone.models import (
-    MIN_MEMORY_MB,
     CreateVMRequest,
     HttpCheck,
     PoolRequest,
     ReadyWhen,
     TemplateRequest,
     UpdateVMRequest,
-    explain_validation_error,
 )
+from goldclone.problems import explain_validation_error
 from tests.fast.conftest import Service
 
 

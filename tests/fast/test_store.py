@@ -14,8 +14,9 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from goldclone.clock import now_ms, now_s
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
-from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry, now_ms, now_s
+from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry
 from goldclone.service import events
 from goldclone.store import (
     admissions,

@@ -48,9 +48,8 @@ from goldclone.models import (
     TemplateRequest,
     UpdateVMRequest,
     VMList,
-    explain_errors,
-    explain_json_error,
 )
+from goldclone.problems import explain_errors, explain_json_error
 from goldclone.service import VMService
 from goldclone.service.events import VMFilter
 from goldclone.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

@@ -29,6 +29,7 @@ from typing import Any, Protocol, cast
 
 import httpx
 
+from goldclone.clock import rfc3339_ms
 from goldclone.errors import (
     ImageInUse,
     ImageNotFound,
@@ -38,14 +39,7 @@ from goldclone.errors import (
 from goldclone.images.checks import DiskImage, inspect_package
 from goldclone.images.download import fetch
 from goldclone.images.unpack import UnpackLimits, unpack
-from goldclone.models import (
-    DownloadProgress,
-    ErrorBody,
-    Image,
-    ImageSpec,
-    ImageStatus,
-    rfc3339_ms,
-)
+from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
 
 log = logging.getLogger(__name__)
 

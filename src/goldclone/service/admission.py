@@ -14,22 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from goldclone.access import DEFAULT_TENANT
+from goldclone.clock import in_ms, now_ms, now_s
 from goldclone.drivers.base import Capabilities
-from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination
+from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination, tenant_group
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
+from goldclone.fields import MIN_MEMORY_MB
 from goldclone.guest.config import GuestConfig
-from goldclone.models import (
-    MIN_MEMORY_MB,
-    VM,
-    CreateVMRequest,
-    Phase,
-    ReadyWhen,
-    TimelineEntry,
-    in_ms,
-    now_ms,
-    now_s,
-    tenant_group,
-)
+from goldclone.models import VM, CreateVMRequest, Phase, ReadyWhen, TimelineEntry
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
 from goldclone.service.placement import chooser, full

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from goldclone.models import VM, in_ms, now_ms, seconds_until
+from goldclone.clock import in_ms, now_ms, seconds_until
+from goldclone.models import VM
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id
 from goldclone.store import delivery_records
 from goldclone.store.database import Database

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+from goldclone.clock import now_ms
 from goldclone.labels import matches
-from goldclone.models import VM, Status, now_ms
+from goldclone.models import VM, Status
 from goldclone.store import event_log
 from goldclone.store.database import Database
 from goldclone.store.event_log import Event, EventKind

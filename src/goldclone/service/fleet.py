@@ -23,17 +23,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from goldclone.clock import in_ms, now_ms
 from goldclone.errors import HostLost, StateConflict, VMNotFound
-from goldclone.models import (
-    VM,
-    Host,
-    HostState,
-    Phase,
-    Resources,
-    Status,
-    in_ms,
-    now_ms,
-)
+from goldclone.models import VM, Host, HostState, Phase, Resources, Status
 from goldclone.settings import Settings, host_memory_mb
 from goldclone.store import host_records, vm_records
 from goldclone.store.database import Database

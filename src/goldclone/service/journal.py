@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from goldclone.models import VM, Phase, seconds_between
+from goldclone.clock import seconds_between
+from goldclone.models import VM, Phase
 
 log = logging.getLogger("goldclone.vm")
 

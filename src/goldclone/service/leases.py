@@ -12,8 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from goldclone.clock import in_ms, now_ms
 from goldclone.errors import GoldcloneError, InvalidRequest, StateConflict, VMNotFound
-from goldclone.models import in_ms, now_ms
 from goldclone.settings import Settings
 from goldclone.store import vm_records
 from goldclone.store.database import Database

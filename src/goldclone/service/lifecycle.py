@@ -25,7 +25,7 @@ from goldclone.drivers.base import (
     TemplateFiles,
     package_kind,
 )
-from goldclone.egress import DEFAULT_REACH, Reach
+from goldclone.egress import DEFAULT_REACH, Reach, reach_of
 from goldclone.errors import (
     GoldcloneError,
     ImageUnsupported,
@@ -36,7 +36,7 @@ from goldclone.errors import (
 )
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
-from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status, reach_of
+from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.image_access import ImageAccess
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up

@@ -20,7 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from goldclone.models import VM, Image, ImageStatus, Phase, Status, seconds_between
+from goldclone.clock import seconds_between
+from goldclone.models import VM, Image, ImageStatus, Phase, Status
 from goldclone.service.catalog import cache_bytes
 from goldclone.settings import Limits
 from goldclone.store.host_records import Held

@@ -18,18 +18,13 @@ import contextlib
 import logging
 import uuid
 
+from goldclone.clock import now_s
 from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import GoldcloneError, InvalidRequest, PoolNotFound
+from goldclone.fields import is_dns_label
 from goldclone.guest.config import GuestConfig, needs_first_boot
 from goldclone.images.cache import ImageCache
-from goldclone.models import (
-    CreateVMRequest,
-    ErrorBody,
-    Pool,
-    PoolRequest,
-    is_dns_label,
-    now_s,
-)
+from goldclone.models import CreateVMRequest, ErrorBody, Pool, PoolRequest
 from goldclone.service.admission import Admission
 from goldclone.service.machines import bring_up
 from goldclone.service.templates import Templates

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from goldclone.clock import now_s
 from goldclone.drivers.base import Driver, MachineSpec, Runtime, TemplateFiles
 from goldclone.errors import (
     GoldcloneError,
@@ -39,7 +40,6 @@ from goldclone.models import (
     Template,
     TemplateRequest,
     TemplateStatus,
-    now_s,
 )
 from goldclone.polling import until
 from goldclone.service.admission import Admission

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.models import now_ms
+from goldclone.clock import now_ms
 from goldclone.store.database import Database
 from goldclone.store.tables import image_checksums as _checksums
 

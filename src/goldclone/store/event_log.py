@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.models import now_ms
+from goldclone.clock import now_ms
 from goldclone.store.tables import events as _events
 
 WINDOW = 10_000

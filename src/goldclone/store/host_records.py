@@ -10,8 +10,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from goldclone.clock import now_ms
+from goldclone.egress import tenant_group
 from goldclone.errors import HostLost, HostNotFound, HostUp
-from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry, now_ms, tenant_group
+from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry
 from goldclone.store import pool_records, template_records, vm_records
 from goldclone.store.tables import cleanups as _cleanups
 from goldclone.store.tables import deliveries as _deliveries

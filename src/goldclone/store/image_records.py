@@ -7,7 +7,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.models import now_ms
+from goldclone.clock import now_ms
 from goldclone.store.tables import image_sources as _sources
 from goldclone.store.tables import public_images as _public
 

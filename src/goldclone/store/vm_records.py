@@ -11,8 +11,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from goldclone.clock import now_ms
 from goldclone.errors import NameConflict, StateConflict, VMNotFound
-from goldclone.models import VM, Phase, Status, TimelineEntry, now_ms
+from goldclone.models import VM, Phase, Status, TimelineEntry
 from goldclone.store import event_log
 from goldclone.store.database import note_phase
 from goldclone.store.event_log import EventKind

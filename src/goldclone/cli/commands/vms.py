@@ -11,7 +11,8 @@ from pydantic import BaseModel, ValidationError
 from goldclone.cli.commands import Context, UsageError, address_of, pairs
 from goldclone.cli.exits import Exit
 from goldclone.client import APIError
-from goldclone.models import VM, CreateVMRequest, Status, UpdateVMRequest, explain_validation_error
+from goldclone.models import VM, CreateVMRequest, Status, UpdateVMRequest
+from goldclone.problems import explain_validation_error
 
 _Request = TypeVar("_Request", bound=BaseModel)
 
