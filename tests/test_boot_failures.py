@@ -6,6 +6,7 @@ boots), the way a broken host or a crashing QEMU would."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,5 +68,6 @@ async def test_a_qemu_killed_as_its_guest_boots_says_so_and_its_console_outlives
         assert leftovers(goldclone.data_dir, vm) == []  # its folder too, console and all
         console = await goldclone.client.get(f"/vms/{vm['id']}/console")
         assert console.status_code == 200 and console.text.strip(), console.text
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", console.text)  # as any console
         await goldclone.delete(vm["id"])  # the kept console goes with the VM
         assert (await goldclone.client.get(f"/vms/{vm['id']}/console")).status_code == 404

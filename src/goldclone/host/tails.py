@@ -46,3 +46,13 @@ def keep_tail(path: Path, most: int) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def read_end(path: Path, size: int) -> bytes | None:
+    """The last ``size`` bytes of ``path``; ``None`` if there is no such file. Blocking."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - size))
+            return file.read()
+    except FileNotFoundError:
+        return None

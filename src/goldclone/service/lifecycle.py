@@ -35,8 +35,10 @@ from goldclone.errors import (
     VMNotFound,
 )
 from goldclone.guest.config import GuestConfig
+from goldclone.host.tails import read_end
 from goldclone.images.cache import GoldImage, ImageCache
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status
+from goldclone.service import console
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.image_access import ImageAccess
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
@@ -299,7 +301,8 @@ class Lifecycle:
         path = self._driver.console_path(await self.machine(vm_id))
         if path is None:
             return None
-        return await asyncio.to_thread(_end_of, path, CONSOLE_KEPT)
+        end = await asyncio.to_thread(read_end, path, CONSOLE_KEPT)
+        return None if end is None else console.printable(end.decode(errors="replace"))
 
     async def teardown(self, vm_id: str, graceful: bool = False) -> None:
         """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
@@ -472,15 +475,6 @@ class Lifecycle:
     def _public(self, message: str) -> str:
         """``message`` without the host's data dir path in it."""
         return message.replace(str(Path(self._settings.data_dir).absolute()), "$DATA_DIR")
-
-
-def _end_of(path: Path, size: int) -> str | None:
-    try:
-        with path.open("rb") as file:
-            file.seek(max(0, file.seek(0, 2) - size))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return None
 
 
 def _reach(vm: VM) -> Reach:

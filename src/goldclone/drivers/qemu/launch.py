@@ -15,6 +15,7 @@ from pathlib import Path
 from goldclone.errors import BootFailed
 from goldclone.host import processes
 from goldclone.host.commands import run
+from goldclone.host.tails import read_end
 from goldclone.polling import until
 
 WAITER = "goldclone-qemu-waiter"
@@ -67,12 +68,10 @@ async def ended(log: Path, wait: float = 1.0) -> str | None:
 def last_words(log: Path) -> str | None:
     """How the QEMU of ``log`` ended and the last thing it said, once it has ended; ``None``
     while it runs (or if it left no log)."""
-    try:
-        with log.open("rb") as file:
-            file.seek(max(0, file.seek(0, 2) - TAIL_BYTES))
-            lines = file.read().decode(errors="replace").splitlines()
-    except FileNotFoundError:
+    end = read_end(log, TAIL_BYTES)
+    if end is None:
         return None
+    lines = end.decode(errors="replace").splitlines()
     ended = [i for i, line in enumerate(lines) if line.startswith(ENDED)]
     if not ended:
         return None
