@@ -44,7 +44,7 @@ class ImageAccess:
     async def ready(self, image_id: str) -> None:
         """The image ``image_id`` is ready: remember the tenants whose URL it was fetched
         from."""
-        content = self._images.content(image_id) or self._images.resolve(image_id)
+        content = self._package(image_id)
         for key, asked in list(self._asked.items()):
             if self._images.resolve(key) != self._images.resolve(image_id):
                 continue
@@ -56,7 +56,7 @@ class ImageAccess:
         """Make sure that ``tenant``, which names the gold image of ``spec`` (in the cache now),
         has shown it has its package, checking ``spec``'s URL if need be, and remember it.
         Raises ``DownloadFailed`` or ``ChecksumMismatch`` when the URL does not give it."""
-        content = self._package(spec)
+        content = self._package(spec.key)
         url = _url_sha256(spec.url)
         shown = await self._shown(spec, content, url, tenant)
         if not shown and await self._images.verify(spec) != content:
@@ -69,7 +69,7 @@ class ImageAccess:
         """Whether ``tenant``'s VM that names ``spec`` may take a pooled machine of its image
         now, without a check of its URL."""
         return self._images.content(spec.key) is not None and await self._shown(
-            spec, self._package(spec), _url_sha256(spec.url), tenant
+            spec, self._package(spec.key), _url_sha256(spec.url), tenant
         )
 
     async def seen_by(self, tenant: str | None) -> set[str] | None:
@@ -94,13 +94,13 @@ class ImageAccess:
 
     async def set_public(self, image_id: str, public: bool) -> None:
         """Make the package of the image ``image_id`` every tenant's, or not."""
-        content = self._images.content(image_id) or self._images.resolve(image_id)
+        content = self._package(image_id)
         await self._db.write(lambda conn: image_records.set_public(conn, content, public))
 
-    def _package(self, spec: ImageSpec) -> str:
-        """What names the package of ``spec``'s gold image: its sha256, or for an image fetched
-        before gold images kept it, the image's ID."""
-        return self._images.content(spec.key) or self._images.resolve(spec.key)
+    def _package(self, key: str) -> str:
+        """What names the package of the gold image that ``key`` names: its sha256, or for an
+        image fetched before gold images kept it, the image's ID."""
+        return self._images.content(key) or self._images.resolve(key)
 
     async def _remember(self, content: str, url: str, tenant: str) -> None:
         if (content, url, tenant) not in self._remembered:
