@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 
+from goldclone import settings_sources
 from goldclone.demo.image import build_demo_image
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.network import Networks
-from goldclone.settings import Settings
 from tests.netns import foreign_network
 from tests.servers import FileServer
 
@@ -204,7 +204,9 @@ async def serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
             process.kill()
             process.wait()
         await server.client.aclose()
-        networks = Networks(Settings.from_env(env).network, data_dir.absolute() / "networks")
+        networks = Networks(
+            settings_sources.from_env(env).network, data_dir.absolute() / "networks"
+        )
         driver = QemuDriver(data_dir, networks, QEMU)
         await driver.bounds.prepare()  # so that a guest's cgroups go with it
         vms = data_dir / "vms"

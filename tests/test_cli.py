@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.settings import Settings
+from goldclone import settings_sources
 from tests.serving import GOLDCLONE, free_port, serve_until_answering
 
 
@@ -45,7 +45,7 @@ def test_a_bad_setting_is_a_clear_usage_error() -> None:
 
 
 def test_settings_read_every_network_variable() -> None:
-    settings = Settings.from_env(
+    settings = settings_sources.from_env(
         {
             "GOLDCLONE_NAT_BRIDGE": "natbr",
             "GOLDCLONE_NAT_SUBNET": "10.1.0.0/24",
@@ -60,7 +60,7 @@ def test_settings_read_every_network_variable() -> None:
     assert settings.network.bridged_bridge == "br0"
     assert settings.ip_timeout == 7.5
     with pytest.raises(ValueError, match="GOLDCLONE_NAT_SUBNET"):
-        Settings.from_env({"GOLDCLONE_NAT_SUBNET": "10.1.0.1/33"})
+        settings_sources.from_env({"GOLDCLONE_NAT_SUBNET": "10.1.0.1/33"})
 
 
 def test_serving_beyond_loopback_without_tokens_warns_loudly(workdir: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from goldclone import settings_sources
 from goldclone.drivers.qemu.network import Networks
 from goldclone.settings import Settings
 from tests.conftest import checksum
@@ -47,7 +48,7 @@ def test_the_unit_serves_the_example_config_and_keeps_guests_across_restarts() -
     assert _directive("ExecStart") == f"{INSTALLED} serve --config /etc/goldclone/goldclone.toml"
     assert _directive("KillMode") == "process"
     assert _directive("StateDirectory") == "goldclone"
-    settings = Settings.load(CONTRIB / "goldclone.toml", {})
+    settings = settings_sources.load(CONTRIB / "goldclone.toml", {})
     assert settings.data_dir == Path("/var/lib/goldclone")
 
 

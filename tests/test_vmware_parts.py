@@ -11,13 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from goldclone import settings_sources
 from goldclone.drivers.base import MachineSpec
 from goldclone.drivers.vmware import clonevmx, vmnet_leases
 from goldclone.drivers.vmware.vmrun import error_line, failure
 from goldclone.errors import CommandError, VMConflict
 from goldclone.guest.config import GuestConfig
 from goldclone.images.vmx import VmxFile
-from goldclone.settings import DEFAULT_LEASE_FILES, Settings
+from goldclone.settings import DEFAULT_LEASE_FILES
 
 NOW = datetime(2026, 11, 26, 18, 30, tzinfo=UTC)
 LEASES = """\
@@ -248,7 +249,7 @@ def test_vmrun_lock_errors_are_conflicts_without_paths(line: str) -> None:
 
 
 def test_settings_from_the_environment() -> None:
-    s = Settings.from_env(
+    s = settings_sources.from_env(
         {
             "GOLDCLONE_DRIVER": "vmware",
             "GOLDCLONE_VMRUN": "/opt/vmrun",
@@ -262,7 +263,7 @@ def test_settings_from_the_environment() -> None:
         "/opt/vmrun", "fusion", False,
     )  # fmt: skip
     assert s.vmware.lease_files == (Path("/a.leases"), Path("/b.leases"))
-    assert Settings.from_env({}).driver == "qemu"
+    assert settings_sources.from_env({}).driver == "qemu"
 
 
 @pytest.mark.parametrize(
@@ -275,4 +276,4 @@ def test_settings_from_the_environment() -> None:
 )
 def test_bad_settings_name_their_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable):
-        Settings.from_env({variable: value})
+        settings_sources.from_env({variable: value})

@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
+from goldclone import settings_sources
 from goldclone.access import Access, Role, Token, digest_of
 from goldclone.conversions import named_tokens
 from goldclone.models import VM, ImageSpec, Status
 from goldclone.polling import until
 from goldclone.service.events import VMFilter
-from goldclone.settings import Settings, SettingsError
+from goldclone.settings import Settings
+from goldclone.settings_sources import SettingsError
 from goldclone.store.event_log import Event, EventKind
 from tests.fast.conftest import DISK, Service, image_of, serving
 from tests.servers import FileServer
@@ -189,7 +191,7 @@ def test_tokens_are_read_from_the_config_file_by_the_hash_of_their_secret(tmp_pa
     secret = "a-token-secret-of-some-length"
     config = tmp_path / "goldclone.toml"
     config.write_text(f'[tokens.ci-a]\nsha256 = "{digest_of(secret)}"\nrole = "user"\n')
-    settings = Settings.load(config, env={})
+    settings = settings_sources.load(config, env={})
     [token] = settings.tokens
     assert (token.name, token.role, token.tenant) == ("ci-a", Role.USER, "ci-a")
     principal = Access(settings.tokens).principal(secret.encode())
@@ -213,7 +215,7 @@ def test_a_bad_token_table_is_refused_with_its_reason(table: dict[str, Any], rea
     with pytest.raises(ValueError, match=reason):
         named_tokens(table)
     with pytest.raises(SettingsError, match="GOLDCLONE_TOKENS"):
-        Settings.from_env({"GOLDCLONE_TOKENS": json.dumps(table)})
+        settings_sources.from_env({"GOLDCLONE_TOKENS": json.dumps(table)})
 
 
 async def _boot(service: Service, body: dict[str, Any], name: str) -> dict[str, Any]:

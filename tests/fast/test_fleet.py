@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from goldclone import logs
+from goldclone import logs, settings_sources
 from goldclone.clock import seconds_until
 from goldclone.settings import Settings
 from goldclone.store.tables import vms
@@ -304,5 +304,5 @@ def test_json_lines_are_one_object_per_line_with_a_utc_time() -> None:
 
 def test_a_default_lease_past_the_maximum_is_a_settings_error() -> None:
     with pytest.raises(ValueError, match="GOLDCLONE_DEFAULT_TTL"):
-        Settings.from_env({"GOLDCLONE_DEFAULT_TTL": "100", "GOLDCLONE_MAX_TTL": "50"})
-    assert Settings.from_env({"GOLDCLONE_MAX_TTL": "100000"}).max_ttl == 100000
+        settings_sources.from_env({"GOLDCLONE_DEFAULT_TTL": "100", "GOLDCLONE_MAX_TTL": "50"})
+    assert settings_sources.from_env({"GOLDCLONE_MAX_TTL": "100000"}).max_ttl == 100000

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.settings import (
+from goldclone import settings_sources
+from goldclone.settings import Settings
+from goldclone.settings_sources import (
     CONFIG_VARIABLE,
     SETTINGS,
-    Settings,
     SettingsError,
     describe_settings,
 )
@@ -23,7 +24,7 @@ TOKEN = "a-token-of-sixteen-or-more"
 def _load(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> Settings:
     config = tmp_path / "goldclone.toml"
     config.write_text(toml)
-    return Settings.load(config, env or {})
+    return settings_sources.load(config, env or {})
 
 
 def _error(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> str:
@@ -51,8 +52,8 @@ def test_a_file_takes_toml_types_and_the_variables_text_alike(
     variable = next(setting.variable for setting in SETTINGS if setting.key == key)
     from_types = _load(tmp_path, f"{key} = {toml}\n")
     from_text = _load(tmp_path, f"{key} = {text!r}\n")
-    from_env = Settings.from_env({variable: text})
-    assert from_types == from_text == from_env != Settings.from_env({})
+    from_env = settings_sources.from_env({variable: text})
+    assert from_types == from_text == from_env != settings_sources.from_env({})
 
 
 def test_every_setting_with_a_variable_can_be_set_in_the_file(tmp_path: Path) -> None:
@@ -79,9 +80,9 @@ def test_goldclone_config_names_the_file_unless_one_is_given(tmp_path: Path) -> 
     named, given = tmp_path / "named.toml", tmp_path / "given.toml"
     named.write_text("port = 1111\n")
     given.write_text("port = 2222\n")
-    assert Settings.load(env={CONFIG_VARIABLE: str(named)}).port == 1111
-    assert Settings.load(given, {CONFIG_VARIABLE: str(named)}).port == 2222
-    assert Settings.load(env={}).port == Settings().port
+    assert settings_sources.load(env={CONFIG_VARIABLE: str(named)}).port == 1111
+    assert settings_sources.load(given, {CONFIG_VARIABLE: str(named)}).port == 2222
+    assert settings_sources.load(env={}).port == Settings().port
 
 
 def test_an_unknown_key_is_named_with_the_file_and_a_suggestion(tmp_path: Path) -> None:
@@ -105,10 +106,10 @@ def test_a_bad_value_names_the_file_the_key_and_the_reason(tmp_path: Path) -> No
 
 def test_a_bad_variable_names_the_variable() -> None:
     with pytest.raises(SettingsError, match=r"^PORT='twelve': must be a whole number$"):
-        Settings.from_env({"PORT": "twelve"})
+        settings_sources.from_env({"PORT": "twelve"})
     with pytest.raises(ValueError, match="GOLDCLONE_IP_TIMEOUT='-1': must be"):
-        Settings.from_env({"GOLDCLONE_IP_TIMEOUT": "-1"})
-    assert Settings.from_env({"PORT": ""}).port == Settings().port  # empty is unset
+        settings_sources.from_env({"GOLDCLONE_IP_TIMEOUT": "-1"})
+    assert settings_sources.from_env({"PORT": ""}).port == Settings().port  # empty is unset
 
 
 def test_a_syntax_error_names_the_file_and_the_line(tmp_path: Path) -> None:
@@ -119,10 +120,10 @@ def test_a_syntax_error_names_the_file_and_the_line(tmp_path: Path) -> None:
 
 def test_an_unreadable_file_is_a_settings_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"missing\.toml: cannot read it"):
-        Settings.load(tmp_path / "missing.toml", {})
+        settings_sources.load(tmp_path / "missing.toml", {})
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")
     with pytest.raises(SettingsError, match="not UTF-8"):
-        Settings.load(tmp_path / "binary.toml", {})
+        settings_sources.load(tmp_path / "binary.toml", {})
 
 
 def test_a_check_across_settings_is_a_settings_error(tmp_path: Path) -> None:
@@ -152,21 +153,21 @@ def test_a_bad_secret_in_a_file_is_never_shown(tmp_path: Path, key: str) -> None
 @pytest.mark.parametrize("variable", ["GOLDCLONE_API_TOKENS", "GOLDCLONE_METRICS_TOKENS"])
 def test_a_too_short_token_is_never_shown(variable: str) -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env({variable: f"{TOKEN},short-one"})
+        settings_sources.from_env({variable: f"{TOKEN},short-one"})
     assert str(caught.value) == f"{variable}: each token needs at least 16 characters"
 
 
 def test_a_database_url_sqlalchemy_cannot_parse_is_refused_without_its_password() -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env({"GOLDCLONE_DATABASE_URL": f"goldclone:{SECRET}@db/goldclone"})
+        settings_sources.from_env({"GOLDCLONE_DATABASE_URL": f"goldclone:{SECRET}@db/goldclone"})
     assert str(caught.value).startswith("GOLDCLONE_DATABASE_URL: must be an SQLAlchemy URL")
     assert SECRET not in str(caught.value)
     url = "postgresql+asyncpg://goldclone:pw@db/goldclone"
-    assert Settings.from_env({"GOLDCLONE_DATABASE_URL": url}).db_url == url
+    assert settings_sources.from_env({"GOLDCLONE_DATABASE_URL": url}).db_url == url
 
 
 def test_the_settings_repr_leaves_the_secrets_out() -> None:
-    settings = Settings.from_env(
+    settings = settings_sources.from_env(
         {
             "GOLDCLONE_API_TOKENS": TOKEN,
             "GOLDCLONE_METRICS_TOKENS": SECRET,

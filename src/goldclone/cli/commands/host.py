@@ -23,10 +23,11 @@ DEMO_PACKAGE = "goldclone-demo.tar.gz"
 def settings_of(args: argparse.Namespace) -> Settings:
     """The settings: the defaults, then the config file, the environment, and the options
     (each wins over those before); a bad one is a usage error naming it."""
-    from goldclone.settings import Settings, SettingsError
+    from goldclone import settings_sources
+    from goldclone.settings_sources import SettingsError
 
     try:
-        settings = Settings.load(getattr(args, "config", None))
+        settings = settings_sources.load(getattr(args, "config", None))
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
     overrides = {
@@ -62,7 +63,7 @@ def doctor(ctx: Context) -> Exit:
 
 def settings_help() -> str:
     """Every setting, for ``serve --help``: its variable, its config file key, its default."""
-    from goldclone.settings import describe_settings
+    from goldclone.settings_sources import describe_settings
 
     lines = ["settings (environment variable, config file key, default):"]
     for setting in describe_settings():
