@@ -19,7 +19,7 @@ import pytest
 
 from goldclone.drivers.base import MachineSpec, TemplateFiles
 from goldclone.drivers.qemu import QemuDriver
-from goldclone.drivers.qemu.driver import GUEST_NICE
+from goldclone.drivers.qemu.command import GUEST_NICE
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.guest.config import GuestConfig
 from goldclone.images.cache import GoldImage, ImageCache
