@@ -135,7 +135,7 @@ async def rule_changes(count: int) -> None:
         try:
             attached = [await networks.attach("nat", f"vm-{i}", Reach(group="g"))
                         for i in range(count)]  # fmt: skip
-            wall = networks.wall("nat")
+            wall = networks.walls.wall("nat")
             guards = [firewall.Guard(a.tap, a.mac, IPv4Address(a.ip), "g") for a in attached]
             puts, takes = [], []
             for guard in guards:
@@ -176,9 +176,9 @@ async def throughput(runs: int, megabytes: int) -> None:
                     names = ["with rules", "without"]
                     for name in names if round_ % 2 == 0 else names[::-1]:
                         if name == "without":
-                            await firewall.remove(networks.wall("nat"))
+                            await firewall.remove(networks.walls.wall("nat"))
                         else:
-                            await networks.rewrite("nat")
+                            await networks.walls.rewrite("nat")
                         sink = await asyncio.create_subprocess_exec(
                             "ip", "netns", "exec", ns_b, sys.executable, "-c", SINK,
                             stdout=asyncio.subprocess.PIPE)  # fmt: skip

@@ -327,7 +327,7 @@ async def test_rules_come_and_go_with_the_tap_and_are_mended_when_lost(
     world: str, guests: Guests, tmp_path: Path
 ) -> None:
     networks = guests.networks
-    wall = networks.wall("nat")
+    wall = networks.walls.wall("nat")
     a, in_a = await guests.add("vm-a")
     b, _ = await guests.add("vm-b")
     assert await firewall.guarded(wall) == {a.tap, b.tap}
@@ -412,6 +412,6 @@ async def test_on_a_bridged_network_a_guest_keeps_its_own_mac_and_address(
 async def drops_in(networks: Networks, attachment: Attachment) -> dict[str, int]:
     """The packets of ``attachment``'s own rules dropped so far, as the service counts them."""
     await networks.count()
-    found = networks.dropped(attachment.tap)
+    found = networks.walls.dropped(attachment.tap)
     assert found is not None
     return found

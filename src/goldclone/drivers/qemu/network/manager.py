@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import secrets
 import shutil
 import time
 import uuid
@@ -16,10 +15,11 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Literal
 
-from goldclone.drivers.qemu.network import bridge, dnsmasq_leases, firewall
+from goldclone.drivers.qemu.network import addresses, bridge, dnsmasq_leases, firewall
 from goldclone.drivers.qemu.network.attachment import Attachment
+from goldclone.drivers.qemu.network.bridged import BridgedAddresses
 from goldclone.drivers.qemu.network.dnsmasq import Dnsmasq
-from goldclone.drivers.qemu.network.sniffer import DhcpAckSniffer
+from goldclone.drivers.qemu.network.walls import Walls
 from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import DriverUnavailable, InvalidRequest, IPTimeout, NetworkFailed
 from goldclone.polling import until
@@ -29,7 +29,6 @@ from goldclone.settings import (
     NETWORK_TYPES,
     OWNED_TYPES,
     NetworkConfig,
-    dhcp_range,
     host_address,
 )
 
@@ -39,7 +38,6 @@ LEASE_POLL = 0.1
 LABEL = "goldclone "
 """The start of the alias of every bridge and tap a goldclone service makes; the rest is its
 network state dir, which names its data dir."""
-BRIDGED_POLL = 1.0
 TAP_PREFIX = "gc"
 HOSTS_ROOT = Path("/run/goldclone")
 """Where the DHCP servers' fixed addresses live (see ``Dnsmasq.hosts_dir``): one folder per
@@ -76,22 +74,6 @@ async def _vm_taps_on(bridge_name: str) -> list[str]:
     return [port for port in await bridge.ports(bridge_name) if _OUR_TAP.fullmatch(port)]
 
 
-def _guard(attachment: Attachment) -> firewall.Guard:
-    reach = attachment.reach
-    return firewall.Guard(
-        attachment.tap,
-        attachment.mac,
-        IPv4Address(attachment.ip) if attachment.ip else None,
-        reach.group,
-        reach.egress,
-    )
-
-
-def _random_mac() -> str:
-    tail = secrets.token_bytes(3)
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
-
-
 class Networks:
     """The guest networks of one service, with their state in ``state_dir/<network type>/``.
 
@@ -109,54 +91,8 @@ class Networks:
         self._locks = {t: asyncio.Lock() for t in OWNED_TYPES}
         self._up: set[str] = set()
         self._attached: dict[str, Attachment] = {}
-        self._sniffers: dict[str, DhcpAckSniffer] = {}
-        self._wall_locks: dict[str, asyncio.Lock] = {}
-        """Held while a network's rules change, so that a full rewrite from ``_attached``
-        and one guest's change are never interleaved."""
-        self._bridged_walled = False
-        self._drops = firewall.Drops()
-
-    def wall(self, network_type: str) -> firewall.Wall:
-        """The rules of ``network_type``'s network (see ``firewall``)."""
-        name = self._bridge(network_type)
-        suffix = ""
-        if network_type == BRIDGED:  # not ours alone: another service may use the same bridge
-            suffix = "_" + hashlib.sha256(self.label.encode()).hexdigest()[:8]
-        return firewall.Wall(
-            name,
-            network_type,
-            firewall.table_name(name, suffix),
-            self.config.guest_host_ports,
-            self.config.egress,
-        )
-
-    def _guards(self, bridge_name: str) -> list[firewall.Guard]:
-        return [_guard(a) for a in self._attached.values() if a.bridge == bridge_name]
-
-    async def rewrite(self, network_type: str) -> None:
-        """Write ``network_type``'s rules whole, from the guests attached to it."""
-        wall = self.wall(network_type)
-        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
-            subnet = self.config.subnet(network_type) if wall.owned else None
-            await firewall.apply(wall, subnet, self._guards(wall.bridge))
-
-    async def _put_guard(self, attachment: Attachment, replacing: Attachment | None = None) -> None:
-        """Put ``attachment``'s rules in place of those of ``replacing``."""
-        wall = self.wall(attachment.network_type)
-        if attachment.network_type == BRIDGED and not self._bridged_walled:
-            await self.rewrite(BRIDGED)
-            self._bridged_walled = True
-            return
-        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
-            old = _guard(replacing) if replacing is not None else None
-            await firewall.guard(wall, _guard(attachment), self._guards(wall.bridge), old)
-
-    async def _drop_guard(self, attachment: Attachment) -> None:
-        wall = self.wall(attachment.network_type)
-        if attachment.network_type == BRIDGED and not self._bridged_walled:
-            return
-        async with self._wall_locks.setdefault(wall.bridge, asyncio.Lock()):
-            await firewall.unguard(wall, _guard(attachment), self._guards(wall.bridge))
+        self._bridged = BridgedAddresses(config.bridged_lease_file)
+        self.walls = Walls(config, self.label, self._attached, self._bridge)
 
     def dnsmasq(self, network_type: str) -> Dnsmasq:
         """Return the DHCP server of owned network ``network_type`` (running or not)."""
@@ -234,7 +170,7 @@ class Networks:
         await bridge.set_alias(name, self.label)
         if network_type == NAT:
             firewall.enable_forwarding()
-        await self.rewrite(network_type)
+        await self.walls.rewrite(network_type)
         found = await bridge.link(name)
         assert found is not None  # just made
         await self.dnsmasq(network_type).start(found.index)
@@ -262,7 +198,7 @@ class Networks:
         return _Fault(None, None)
 
     async def _unguarded(self, network_type: str) -> list[str]:
-        guarded = await firewall.guarded(self.wall(network_type))
+        guarded = await firewall.guarded(self.walls.wall(network_type))
         return sorted(set(await _vm_taps_on(self._bridge(network_type))) - (guarded or set()))
 
     async def unguarded(self) -> dict[str, list[str]]:
@@ -347,7 +283,7 @@ class Networks:
         tap = tap_name(machine)
         if await bridge.link_exists(tap):
             raise NetworkFailed(f"tap {tap} for VM {machine} already exists")
-        mac = await self._new_mac()
+        mac = await addresses.new_mac((a.mac for a in self._attached.values()), self._lease_files())
         ip = self._new_ip(network_type) if network_type in OWNED_TYPES else None
         attachment = Attachment(machine, network_type, mac, name, tap, str(ip or ""),
                                 **reach.record())  # fmt: skip
@@ -355,13 +291,13 @@ class Networks:
         try:
             if ip is not None:
                 self.dnsmasq(network_type).fix(mac, ip)
-            await self._put_guard(attachment)  # before the tap, so its first frame is checked
+            await self.walls.put(attachment)  # before the tap, so its first frame is checked
             await bridge.add_tap(tap, name, self.label)
             if network_type == BRIDGED:
-                self._watch(attachment)
+                self._bridged.watch(attachment)
         except BaseException:
             del self._attached[tap]
-            await self._drop_guard(attachment)
+            await self.walls.drop(attachment)
             if network_type in OWNED_TYPES:
                 await self.dnsmasq(network_type).release(mac)
             raise
@@ -374,33 +310,16 @@ class Networks:
         changed = replace(current, **reach.record())
         self._attached[attachment.tap] = changed
         try:
-            await self._put_guard(changed, replacing=current)
+            await self.walls.put(changed, replacing=current)
         except BaseException:
             self._attached[attachment.tap] = current
             raise
         return replace(attachment, **reach.record())
 
-    def dropped(self, tap: str) -> dict[str, int] | None:
-        """What the rules of the guest on ``tap`` dropped of what it sent, by reason, as of the
-        last ``count``; ``None`` when it has no rules here."""
-        known = self._attached.get(tap)
-        if known is None:
-            return None
-        zeros = dict.fromkeys(firewall.own_reasons(self.wall(known.network_type), _guard(known)), 0)
-        return zeros | self._drops.by_tap.get(tap, {})
-
-    def dropped_by_reason(self) -> dict[str, int]:
-        """What the rules of every network in use dropped, by reason, as of the last
-        ``count``."""
-        return dict(self._drops.by_reason)
-
     async def count(self) -> None:
         """Read what every network's rules have dropped so far (``supervise`` does it at each
         check, so that reading a VM costs no ``nft``)."""
-        drops = firewall.Drops()
-        for network_type in sorted(self._up) + ([BRIDGED] if self._bridged_walled else []):
-            await firewall.count(self.wall(network_type), drops)
-        self._drops = drops
+        await self.walls.count(self._up)
 
     async def adopt(self, attachment: Attachment) -> None:
         """Take over the attachment of a guest that kept running through a restart.
@@ -413,10 +332,10 @@ class Networks:
             self._attached[attachment.tap] = attachment
             await self.ensure(attachment.network_type)
         else:
-            found = await self._known_bridged_ip(attachment)
+            found = await self._bridged.known(attachment)
             attachment = replace(attachment, ip=found or "")
             self._attached[attachment.tap] = attachment
-        await self._put_guard(attachment)
+        await self.walls.put(attachment)
 
     def _with_fixed_ip(self, attachment: Attachment) -> Attachment:
         """``attachment``, with the address of its lease fixed for it if it had none (it
@@ -432,43 +351,18 @@ class Networks:
         dnsmasq.fix(attachment.mac, IPv4Address(leased))
         return replace(attachment, ip=leased)
 
-    async def _new_mac(self) -> str:
-        taken = await bridge.macs_in_use()
-        taken |= {a.mac for a in self._attached.values()}
-        for lease_file in self._lease_files():
-            taken |= dnsmasq_leases.read(lease_file).keys()
-        while (mac := _random_mac()) in taken:
-            pass
-        return mac
-
     def _new_ip(self, network_type: str) -> IPv4Address:
-        """A free address of ``network_type``'s DHCP range, at random, so that an address
-        freed a moment ago (still in a neighbour's ARP cache) is seldom the next one."""
         dnsmasq = self.dnsmasq(network_type)
         taken = {IPv4Address(a.ip) for a in self._attached.values() if a.ip}
         taken |= set(dnsmasq.fixed().values())
         taken |= {IPv4Address(ip) for ip in dnsmasq_leases.read(dnsmasq.lease_file).values()}
-        first, last = dhcp_range(self.config.subnet(network_type))
-        free = [n for n in range(int(first), int(last) + 1) if IPv4Address(n) not in taken]
-        if not free:
-            raise NetworkFailed(f"the {network_type} network has no free address left")
-        return IPv4Address(secrets.choice(free))
+        return addresses.new_ip(network_type, self.config.subnet(network_type), taken)
 
     def _lease_files(self) -> list[Path]:
         files = [self.dnsmasq(t).lease_file for t in OWNED_TYPES]
         if self.config.bridged_lease_file is not None:
             files.append(self.config.bridged_lease_file)
         return files
-
-    def _watch(self, attachment: Attachment) -> DhcpAckSniffer | None:
-        sniffer = DhcpAckSniffer(attachment.tap, attachment.mac)
-        try:
-            sniffer.start()
-        except OSError as e:
-            log.warning("cannot watch %s for DHCP (%s); using other sources", attachment.tap, e)
-            return None
-        self._sniffers[attachment.tap] = sniffer
-        return sniffer
 
     async def wait_for_ip(self, attachment: Attachment, timeout: float) -> str:
         """Return the guest's IPv4 address once its DHCP lease is known.
@@ -495,34 +389,13 @@ class Networks:
         )
 
     async def _bridged_ip(self, attachment: Attachment) -> str:
-        ip = await self._find_bridged_ip(attachment)
+        ip = await self._bridged.find(attachment)
         current = self._attached.get(attachment.tap)
         if current is not None and current.ip != ip:
             learned = replace(current, ip=ip)
             self._attached[attachment.tap] = learned
-            await self._put_guard(learned, replacing=current)  # its address, from now on
+            await self.walls.put(learned, replacing=current)  # its address, from now on
         return ip
-
-    async def _known_bridged_ip(self, attachment: Attachment) -> str | None:
-        if self.config.bridged_lease_file is not None:
-            ip = dnsmasq_leases.lookup(self.config.bridged_lease_file, attachment.mac)
-            if ip is not None:
-                return ip
-        return await bridge.neighbour_ip(attachment.bridge, attachment.mac)
-
-    async def _find_bridged_ip(self, attachment: Attachment) -> str:
-        sniffer = self._sniffers.get(attachment.tap) or self._watch(attachment)
-        while True:
-            if sniffer is not None and sniffer.ip is not None:
-                return sniffer.ip
-            if (ip := await self._known_bridged_ip(attachment)) is not None:
-                return ip
-            if sniffer is None:
-                await asyncio.sleep(BRIDGED_POLL)
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(BRIDGED_POLL):
-                    await sniffer.wait()
 
     async def detach(self, attachment: Attachment) -> None:
         """Remove the VM's tap and forget its lease.
@@ -531,7 +404,7 @@ class Networks:
         """
         known = self._attached.get(attachment.tap, attachment)
         await self._remove_tap(attachment.tap)
-        await self._drop_guard(known)
+        await self.walls.drop(known)
         if attachment.network_type in OWNED_TYPES:
             await self.dnsmasq(attachment.network_type).release(attachment.mac)
         log.info("detached %s (%s)", attachment.tap, attachment.mac)
@@ -541,7 +414,7 @@ class Networks:
         NIC whose attachment was never recorded. A tap or lease that is not there is fine."""
         await self._remove_tap(tap)
         for network_type in sorted(self._up):  # rewritten without it: whatever it had is gone
-            await self.rewrite(network_type)
+            await self.walls.rewrite(network_type)
         if mac is not None:
             for network_type in OWNED_TYPES:
                 await self.dnsmasq(network_type).release(mac)
@@ -556,17 +429,13 @@ class Networks:
         return taps
 
     async def _remove_tap(self, tap: str) -> None:
-        sniffer = self._sniffers.pop(tap, None)
-        if sniffer is not None:
-            await sniffer.close()
+        await self._bridged.stop(tap)
         await bridge.delete_link(tap)
         self._attached.pop(tap, None)
 
     async def close(self) -> None:
         """Stop watching taps, and leave bridges, dnsmasq and taps running for the guests."""
-        sniffers, self._sniffers = self._sniffers, {}
-        for sniffer in sniffers.values():
-            await sniffer.close()
+        await self._bridged.close()
 
     async def teardown(self) -> None:
         """Remove everything this service set up: taps, DHCP servers, firewall tables, bridges
@@ -577,9 +446,7 @@ class Networks:
             if attachment.network_type == BRIDGED:
                 await bridge.delete_link(tap)
         self._attached.clear()
-        if self.config.bridged_bridge is not None:
-            await firewall.remove(self.wall(BRIDGED))
-            self._bridged_walled = False
+        await self.walls.remove_bridged()
         for network_type in OWNED_TYPES:
             await self._teardown_owned(network_type)
 
@@ -592,7 +459,7 @@ class Networks:
                 return
             dnsmasq = self.dnsmasq(network_type)
             await dnsmasq.stop()
-            await firewall.remove(self.wall(network_type))
+            await firewall.remove(self.walls.wall(network_type))
             if await bridge.link_exists(name):
                 for tap in await _vm_taps_on(name):
                     await bridge.delete_link(tap)
