@@ -96,3 +96,41 @@ def test_docs_list_exactly_the_error_codes_of_errors_py() -> None:
     table = api[api.index("| code | meaning |") :].split("\n\n")[0]
     on_vms = set(re.findall(r"^\| `([a-z-]+)` \|", table, re.MULTILINE))
     assert on_vms == set(vm_error_codes())
+
+
+def _layout_table() -> list[str]:
+    design = (DOCS / "design.md").read_text()
+    table = design[design.index("| module | concept |") :].split("\n\n")[0]
+    return [row.split(" | ")[0].removeprefix("| ") for row in table.splitlines()[2:]]
+
+
+def test_the_design_docs_layout_names_every_module_and_only_modules_that_exist() -> None:
+    """Each row's first cell names modules by their path under ``src/goldclone``; a bare name
+    after the first path (``pool_records.py``, ``migrations/``) is in that path's folder, and a folder (``drivers/qemu/``) stands
+    for everything in it."""
+    root = SRC / "goldclone"
+    named: set[Path] = set()
+    for cell in _layout_table():
+        paths = re.findall(r"`([^`]+)`", cell)
+        folder = Path(paths[0]).parent
+        named |= {root / (path if "/" in path.rstrip("/") else folder / path) for path in paths}
+    assert [path for path in named if not path.exists()] == []
+    folders = [path for path in named if path.is_dir()]
+    unnamed = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "__init__.py"
+        and path not in named
+        and not any(folder in path.parents for folder in folders)
+    ]
+    assert sorted(unnamed) == []
+
+
+def test_no_module_is_over_500_lines() -> None:
+    """A module past 500 lines holds more than one concept: cut it where they part."""
+    long = {
+        str(path.relative_to(SRC)): lines
+        for path in SRC.rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > 500
+    }
+    assert long == {}
