@@ -9,9 +9,13 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── Forbidden                       403 forbidden (the token's role may not do it)
     ├── VMNotFound                      404 vm-not-found
     ├── ImageNotFound                   404 image-not-found
+    ├── PoolNotFound                    404 pool-not-found
     ├── ConsoleUnavailable              404 console-unavailable
+    ├── HostNotFound                    404 host-not-found
     ├── RouteNotFound                   404 not-found
     ├── MethodNotAllowed                405 method-not-allowed
+    ├── HostUp                          409 host-up (a host that heartbeats is not forgotten)
+    ├── HostLost                        409 host-lost (only a lost host can change its VM)
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
     ├── ImageNotReady                   409 image-not-ready
@@ -25,25 +29,28 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── DataDirInUse                    500 data-dir-in-use (at start-up: another service has it)
     ├── SchemaTooNew                    500 schema-too-new (at start-up: a newer goldclone's store)
     ├── QMPError                        500 qmp-error (QEMU's monitor failed or refused)
+    │   └── QMPRefused                  500 qmp-error (QEMU or its agent answered with an error)
     ├── CommandError                    500 command-failed (an external program failed)
     │   └── CommandTimeout              500 command-timeout
-    └── VMFailure                       a step of creating a VM failed; stored on the VM
-        ├── ImageError
-        │   ├── DownloadFailed          download-failed
-        │   │   └── URLForbidden        url-forbidden (the outbound policy refuses the address)
-        │   ├── ChecksumMismatch        checksum-mismatch
-        │   ├── ImageUnsafe             image-unsafe
-        │   └── ImageUnsupported        image-unsupported
-        ├── InsufficientSpace           insufficient-space
-        ├── CloneFailed                 clone-failed
-        ├── BootFailed                  boot-failed
-        ├── NetworkFailed               network-failed
-        ├── IPTimeout                   ip-timeout
-        ├── NotReady                    not-ready (the ready_when probe never passed)
-        └── Interrupted                 interrupted (the service stopped mid-create)
+    ├── TemplateFailed                  500 template-failed (a pool's template: its error)
+    └── VMFailure                       500 vm-failed: a step of creating a VM failed
+        ├── ImageError                  500 image-error
+        │   ├── DownloadFailed          500 download-failed
+        │   │   └── URLForbidden        500 url-forbidden (the outbound policy refuses it)
+        │   ├── ChecksumMismatch        500 checksum-mismatch
+        │   ├── ImageUnsafe             500 image-unsafe
+        │   └── ImageUnsupported        500 image-unsupported
+        ├── InsufficientSpace           500 insufficient-space
+        ├── CloneFailed                 500 clone-failed
+        ├── BootFailed                  500 boot-failed
+        ├── NetworkFailed               500 network-failed
+        ├── IPTimeout                   500 ip-timeout
+        ├── NotReady                    500 not-ready (the ready_when probe never passed)
+        └── Interrupted                 500 interrupted (the service stopped mid-create)
 
 The API layer maps these to ``{"code", "message"}``; nothing else does. An error whose status
-is 500 reaches a client only as ``internal-error``; a ``VMFailure`` only inside its VM.
+is 500 reaches a client only as ``internal-error``; a ``VMFailure`` only inside its VM, with
+its code. ``tests/fast/test_layout.py`` keeps this tree the classes' own.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from goldclone import errors
 from goldclone.errors import answer_codes, vm_error_codes
 
 SRC = Path(__file__).parents[2] / "src"
@@ -106,8 +107,8 @@ def _layout_table() -> list[str]:
 
 def test_the_design_docs_layout_names_every_module_and_only_modules_that_exist() -> None:
     """Each row's first cell names modules by their path under ``src/goldclone``; a bare name
-    after the first path (``pool_records.py``, ``migrations/``) is in that path's folder, and a folder (``drivers/qemu/``) stands
-    for everything in it."""
+    after the first path (``pool_records.py``, ``migrations/``) is in that path's folder, and
+    a folder (``drivers/qemu/``) stands for everything in it."""
     root = SRC / "goldclone"
     named: set[Path] = set()
     for cell in _layout_table():
@@ -134,3 +135,33 @@ def test_no_module_is_over_500_lines() -> None:
         if (lines := len(path.read_text().splitlines())) > 500
     }
     assert long == {}
+
+
+def test_the_tree_in_errors_docstring_is_the_classes_own() -> None:
+    """Every class, its parent, its status and its code, as ``errors.py``'s docstring draws
+    them."""
+    drawn = {}
+    parents: list[str] = []
+    for line in (errors.__doc__ or "").splitlines():
+        found = re.fullmatch(r"    ([│ ]*(?:[├└]── )?)(\w+) +(\d{3}) ([a-z-]+).*", line)
+        if found is None:
+            continue
+        depth = len(found[1]) // 4
+        parents[depth:] = [found[2]]
+        parent = parents[depth - 1] if depth else None
+        drawn[found[2]] = (parent, int(found[3]), found[4])
+    assert len(drawn) > 40, "the tree was not read"
+    classes = [errors.GoldcloneError, *_subclasses(errors.GoldcloneError)]
+    actual = {
+        cls.__name__: (
+            cls.__base__.__name__ if cls is not errors.GoldcloneError else None,
+            cls.status,
+            cls.code,
+        )
+        for cls in classes
+    }
+    assert drawn == actual
+
+
+def _subclasses(root: type) -> list[type]:
+    return [c for sub in root.__subclasses__() for c in (sub, *_subclasses(sub))]
