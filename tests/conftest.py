@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from goldclone.demo.image import build_demo_image
 from goldclone.drivers.qemu.network.manager import HOSTS_ROOT
@@ -24,26 +27,42 @@ from tests.netns import foreign_network
 from tests.postgres import PostgresCluster
 from tests.servers import CallbackReceiver, FileServer
 
-FAST = Path(__file__).parent / "fast"
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test that needs PostgreSQL or the Debian guest by the fixtures it uses
+    (``-m 'not postgres'`` leaves them out); their fixtures fail it, saying what is missing."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "postgres" in fixtures or params.get("database_url") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+        if "debian_image" in fixtures:
+            item.add_marker(pytest.mark.debian)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Refuse to run tests of real parts where they could touch the host's network. The tests
-    in tests/fast (the synthetic driver, the store, the layout) need neither root nor QEMU."""
-    if all(FAST in Path(item.path).parents for item in session.items):
+    """Refuse, before any test runs, a run whose tests need what this process lacks: each test
+    says what it needs by its marks (pyproject.toml); a test with none needs neither root nor
+    QEMU, and runs anywhere."""
+    needing_root = [item.nodeid for item in session.items if item.get_closest_marker("root")]
+    if not needing_root:
         return
+    which = f"{needing_root[0]} and {len(needing_root) - 1} other test(s)"
     if os.geteuid() != 0:
         pytest.exit(
-            "these tests need root: run them with `make test`, or only the fast ones with "
-            "`scripts/test-fast`",
+            f"{which} need root: run them with `make test`, leave them out with "
+            "`-m 'not root'`, or run only the fast ones with `scripts/test-fast`",
             returncode=2,
         )
     if problem := foreign_network():
         pytest.exit(
-            "the tests create bridges, taps and DHCP servers, so they must run in a private "
+            f"{which} create bridges, taps and DHCP servers, so they must run in a private "
             f"network namespace: run them with `make test` (this one has {problem})",
             returncode=2,
         )
+
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +86,13 @@ def demo_package(workdir: Path) -> Path:
 def file_server(workdir: Path, demo_package: Path) -> Iterator[FileServer]:
     with FileServer(demo_package.parent).running() as server:
         yield server
+
+
+@pytest.fixture
+def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
+    """A create of the demo guest, served by the run's file server."""
+    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
+    return {"image": image, "cpus": 1, "memory": 256}
 
 
 @pytest.fixture
@@ -97,14 +123,53 @@ def settings(workdir: Path) -> Iterator[Settings]:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite database at this code's schema, made once for the run."""
+    path = tmp_path_factory.mktemp("schema") / "state.db"
+    _migrate(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres: PostgresCluster) -> str:
+    """The name of a PostgreSQL database at this code's schema, made once for the run: the
+    template of each test's own."""
+    url = _in_a_loop_of_its_own(postgres.new_database())
+    _migrate(url)
+    name: str = make_url(url).database or ""
+    return name
+
+
+def _migrate(url: str) -> None:
+    async def migrate() -> None:
+        database = Database(url, "test-host")
+        await database.open()
+        await database.close()
+
+    _in_a_loop_of_its_own(migrate())
+
+
+def _in_a_loop_of_its_own(work: Coroutine[Any, Any, T]) -> T:
+    """``work`` run to its end in a thread with its own event loop: a session fixture is
+    first asked for from inside a test's loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, work).result()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new, empty database: SQLite in the test's own folder, and one of its own on the
-    run's PostgreSQL server."""
+    """A new database of the test's own, at this code's schema: SQLite in the test's own
+    folder, and one on the run's PostgreSQL server. Each is a copy of one migrated once for
+    the run, which a migration per test made the fast tests a quarter slower;
+    tests/fast/test_store.py migrates from nothing."""
     if request.param == "postgresql":
-        url: str = await request.getfixturevalue("postgres").new_database()
+        template = request.getfixturevalue("migrated_postgres")
+        url: str = await request.getfixturevalue("postgres").new_database(template)
         return url
-    return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    copy = tmp_path / "state.db"
+    shutil.copyfile(request.getfixturevalue("migrated_sqlite"), copy)
+    return f"sqlite+aiosqlite:///{copy}"
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.network import Networks
@@ -24,6 +26,7 @@ from goldclone.host.cgroups import Cgroups
 from goldclone.host.commands import run
 from goldclone.server import build_app
 from goldclone.settings import Settings
+from goldclone.store.tables import vms
 
 BOOT_TIMEOUT = 180.0
 
@@ -154,7 +157,9 @@ class Goldclone(ApiCalls):
         return found
 
     async def remove_networks(self) -> None:
-        await Networks(self.settings.network, self.data_dir.absolute() / "networks").teardown()
+        """The QEMU driver's networks, which outlive the service; other drivers make none."""
+        if self.settings.driver == "qemu":
+            await Networks(self.settings.network, self.data_dir.absolute() / "networks").teardown()
 
 
 @asynccontextmanager
@@ -235,3 +240,16 @@ def leftovers(data_dir: Path, vm: dict[str, Any]) -> list[str]:
     if staging := list((data_dir / "images").glob(".tmp-*")):
         found.append(f"half-made images {staging}")
     return found
+
+
+async def set_expiry(database_url: str, vm_id: str, when: str) -> None:
+    """Move a stopped service's VM's lease into the past, as time passing would."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            row = (await conn.execute(select(vms.c.vm).where(vms.c.id == vm_id))).one()
+            await conn.execute(vms.update().where(vms.c.id == vm_id).values(
+                vm={**row.vm, "expires_at": when}, expires_at=when,
+            ))  # fmt: skip
+    finally:
+        await engine.dispose()

@@ -66,14 +66,15 @@ class PostgresCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    async def new_database(self) -> str:
-        """A new, empty database, as an SQLAlchemy URL."""
+    async def new_database(self, template: str | None = None) -> str:
+        """A new database, empty or a copy of ``template``, as an SQLAlchemy URL."""
         import asyncpg
 
         name = f"t{uuid.uuid4().hex[:12]}"
         admin = await asyncpg.connect(host=str(self.root), user=SERVER_USER, database="postgres")
         try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
+            copied = f' TEMPLATE "{template}"' if template else ""
+            await admin.execute(f'CREATE DATABASE "{name}"{copied}')
         finally:
             await admin.close()
         return f"postgresql+asyncpg://{SERVER_USER}@/{name}?host={self.root}"

@@ -19,6 +19,8 @@ from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
 from tests.servers import FileServer
 
+pytestmark = pytest.mark.root
+
 
 def _tar(out: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> None:
     with tarfile.open(out, "w:gz") as tar:
@@ -90,18 +92,6 @@ async def test_bad_packages_are_refused(
     assert not (
         Path("/escaped.qcow2").exists() or package.parent.parent.joinpath("escaped.qcow2").exists()
     )
-
-
-async def test_checksum_mismatch(
-    goldclone: Goldclone, file_server: FileServer, demo_package: Path
-) -> None:
-    await assert_fails(goldclone, file_server.url(demo_package.name), "0" * 64, "checksum-mismatch")
-
-
-async def test_download_of_a_missing_file(goldclone: Goldclone, file_server: FileServer) -> None:
-    message = await assert_fails(goldclone, file_server.url("nothing.tar.gz"), "0" * 64,
-                                 "download-failed")  # fmt: skip
-    assert "404" in message
 
 
 async def test_download_from_a_closed_port(goldclone: Goldclone) -> None:

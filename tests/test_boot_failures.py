@@ -11,11 +11,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer
 from tests.test_vms import small
+
+pytestmark = pytest.mark.root
 
 REFUSES = """#!/bin/sh
 case "$*" in *"-name goldclone-"*) ;; *) exec {qemu} "$@";; esac

@@ -24,9 +24,9 @@ from goldclone.host.cgroups import PARENT_SHARES
 from goldclone.host.commands import run
 from goldclone.polling import until
 from goldclone.settings import Settings
-from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server
-from tests.servers import FileServer
+
+pytestmark = pytest.mark.root
 
 MB = 1024 * 1024
 BUSY = "#!/bin/sh\n" + "while :; do :; done &\n" * 2
@@ -36,12 +36,6 @@ FILL_ON_KNOCK = """#!/bin/sh
 """
 """Once the host connects to port 81, the guest writes 160 MB into its RAM disk: QEMU then
 holds that much more of the guest's RAM."""
-
-
-@pytest.fixture
-def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
-    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    return {"image": image, "cpus": 1, "memory": 256}
 
 
 @pytest.fixture

@@ -12,6 +12,10 @@ import pytest
 from goldclone import settings_sources
 from tests.serving import GOLDCLONE, free_port, serve_until_answering
 
+SYNTHETIC = {"GOLDCLONE_DRIVER": "synthetic"}
+"""For the tests of ``serve``'s settings: the driver is not what they are about, and the
+synthetic one needs no root."""
+
 
 def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
     out = tmp_path / "demo.tar.gz"
@@ -23,7 +27,8 @@ def test_demo_image_prints_the_checksum_last(tmp_path: Path) -> None:
 
 def test_serve_takes_port_and_data_dir_from_the_environment(workdir: Path) -> None:
     port, data_dir = free_port(), workdir / "cli-env"
-    env = {"PORT": str(port), "GOLDCLONE_DATA_DIR": str(data_dir), "GOLDCLONE_HOST": "127.0.0.1"}
+    env = {"PORT": str(port), "GOLDCLONE_DATA_DIR": str(data_dir), "GOLDCLONE_HOST": "127.0.0.1",
+           **SYNTHETIC}  # fmt: skip
     serve_until_answering([*GOLDCLONE, "serve"], env, port)
     assert (data_dir / "state.db").is_file()
 
@@ -32,7 +37,9 @@ def test_serve_options_win_over_the_environment(workdir: Path) -> None:
     port, data_dir = free_port(), workdir / "cli-opt"
     argv = [*GOLDCLONE, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
             str(data_dir)]  # fmt: skip
-    serve_until_answering(argv, {"PORT": "1", "GOLDCLONE_DATA_DIR": "/nonexistent"}, port)
+    serve_until_answering(
+        argv, {"PORT": "1", "GOLDCLONE_DATA_DIR": "/nonexistent", **SYNTHETIC}, port
+    )
     assert (data_dir / "state.db").is_file()
 
 
@@ -68,7 +75,7 @@ def test_serving_beyond_loopback_without_tokens_warns_loudly(workdir: Path) -> N
         port = free_port()
         argv = [*GOLDCLONE, "serve", "--host", host, "--port", str(port), "--data-dir",
                 str(workdir / "cli-open")]  # fmt: skip
-        return serve_until_answering(argv, env, port)
+        return serve_until_answering(argv, env | SYNTHETIC, port)
 
     assert "WITHOUT authentication" in serve_on("0.0.0.0", {})
     assert "WITHOUT authentication" not in serve_on("127.0.0.1", {})

@@ -19,6 +19,8 @@ from tests.harness import Goldclone, leftovers
 from tests.servers import FileServer
 from tests.serving import GOLDCLONE, in_pty
 
+pytestmark = pytest.mark.root
+
 
 async def cli(goldclone: Goldclone, *args: str) -> tuple[int, str, str]:
     """Run ``goldclone ARGS`` against the test server; return (exit code, stdout, stderr)."""

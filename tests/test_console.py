@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import checksum
 from tests.harness import Goldclone
 from tests.servers import FileServer
+
+pytestmark = pytest.mark.root
 
 
 async def test_the_console_streams_the_boot_and_ends_with_the_vm(

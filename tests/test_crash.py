@@ -36,6 +36,8 @@ from tests.packages import extract_disk
 from tests.servers import CallbackReceiver, FileServer
 from tests.serving import GOLDCLONE, free_port
 
+pytestmark = pytest.mark.root
+
 T = TypeVar("T")
 
 FAST = 0.5

@@ -32,7 +32,7 @@ from tests.netns import http_server
 from tests.servers import CallbackReceiver, FileServer
 from tests.serving import GOLDCLONE
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.root, pytest.mark.timeout(1500)]
 
 BOOT_TIMEOUT = 900.0
 HOST = "192.168.123.1"  # the default nat bridge's address
@@ -308,7 +308,11 @@ async def _restores(
         # saved once it had finished starting, so no clone starts it again
         assert (await ssh("systemctl is-system-running || true")).strip() in {"running", "degraded"}
         assert json.loads(await ssh("sudo cat /run/goldclone/metadata.json")) == metadata
-        assert abs(float(await ssh("date +%s.%N")) - time.time()) < 2  # ssh's own delay included
+        asked = time.time()
+        clock = float(await ssh("date +%s.%N"))
+        answered = time.time()
+        # read at some moment of the call, which a loaded guest's ssh can make long
+        assert asked - 1 < clock < answered + 1, (name, asked, clock, answered)
         random = await ssh("head -c 16 /dev/urandom | od -An -tx1")
         host_keys = await ssh.host_keys()
         assert len(host_keys) == 3, host_keys  # all three kinds, each read by sshd (so 0600)

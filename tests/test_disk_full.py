@@ -14,11 +14,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from goldclone.drivers.qemu import disks
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer
+
+pytestmark = pytest.mark.root
 
 
 @contextmanager

@@ -27,6 +27,8 @@ from goldclone.doctor import (
 from goldclone.drivers.qemu.accel import kvm_works
 from goldclone.settings import Settings, VMwareConfig
 
+pytestmark = pytest.mark.root
+
 
 @pytest.fixture
 def short_dir(workdir: Path) -> Path:

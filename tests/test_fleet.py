@@ -16,16 +16,19 @@ from typing import Any
 
 import httpx
 import jsonschema_rs
+import pytest
 
 from goldclone.clock import parse_time
 from goldclone.host import processes
 from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import Goldclone, goldclone_server, leftovers
+from tests.harness import Goldclone, goldclone_server, leftovers, set_expiry
 from tests.packages import extract_disk, make_package
 from tests.servers import CallbackReceiver, FileServer, free_port
 from tests.test_client import cli
 from tests.test_vms import small
+
+pytestmark = pytest.mark.root
 
 
 @dataclass
@@ -101,22 +104,24 @@ async def test_leases_end_vms_unless_renewed_and_say_so_by_event_and_callback(
         EventStream(goldclone.client).open() as everything,
         EventStream(goldclone.client, "label=job=renewed").open() as renewed_only,
     ):
-        created = time.monotonic()
         doomed, renewed = await asyncio.gather(
-            goldclone.post_vm(body | {"ttl": 20, "callback_url": callbacks.url,
+            goldclone.post_vm(body | {"ttl": 600, "callback_url": callbacks.url,
                                       "labels": {"job": "doomed"}}),
-            goldclone.post_vm(body | {"ttl": 20, "labels": {"job": "renewed"}}),
+            goldclone.post_vm(body | {"ttl": 600, "labels": {"job": "renewed"}}),
         )  # fmt: skip
         for vm in (doomed, renewed):
             assert (await goldclone.wait_for(vm["id"], "running"))["status"] == "running"
-        await asyncio.sleep(max(0.0, 15 - (time.monotonic() - created)))  # the renewal's hour
+        # both leases cut short, as a client does when its job ends; one renewed at once
+        for vm in (doomed, renewed):
+            response = await goldclone.client.patch(f"/vms/{vm['id']}", json={"ttl": 5})
+            assert response.status_code == 200, response.text
+        doomed = (await goldclone.client.get(f"/vms/{doomed['id']}")).json()
         response = await goldclone.client.patch(f"/vms/{renewed['id']}", json={"ttl": 600})
         assert response.status_code == 200, response.text
 
         gone = await everything.until(
-            lambda e: e.kind == "vm.deleted" and e.data["id"] == doomed["id"], timeout=25
+            lambda e: e.kind == "vm.deleted" and e.data["id"] == doomed["id"], timeout=15
         )
-        assert time.monotonic() - created < 25
         assert (await goldclone.client.get(f"/vms/{doomed['id']}")).status_code == 404
         assert leftovers(goldclone.data_dir, doomed) == []
         *_, expired = gone.data["timeline"]
@@ -139,12 +144,12 @@ async def test_a_lease_that_ends_while_the_service_is_stopped_ends_at_its_start(
     goldclone: Goldclone, file_server: FileServer, demo_package: Any
 ) -> None:
     body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
-    vm = await goldclone.boot(body | {"ttl": 20})  # past the boot, on a loaded host too
+    vm = await goldclone.boot(body | {"ttl": 600})
     assert vm["status"] == "running", vm
     pid = int((goldclone.data_dir / "vms" / vm["id"] / "qemu.pid").read_text())
     await goldclone.stop()
     assert processes.alive(pid)  # a stopped service leaves its guests running
-    await asyncio.sleep(max(0.0, _epoch(vm["expires_at"]) - time.time()))  # its lease ends
+    await set_expiry(goldclone.settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
     await goldclone.start()
     assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
     assert not processes.alive(pid)
@@ -260,17 +265,20 @@ async def test_the_cache_budget_keeps_images_in_use_and_drops_the_least_recently
         assert not (server.data_dir / "images" / f"sha256-{idle['image']['checksum']}").exists()
 
 
-async def test_a_callback_waits_two_minutes_and_a_restart_for_its_receiver(
+async def test_a_callback_outlasts_its_receivers_downtime_and_a_restart(
     settings: Settings, file_server: FileServer, demo_package: Path
 ) -> None:
+    """The receiver is down through a dozen attempts and a restart of the service; the
+    callback, kept in the store, gets through once it is back. (The schedule is the test's, in
+    seconds: the standard one would take hours.)"""
     port = free_port()  # nothing listens there: the receiver is down
-    patient = dataclasses.replace(settings, callback_schedule=(0.0,) + (10.0,) * 20)
+    patient = dataclasses.replace(settings, callback_schedule=(0.0,) + (1.0,) * 20)
     body = small(file_server.url("demo.tar.gz"), checksum(demo_package))
     async with goldclone_server(patient) as server:
         vm = await server.boot(body | {"callback_url": f"http://127.0.0.1:{port}/vm-ready"})
         assert vm["status"] == "running"
-        down_until = time.monotonic() + 120
-        await asyncio.sleep(60)  # the receiver stays down for two minutes, across a restart
+        down_until = time.monotonic() + 12
+        await asyncio.sleep(6)  # the receiver stays down across a restart
         await server.stop()
         await server.start()
         await asyncio.sleep(max(0.0, down_until - time.monotonic()))

@@ -1,4 +1,5 @@
-"""schemathesis against the real server's own /openapi.json, stateful where links allow.
+"""schemathesis against the real server's own /openapi.json, stateful where links allow, on the
+synthetic driver (the API does not depend on the driver, and so the test needs no root).
 
 The number of examples is bounded and the seed fixed, so that a CI run is repeatable; set
 GOLDCLONE_FUZZ_EXAMPLES and GOLDCLONE_FUZZ_SEED to explore further.
@@ -30,7 +31,8 @@ and the teardown. A failure shows the server's log with the report."""
 def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -> None:
     port = free_port()
     argv = [*GOLDCLONE, "serve", "--port", str(port), "--data-dir", str(workdir / "fuzz")]
-    env = {"GOLDCLONE_DOWNLOAD_TIMEOUT": "2", "GOLDCLONE_CALLBACK_SCHEDULE": "0"}
+    env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DOWNLOAD_TIMEOUT": "2",
+           "GOLDCLONE_CALLBACK_SCHEDULE": "0"}  # fmt: skip
     with serving(argv, env, port) as log:
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run",

@@ -11,20 +11,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import checksum, ssh_key
+from tests.conftest import ssh_key
 from tests.harness import Goldclone, leftovers, processes_mentioning
-from tests.servers import CallbackReceiver, FileServer
+from tests.servers import CallbackReceiver
+
+pytestmark = pytest.mark.root
 
 SECRET_FILE = "user-data-secret-5e1f"
 USER_DATA = f"#!/bin/sh\necho {SECRET_FILE} > /www/hello.txt\n"
 METADATA = {"coordinator": "metadata-secret-a11ce", "job.token": "metadata-secret-b0b"}
 SECRETS = (SECRET_FILE, *METADATA.values())
-
-
-@pytest.fixture
-def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
-    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    return {"image": image, "cpus": 1, "memory": 256}
 
 
 async def test_the_demo_guest_is_told_its_name_keys_script_and_metadata(

@@ -23,17 +23,12 @@ import pytest
 from goldclone.drivers.qemu.network import bridge
 from goldclone.host.commands import run
 from goldclone.settings import Settings
-from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
-from tests.servers import FileServer, free_port
+from tests.servers import free_port
+
+pytestmark = pytest.mark.root
 
 NAT_BRIDGE = "gcnat0"
-
-
-@pytest.fixture
-def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
-    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    return {"image": image, "cpus": 1, "memory": 256}
 
 
 async def answers(ip: str, timeout: float = 15.0) -> float:

@@ -35,6 +35,8 @@ from tests.netns import (
     veth_into,
 )
 
+pytestmark = pytest.mark.root
+
 # Not the defaults, so that a network left up by another test module cannot get in the way.
 NAT = IPv4Network("172.31.123.0/24")
 HOSTONLY = IPv4Network("172.31.124.0/24")

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from goldclone.settings import Settings
-from tests.conftest import checksum
 from tests.harness import Goldclone, goldclone_server, leftovers
-from tests.servers import FileServer
 
-
-@pytest.fixture
-def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
-    image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    return {"image": image, "cpus": 1, "memory": 256}
+pytestmark = pytest.mark.root
 
 
 def phases(vm: dict[str, Any]) -> list[str]:

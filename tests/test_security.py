@@ -16,6 +16,8 @@ from tests.harness import goldclone_server
 from tests.servers import CallbackReceiver
 from tests.test_callbacks import verify
 
+pytestmark = pytest.mark.root
+
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 IMAGE = {"url": "http://127.0.0.1:9/x.tar.gz", "checksum": "0" * 64}
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from goldclone import settings_sources
 from goldclone.drivers.qemu.network import Networks
@@ -20,6 +21,8 @@ from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.servers import FileServer
 from tests.serving import GOLDCLONE, free_port, serving
+
+pytestmark = pytest.mark.root
 
 CONTRIB = Path(__file__).parents[1] / "contrib"
 UNIT = CONTRIB / "goldclone.service"

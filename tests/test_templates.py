@@ -29,6 +29,8 @@ from tests.conftest import checksum
 from tests.harness import Goldclone, disk_info, leftovers, links, processes_mentioning
 from tests.servers import FileServer
 
+pytestmark = pytest.mark.root
+
 USER_DATA = "#!/bin/sh\necho restored-{name} > /www/hello.txt\n"
 
 

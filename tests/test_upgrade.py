@@ -23,6 +23,8 @@ from tests.conftest import checksum
 from tests.harness import goldclone_server, leftovers
 from tests.servers import FileServer, free_port
 
+pytestmark = pytest.mark.root
+
 BEFORE_MIGRATIONS = "8682a97"
 """The last commit whose store had no migrations."""
 RELEASE = Path(__file__).parent / "data" / f"release-{BEFORE_MIGRATIONS}-src.tar.gz"

@@ -30,6 +30,8 @@ from tests.harness import (
 from tests.packages import extract_disk, make_package
 from tests.servers import CallbackReceiver, FileServer
 
+pytestmark = pytest.mark.root
+
 
 def original_example(url: str, digest: str, callback_url: str) -> dict[str, Any]:
     """The OS X Builder README's request, with only the image and callback addresses changed."""

@@ -446,6 +446,7 @@ async def test_a_clone_the_store_does_not_know_is_removed_at_start(
     assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
 
 
+@pytest.mark.root
 async def test_the_smoke_script_passes_against_the_stand_in(
     goldclone: Goldclone, fake_vmrun: FakeVmrun, request_for: Request
 ) -> None:

@@ -39,6 +39,8 @@ from tests.netns import (
     veth_into,
 )
 
+pytestmark = pytest.mark.root
+
 NAT = IPv4Network("172.31.125.0/24")
 HOSTONLY = IPv4Network("172.31.126.0/24")
 HOST = "172.31.125.1"

@@ -22,6 +22,8 @@ from tests.harness import goldclone_server
 from tests.netns import UPSTREAM, http_server, upstream
 from tests.servers import FileServer
 
+pytestmark = pytest.mark.root
+
 HOST = "192.168.123.1"  # the default nat bridge's address
 ALLOWED_PORT, CLOSED_PORT = 3142, 8765
 # Each probe runs in the background; the page is written whole once all have answered.

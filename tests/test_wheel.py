@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import prepared
 
+pytestmark = pytest.mark.root
+
 REPO = Path(__file__).parents[1]
 
 

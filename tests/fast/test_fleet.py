@@ -13,14 +13,12 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone import logs, settings_sources
 from goldclone.clock import seconds_until
 from goldclone.settings import Settings
-from goldclone.store.tables import vms
 from tests.fast.conftest import Service, image_of, serving
+from tests.harness import set_expiry
 from tests.servers import CallbackReceiver, FileServer
 
 _seconds_until = seconds_until
@@ -135,7 +133,7 @@ async def test_a_lease_that_ended_while_the_service_was_stopped_ends_the_vm_at_s
         vm = await service.boot({**request_body, "ttl": 1})
         await service.client.patch(f"/vms/{vm['id']}", json={"ttl": 600})
         lasting = await service.boot({**request_body, "ttl": 600})
-    await _set_expiry(fast_settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
+    await set_expiry(fast_settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
     async with serving(Service(fast_settings, host)) as service:
         assert (await service.client.get(f"/vms/{vm['id']}")).status_code == 404  # at start
         assert host.running() == {lasting["id"]}
@@ -163,19 +161,6 @@ async def test_wait_answers_as_soon_as_the_vm_is_no_longer_creating(
         for query in ("wait=true&timeout=-1", "wait=true&timeout=301", "wait=maybe"):
             response = await service.client.get(f"/vms/{vm['id']}?{query}")
             assert response.status_code == 400, query
-
-
-async def _set_expiry(database_url: str, vm_id: str, when: str) -> None:
-    """Move a stopped service's VM's lease into the past, as time passing would."""
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            row = (await conn.execute(select(vms.c.vm).where(vms.c.id == vm_id))).one()
-            await conn.execute(vms.update().where(vms.c.id == vm_id).values(
-                vm={**row.vm, "expires_at": when}, expires_at=when,
-            ))  # fmt: skip
-    finally:
-        await engine.dispose()
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -98,6 +98,41 @@ async def test_an_idempotency_key_makes_one_vm(
     assert len(service.host.machines) <= 1  # the repeats started nothing
 
 
+async def test_an_idempotency_key_is_its_vms_until_the_vm_is_deleted(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    key = {"Idempotency-Key": "build-4711"}
+    first = (await service.client.post("/vms", json=request_body, headers=key)).json()
+    other_key = {"Idempotency-Key": "build-4712"}
+    fresh = await service.client.post("/vms", json=request_body, headers=other_key)
+    assert fresh.status_code == 202 and fresh.json()["id"] != first["id"]
+    await service.delete(first["id"])
+    reused = await service.client.post("/vms", json=request_body, headers=key)
+    assert reused.status_code == 202 and reused.json()["id"] not in {
+        first["id"],
+        fresh.json()["id"],
+    }
+    too_long = {"Idempotency-Key": "k" * 256}
+    assert (
+        await service.client.post("/vms", json=request_body, headers=too_long)
+    ).status_code == 400
+
+
+async def test_host_totals_refuse_with_409_naming_what_is_short_before_allocating(
+    fast_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    limits = Limits(max_cpus=2, total_cpus=3, total_memory_mb=1024)
+    async with serving(Service(replace(fast_settings, limits=limits))) as limited:
+        first = await limited.client.post("/vms", json={**request_body, "cpus": 2})
+        assert first.status_code == 202
+        for changes, short in (({"cpus": 2}, "vCPUs"), ({"memory": 1000}, "memory")):
+            over = await limited.client.post("/vms", json={**request_body, **changes})
+            assert (over.status_code, over.json()["code"]) == (409, "capacity-exceeded")
+            assert short in over.json()["message"]
+        assert len((await limited.client.get("/vms")).json()["vms"]) == 1
+        assert set(limited.host.machines) <= {first.json()["id"]}
+
+
 async def test_capacity_is_never_exceeded(
     fast_settings: Settings, request_body: dict[str, Any]
 ) -> None:
@@ -195,11 +230,14 @@ async def test_concurrent_deletes_destroy_once(
 async def test_bad_images_end_in_error(service: Service, images: FileServer) -> None:
     wrong = {"url": images.url("disk.raw"), "checksum": "0" * 64}
     missing = {**image_of(images), "url": images.url("missing.raw")}
-    for image, code in ((wrong, "checksum-mismatch"), (missing, "download-failed")):
+    for image, code, said in ((wrong, "checksum-mismatch", "0" * 64),
+                              (missing, "download-failed", "404")):  # fmt: skip
         vm = await service.boot({"image": image, "cpus": 1, "memory": 256})
-        assert vm["error"]["code"] == code, vm
+        assert vm["error"]["code"] == code and said in vm["error"]["message"], vm
         assert service.leftovers(vm["id"]) == []
+        assert str(service.settings.data_dir.absolute()) not in vm["error"]["message"]
     assert list((service.settings.data_dir / "downloads").iterdir()) == []
+    assert list((service.settings.data_dir / "images").iterdir()) == []
 
 
 async def test_a_restart_adopts_running_vms_and_ends_interrupted_creates(
