@@ -148,7 +148,7 @@ class Lifecycle:
             else:
                 await self.advance(vm_id, Phase.DELETING, tuple(Status), Status.DELETING)
             try:
-                await self.destroy(vm_id, graceful=before.status is Status.RUNNING)
+                await self.remove(vm_id, graceful=before.status is Status.RUNNING)
             except VMConflict:
                 if task is None:
                     await self._db.write(lambda conn: vm_records.put_back(conn, before))
@@ -170,13 +170,13 @@ class Lifecycle:
         cut_off = await self._cut_off(vm_id) is not None
         vm = await self.get(vm_id)
         if vm.status is Status.DELETING:
-            await self.destroy(vm_id, graceful=not cut_off and vm.ip_address != "")
+            await self.remove(vm_id, graceful=not cut_off and vm.ip_address != "")
 
-    async def destroy(self, vm_id: str, graceful: bool = True) -> None:
+    async def remove(self, vm_id: str, graceful: bool = True) -> None:
         """Tear down a ``deleting`` VM and forget it, with whatever its teardown could not
         remove kept for reconciliation. Raises ``VMConflict`` when the hypervisor refuses.
         A guest is asked to power off only if ``graceful``: one still booting would not."""
-        leftover = await self._teardown_leaving(vm_id, graceful=graceful)
+        leftover = await self._remove_machine_or_leftover(vm_id, graceful=graceful)
         await self.forget(vm_id, leftover)
         self._locks.pop(vm_id, None)
         self._machines.pop(vm_id, None)
@@ -196,13 +196,13 @@ class Lifecycle:
 
         await self._db.write(forget)
 
-    async def _teardown_leaving(
+    async def _remove_machine_or_leftover(
         self, vm_id: str, refused_too: bool = False, graceful: bool = False
     ) -> Leftover | None:
-        """``teardown``, but trouble becomes the ``Leftover`` that reconciliation retries
+        """``remove_machine``, but trouble becomes the ``Leftover`` that reconciliation retries
         rather than an error; a hypervisor's refusal (``VMConflict``) too if ``refused_too``."""
         try:
-            await self.teardown(vm_id, graceful)
+            await self.remove_machine(vm_id, graceful)
         except VMConflict:
             if not refused_too:
                 raise
@@ -267,7 +267,7 @@ class Lifecycle:
                 log.warning("VM %s is paused: its disk could not be written (the host's disk "
                             "is full)", vm.id)  # fmt: skip
             with contextlib.suppress(StateConflict, VMNotFound):
-                await self.advance(vm.id, None, Status.RUNNING, status_reason=wanted)
+                await self.amend(vm.id, Status.RUNNING, status_reason=wanted)
         return stalled
 
     async def fail(self, vm: VM, exc: Exception) -> VM:
@@ -282,7 +282,9 @@ class Lifecycle:
                 code="internal-error", message="an internal error; see the server log"
             )
         console = await self._console_end(vm.id)  # before the teardown removes it
-        if (leftover := await self._teardown_leaving(vm.id, refused_too=True)) is not None:
+        if (
+            leftover := await self._remove_machine_or_leftover(vm.id, refused_too=True)
+        ) is not None:
             host_id = self._db.host_id
             await self._db.write(lambda conn: leftover_records.add(conn, host_id, leftover))
 
@@ -304,7 +306,7 @@ class Lifecycle:
         end = await asyncio.to_thread(read_end, path, CONSOLE_KEPT)
         return None if end is None else console.printable(end.decode(errors="replace"))
 
-    async def teardown(self, vm_id: str, graceful: bool = False) -> None:
+    async def remove_machine(self, vm_id: str, graceful: bool = False) -> None:
         """Remove every part of the VM's machine: process, clone, NIC and lease. Safe to
         repeat. The guest is asked to power off first only if ``graceful``."""
         runtime = await self.runtime(vm_id)
@@ -327,14 +329,21 @@ class Lifecycle:
     async def advance(
         self,
         vm_id: str,
-        phase: Phase | None,
+        phase: Phase,
         expect: Status | tuple[Status, ...],
         status: Status | None = None,
         **fields: Any,
     ) -> VM:
-        """The VM, changed as ``vm_records.change`` says, in a transaction of its own."""
+        """The VM, moved on to ``phase`` as ``vm_records.change`` says, in a transaction of its
+        own."""
         return await self._db.write(
             lambda conn: vm_records.change(conn, vm_id, expect, phase, status, **fields)
+        )
+
+    async def amend(self, vm_id: str, expect: Status | tuple[Status, ...], **fields: Any) -> VM:
+        """The VM with ``fields`` changed (its labels, lease, status reason), in no new phase."""
+        return await self._db.write(
+            lambda conn: vm_records.change(conn, vm_id, expect, None, None, **fields)
         )
 
     async def _set_runtime(self, vm_id: str, runtime: Runtime) -> None:

@@ -229,9 +229,8 @@ class Templates:
             await until(agent_answers, interval=1.0, timeout=timeout)
         except TimeoutError:
             raise NotReady(
-                f"the guest's agent (qemu-guest-agent on org.qemu.guest_agent.0) did not answer "
-                f"within {timeout:g} s: a VM restored from it could not be given its own "
-                "clock, hostname and keys, so no template is made of it"
+                f"the guest's agent did not answer within {timeout:g} s: a VM restored from it "
+                "could not be given its own clock, hostname and keys, so no template is made of it"
             ) from None
         if template.ready_when is not None:
             limit = template.ready_when.timeout or timeout

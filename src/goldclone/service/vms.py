@@ -244,7 +244,7 @@ class VMService:
             fields["labels"] = change.labels
         await self.fleet.refuse_if_lost(await self._own(vm_id, tenant))
         try:
-            vm = await self._lifecycle.advance(_valid_id(vm_id), None, LIVE, **fields)
+            vm = await self._lifecycle.amend(_valid_id(vm_id), LIVE, **fields)
         except StateConflict:
             raise VMConflict(f"VM {vm_id} is being deleted; it can no longer be changed") from None
         return self._with_progress(vm)

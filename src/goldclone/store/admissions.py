@@ -53,7 +53,7 @@ async def record(
     """
     key = idempotency[0] if idempotency is not None else None
 
-    async def admit(conn: AsyncConnection) -> VM | Earlier:
+    async def place_and_record(conn: AsyncConnection) -> VM | Earlier:
         await host_records.lock_admissions(conn)
         if key is not None and (earlier := await vm_records.find_by_key(conn, vm.tenant, key)):
             return earlier
@@ -82,7 +82,7 @@ async def record(
         return None
 
     try:
-        return await db.write(admit)
+        return await db.write(place_and_record)
     except IntegrityError:
         # another service on this database took the key or the name between our read and our
         # insert

@@ -27,7 +27,7 @@ from goldclone.drivers.base import (
     unless_exited,
 )
 from goldclone.drivers.vmware import clonevmx, vmnet_leases, vmrun
-from goldclone.drivers.vmware.templates import Templates
+from goldclone.drivers.vmware.parents import CloneParents
 from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     BootFailed,
@@ -73,7 +73,7 @@ class VMwareDriver(UnwatchedDisks):
         self._config = config
         self._shutdown_timeout = shutdown_timeout
         self._vmrun: vmrun.Vmrun | None = None
-        self._templates: Templates | None = None
+        self._parents: CloneParents | None = None
         self._listed: tuple[float, set[str]] | None = None
         self._listing: tuple[float, asyncio.Task[set[str]]] | None = None
         self._changed_at = 0.0
@@ -92,8 +92,8 @@ class VMwareDriver(UnwatchedDisks):
         )
         await vmrun.check(runner)
         self._vmrun = runner
-        self._templates = Templates(self._templates_dir, runner, self._config.snapshot_name)
-        self._templates.prune()
+        self._parents = CloneParents(self._templates_dir, runner, self._config.snapshot_name)
+        self._parents.prune()
         log.info("vmware driver: %s -T %s", runner.path, runner.host_type)
 
     @property
@@ -117,15 +117,15 @@ class VMwareDriver(UnwatchedDisks):
     ) -> None:
         """``vmrun clone TEMPLATE.vmx vms/<m>/<m>.vmx linked -snapshot=NAME -cloneName=<m>``,
         then take out of the clone's ``.vmx`` whatever names files outside its folder."""
-        assert self._templates is not None
+        assert self._parents is not None
         if template is not None:
             raise CloneFailed(_NO_MEMORY_TEMPLATES)
         try:
-            source = await self._templates.ensure(gold)
+            source = await self._parents.ensure(gold)
             self._vms_dir.mkdir(parents=True, exist_ok=True)
             await self.cli(
                 "clone", str(source), str(self.vmx(machine)), "linked",
-                f"-snapshot={self._templates.snapshot}", f"-cloneName={machine}",
+                f"-snapshot={self._parents.snapshot}", f"-cloneName={machine}",
             )  # fmt: skip
         except (CommandError, VMConflict) as exc:
             raise CloneFailed(f"vmrun could not make the linked clone: {_reason(exc)}") from exc

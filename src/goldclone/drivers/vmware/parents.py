@@ -1,4 +1,5 @@
-"""One template VM per gold image, holding the one snapshot that its linked clones come from.
+"""One parent VM per gold image (VMware's "template"; not a memory template), holding the one
+snapshot that its linked clones come from.
 
 vmrun needs a snapshot in the source of a linked clone, and without ``-snapshot`` it adds a
 new one at every clone. It also writes into the source's folder: a snapshot changes the
@@ -41,8 +42,9 @@ TEMPLATE_FORMAT = 2
 _IDENTITY = "gold.json"
 
 
-class Templates:
-    """The templates under ``root``, snapshotted as ``snapshot`` through ``vmrun``."""
+class CloneParents:
+    """The parent VM of each image's linked clones (VMware's term), under ``root``, snapshotted
+    as ``snapshot`` through ``vmrun``; not the memory templates of ``service.templates``."""
 
     def __init__(self, root: Path, vmrun: Vmrun, snapshot: str) -> None:
         self._root = root
