@@ -16,14 +16,12 @@ from goldclone import logs
 from goldclone.access import Access
 from goldclone.api import create_app
 from goldclone.drivers.base import Driver
-from goldclone.images.cache import ImageCache
 from goldclone.models import VM
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service import VMService, journal
 from goldclone.service.fleet import host_id_of
 from goldclone.service.metrics import Metrics
 from goldclone.settings import Settings
-from goldclone.store.checksum_records import Checksums
 from goldclone.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -44,10 +42,7 @@ def build_service(settings: Settings, driver: Driver | None = None) -> VMService
 
     db = Database(settings.db_url, host_id_of(settings), on_phase=phase_added)
     driver = driver or build_driver(settings, data_dir)
-    images = ImageCache(data_dir, http, settings.download_timeout,
-                        reserve_bytes=settings.reserve_mb << 20, checksums=Checksums(db),
-                        growth=driver.disk_growth)  # fmt: skip
-    return VMService(settings, db, images, driver, http, metrics)
+    return VMService(settings, db, driver, http, metrics)
 
 
 def build_driver(settings: Settings, data_dir: Path) -> Driver:

@@ -78,6 +78,7 @@ class ImageCache:
         reserve_bytes: int = 0,
         checksums: ChecksumBook | None = None,
         growth: Callable[[], int] | None = None,
+        on_change: Callable[[Image, bool], None] | None = None,
     ) -> None:
         self._images = data_dir.absolute() / "images"
         self._uses = data_dir.absolute() / "last-used"
@@ -101,7 +102,7 @@ class ImageCache:
         """The sha256 of the package that each checksum (``md5-<hex>``) was verified against."""
         self._by_content: dict[str, str] = {}
         """The gold image (its key) of each package sha256."""
-        self.on_change: Callable[[Image, bool], None] | None = None
+        self._on_change = on_change
         """Told of each image that starts or ends a fetch, and of each deleted one (``True``)."""
 
     async def open(self) -> None:
@@ -234,8 +235,8 @@ class ImageCache:
 
     def _changed(self, key: str, last: Image | None = None) -> None:
         image = last or self.image(key)
-        if self.on_change is not None and image is not None:
-            self.on_change(image, last is not None)
+        if self._on_change is not None and image is not None:
+            self._on_change(image, last is not None)
 
     def progress(self, spec: ImageSpec) -> DownloadProgress | None:
         """How far the download of ``spec`` has come, while it runs."""

@@ -47,6 +47,7 @@ from goldclone.service.recovery import Recovery
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 from goldclone.store import event_log, host_records, vm_records
+from goldclone.store.checksum_records import Checksums
 from goldclone.store.database import Database
 from goldclone.store.event_log import Event, EventKind
 from goldclone.store.listener import ChangeListener
@@ -62,12 +63,14 @@ class VMService:
         self,
         settings: Settings,
         db: Database,
-        images: ImageCache,
         driver: Driver,
         http: httpx.AsyncClient,
         metrics: Metrics,
     ) -> None:
         self._lock = DataDirLock(settings.data_dir)
+        images = ImageCache(settings.data_dir, http, settings.download_timeout,
+                            reserve_bytes=settings.reserve_mb << 20, checksums=Checksums(db),
+                            growth=driver.disk_growth, on_change=self._image_changed)  # fmt: skip
         self._db = db
         self._images = images
         self._driver = driver
@@ -94,7 +97,6 @@ class VMService:
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
         self._parts = contextlib.AsyncExitStack()
-        images.on_change = self._image_changed
 
     async def claim(self) -> None:
         """Take the data dir for this service (or raise ``DataDirInUse``), and check that the
