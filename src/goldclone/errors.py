@@ -64,12 +64,29 @@ class GoldcloneError(Exception):
     code = "internal-error"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str | None = None,
+        image: str | None = None,
+        host: str | None = None,
+        pool: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        about = {"vm": vm, "image": image, "host": host, "pool": pool}
+        self.about = {kind: name for kind, name in about.items() if name is not None}
+        """What the error is about, by kind: for the logs, never for an answer (a VM of
+        another tenant is not found, whatever its ID)."""
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+    def context(self) -> str:
+        """``about`` as a log line's end: `` (vm=..., image=...)``, or nothing."""
+        named = ", ".join(f"{kind}={name}" for kind, name in self.about.items())
+        return f" ({named})" if named else ""
 
 
 class InvalidJSON(GoldcloneError):
@@ -99,8 +116,13 @@ class VMNotFound(GoldcloneError):
     code = "vm-not-found"
     status = 404
 
-    def __init__(self, message: str = "The requested virtual machine ID was not found") -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str = "The requested virtual machine ID was not found",
+        *,
+        vm: str | None = None,
+    ) -> None:
+        super().__init__(message, vm=vm)
 
 
 class ImageNotFound(GoldcloneError):

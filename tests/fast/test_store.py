@@ -137,6 +137,22 @@ async def test_only_the_transitions_of_the_state_machine_happen(db: Database) ->
     assert (await get(db, vm.id)).status is Status.ERROR
 
 
+async def test_the_stores_errors_name_the_vm_they_are_about(db: Database) -> None:
+    """For the logs (``GoldcloneError.about``); the answer a client gets stays its code and
+    message, which for a missing VM names no ID (another tenant's VM is not found either)."""
+    missing = str(uuid.uuid4())
+    with pytest.raises(VMNotFound) as not_found:
+        await get(db, missing)
+    assert not_found.value.about == {"vm": missing}
+    assert missing not in str(not_found.value.as_dict())
+    assert not_found.value.context() == f" (vm={missing})"
+    vm = make_vm()
+    await admissions.record(db, vm)
+    with pytest.raises(StateConflict) as refused:
+        await advance(db, vm.id, Phase.STOPPED, expect=Status.RUNNING, status=Status.STOPPED)
+    assert refused.value.about == {"vm": vm.id}
+
+
 async def test_concurrent_changes_from_two_connections_are_serialized(database_url: str) -> None:
     """Two stores on one file stand for two services: exactly one of two racing changes that
     both expect ``running`` wins, and the other learns it from a ``StateConflict``."""

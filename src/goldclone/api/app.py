@@ -275,7 +275,7 @@ def create_app(
     @app.exception_handler(GoldcloneError)
     async def _goldclone_error(_: Request, exc: GoldcloneError) -> JSONResponse:
         if exc.status >= 500:
-            log.error("request failed: %s: %s", exc.code, exc.message)
+            log.error("request failed: %s: %s%s", exc.code, exc.message, exc.context())
             return error_response(_INTERNAL)
         return error_response(exc)
 

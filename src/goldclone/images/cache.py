@@ -307,12 +307,12 @@ class ImageCache:
         """
         key = self.resolve(key)
         if key in self._inflight:
-            raise ImageInUse(f"image {key} is being downloaded")
+            raise ImageInUse(f"image {key} is being downloaded", image=key)
         last = self.image(key)
         root = self._images / key
         if key.startswith(".") or "/" in key or not root.is_dir():
             if self._failures.pop(key, None) is None:
-                raise ImageNotFound(f"there is no image {key}")
+                raise ImageNotFound(f"there is no image {key}", image=key)
             self._specs.pop(key, None)  # a failed fetch: deleting forgets it
             self._changed(key, last)
             return

@@ -119,9 +119,11 @@ class Catalog:
         """Make a ready gold image every tenant's, or only theirs that showed they have it."""
         image = self._images.image(image_id)
         if image is None:
-            raise ImageNotFound(f"there is no image {image_id!r}")
+            raise ImageNotFound(f"there is no image {image_id!r}", image=image_id)
         if image.status is not ImageStatus.READY:
-            raise ImageNotReady(f"image {image.id} is {image.status.value}, not ready")
+            raise ImageNotReady(
+                f"image {image.id} is {image.status.value}, not ready", image=image.id
+            )
         await self._access.set_public(image.id, public)
         [found] = [i for i in await self.images() if i.id == image.id]
         return found

@@ -162,7 +162,11 @@ class Fleet:
                 except VMNotFound:
                     return
                 if vm.status is not Status.DELETING:  # its hypervisor refused; it is put back
-                    raise StateConflict(f"VM {vm.id}: its host {vm.host} could not destroy it")
+                    raise StateConflict(
+                        f"VM {vm.id}: its host {vm.host} could not destroy it",
+                        vm=vm.id,
+                        host=vm.host,
+                    )
                 await self.refuse_if_lost(vm)
                 await change.wait(self._interval)
 
@@ -173,7 +177,9 @@ class Fleet:
             raise HostLost(
                 f"VM {vm.id} is on host {vm.host}, not heard from since {silent[vm.host]}: it "
                 f"can be deleted once that host is back, or ended by forgetting the host "
-                f"(DELETE /hosts/{vm.host})"
+                f"(DELETE /hosts/{vm.host})",
+                vm=vm.id,
+                host=vm.host,
             )
 
     async def _silent(self) -> dict[str, str]:

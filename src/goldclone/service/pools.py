@@ -121,7 +121,7 @@ class Pools:
 
     async def get(self, name: str) -> Pool:
         if name not in self._pools:
-            raise PoolNotFound(f"there is no pool {name!r}")
+            raise PoolNotFound(f"there is no pool {name!r}", pool=name)
         return await self._one(name)
 
     async def all(self) -> list[Pool]:
@@ -131,7 +131,7 @@ class Pools:
         """Remove the pool and its unclaimed machines; VMs claimed from it stay."""
         async with self._changing:
             if name not in self._pools:
-                raise PoolNotFound(f"there is no pool {name!r}")
+                raise PoolNotFound(f"there is no pool {name!r}", pool=name)
             host_id = self._db.host_id
             await self._db.write(lambda conn: pool_records.forget(conn, host_id, name))
             await self._drop(name)

@@ -179,7 +179,7 @@ class Templates:
     def _gold(self, image_id: str) -> GoldImage:
         image = self._images.image(image_id)
         if image is None:
-            raise ImageNotFound(f"there is no image {image_id}")
+            raise ImageNotFound(f"there is no image {image_id}", image=image_id)
         spec = ImageSpec(url=image.url or "http://unknown/", checksum=image.checksum,
                          checksum_type=image.checksum_type)  # fmt: skip
         gold = self._images.cached(spec) if image.status is ImageStatus.READY else None

@@ -248,7 +248,9 @@ class VMService:
         try:
             vm = await self._lifecycle.amend(_valid_id(vm_id), LIVE, **fields)
         except StateConflict:
-            raise VMConflict(f"VM {vm_id} is being deleted; it can no longer be changed") from None
+            raise VMConflict(
+                f"VM {vm_id} is being deleted; it can no longer be changed", vm=vm_id
+            ) from None
         return self._with_progress(vm)
 
     async def delete(self, vm_id: str, tenant: str | None = None) -> None:
@@ -270,7 +272,7 @@ class VMService:
         not found, so that its ID tells nothing."""
         vm = await self._lifecycle.get(_valid_id(vm_id))
         if tenant is not None and vm.tenant != tenant:
-            raise VMNotFound()
+            raise VMNotFound(vm=vm_id)
         return vm
 
     def _freed(self) -> None:
@@ -396,4 +398,4 @@ def _valid_id(vm_id: str) -> str:
     try:
         return str(uuid.UUID(vm_id))
     except ValueError:
-        raise VMNotFound() from None
+        raise VMNotFound(vm=vm_id) from None

@@ -170,11 +170,12 @@ async def forget(conn: AsyncConnection, host_id: str, since: str) -> list[VM]:
     host heard from since."""
     query = select(_hosts.c.heartbeat_at).where(_hosts.c.id == host_id).with_for_update()
     if (heartbeat_at := (await conn.execute(query)).scalar()) is None:
-        raise HostNotFound(f"there is no host {host_id!r}")
+        raise HostNotFound(f"there is no host {host_id!r}", host=host_id)
     if heartbeat_at >= since:
         raise HostUp(
             f"host {host_id} is up (its last heartbeat was at {heartbeat_at}); only a lost "
-            "host can be forgotten"
+            "host can be forgotten",
+            host=host_id,
         )
     lost = ErrorBody(
         code=HostLost.code,

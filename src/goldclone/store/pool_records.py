@@ -67,7 +67,7 @@ async def one(conn: AsyncConnection, host_id: str, name: str) -> Pool:
     """The pool named ``name``, counted as ``counted`` does; raises ``PoolNotFound``."""
     for pool in await counted(conn, host_id, name):
         return pool
-    raise PoolNotFound(f"there is no pool {name!r}")
+    raise PoolNotFound(f"there is no pool {name!r}", pool=name)
 
 
 async def forget(conn: AsyncConnection, host_id: str, name: str) -> None:

@@ -88,7 +88,8 @@ async def change(
         what = "this change" if phase is None else phase.value
         raise StateConflict(
             f"VM {vm_id} is {current.status.value}; {what} needs it "
-            f"{' or '.join(s.value for s in expected)}"
+            f"{' or '.join(s.value for s in expected)}",
+            vm=vm_id,
         )
     timeline = current.timeline
     if phase is not None:
@@ -105,7 +106,7 @@ async def put_back(conn: AsyncConnection, vm: VM) -> None:
     still ``deleting``."""
     current = await locked(conn, vm.id)
     if current.status is not Status.DELETING:
-        raise StateConflict(f"VM {vm.id} is {current.status.value}, not deleting")
+        raise StateConflict(f"VM {vm.id} is {current.status.value}, not deleting", vm=vm.id)
     await write(conn, vm)
 
 
@@ -113,7 +114,7 @@ async def remove(conn: AsyncConnection, vm_id: str) -> None:
     """Remove the record of a VM that has been destroyed; only a ``deleting`` VM can go."""
     last = await locked(conn, vm_id)  # VMNotFound when it is gone already
     if last.status is not Status.DELETING:
-        raise StateConflict(f"VM {vm_id} is not deleting; it is kept")
+        raise StateConflict(f"VM {vm_id} is not deleting; it is kept", vm=vm_id)
     await conn.execute(_vms.delete().where(_vms.c.id == vm_id))
     await conn.execute(_tails.delete().where(_tails.c.vm_id == vm_id))
     await event_log.record(conn, EventKind.VM_DELETED, vm_id, dump(last))
@@ -126,7 +127,7 @@ async def set_runtime(conn: AsyncConnection, vm_id: str, record: Mapping[str, st
         _vms.update().where(_vms.c.id == vm_id).values(runtime=dict(record))
     )
     if result.rowcount == 0:
-        raise VMNotFound()
+        raise VMNotFound(vm=vm_id)
 
 
 async def keep_console(conn: AsyncConnection, vm_id: str, text: str) -> None:
@@ -145,7 +146,7 @@ async def console(conn: AsyncConnection, vm_id: str) -> str | None:
 async def get(conn: AsyncConnection, vm_id: str) -> VM:
     row = (await conn.execute(select(_vms.c.vm).where(_vms.c.id == vm_id))).first()
     if row is None:
-        raise VMNotFound()
+        raise VMNotFound(vm=vm_id)
     return VM.model_validate(row.vm)
 
 
@@ -153,7 +154,7 @@ async def runtime(conn: AsyncConnection, vm_id: str) -> dict[str, str]:
     """The runtime record of the VM's machine; empty until the driver has made one."""
     row = (await conn.execute(select(_vms.c.runtime).where(_vms.c.id == vm_id))).first()
     if row is None:
-        raise VMNotFound()
+        raise VMNotFound(vm=vm_id)
     return dict(row.runtime)
 
 
@@ -215,7 +216,7 @@ async def locked(conn: AsyncConnection, vm_id: str) -> VM:
     query = select(_vms.c.vm).where(_vms.c.id == vm_id).with_for_update()
     row = (await conn.execute(query)).first()
     if row is None:
-        raise VMNotFound()
+        raise VMNotFound(vm=vm_id)
     return VM.model_validate(row.vm)
 
 
