@@ -194,8 +194,8 @@ class Settings:
     reserve_mb: int = 256
     """Space kept free on the data dir's disk: a download that would eat into it is refused."""
     ip_timeout: float = 300.0
-    """Seconds a guest has to get an IP: a real cloud guest under TCG takes 35-60 s, and
-    4-5 minutes on a loaded host."""
+    """Seconds a guest has to get an IP: long enough for a real cloud guest that boots under
+    TCG on a loaded host (the README's settings table has what was measured)."""
     ready_timeout: float = 600.0
     """Seconds a guest has, once it has its IP, to pass its ``ready_when`` probe, unless the
     request gives a timeout."""

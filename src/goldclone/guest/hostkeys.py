@@ -1,6 +1,6 @@
-"""New SSH host keys for a restored machine, made on the host: a guest under TCG took 40 s
-and more for ``ssh-keygen -A`` (its RSA key above all), the host takes a fraction of a second.
-The three kinds that ``ssh-keygen -A`` makes, in OpenSSH's own file formats."""
+"""New SSH host keys for a restored machine, made on the host, which takes a fraction of what
+``ssh-keygen -A`` (its RSA key above all) takes in a guest under TCG (docs/design.md, "Memory
+templates"). The three kinds that ``ssh-keygen -A`` makes, in OpenSSH's own file formats."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def default_account(passwd: str) -> Account:
 
 def new_machine_script(account: Account, host_keys: list[HostKey], seed: bytes, now_ns: int) -> str:
     """The script that a machine runs once, just restored: its clock goes to ``now_ns`` (the
-    host's time as the script is sent; ``guest-set-time`` took 2 s in a Debian guest, for its
+    host's time as the script is sent; ``guest-set-time`` is slow in a Debian guest, for its
     ``hwclock``), ``seed`` (random bytes from the host) goes into the kernel's random pool,
     which is reseeded from it at once, ``host_keys`` (``hostkeys.new_host_keys``; none for a
     guest without an SSH server) replace its SSH host keys, and the files that ``files``

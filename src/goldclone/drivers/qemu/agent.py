@@ -6,8 +6,8 @@ gave up waiting, which the next one would read as its own. So a connection first
 (``guest-sync-delimited`` with a random ID; everything before the 0xFF that precedes that
 ID's reply is stale), and one that timed out or broke is dropped, for the next call to sync a
 new one. A connection is kept and reused while it works: one opened right after another was
-closed is often answered about 100 ms late (measured with the demo guest), which a claim from a
-warm pool cannot afford.
+closed is often answered late (docs/design.md, "Memory templates"), which a claim from a warm
+pool cannot afford.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ async def personalize(
     (``identity.files``)."""
     account = identity.default_account(await _text_of(link, "/etc/passwd"))
     if new_machine:
-        # host keys only for a guest with an SSH server: 20 restores at once spent
-        # seconds each waiting for RSA keys that the demo guest has no use for
+        # host keys only for a guest with an SSH server: a burst of restores of the demo
+        # guest waited on RSA keys it has no use for
         wanted = bool(await _text_of(link, hostkeys.SSHD_CONFIG))
         keys = await asyncio.to_thread(hostkeys.new_host_keys) if wanted else []
         seed = secrets.token_bytes(SEED_BYTES)
