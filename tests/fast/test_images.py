@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
+
+from goldclone.images.cache import ImageCache
 from goldclone.settings import Settings
 from tests.fast.conftest import DISK, Service, serving
 from tests.servers import CallbackReceiver, FileServer
@@ -125,3 +129,19 @@ async def test_the_openapi_description_tells_of_the_cache(service: Service) -> N
     schemas = (await service.client.get("/openapi.json")).json()["components"]["schemas"]
     assert "content-addressed" in schemas["VM"]["properties"]["image_from_cache"]["description"]
     assert "sha256" in schemas["Image"]["properties"]["checksums"]["description"]
+
+
+async def test_images_used_one_after_the_other_are_ordered_even_within_a_clock_tick(
+    tmp_path: Path,
+) -> None:
+    """The cache budget removes the least recently used image first: two used within one
+    tick of the kernel's coarse clock (a touch's time) once tied, and the newer one went."""
+    async with httpx.AsyncClient() as http:
+        cache = ImageCache(tmp_path, http)
+        await cache.open()
+        keys = [f"sha256-{n:064x}" for n in range(50)]
+        for key in keys:
+            cache._used(key)
+        times = [cache.used_at(key) for key in keys]
+        assert times == sorted(times) and len(set(times)) == len(keys)
+        assert cache.used_at("sha256-never") == 0

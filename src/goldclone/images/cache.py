@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -206,8 +207,20 @@ class ImageCache:
             await asyncio.to_thread(_remove, download)
 
     def _used(self, key: str) -> None:
-        """Mark the image as used now: the mtime of its file in ``last-used/``."""
-        (self._uses / key).touch()
+        """Mark the image as used now: the mtime of its file in ``last-used/``, set to the
+        nanosecond. A touch takes the kernel's coarse clock, which gave two images used within
+        one tick the same time, and made the cache's order a coin toss."""
+        path = self._uses / key
+        path.touch()
+        now = time.time_ns()
+        os.utime(path, ns=(now, now))
+
+    def used_at(self, key: str) -> int:
+        """When the image was last used, in nanoseconds since the epoch; 0 if never."""
+        try:
+            return (self._uses / key).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
     def prefetch(self, spec: ImageSpec) -> None:
         """Start fetching ``spec`` unless it is cached or already on its way."""

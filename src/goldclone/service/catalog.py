@@ -98,7 +98,7 @@ class Catalog:
                     log.warning("gold images take %d bytes over the cache budget, but every "
                                 "one is in use", over)  # fmt: skip
                     return
-                oldest = min(unused, key=lambda image: image.last_used_at or "")
+                oldest = min(unused, key=lambda image: self._images.used_at(image.id))
                 tried.add(oldest.id)
                 try:
                     await self.delete(oldest.id)
