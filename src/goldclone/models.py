@@ -462,7 +462,7 @@ class Host(BaseModel):
     machine: Resources
     """The machine's own CPUs and memory, for reference."""
     images: list[str] = []
-    """The gold images it holds, by ID."""
+    """The gold images it holds that the reader's tenant sees, by ID."""
 
 
 class HostList(BaseModel):

@@ -241,9 +241,14 @@ async def test_a_tenant_gets_anothers_cached_image_only_by_showing_it_has_it(
             found = (await client.get("/images", headers=as_(name))).json()["images"]
             return [image["id"] for image in found]
 
+        async def held(name: str) -> list[str]:
+            [host] = (await client.get("/hosts", headers=as_(name))).json()["hosts"]
+            return list(host["images"])
+
         await _boot(service, {"image": disk, **shape}, "alice")
         [gold] = await listed("alice")
         assert await listed("bob") == [] and await listed("root") == [gold]
+        assert await held("alice") == await held("root") == [gold] and await held("bob") == []
 
         failed = await _create(service, {"image": forged, **shape}, "bob")
         assert (failed["status"], failed["error"]["code"]) == ("error", "checksum-mismatch")
@@ -252,7 +257,7 @@ async def test_a_tenant_gets_anothers_cached_image_only_by_showing_it_has_it(
         before = images.gets[disk["url"].split("/", 3)[3]]
         await _boot(service, {"image": disk, **shape}, "bob")  # alice's URL: no download
         assert images.gets[disk["url"].split("/", 3)[3]] == before
-        assert await listed("bob") == [gold]
+        assert await listed("bob") == [gold] and await held("bob") == [gold]
 
         checked = images.gets[f"slow/{DISK}"]
         await _boot(service, {"image": elsewhere, **shape}, "ops")

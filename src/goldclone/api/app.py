@@ -257,11 +257,14 @@ def create_app(
 
     @app.get("/hosts", response_model=HostList, operation_id="list_hosts",
              responses={200: {"links": _HOST_LINKS}})  # fmt: skip
-    async def list_hosts() -> HostList:
+    async def list_hosts(who: _Who) -> HostList:
         """The hosts that share this service's database (this one alone on SQLite): what
         each offers, holds and has free, its last heartbeat, and whether it is ``up`` or
-        ``lost``."""
-        return HostList(hosts=await service.fleet.hosts())
+        ``lost``; of the gold images each holds, those the token's tenant sees."""
+        hosts = await service.fleet.hosts()
+        for host in hosts:
+            host.images = await service.catalog.shown_to(who.tenant_seen, host.images)
+        return HostList(hosts=hosts)
 
     @app.delete("/hosts/{host_id}", status_code=204, response_class=Response,
                 operation_id="forget_host", dependencies=[_needs(Role.OPERATOR)])  # fmt: skip

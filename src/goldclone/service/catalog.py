@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Iterable
 
 from goldclone.errors import (
     ImageError,
@@ -66,6 +67,21 @@ class Catalog:
                 update={"vms": users[image.id], "templates": templates, "public": shared}
             ))  # fmt: skip
         return found
+
+    async def shown_to(self, tenant: str | None, image_ids: Iterable[str]) -> list[str]:
+        """Those of ``image_ids`` (held by any host) that ``tenant`` sees: of packages it has
+        shown it has, or public ones (every one, with ``None``). An image of a package that
+        this host has not seen is known by its ID only if that is its sha256."""
+        if tenant is None:
+            return list(image_ids)
+        seen = (await self._access.seen_by(tenant) or set()) | await self._access.public()
+
+        def package(image_id: str) -> str | None:
+            if (content := self._images.content(image_id)) is not None:
+                return content
+            return image_id.removeprefix("sha256-") if image_id.startswith("sha256-") else None
+
+        return [image_id for image_id in image_ids if package(image_id) in seen]
 
     async def prefetch(self, spec: ImageSpec, tenant: str) -> Image:
         """Start fetching an image for ``tenant`` ahead of the first VM that needs it. An
