@@ -344,10 +344,11 @@ class Interrupted(VMFailure):
     code = "interrupted"
 
 
-def _subclasses(root: type[GoldcloneError]) -> Iterator[type[GoldcloneError]]:
+def subclasses(root: type[GoldcloneError]) -> Iterator[type[GoldcloneError]]:
+    """Every class below ``root``, depth first."""
     for cls in root.__subclasses__():
         yield cls
-        yield from _subclasses(cls)
+        yield from subclasses(cls)
 
 
 def answer_codes() -> dict[int, list[str]]:
@@ -355,7 +356,7 @@ def answer_codes() -> dict[int, list[str]]:
     ``internal-error`` for everything else. The API's OpenAPI description and docs/api.md list
     exactly these."""
     codes: dict[int, list[str]] = {500: [GoldcloneError.code]}
-    for cls in _subclasses(GoldcloneError):
+    for cls in subclasses(GoldcloneError):
         if cls.status < 500 and not issubclass(cls, VMFailure):
             codes.setdefault(cls.status, []).append(cls.code)
     return dict(sorted(codes.items()))
@@ -365,5 +366,5 @@ def vm_error_codes() -> list[str]:
     """The codes that a VM in ``error`` can hold: each ``VMFailure``, ``host-lost`` (its host
     was forgotten), and ``internal-error``."""
     groups = (ImageError,)  # a family of failures; never raised itself
-    found = [cls.code for cls in _subclasses(VMFailure) if cls not in groups]
+    found = [cls.code for cls in subclasses(VMFailure) if cls not in groups]
     return [*found, HostLost.code, GoldcloneError.code]

@@ -151,7 +151,7 @@ def test_the_tree_in_errors_docstring_is_the_classes_own() -> None:
         parent = parents[depth - 1] if depth else None
         drawn[found[2]] = (parent, int(found[3]), found[4])
     assert len(drawn) > 40, "the tree was not read"
-    classes = [errors.GoldcloneError, *_subclasses(errors.GoldcloneError)]
+    classes = [errors.GoldcloneError, *errors.subclasses(errors.GoldcloneError)]
     actual = {
         cls.__name__: (
             cls.__base__.__name__ if cls is not errors.GoldcloneError else None,
@@ -161,7 +161,3 @@ def test_the_tree_in_errors_docstring_is_the_classes_own() -> None:
         for cls in classes
     }
     assert drawn == actual
-
-
-def _subclasses(root: type) -> list[type]:
-    return [c for sub in root.__subclasses__() for c in (sub, *_subclasses(sub))]

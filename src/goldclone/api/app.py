@@ -262,8 +262,9 @@ def create_app(
         each offers, holds and has free, its last heartbeat, and whether it is ``up`` or
         ``lost``; of the gold images each holds, those the token's tenant sees."""
         hosts = await service.fleet.hosts()
+        sees = await service.catalog.seen_by(who.tenant_seen)
         for host in hosts:
-            host.images = await service.catalog.shown_to(who.tenant_seen, host.images)
+            host.images = [image_id for image_id in host.images if sees(image_id)]
         return HostList(hosts=hosts)
 
     @app.delete("/hosts/{host_id}", status_code=204, response_class=Response,

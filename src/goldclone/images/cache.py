@@ -306,11 +306,8 @@ class ImageCache:
         return dict(sorted(known.items()))
 
     def _last_use(self, key: str) -> str | None:
-        try:
-            used = (self._uses / key).stat().st_mtime
-        except FileNotFoundError:
-            return None
-        return rfc3339_ms(datetime.fromtimestamp(used, UTC))
+        used = self.used_at(key)
+        return rfc3339_ms(datetime.fromtimestamp(used / 1e9, UTC)) if used else None
 
     async def delete(self, key: str) -> None:
         """Remove the gold image ``key`` (any of its checksums). The caller makes sure that no

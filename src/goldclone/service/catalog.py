@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable
 
 from goldclone.errors import (
     ImageError,
@@ -68,20 +68,18 @@ class Catalog:
             ))  # fmt: skip
         return found
 
-    async def shown_to(self, tenant: str | None, image_ids: Iterable[str]) -> list[str]:
-        """Those of ``image_ids`` (held by any host) that ``tenant`` sees: of packages it has
-        shown it has, or public ones (every one, with ``None``). An image of a package that
-        this host has not seen is known by its ID only if that is its sha256."""
-        if tenant is None:
-            return list(image_ids)
-        seen = (await self._access.seen_by(tenant) or set()) | await self._access.public()
+    async def seen_by(self, tenant: str | None) -> Callable[[str], bool]:
+        """Whether ``tenant`` sees a ready image held by any host, by its ID, as
+        ``ImageAccess.sees`` says; an image this host has not fetched is known by its ID only
+        when that is its package's sha256."""
+        seen = await self._access.seen_by(tenant)
 
-        def package(image_id: str) -> str | None:
-            if (content := self._images.content(image_id)) is not None:
-                return content
-            return image_id.removeprefix("sha256-") if image_id.startswith("sha256-") else None
+        def sees(image_id: str) -> bool:
+            sha256 = image_id.removeprefix("sha256-") if image_id.startswith("sha256-") else None
+            image = {"id": image_id, "status": "ready", "checksums": {"sha256": sha256}}
+            return self._access.sees(tenant, seen, image)
 
-        return [image_id for image_id in image_ids if package(image_id) in seen]
+        return sees
 
     async def prefetch(self, spec: ImageSpec, tenant: str) -> Image:
         """Start fetching an image for ``tenant`` ahead of the first VM that needs it. An
