@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import describe, scratch, start
-from goldclone.clock import parse_time
+from goldclone.clock import parse_rfc3339
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, serving
 from tests.postgres import PostgresCluster
@@ -80,7 +80,9 @@ async def measure(
     )
     vms = [await services[0].wait_for(vm["id"], "running") for _, vm in burst]
     pickups = [
-        (parse_time(vm["timeline"][1]["at"]) - parse_time(vm["timeline"][0]["at"])).total_seconds()
+        (
+            parse_rfc3339(vm["timeline"][1]["at"]) - parse_rfc3339(vm["timeline"][0]["at"])
+        ).total_seconds()
         for vm in vms
     ]
     print(describe(f"{label}: POST, {BURST} at once", [took for took, _ in burst]))

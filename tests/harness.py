@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import uvicorn
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from goldclone.clock import rfc3339_ms
 from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.network import Networks
 from goldclone.drivers.qemu.network.manager import tap_name
@@ -242,14 +244,17 @@ def leftovers(data_dir: Path, vm: dict[str, Any]) -> list[str]:
     return found
 
 
-async def set_expiry(database_url: str, vm_id: str, when: str) -> None:
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+async def set_expiry(database_url: str, vm_id: str, when: datetime) -> None:
     """Move a stopped service's VM's lease into the past, as time passing would."""
     engine = create_async_engine(database_url)
     try:
         async with engine.begin() as conn:
             row = (await conn.execute(select(vms.c.vm).where(vms.c.id == vm_id))).one()
             await conn.execute(vms.update().where(vms.c.id == vm_id).values(
-                vm={**row.vm, "expires_at": when}, expires_at=when,
+                vm={**row.vm, "expires_at": rfc3339_ms(when)}, expires_at=when,
             ))  # fmt: skip
     finally:
         await engine.dispose()

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 import httpx
 
 from goldclone import __version__
-from goldclone.clock import now_s
+from goldclone.clock import after, now_s
 from goldclone.models import VM, ImageSpec
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id, signing_key
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
@@ -150,7 +150,7 @@ async def test_a_receiver_that_is_down_across_a_restart_still_gets_its_callback(
     async with delivering(db, schedule) as (deliveries, ended):  # the service before
         await deliveries.send(vm_for(url))
         async with asyncio.timeout(10):
-            while (await db.read(lambda c: delivery_records.due(c, "test-host", "9999", 1)))[
+            while (await db.read(lambda c: delivery_records.due(c, "test-host", after(60), 1)))[
                 0
             ].attempts < 2:
                 await asyncio.sleep(0.05)  # two attempts refused: nothing listens

@@ -18,11 +18,11 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from goldclone.clock import parse_time
+from goldclone.clock import parse_rfc3339
 from goldclone.host import processes
 from goldclone.settings import Settings
 from tests.conftest import checksum
-from tests.harness import Goldclone, goldclone_server, leftovers, set_expiry
+from tests.harness import LONG_AGO, Goldclone, goldclone_server, leftovers, set_expiry
 from tests.packages import extract_disk, make_package
 from tests.servers import CallbackReceiver, FileServer, free_port
 from tests.test_client import cli
@@ -93,7 +93,7 @@ class EventStream:
 
 
 def _epoch(stamp: str) -> float:
-    return parse_time(stamp).timestamp()
+    return parse_rfc3339(stamp).timestamp()
 
 
 async def test_leases_end_vms_unless_renewed_and_say_so_by_event_and_callback(
@@ -149,7 +149,7 @@ async def test_a_lease_that_ends_while_the_service_is_stopped_ends_at_its_start(
     pid = int((goldclone.data_dir / "vms" / vm["id"] / "qemu.pid").read_text())
     await goldclone.stop()
     assert processes.alive(pid)  # a stopped service leaves its guests running
-    await set_expiry(goldclone.settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
+    await set_expiry(goldclone.settings.db_url, vm["id"], LONG_AGO)
     await goldclone.start()
     assert (await goldclone.client.get(f"/vms/{vm['id']}")).status_code == 404
     assert not processes.alive(pid)

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from goldclone.access import DEFAULT_TENANT
+from goldclone.clock import Moment, Second
 from goldclone.fields import (
     CHECKSUM_HEX_LENGTH,
     DNS_LABEL_PATTERN,
@@ -236,7 +237,7 @@ class DownloadProgress(BaseModel):
 
 class TimelineEntry(BaseModel):
     phase: Phase
-    at: str
+    at: Moment
 
 
 class VM(BaseModel):
@@ -269,7 +270,7 @@ class VM(BaseModel):
     pool: str | None = None
     """The warm pool the machine was claimed from."""
     labels: dict[str, str] = {}
-    expires_at: str | None = None
+    expires_at: Moment | None = None
     """When its lease ends and it is destroyed; null: it has none."""
     ip_address: str = ""
     mac_address: str = ""
@@ -282,7 +283,7 @@ class VM(BaseModel):
     """The tenant whose token made it, which alone (with ``admin`` tokens) sees it."""
     guest_os: str = ""
     error: ErrorBody | None = None
-    created_at: str
+    created_at: Second
     timeline: list[TimelineEntry] = []
     progress: DownloadProgress | None = None
     """Present while the VM waits for its image to download."""
@@ -336,7 +337,7 @@ class Image(BaseModel):
     """Space taken on disk by the unpacked image."""
     vms: int = 0
     """How many VMs use the image; it can be deleted only when none does."""
-    last_used_at: str | None = None
+    last_used_at: Moment | None = None
     """When a VM or a pool last took the image (its fetch counts as a use)."""
     progress: DownloadProgress | None = None
     error: ErrorBody | None = None
@@ -382,7 +383,7 @@ class Template(BaseModel):
     size_bytes: int = 0
     """Space taken on disk by its RAM, device state and disk."""
     error: ErrorBody | None = None
-    created_at: str
+    created_at: Second
 
 
 class ImageList(BaseModel):
@@ -426,7 +427,7 @@ class Pool(BaseModel):
     claimed: int = 0
     """VMs claimed from the pool since it was made."""
     error: ErrorBody | None = None
-    created_at: str
+    created_at: Second
 
 
 class HostState(StrEnum):
@@ -450,8 +451,8 @@ class Host(BaseModel):
     """The machine's hostname."""
     state: HostState
     """``lost`` once no heartbeat came for ``GOLDCLONE_HOST_LOST_AFTER`` seconds."""
-    started_at: str
-    heartbeat_at: str
+    started_at: Moment
+    heartbeat_at: Moment
     driver: str
     network_types: list[str]
     capacity: Resources

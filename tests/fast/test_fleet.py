@@ -15,13 +15,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from goldclone import logs, settings_sources
-from goldclone.clock import seconds_until
+from goldclone.clock import parse_rfc3339, seconds_until
 from goldclone.settings import Settings
 from tests.fast.conftest import Service, image_of, serving
-from tests.harness import set_expiry
+from tests.harness import LONG_AGO, set_expiry
 from tests.servers import CallbackReceiver, FileServer
 
-_seconds_until = seconds_until
+
+def _seconds_until(stamp: str) -> float:
+    return seconds_until(parse_rfc3339(stamp))
 
 
 async def test_labels_are_kept_and_filter_the_list(
@@ -133,7 +135,7 @@ async def test_a_lease_that_ended_while_the_service_was_stopped_ends_the_vm_at_s
         vm = await service.boot({**request_body, "ttl": 1})
         await service.client.patch(f"/vms/{vm['id']}", json={"ttl": 600})
         lasting = await service.boot({**request_body, "ttl": 600})
-    await set_expiry(fast_settings.db_url, vm["id"], "2000-01-01T00:00:00.000Z")
+    await set_expiry(fast_settings.db_url, vm["id"], LONG_AGO)
     async with serving(Service(fast_settings, host)) as service:
         assert (await service.client.get(f"/vms/{vm['id']}")).status_code == 404  # at start
         assert host.running() == {lasting["id"]}

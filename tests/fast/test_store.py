@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from goldclone.clock import now_ms, now_s
+from goldclone.clock import now, now_s
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
 from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry
 from goldclone.service import events
 from goldclone.store import (
     admissions,
+    delivery_records,
     event_log,
     host_records,
     pool_records,
@@ -29,8 +33,10 @@ from goldclone.store import (
 )
 from goldclone.store.admissions import Placing
 from goldclone.store.database import Database
+from goldclone.store.delivery_records import Delivery
 from goldclone.store.host_records import Candidate, Held
 from goldclone.store.vm_records import TRANSITIONS, Earlier
+from tests.harness import LONG_AGO
 
 
 def make_vm() -> VM:
@@ -44,7 +50,7 @@ def make_vm() -> VM:
         callback_url=None,
         host="test-host",  # as the store records it
         created_at=now_s(),
-        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
+        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now())],
     )
 
 
@@ -213,7 +219,7 @@ async def test_capacity_is_checked_in_the_admitting_transaction(db: Database) ->
         return host
 
     await db.write(lambda c: host_records.beat(c, db.host_id, {"network_types": ["nat"]}))
-    placing = Placing("sha256-" + "0" * 64, 1, 256, since="", choose=at_most_three)
+    placing = Placing("sha256-" + "0" * 64, 1, 256, since=LONG_AGO, choose=at_most_three)
     outcomes = await asyncio.gather(
         *(admissions.record(db, make_vm(), None, placing) for _ in range(8)), return_exceptions=True
     )
@@ -275,13 +281,73 @@ async def test_concurrent_admissions_on_one_database_never_claim_one_pooled_mach
         await second.close()
 
 
-def test_the_migrations_make_the_tables_that_the_queries_use(tmp_path: Path) -> None:
-    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'state.db'}")
-    with engine.begin() as connection:
-        schema.upgrade(connection)
-        differences = compare_metadata(MigrationContext.configure(connection), tables.metadata)
-    engine.dispose()
-    assert differences == []
+async def test_the_migrations_make_the_tables_that_the_queries_use(db: Database) -> None:
+    def compare(connection: sqlalchemy.Connection) -> list[Any]:
+        return compare_metadata(MigrationContext.configure(connection), tables.metadata)
+
+    assert await db.read(lambda c: c.run_sync(compare)) == []
+
+
+_TIME_COLUMNS = [(table.name, column.name) for table in tables.metadata.sorted_tables
+                 for column in table.columns if isinstance(column.type, tables.Time)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_times_written_as_text_before_0012_are_read_as_times(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    if kind == "postgresql":
+        url = await request.getfixturevalue("postgres").new_database()
+    engine = create_async_engine(url)
+    config = schema._config()
+
+    def to_0011(connection: sqlalchemy.Connection) -> None:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0011")
+
+    ended, running = make_vm(), make_vm()
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(to_0011)
+            for vm, expires in (
+                (ended, "2000-01-01T00:00:00.000Z"),
+                (running, "2999-01-01T00:00:00.000Z"),
+            ):
+                await conn.execute(sqlalchemy.text(
+                    "INSERT INTO vms (id, status, vm, runtime, expires_at, host_id, tenant) "
+                    "VALUES (:id, 'running', :vm, '{}', :expires, 'test-host', 'default')"
+                ), {"id": vm.id, "vm": vm.model_dump_json(), "expires": expires})  # fmt: skip
+            await conn.execute(sqlalchemy.text(
+                "INSERT INTO hosts (id, host, heartbeat_at) VALUES ('old', '{}', :at)"
+            ), {"at": "2026-12-07T08:01:43.125Z"})  # fmt: skip
+    finally:
+        await engine.dispose()
+    db = Database(url, "test-host")
+    await db.open()
+    try:
+        assert await db.read(lambda c: vm_records.expired(c, "test-host", now())) == [ended.id]
+        [old] = await db.read(host_records.every)
+        assert old.heartbeat_at == datetime(2026, 12, 7, 8, 1, 43, 125000, tzinfo=UTC)
+        if kind == "postgresql":
+            types = await db.read(lambda c: c.execute(sqlalchemy.text(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE data_type = 'timestamp with time zone' AND table_schema = 'public'"
+            )))  # fmt: skip
+            assert sorted(tuple(row) for row in types) == sorted(_TIME_COLUMNS)
+    finally:
+        await db.close()
+
+
+async def test_a_time_reads_back_as_it_was_written_and_in_order(db: Database) -> None:
+    elsewhere = timezone(timedelta(hours=-5))
+    times = [now(), datetime(2000, 1, 1, tzinfo=UTC), now().astimezone(elsewhere)]
+    for n, at in enumerate(times):
+        delivery = Delivery(f"m{n}", "vm", "http://127.0.0.1/", "", attempts=0, next_at=at)
+        await db.write(partial(delivery_records.add, host_id=db.host_id, delivery=delivery))
+    due = await db.read(lambda c: delivery_records.due(c, db.host_id, now(), limit=10))
+    assert [d.next_at for d in due] == sorted(times)
+    assert {d.next_at.tzinfo for d in due} == {UTC}
 
 
 async def test_vms_recorded_before_hosts_existed_become_the_first_hosts_own(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from goldclone.clock import now, rfc3339_ms, rfc3339_s, seconds_between
 from goldclone.models import VM, DownloadProgress, Host, Image, Phase
 
 
@@ -29,7 +30,7 @@ def vm_table(vms: list[VM]) -> Table:
         labels = ",".join(f"{key}={value}" for key, value in sorted(vm.labels.items()))
         table.add_row(
             vm.id, vm.name or "-", status, vm.ip_address or "-", str(vm.cpus),
-            f"{vm.memory} MB", vm.network_type, vm.created_at, vm.expires_at or "never",
+            f"{vm.memory} MB", vm.network_type, rfc3339_s(vm.created_at), expiry(vm),
             labels or "-",
         )  # fmt: skip
     return table
@@ -49,7 +50,7 @@ def host_table(hosts: list[Host]) -> Table:
         used, capacity = host.used, host.capacity
         table.add_row(
             host.id, host.state.value, _of(used.vms, capacity.vms), _of(used.cpus, capacity.cpus),
-            _of(used.memory, capacity.memory, " MB"), host.heartbeat_at, host.name,
+            _of(used.memory, capacity.memory, " MB"), rfc3339_ms(host.heartbeat_at), host.name,
         )  # fmt: skip
     return table
 
@@ -68,8 +69,9 @@ def _size(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _at(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+def expiry(vm: VM) -> str:
+    """When ``vm``'s lease ends, or ``never``."""
+    return rfc3339_ms(vm.expires_at) if vm.expires_at else "never"
 
 
 def vm_detail(vm: VM) -> RenderableType:
@@ -96,8 +98,8 @@ def vm_detail(vm: VM) -> RenderableType:
         ("ssh keys", str(len(vm.ssh_authorized_keys)) if vm.ssh_authorized_keys else None),
         ("metadata", ", ".join(vm.metadata_keys) or None),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(vm.labels.items())) or None),
-        ("created", vm.created_at),
-        ("expires", vm.expires_at or "never"),
+        ("created", rfc3339_s(vm.created_at)),
+        ("expires", expiry(vm)),
         ("download", _progress(vm.progress) if vm.progress else None),
     ]
     shown = [(name, value) for name, value in rows if value is not None]
@@ -107,9 +109,9 @@ def vm_detail(vm: VM) -> RenderableType:
     timeline = Table("PHASE", "AT", "+", "TOOK", box=None, title_justify="left")
     entries = vm.timeline
     for entry, following in zip(entries, [*entries[1:], None], strict=True):
-        since = (_at(entry.at) - _at(entries[0].at)).total_seconds()
-        took = (_at(following.at) - _at(entry.at)).total_seconds() if following else None
-        timeline.add_row(entry.phase.value, entry.at, f"{since:.2f}s",
+        since = seconds_between(entries[0].at, entry.at)
+        took = seconds_between(entry.at, following.at) if following else None
+        timeline.add_row(entry.phase.value, rfc3339_ms(entry.at), f"{since:.2f}s",
                          f"{took:.2f}s" if took is not None else "-")  # fmt: skip
     return Group(fields, Text(""), timeline)
 
@@ -152,11 +154,11 @@ class WaitDisplay:
 
     def update(self, vm: VM) -> None:
         for entry in vm.timeline:
-            self._show(entry.phase, _at(entry.at))
+            self._show(entry.phase, entry.at)
         self._download(vm.progress)
 
     def update_image(self, image: Image) -> None:
-        self._show(Phase(image.status.value), datetime.now(UTC))
+        self._show(Phase(image.status.value), now())
         self._download(image.progress)
 
     def _show(self, phase: Phase, at: datetime) -> None:

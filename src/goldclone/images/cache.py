@@ -30,7 +30,6 @@ from typing import Any, Protocol, cast
 
 import httpx
 
-from goldclone.clock import rfc3339_ms
 from goldclone.errors import (
     ImageInUse,
     ImageNotFound,
@@ -305,9 +304,9 @@ class ImageCache:
                     known.setdefault(other, value)
         return dict(sorted(known.items()))
 
-    def _last_use(self, key: str) -> str | None:
+    def _last_use(self, key: str) -> datetime | None:
         used = self.used_at(key)
-        return rfc3339_ms(datetime.fromtimestamp(used / 1e9, UTC)) if used else None
+        return datetime.fromtimestamp(used / 1e9, UTC) if used else None
 
     async def delete(self, key: str) -> None:
         """Remove the gold image ``key`` (any of its checksums). The caller makes sure that no

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from goldclone.access import DEFAULT_TENANT
-from goldclone.clock import in_ms, now_ms, now_s
+from goldclone.clock import after, now, now_s
 from goldclone.drivers.base import Capabilities
 from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination, tenant_group
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
@@ -76,7 +77,7 @@ class Admission:
         takes = _taker(request)
         choose = chooser(self._policy, wanted, takes, self._db.host_id)
         placing = Placing(request.image.key, request.cpus, request.memory,
-                          in_ms(-self._lost_after), choose)  # fmt: skip
+                          after(-self._lost_after), choose)  # fmt: skip
         recorded = await admissions.record(
             self._db,
             _new_vm(request, guest, expires_at, tenant), idempotency, placing, pools,
@@ -208,7 +209,7 @@ def _repeat(earlier: Earlier, digest: str) -> VM:
 
 
 def _new_vm(
-    request: CreateVMRequest, guest: GuestConfig, expires_at: str | None, tenant: str
+    request: CreateVMRequest, guest: GuestConfig, expires_at: datetime | None, tenant: str
 ) -> VM:
     return VM(
         tenant=tenant,
@@ -231,5 +232,5 @@ def _new_vm(
         labels=request.labels,
         expires_at=expires_at,
         created_at=now_s(),
-        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now_ms())],
+        timeline=[TimelineEntry(phase=Phase.ACCEPTED, at=now())],
     )

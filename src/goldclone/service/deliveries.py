@@ -14,10 +14,11 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import httpx
 
-from goldclone.clock import in_ms, now_ms, seconds_until
+from goldclone.clock import after, now, seconds_until
 from goldclone.models import VM
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id
 from goldclone.store import delivery_records
@@ -59,7 +60,7 @@ class Deliveries:
         if vm.callback_url is None:
             return
         delivery = Delivery(new_message_id(), vm.id, vm.callback_url, vm.model_dump_json(),
-                            attempts=0, next_at=in_ms(self._schedule[0]))  # fmt: skip
+                            attempts=0, next_at=after(self._schedule[0]))  # fmt: skip
         host_id = self._db.host_id
         await self._db.write(lambda conn: delivery_records.add(conn, host_id, delivery))
         self._wake.set()
@@ -80,7 +81,7 @@ class Deliveries:
             self._ended_meanwhile.clear()
             due = await self._db.read(
                 functools.partial(
-                    delivery_records.due, host_id=self._db.host_id, now=now_ms(), limit=_AT_ONCE
+                    delivery_records.due, host_id=self._db.host_id, now=now(), limit=_AT_ONCE
                 )
             )
             room = _AT_ONCE - len(self._trying)
@@ -118,7 +119,7 @@ class Deliveries:
                 wait = max(wait, min(tried.retry_after, MAX_RETRY_AFTER))
             log.warning("callback for VM %s, attempt %d of %d: %s; next in %g s", delivery.vm_id,
                         number, len(self._schedule), tried.reason, wait)  # fmt: skip
-            await self._tried(delivery, in_ms(wait))
+            await self._tried(delivery, after(wait))
             return
         outcome = "failed" if tried.outcome in (Outcome.RETRY, Outcome.REFUSED) else tried.outcome
         if outcome != Outcome.DELIVERED:
@@ -127,6 +128,6 @@ class Deliveries:
         await self._tried(delivery, None)
         self._ended(str(outcome))
 
-    async def _tried(self, delivery: Delivery, next_at: str | None) -> None:
+    async def _tried(self, delivery: Delivery, next_at: datetime | None) -> None:
         message_id = delivery.message_id
         await self._db.write(lambda conn: delivery_records.tried(conn, message_id, next_at))

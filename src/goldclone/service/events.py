@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
-from goldclone.clock import now_ms
+from goldclone.clock import now
 from goldclone.labels import matches
 from goldclone.models import VM, Status
 from goldclone.store import event_log
@@ -56,7 +56,7 @@ async def stream(
         found, oldest = await db.read(partial(event_log.read_after, after=last, limit=_BATCH))
         if found and oldest > last + 1:
             missed = {"after": last, "resumes_at": found[0].id}
-            yield Event(id=found[0].id - 1, kind=EventKind.DROPPED, subject="", at=now_ms(),
+            yield Event(id=found[0].id - 1, kind=EventKind.DROPPED, subject="", at=now(),
                         data=missed)  # fmt: skip
         for event in found:
             last = event.id

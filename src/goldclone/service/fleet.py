@@ -20,10 +20,11 @@ import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from goldclone.clock import in_ms, now_ms
+from goldclone.clock import after, now, rfc3339_ms
 from goldclone.errors import HostLost, StateConflict, VMNotFound
 from goldclone.models import VM, Host, HostState, Phase, Resources, Status
 from goldclone.settings import Settings, host_memory_mb
@@ -71,7 +72,7 @@ class Fleet:
         self._lost_after = settings.host_lost_after
         self._offer: dict[str, Any] = {
             "name": socket.gethostname(),
-            "started_at": now_ms(),
+            "started_at": rfc3339_ms(now()),
             "driver": driver_name,
             "network_types": bounds["network_types"],
             "bounds": bounds,
@@ -175,22 +176,23 @@ class Fleet:
         silent = await self._silent()
         if vm.host in silent:
             raise HostLost(
-                f"VM {vm.id} is on host {vm.host}, not heard from since {silent[vm.host]}: it "
+                f"VM {vm.id} is on host {vm.host}, not heard from since "
+                f"{rfc3339_ms(silent[vm.host])}: it "
                 f"can be deleted once that host is back, or ended by forgetting the host "
                 f"(DELETE /hosts/{vm.host})",
                 vm=vm.id,
                 host=vm.host,
             )
 
-    async def _silent(self) -> dict[str, str]:
+    async def _silent(self) -> dict[str, datetime]:
         since = self._since()
         return await self._db.read(lambda conn: host_records.silent(conn, since))
 
-    def _since(self) -> str:
-        return in_ms(-self._lost_after)
+    def _since(self) -> datetime:
+        return after(-self._lost_after)
 
 
-def _host(record: HostRecord, since: str) -> Host:
+def _host(record: HostRecord, since: datetime) -> Host:
     offer = record.host
     capacity = Resources.model_validate(offer["capacity"])
     used = Resources(vms=len(record.held), cpus=sum(h.cpus for h in record.held),
@@ -217,6 +219,6 @@ def _host(record: HostRecord, since: str) -> Host:
     )
 
 
-def _unknown(vm: VM, heartbeat_at: str) -> VM:
-    reason = f"its host {vm.host} has not been heard from since {heartbeat_at}"
+def _unknown(vm: VM, heartbeat_at: datetime) -> VM:
+    reason = f"its host {vm.host} has not been heard from since {rfc3339_ms(heartbeat_at)}"
     return vm.model_copy(update={"status": Status.UNKNOWN, "status_reason": reason})

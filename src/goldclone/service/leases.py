@@ -11,8 +11,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
-from goldclone.clock import in_ms, now_ms
+from goldclone.clock import after, now
 from goldclone.errors import GoldcloneError, InvalidRequest, StateConflict, VMNotFound
 from goldclone.settings import Settings
 from goldclone.store import vm_records
@@ -35,12 +36,12 @@ class LeasePolicy:
     def of(cls, settings: Settings) -> LeasePolicy:
         return cls(settings.default_ttl, settings.max_ttl, settings.allow_no_lease)
 
-    def expiry(self, ttl: int | None, given: bool) -> str | None:
+    def expiry(self, ttl: int | None, given: bool) -> datetime | None:
         """When a lease of ``ttl`` seconds from now ends (``given``: the request named a
         ``ttl``; otherwise the default applies); ``None`` for no lease. Raises
         ``InvalidRequest`` for a lease longer than the maximum, or none where none is allowed."""
         if not given:
-            return in_ms(self.default) if self.default else None
+            return after(self.default) if self.default else None
         if not ttl:
             if not self.allow_none:
                 raise InvalidRequest(
@@ -51,7 +52,7 @@ class LeasePolicy:
             raise InvalidRequest(
                 f"ttl: {ttl} s is longer than this server allows ({self.maximum} s)"
             )
-        return in_ms(ttl)
+        return after(ttl)
 
 
 class Sweeper:
@@ -73,8 +74,8 @@ class Sweeper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def sweep(self) -> None:
-        host_id, now = self._db.host_id, now_ms()
-        for vm_id in await self._db.read(lambda conn: vm_records.expired(conn, host_id, now)):
+        host_id, moment = self._db.host_id, now()
+        for vm_id in await self._db.read(lambda conn: vm_records.expired(conn, host_id, moment)):
             try:
                 await self._expire(vm_id)
             except (VMNotFound, StateConflict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 
 from prometheus_client import (
     CollectorRegistry,
@@ -129,5 +130,5 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _seconds(start: str, end: str) -> float:
+def _seconds(start: datetime, end: datetime) -> float:
     return max(0.0, seconds_between(start, end))

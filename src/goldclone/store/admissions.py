@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -25,7 +26,7 @@ class Placing:
     image_key: str
     cpus: int
     memory: int
-    since: str
+    since: datetime
     choose: Callable[[list[Candidate]], Candidate]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.clock import now_ms
+from goldclone.clock import now
 from goldclone.store.database import Database
 from goldclone.store.tables import image_checksums as _checksums
 
@@ -20,7 +20,7 @@ async def every(conn: AsyncConnection) -> dict[str, str]:
 async def add(conn: AsyncConnection, name: str, sha256: str) -> None:
     """Remember that the checksum ``name`` was verified against the package ``sha256``."""
     await conn.execute(_checksums.delete().where(_checksums.c.name == name))
-    await conn.execute(_checksums.insert().values(name=name, sha256=sha256, at=now_ms()))
+    await conn.execute(_checksums.insert().values(name=name, sha256=sha256, at=now()))
 
 
 class Checksums:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -21,7 +22,7 @@ class Delivery:
     url: str
     body: str
     attempts: int
-    next_at: str
+    next_at: datetime
 
 
 async def add(conn: AsyncConnection, host_id: str, delivery: Delivery) -> None:
@@ -32,7 +33,7 @@ async def add(conn: AsyncConnection, host_id: str, delivery: Delivery) -> None:
     ))  # fmt: skip
 
 
-async def due(conn: AsyncConnection, host_id: str, now: str, limit: int) -> list[Delivery]:
+async def due(conn: AsyncConnection, host_id: str, now: datetime, limit: int) -> list[Delivery]:
     """``host_id``'s deliveries whose next attempt is due at ``now``, the earliest first."""
     query = (
         select(_deliveries)
@@ -43,14 +44,14 @@ async def due(conn: AsyncConnection, host_id: str, now: str, limit: int) -> list
     return [_delivery(row) for row in await conn.execute(query)]
 
 
-async def next_at(conn: AsyncConnection, host_id: str) -> str | None:
+async def next_at(conn: AsyncConnection, host_id: str) -> datetime | None:
     """When ``host_id``'s next delivery is due; ``None`` without one."""
     query = select(func.min(_deliveries.c.next_at)).where(_deliveries.c.host_id == host_id)
-    found: str | None = (await conn.execute(query)).scalar()
+    found: datetime | None = (await conn.execute(query)).scalar()
     return found
 
 
-async def tried(conn: AsyncConnection, message_id: str, next_at: str | None) -> None:
+async def tried(conn: AsyncConnection, message_id: str, next_at: datetime | None) -> None:
     """Count an attempt of the delivery, due again at ``next_at``; without one, it is over
     and forgotten."""
     where = _deliveries.c.message_id == message_id

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.clock import now_ms
+from goldclone.clock import Moment, now
 from goldclone.store.tables import events as _events
 
 WINDOW = 10_000
@@ -41,7 +41,7 @@ class Event(BaseModel):
     id: int
     kind: EventKind
     subject: str
-    at: str
+    at: Moment
     data: dict[str, Any]
 
 
@@ -51,7 +51,7 @@ async def record(
     """Add an event in ``conn``'s transaction, and drop those beyond the window."""
     touched(conn, subject)
     inserted = await conn.execute(
-        _events.insert().values(kind=kind.value, subject=subject, data=dict(data), at=now_ms())
+        _events.insert().values(kind=kind.value, subject=subject, data=dict(data), at=now())
     )
     (seq,) = inserted.inserted_primary_key or (None,)
     if seq is not None and seq > WINDOW:

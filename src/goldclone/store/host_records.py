@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.clock import now_ms
+from goldclone.clock import now, rfc3339_ms
 from goldclone.egress import tenant_group
 from goldclone.errors import HostLost, HostNotFound, HostUp
 from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry
@@ -44,7 +45,7 @@ class HostRecord:
 
     id: str
     host: dict[str, Any]
-    heartbeat_at: str
+    heartbeat_at: datetime
     held: list[Held]
 
 
@@ -75,7 +76,7 @@ async def lock_admissions(conn: AsyncConnection) -> None:
 
 async def beat(conn: AsyncConnection, host_id: str, host: Mapping[str, Any]) -> None:
     """Record ``host_id`` as alive now, offering ``host``."""
-    values = {"host": dict(host), "heartbeat_at": now_ms()}
+    values = {"host": dict(host), "heartbeat_at": now()}
     updated = await conn.execute(_hosts.update().where(_hosts.c.id == host_id).values(values))
     if updated.rowcount == 0:
         await conn.execute(_hosts.insert().values(id=host_id, **values))
@@ -89,14 +90,14 @@ async def every(conn: AsyncConnection) -> list[HostRecord]:
             for row in rows]  # fmt: skip
 
 
-async def heartbeat_of(conn: AsyncConnection, host_id: str) -> str | None:
+async def heartbeat_of(conn: AsyncConnection, host_id: str) -> datetime | None:
     """When the host last said it was alive; ``None`` for a host not on the database."""
     query = select(_hosts.c.heartbeat_at).where(_hosts.c.id == host_id)
-    found: str | None = (await conn.execute(query)).scalar()
+    found: datetime | None = (await conn.execute(query)).scalar()
     return found
 
 
-async def silent(conn: AsyncConnection, since: str) -> dict[str, str]:
+async def silent(conn: AsyncConnection, since: datetime) -> dict[str, datetime]:
     """The hosts not heard from since ``since``, with their last heartbeat."""
     query = select(_hosts.c.id, _hosts.c.heartbeat_at).where(_hosts.c.heartbeat_at < since)
     return {row.id: row.heartbeat_at for row in await conn.execute(query)}
@@ -129,7 +130,7 @@ async def held_by(conn: AsyncConnection, host_id: str) -> list[Held]:
 
 async def candidates(
     conn: AsyncConnection,
-    since: str,
+    since: datetime,
     image_key: str,
     cpus: int,
     memory: int,
@@ -163,7 +164,7 @@ async def machines(conn: AsyncConnection, host_id: str) -> set[str]:
     )
 
 
-async def forget(conn: AsyncConnection, host_id: str, since: str) -> list[VM]:
+async def forget(conn: AsyncConnection, host_id: str, since: datetime) -> list[VM]:
     """Forget a host that has been silent since before ``since``: its VMs end in ``error``
     (``host-lost``), and its pools' machines, templates, cleanups and callbacks are
     forgotten; the VMs it ended are returned. Raises ``HostNotFound``, or ``HostUp`` for a
@@ -173,8 +174,8 @@ async def forget(conn: AsyncConnection, host_id: str, since: str) -> list[VM]:
         raise HostNotFound(f"there is no host {host_id!r}", host=host_id)
     if heartbeat_at >= since:
         raise HostUp(
-            f"host {host_id} is up (its last heartbeat was at {heartbeat_at}); only a lost "
-            "host can be forgotten",
+            f"host {host_id} is up (its last heartbeat was at {rfc3339_ms(heartbeat_at)}); only "
+            "a lost host can be forgotten",
             host=host_id,
         )
     lost = ErrorBody(
@@ -187,7 +188,7 @@ async def forget(conn: AsyncConnection, host_id: str, since: str) -> list[VM]:
     for row in (await conn.execute(query)).all():
         vm = VM.model_validate(row.vm)
         if vm.status is not Status.ERROR:
-            timeline = [*vm.timeline, TimelineEntry(phase=Phase.ERROR, at=now_ms())]
+            timeline = [*vm.timeline, TimelineEntry(phase=Phase.ERROR, at=now())]
             vm = vm.model_copy(update={"status": Status.ERROR, "error": lost, "timeline": timeline})
             await vm_records.write(conn, vm)
             ended.append(vm)

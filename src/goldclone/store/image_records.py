@@ -7,7 +7,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.clock import now_ms
+from goldclone.clock import now
 from goldclone.store.tables import image_sources as _sources
 from goldclone.store.tables import public_images as _public
 
@@ -18,7 +18,7 @@ async def add_source(conn: AsyncConnection, sha256: str, url_sha256: str, tenant
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     await conn.execute(
         insert(_sources)
-        .values(sha256=sha256, url_sha256=url_sha256, tenant=tenant, at=now_ms())
+        .values(sha256=sha256, url_sha256=url_sha256, tenant=tenant, at=now())
         .on_conflict_do_nothing()
     )
 
@@ -50,4 +50,4 @@ async def set_public(conn: AsyncConnection, sha256: str, public: bool) -> None:
     """Make the package every tenant's, or only theirs that showed they have it."""
     await conn.execute(_public.delete().where(_public.c.sha256 == sha256))
     if public:
-        await conn.execute(_public.insert().values(sha256=sha256, at=now_ms()))
+        await conn.execute(_public.insert().values(sha256=sha256, at=now()))

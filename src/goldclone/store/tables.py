@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Dialect, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.dialects.postgresql import TIMESTAMP
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from goldclone.access import DEFAULT_TENANT
+from goldclone.clock import parse_rfc3339, rfc3339_ms, utc
 
 metadata = MetaData()
+
+
+class Time(TypeDecorator[datetime]):
+    """A time, an aware UTC datetime to its users: ``timestamptz`` on PostgreSQL; on SQLite,
+    which has no time type, RFC 3339 text to the millisecond in UTC, whose order is the
+    times' order."""
+
+    impl = String(24)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(String(24))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> object:
+        if value is None:
+            return None
+        return utc(value) if dialect.name == "postgresql" else rfc3339_ms(value)
+
+    def process_result_value(self, value: object, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return utc(value) if isinstance(value, datetime) else parse_rfc3339(str(value))
+
 
 vms = Table(
     "vms",
@@ -19,7 +50,7 @@ vms = Table(
     Column("idempotency_key", String(255), nullable=True),
     Column("request_digest", String(64), nullable=True),
     Column("name", String(63), nullable=True),
-    Column("expires_at", String(24), nullable=True, index=True),
+    Column("expires_at", Time(), nullable=True, index=True),
     Column("host_id", String(64), nullable=True, index=True),
     Column("tenant", String(63), nullable=False, server_default=DEFAULT_TENANT),
     Index("ix_vms_tenant_name", "tenant", "name", unique=True),
@@ -80,7 +111,7 @@ events = Table(
     Column("kind", String(16), nullable=False),
     Column("subject", String(140), nullable=False),
     Column("data", JSON, nullable=False),
-    Column("at", String(24), nullable=False),
+    Column("at", Time(), nullable=False),
     sqlite_autoincrement=True,
 )
 
@@ -93,7 +124,7 @@ deliveries = Table(
     Column("url", Text, nullable=False),
     Column("body", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
-    Column("next_at", String(24), nullable=False, index=True),
+    Column("next_at", Time(), nullable=False, index=True),
     Column("host_id", String(64), nullable=True, index=True),
 )
 
@@ -102,7 +133,7 @@ hosts = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("host", JSON, nullable=False),
-    Column("heartbeat_at", String(24), nullable=False),
+    Column("heartbeat_at", Time(), nullable=False),
 )
 """The services on this database: each one's capacity and offer (``host``), and when it last
 said it was alive."""
@@ -122,7 +153,7 @@ image_checksums = Table(
     metadata,
     Column("name", String(140), primary_key=True),
     Column("sha256", String(64), nullable=False, index=True),
-    Column("at", String(24), nullable=False),
+    Column("at", Time(), nullable=False),
 )
 
 image_sources = Table(
@@ -131,7 +162,7 @@ image_sources = Table(
     Column("sha256", String(64), primary_key=True),
     Column("url_sha256", String(64), primary_key=True),
     Column("tenant", String(63), primary_key=True),
-    Column("at", String(24), nullable=False),
+    Column("at", Time(), nullable=False),
 )
 """Which tenant showed, by which URL (its sha256: a URL may hold a secret), that it has an
 image package (its sha256)."""
@@ -140,7 +171,7 @@ public_images = Table(
     "public_images",
     metadata,
     Column("sha256", String(64), primary_key=True),
-    Column("at", String(24), nullable=False),
+    Column("at", Time(), nullable=False),
 )
 """The image packages that an operator made every tenant's."""
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from goldclone.clock import now_ms
+from goldclone.clock import now
 from goldclone.errors import NameConflict, StateConflict, VMNotFound
 from goldclone.models import VM, Phase, Status, TimelineEntry
 from goldclone.store import event_log
@@ -93,7 +94,7 @@ async def change(
         )
     timeline = current.timeline
     if phase is not None:
-        timeline = [*timeline, TimelineEntry(phase=phase, at=now_ms())]
+        timeline = [*timeline, TimelineEntry(phase=phase, at=now())]
     vm = current.model_copy(update={**fields, "status": target, "timeline": timeline})
     await write(conn, vm)
     if phase is not None:
@@ -166,11 +167,11 @@ async def of_host(conn: AsyncConnection, host_id: str | None) -> list[VM]:
     return [VM.model_validate(row.vm) for row in await conn.execute(query)]
 
 
-async def expired(conn: AsyncConnection, host_id: str, now: str) -> list[str]:
-    """The IDs of ``host_id``'s VMs whose lease ended at ``now`` or before, but not deleting
+async def expired(conn: AsyncConnection, host_id: str, moment: datetime) -> list[str]:
+    """The IDs of ``host_id``'s VMs whose lease ended at ``moment`` or before, but not deleting
     yet."""
     query = select(_vms.c.id).where(
-        _vms.c.expires_at <= now,
+        _vms.c.expires_at <= moment,
         _vms.c.status != Status.DELETING.value,
         _vms.c.host_id == host_id,
     )

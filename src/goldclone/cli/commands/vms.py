@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from goldclone.cli.commands import Context, UsageError, address_of, pairs
+from goldclone.cli.display import expiry
 from goldclone.cli.exits import Exit
 from goldclone.client import APIError
 from goldclone.models import VM, CreateVMRequest, Status, UpdateVMRequest
@@ -94,7 +95,7 @@ def delete(ctx: Context) -> Exit:
 
 def renew(ctx: Context) -> Exit:
     vm = ctx.api.update(ctx.args.id, validated(UpdateVMRequest, {"ttl": ctx.args.ttl}))
-    ctx.output.show(f"{vm.id} expires at {vm.expires_at or 'never'}")
+    ctx.output.show(f"{vm.id} expires at {expiry(vm)}")
     ctx.output.value(vm)
     return Exit.OK
 
