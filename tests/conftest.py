@@ -38,6 +38,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
         if "debian_image" in fixtures:
             item.add_marker(pytest.mark.debian)
+    # the longest first, so that one worker of several runs it while the others take the rest
+    items.sort(key=lambda item: item.get_closest_marker("debian") is None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -216,14 +218,37 @@ async def goldclone(settings: Settings) -> AsyncIterator[Goldclone]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running(workdir: Path) -> Iterator[None]:
-    """No qemu or dnsmasq that this test run started outlives it, nor a cgroup or a folder of
-    DHCP host files that it made."""
-    before = goldclone_cgroups() | dhcp_host_folders()
+    """No qemu or dnsmasq that this process's tests started outlives them."""
     yield
     left = processes_mentioning(str(workdir))
     assert not left, f"processes of the test run are still running: {left}"
-    made = sorted((goldclone_cgroups() | dhcp_host_folders()) - before)
-    assert not made, f"cgroups or DHCP host folders of the test run are left: {made}"
+
+
+_MADE_BEFORE = pytest.StashKey[set[Path]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_worker(session.config):
+        session.config.stash[_MADE_BEFORE] = goldclone_cgroups() | dhcp_host_folders()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if it left a cgroup or a folder of DHCP host files: checked once, by the
+    process that ran the tests or started the workers that did, after they all ended."""
+    if _is_worker(session.config):
+        return
+    made = sorted((goldclone_cgroups() | dhcp_host_folders()) - session.config.stash[_MADE_BEFORE])
+    if made:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.ensure_newline()
+        reporter.write_line(
+            f"cgroups or DHCP host folders of the test run are left: {made}", red=True
+        )
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def dhcp_host_folders() -> set[Path]:

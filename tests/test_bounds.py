@@ -87,8 +87,11 @@ async def test_a_guest_busy_on_two_cpus_leaves_its_neighbour_its_core(
     end = await asyncio.to_thread(used)
     seconds = end[0] - start[0]
     hog_cores, neighbour_cores = ((end[i] - start[i]) / seconds for i in (1, 2))
-    # three busy vCPU threads on two cores: without a group each, two thirds of a core each
-    assert neighbour_cores >= 0.75, (hog_cores, neighbour_cores)
+    # Three busy vCPU threads: without a group each, the neighbour's one would get a third of
+    # what the two machines get; with one, as much as the hog's two. As a share, whatever else
+    # the host runs (another worker of the suite) takes of the cores.
+    share = neighbour_cores / (hog_cores + neighbour_cores)
+    assert share >= 0.42, (hog_cores, neighbour_cores)
     assert hog_cores <= 2.0 + 0.05, hog_cores
 
 
