@@ -55,6 +55,12 @@ async def test_create_wait_get_list_delete(goldclone: Goldclone, demo: tuple[str
     assert code == 0 and [v["id"] for v in json.loads(out)["vms"]] == [vm["id"]]
     code, out, _ = await cli(goldclone, "list")
     assert code == 0 and vm["id"] in out and vm["ip_address"] in out
+    code, out, err = await cli(goldclone, "ssh", vm["id"])  # the demo guest has no sshd
+    assert (code, err.splitlines()) == (1, [
+        f"goldclone ssh: no-ssh-server: the guest at {vm['ip_address']} refuses connections on "
+        "port 22: it runs no SSH server (the demo guest has none; a cloud image's starts as it "
+        "boots)"
+    ])  # fmt: skip
 
     code, out, _ = await cli(goldclone, "delete", vm["id"])
     assert code == 0 and vm["id"] in out

@@ -376,6 +376,8 @@ def test_a_running_guest_is_adopted_and_one_that_dies_is_stopped(
 
     os.kill(pid, signal.SIGKILL)
     until(lambda: stored_status(service.data_dir, vm_id) == "stopped", "the periodic check")
+    stopped = service.vm(vm_id)
+    assert stopped["status_reason"].startswith("its QEMU ended: it was killed by SIGKILL"), stopped
 
 
 def test_a_delete_cut_off_by_a_crash_is_finished(service: Service, demo: tuple[str, str]) -> None:

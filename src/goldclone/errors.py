@@ -27,6 +27,8 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── StateConflict                   500 state-conflict (a state change the store refused)
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
     ├── DataDirInUse                    500 data-dir-in-use (at start-up: another service has it)
+    ├── AddressUnavailable              500 address-unavailable (at start-up: the API's port)
+    ├── StartFailed                     500 start-failed (at start-up: the service's parts)
     ├── SchemaTooNew                    500 schema-too-new (at start-up: a newer goldclone's store)
     ├── QMPError                        500 qmp-error (QEMU's monitor failed or refused)
     │   └── QMPRefused                  500 qmp-error (QEMU or its agent answered with an error)
@@ -236,6 +238,19 @@ class DataDirInUse(GoldcloneError):
     """Another service holds the data dir; this one does not start."""
 
     code = "data-dir-in-use"
+
+
+class AddressUnavailable(GoldcloneError):
+    """The API's address cannot be listened on (another program has the port); the service
+    does not start, and has done nothing."""
+
+    code = "address-unavailable"
+
+
+class StartFailed(GoldcloneError):
+    """A part of the service failed to start; what it said is in the log."""
+
+    code = "start-failed"
 
 
 class SchemaTooNew(GoldcloneError):

@@ -11,11 +11,17 @@ from datetime import UTC, datetime
 from goldclone.clock import rfc3339_ms
 
 FORMATS = ("text", "json")
+CHATTY = ("alembic", "httpx", "httpcore")
+"""Libraries whose INFO lines say what goldclone's own say better (a migration, a fetch): at
+WARNING unless the level is ``debug``."""
 
 
 class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_time(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        message = record.getMessage()
+        if "\n" in message:  # one line per event, whatever a library's message holds
+            message = " ".join(message.split())
+        line = f"{_time(record)} {record.levelname} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -41,6 +47,8 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if level == "debug" else logging.WARNING)
 
 
 def _time(record: logging.LogRecord) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import socket
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ from goldclone import logs
 from goldclone.access import Access
 from goldclone.api import create_app
 from goldclone.drivers.base import Driver
+from goldclone.errors import AddressUnavailable, StartFailed
 from goldclone.models import VM
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service import VMService, journal
@@ -101,7 +104,22 @@ def access_of(settings: Settings) -> Access:
     return Access(settings.tokens, settings.api_tokens, settings.metrics_tokens)
 
 
-def serve(settings: Settings, demo_dir: Path | None = None) -> None:
+def listen(settings: Settings) -> socket.socket:
+    """A socket listening on the API's address, taken before anything else is done, so that
+    an address in use is said at once (``AddressUnavailable``)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        return socket.create_server((settings.host, settings.port), family=family)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise AddressUnavailable(
+            f"cannot listen on {settings.host}:{settings.port}: {why}"
+        ) from None
+
+
+def serve(settings: Settings, listening: socket.socket, demo_dir: Path | None = None) -> None:
+    """Serve the API on ``listening`` until a signal stops it. Raises ``StartFailed`` if the
+    service did not start (the log says why)."""
     logs.configure(settings.log_format, settings.log_level)
     if access_of(settings).open and not _is_loopback(settings.host):
         log.warning(
@@ -111,9 +129,13 @@ def serve(settings: Settings, demo_dir: Path | None = None) -> None:
         )
     service = build_service(settings)
     asyncio.run(service.claim())  # before anything is served, so that a refusal is one line
-    uvicorn.run(_app_for(service, settings, demo_dir), host=settings.host, port=settings.port,
-                log_config=None, access_log=False,
-                timeout_keep_alive=KEEP_ALIVE)  # fmt: skip
+    config = uvicorn.Config(_app_for(service, settings, demo_dir), log_config=None,
+                            access_log=False, timeout_keep_alive=KEEP_ALIVE)  # fmt: skip
+    server = uvicorn.Server(config)
+    log.info("serving the API on http://%s:%d", settings.host, settings.port)
+    server.run(sockets=[listening])
+    if not server.started:
+        raise StartFailed("the service did not start; the lines above say why")
 
 
 def _is_loopback(host: str) -> bool:

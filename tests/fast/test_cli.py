@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +22,12 @@ import pytest
 
 from goldclone import __version__
 from goldclone.cli.parser import build
+from goldclone.client import APIError, Client
+from goldclone.models import Status
+from goldclone.store import schema
 from tests.fast.conftest import image_of
 from tests.servers import FileServer
-from tests.serving import GOLDCLONE, free_port, in_pty, serving
+from tests.serving import GOLDCLONE, ServerLog, free_port, in_pty, serving
 
 EXIT_CODES = {0, 1, 2, 3, 4, 130, 141}
 
@@ -30,8 +35,8 @@ EXIT_CODES = {0, 1, 2, 3, 4, 130, 141}
 class Served:
     """A ``goldclone serve`` on the synthetic driver, and the CLI pointed at it."""
 
-    def __init__(self, url: str, data_dir: Path, images: FileServer) -> None:
-        self.url, self.data_dir, self.images = url, data_dir, images
+    def __init__(self, url: str, data_dir: Path, images: FileServer, log: ServerLog) -> None:
+        self.url, self.data_dir, self.images, self.log = url, data_dir, images, log
         self.http = httpx.Client(base_url=url, timeout=30)
 
     def run(
@@ -76,8 +81,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port, data_dir = free_port(), root / "data"
     env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(data_dir),
            "PORT": str(port), "GOLDCLONE_DOWNLOAD_TIMEOUT": "600"}  # fmt: skip
-    with FileServer(served).running() as files, serving([*GOLDCLONE, "serve"], env, port):
-        served_cli = Served(f"http://127.0.0.1:{port}", data_dir, files)
+    with FileServer(served).running() as files, serving([*GOLDCLONE, "serve"], env, port) as log:
+        served_cli = Served(f"http://127.0.0.1:{port}", data_dir, files, log)
         with served_cli.http:
             yield served_cli
 
@@ -87,6 +92,18 @@ def cli(served: Served) -> Iterator[Served]:
     yield served
     for vm in served.vms():
         served.http.delete(f"/vms/{vm['id']}")
+
+
+def test_the_log_has_one_line_per_event_and_no_librarys_chatter(cli: Served) -> None:
+    cli.boot()  # a download, a VM
+    lines = cli.log.text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO|WARNING|ERROR) ", line)
+               for line in lines), lines  # fmt: skip
+    assert [line for line in lines if " alembic" in line or " httpx" in line] == []
+    migrated = [line for line in lines if "schema" in line]
+    assert len(migrated) == 1 and migrated[0].endswith(
+        f"migrating the store's schema from revision none (a new database) to {schema.head()}"
+    )
 
 
 def test_1_create_wait_prints_the_id_first(cli: Served) -> None:
@@ -123,6 +140,20 @@ def test_3_delete_deletes_every_id_and_reports_each_failure(cli: Served) -> None
     assert json.loads(done.stdout)["failed"][0]["id"] == "no-such-vm"
     assert json.loads(done.stderr) == {"code": "vm-not-found", "id": "no-such-vm",
         "message": "The requested virtual machine ID was not found"}  # fmt: skip
+    done = cli.run("delete")
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        "goldclone delete: give the IDs of the VMs to delete, or --label KEY=VALUE"
+    ])  # fmt: skip
+
+
+def test_the_client_filters_by_statuses_given_as_names(cli: Served) -> None:
+    vm = cli.boot()
+    with Client(cli.url) as client:
+        assert [found.id for found in client.list_vms(None, ["running", "creating"])] == [vm["id"]]
+        assert client.list_vms({}, [Status.ERROR, "stopped"]) == []
+        with pytest.raises(APIError) as refused:
+            client.list_vms(None, ["no-such-status"])
+    assert refused.value.status == 400 and "status" in refused.value.message
 
 
 def test_4_options_override_the_request_file_field_by_field(cli: Served, tmp_path: Path) -> None:
@@ -157,16 +188,38 @@ def test_5_broken_json_says_where(cli: Served, tmp_path: Path) -> None:
 def test_6_no_traceback_when_the_output_is_closed_early(cli: Served) -> None:
     for _ in range(3):
         cli.boot()
-    read, write = os.pipe()
-    os.close(read)  # as `| head` does once it has its lines
     environment = {**os.environ, "GOLDCLONE_URL": cli.url}
-    done = subprocess.run([*GOLDCLONE, "list", "--json"], env=environment, stdout=write,
-                          stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
-    os.close(write)
-    assert done.returncode == 141
+    message = "the output was closed before all of it was written"
+    for args in (["list", "--json"], ["list", "-q"], ["list"], ["images"]):
+        read, write = os.pipe()
+        os.close(read)  # as `| head` does once it has its lines
+        done = subprocess.run([*GOLDCLONE, *args], env=environment, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        os.close(write)
+        assert done.returncode == 141, (args, done.stderr)
+        if "--json" in args:
+            assert done.stderr.splitlines() == [
+                f'{{"code": "broken-pipe", "message": "{message}"}}'
+            ]
+        else:
+            assert done.stderr.splitlines() == [f"goldclone {args[0]}: {message}"], args
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_does_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(data_dir),
+               "GOLDCLONE_HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
+        done = subprocess.run([*GOLDCLONE, "serve"], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        '{"code": "broken-pipe", "message": "the output was closed before all of it was written"}'
+        f"goldclone serve: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+    assert not data_dir.exists()  # no migration, nothing made
 
 
 def test_6_demo_image_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
@@ -176,6 +229,26 @@ def test_6_demo_image_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         f"goldclone demo-image: cannot write {tmp_path}/none/x.tar.gz: No such file or directory"
     ]
+
+
+def test_a_usage_error_is_argparses_two_lines_or_with_json_one_object() -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*GOLDCLONE, *argv], capture_output=True, text=True, timeout=60)
+
+    for argv, message in (
+        (["list", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["get"], "the following arguments are required: id"),
+        (["create", "--timeout", "x"], "argument --timeout: expected seconds, got 'x'"),
+    ):
+        done = run(*argv)
+        assert done.returncode == 2, done
+        assert done.stderr.splitlines()[0].startswith("usage: goldclone"), done.stderr
+        assert done.stderr.splitlines()[-1].endswith(f": error: {message}"), done.stderr
+        done = run(*argv, "--json")
+        assert done.returncode == 2 and done.stdout == "", done
+        assert [json.loads(line) for line in done.stderr.splitlines()] == [
+            {"code": "usage-error", "message": message}
+        ]
 
 
 def test_6_no_command_shows_a_traceback_for_bad_input(cli: Served) -> None:
@@ -242,6 +315,22 @@ def test_8_a_failed_download_under_wait_ends_with_its_error(cli: Served) -> None
     assert "download-failed" in done.stderr
 
 
+def test_a_failed_download_on_a_terminal_leaves_no_progress_bar_below_it(
+    served: Served, tmp_path: Path
+) -> None:
+    port, data_dir = free_port(), tmp_path / "data"
+    env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(data_dir),
+           "PORT": str(port), "GOLDCLONE_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
+    with serving([*GOLDCLONE, "serve"], env, port):
+        [_, *rest] = served.image_args("other.raw")
+        argv = [*GOLDCLONE, "create", served.images.url("hold/other.raw"), *rest, "--wait"]
+        shown, code = in_pty(argv, {**os.environ, "GOLDCLONE_URL": f"http://127.0.0.1:{port}"})
+    assert code == 1
+    assert "/65.5 kB" in shown, shown  # the bar, while the download went on
+    after = shown.rsplit("error", 1)[1]
+    assert "kB" not in after and "download-failed" in after, after
+
+
 def test_9_images_pull_wait_follows_the_download_and_fails_with_it(cli: Served) -> None:
     image = image_of(cli.images, "pulled.raw")
     done = cli.run("images", "pull", cli.images.url("missing.raw"), "--checksum",
@@ -264,13 +353,15 @@ def test_10_get_shows_the_whole_vm(cli: Served) -> None:
     assert fields["ip address"] == vm["ip_address"]
     assert vm["image"]["url"] in fields["image"] and vm["image"]["checksum"] in fields["image"]
     assert fields["network"] == "nat" and fields["started from"] == "cold"
+    assert fields["created"] == vm["created_at"]  # both to the second
+    assert fields["expires"] == vm["expires_at"][:19] + "Z"
     timeline = done.stdout.split("\n\n")[1].splitlines()
     assert timeline[0].split() == ["PHASE", "AT", "+", "TOOK"]
     assert [row.split()[0] for row in timeline[1:]] == [e["phase"] for e in vm["timeline"]]
 
 
 def test_11_timeouts_have_a_unit_a_default_and_their_own_exit_code(cli: Served) -> None:
-    assert "give up after this long (default: 600.0)" in cli.run("wait", "--help").stdout
+    assert "give up after this long (default: 600)" in cli.run("wait", "--help").stdout
     assert cli.run("wait", "some-id", "--timeout", "-1").returncode == 2
     started = time.monotonic()
     done = cli.run("create", *cli.held_image_args(), "--wait", "--timeout", "1")
@@ -346,8 +437,8 @@ def test_the_cli_acts_as_its_tokens_tenant_and_role(tmp_path: Path, served: Serv
     port = free_port()
     env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DATA_DIR": str(tmp_path / "data"),
            "PORT": str(port), "GOLDCLONE_TOKENS": json.dumps(tokens)}  # fmt: skip
-    with serving([*GOLDCLONE, "serve"], env, port):
-        cli = Served(f"http://127.0.0.1:{port}", tmp_path / "data", served.images)
+    with serving([*GOLDCLONE, "serve"], env, port) as log:
+        cli = Served(f"http://127.0.0.1:{port}", tmp_path / "data", served.images, log)
 
         def as_(name: str, *args: str) -> subprocess.CompletedProcess[str]:
             return cli.run(*args, env={"GOLDCLONE_TOKEN": secrets[name]})

@@ -459,3 +459,24 @@ async def test_network_group_and_egress_are_kept_and_checked(
         assert response.json()["code"] == "invalid-request"
         assert expected in response.json()["message"], (expected, response.json())
     assert len((await service.client.get("/vms")).json()["vms"]) == 2
+
+
+async def test_a_stopping_service_says_what_keeps_running_and_how_to_remove_it(
+    fast_settings: Settings, request_body: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="goldclone.service.vms")
+    host = SyntheticHost()  # outlives the service, as a hypervisor does
+    async with serving(Service(fast_settings, host)) as service:
+        for _ in range(2):
+            assert (await service.boot(request_body))["status"] == "running"
+        await service.put_pool("warm", {**request_body, "size": 1})
+        await service.wait_pool("warm", 1)
+    [said] = [r.getMessage() for r in caplog.records if "keep running" in r.getMessage()]
+    assert said.startswith("2 VM(s) and 1 warm pool or template machine(s) of this host keep")
+    assert "goldclone delete ID" in said and "DELETE /pools/NAME" in said
+    caplog.clear()
+    async with serving(Service(fast_settings, host)) as service:  # adopted, and removed
+        for vm in (await service.client.get("/vms")).json()["vms"]:
+            await service.delete(vm["id"])
+        assert (await service.client.delete("/pools/warm")).status_code == 204
+    assert [r for r in caplog.records if "keep running" in r.getMessage()] == []

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from goldclone.clock import now, rfc3339_ms, rfc3339_s, seconds_between
-from goldclone.models import VM, DownloadProgress, Host, Image, Phase
+from goldclone.models import VM, DownloadProgress, Host, Image, ImageStatus, Phase, Status
 
 
 def vm_table(vms: list[VM]) -> Table:
@@ -71,7 +71,7 @@ def _size(n: int | None) -> str:
 
 def expiry(vm: VM) -> str:
     """When ``vm``'s lease ends, or ``never``."""
-    return rfc3339_ms(vm.expires_at) if vm.expires_at else "never"
+    return rfc3339_s(vm.expires_at) if vm.expires_at else "never"
 
 
 def vm_detail(vm: VM) -> RenderableType:
@@ -153,13 +153,14 @@ class WaitDisplay:
         self._live.__exit__(None, None, None)
 
     def update(self, vm: VM) -> None:
+        progress = vm.progress if vm.status is Status.CREATING else None
+        self._download(progress)  # a bar that ended goes before the phase that ended it shows
         for entry in vm.timeline:
             self._show(entry.phase, entry.at)
-        self._download(vm.progress)
 
     def update_image(self, image: Image) -> None:
+        self._download(image.progress if image.status is ImageStatus.DOWNLOADING else None)
         self._show(Phase(image.status.value), now())
-        self._download(image.progress)
 
     def _show(self, phase: Phase, at: datetime) -> None:
         # Phases are told apart by name, not by their place in the timeline: one seen live

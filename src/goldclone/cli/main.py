@@ -56,7 +56,11 @@ LOCAL_COMMANDS = frozenset({"serve", "demo-image", "completion", "doctor"})
 def main(argv: list[str] | None = None) -> int:
     parser = command_line.build()
     _complete(parser)
-    args = _parse(parser, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parse(parser, argv)
+    except command_line.BadUsage as exc:
+        return _bad_usage(exc, "--json" in argv)
     args.json = getattr(args, "json", False)
     output = Output(args.command, args.json)
     ctx = Context(args, output)
@@ -105,6 +109,15 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     args = parser.parse_args(argv)
     args.remote_command = []
     return args
+
+
+def _bad_usage(exc: command_line.BadUsage, json: bool) -> int:
+    """argparse's two lines (the usage, then the error), or with ``--json`` one object."""
+    if json:
+        Output(exc.prog.removeprefix("goldclone "), json=True).error("usage-error", exc.message)
+    else:
+        sys.stderr.write(f"{exc.usage}{exc.prog}: error: {exc.message}\n")
+    return Exit.USAGE
 
 
 def _complete(parser: argparse.ArgumentParser) -> None:

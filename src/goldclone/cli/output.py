@@ -12,18 +12,26 @@ from pydantic import BaseModel
 from rich.console import Console, RenderableType
 
 OWN_CODES = frozenset(
-    {"usage-error", "server-unreachable", "wait-timeout", "interrupted", "failed"}
+    {"usage-error", "server-unreachable", "wait-timeout", "interrupted", "broken-pipe", "failed"}
 )
 """The error codes of the CLI itself, as ``--json`` gives them; the others are the server's."""
 _UNWRAPPED = 1_000_000
 """The width given to a console that is not a terminal: wide enough that nothing wraps."""
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 here, which says "a VM ended in error": the CLI's own handler
+        # says what happened, and exits 141
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     if stream.isatty():
-        return Console(stderr=stderr, highlight=False)
-    return Console(stderr=stderr, width=_UNWRAPPED, soft_wrap=True, highlight=False)
+        return _Console(stderr=stderr, highlight=False)
+    return _Console(stderr=stderr, width=_UNWRAPPED, soft_wrap=True, highlight=False)
 
 
 class Output:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from goldclone import __version__
 from goldclone.cli import exits
@@ -18,8 +19,8 @@ DESCRIPTION = """goldclone: disposable linked-clone VMs from verified gold image
 server at --url (or GOLDCLONE_URL), with the bearer token in GOLDCLONE_TOKEN if the server
 needs one."""
 CHECKSUM_TYPES = ("md5", "sha1", "sha256", "sha512")
-DEFAULT_CREATE_TIMEOUT = 3600.0
-DEFAULT_WAIT_TIMEOUT = 600.0
+DEFAULT_CREATE_TIMEOUT = 3600
+DEFAULT_WAIT_TIMEOUT = 600
 SHELLS = ("bash", "zsh", "fish")
 
 
@@ -50,9 +51,19 @@ def seconds(text: str) -> float:
     return value
 
 
+class BadUsage(Exception):
+    """Arguments that the parser refuses: ``message``, and the usage of the (sub)command
+    they were given to."""
+
+    def __init__(self, usage: str, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.usage, self.prog, self.message = usage, prog, message
+
+
 class _Parser(argparse.ArgumentParser):
     """A parser whose epilog may be made only when its help is shown (``serve``'s lists
-    every setting, which a client command must not pay for loading)."""
+    every setting, which a client command must not pay for loading), and whose errors are
+    raised (``BadUsage``) for ``main`` to show, as JSON with ``--json``."""
 
     epilog_from: Callable[[], str] | None = None
 
@@ -60,6 +71,9 @@ class _Parser(argparse.ArgumentParser):
         if self.epilog_from is not None:
             self.epilog = f"{self.epilog_from()}\n\n{exits.HELP}"
         return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        raise BadUsage(self.format_usage(), self.prog, message)
 
 
 def build() -> argparse.ArgumentParser:

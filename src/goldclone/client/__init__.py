@@ -160,11 +160,11 @@ class _Calls:
 
     @staticmethod
     def list_vms(
-        labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+        labels: Mapping[str, str] | None = None, statuses: Sequence[Status | str] = ()
     ) -> _Call[list[VM]]:
         query = "&".join(
             [f"label={quote(f'{key}={value}')}" for key, value in (labels or {}).items()]
-            + [f"status={status.value}" for status in statuses]
+            + [f"status={quote(str(status))}" for status in statuses]
         )
         path = f"/vms?{query}" if query else "/vms"
         return _Call("GET", path, lambda r: VMList.model_validate_json(r.content).vms)
@@ -311,9 +311,10 @@ class Client:
         return self._do(_Calls.get(vm_id))
 
     def list_vms(
-        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status | str] = ()
     ) -> list[VM]:
-        """Every VM, or those with every one of ``labels`` and one of ``statuses``."""
+        """Every VM, or those with every one of ``labels`` and one of ``statuses`` (a
+        ``Status`` or its name; an unknown name is the server's ``invalid-request``)."""
         return self._do(_Calls.list_vms(labels, statuses))
 
     def update(self, vm_id: str, change: UpdateVMRequest) -> VM:
@@ -411,9 +412,10 @@ class AsyncClient:
         return await self._do(_Calls.get(vm_id))
 
     async def list_vms(
-        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status] = ()
+        self, labels: Mapping[str, str] | None = None, statuses: Sequence[Status | str] = ()
     ) -> list[VM]:
-        """Every VM, or those with every one of ``labels`` and one of ``statuses``."""
+        """Every VM, or those with every one of ``labels`` and one of ``statuses`` (a
+        ``Status`` or its name; an unknown name is the server's ``invalid-request``)."""
         return await self._do(_Calls.list_vms(labels, statuses))
 
     async def update(self, vm_id: str, change: UpdateVMRequest) -> VM:

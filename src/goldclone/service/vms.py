@@ -160,11 +160,21 @@ class VMService:
         host_id = self._db.host_id
         try:
             machines = await self._db.read(lambda conn: host_records.machines(conn, host_id))
-            running = any([await self._driver.is_running(m) for m in machines])
+            vms = await self._db.read(lambda conn: vm_records.machines(conn, host_id))
+            running = {m for m in machines if await self._driver.is_running(m)}
         except Exception:
             log.warning("the store cannot say which machines run; the networks are kept")
-            running = True
-        await self._driver.close(vms_running=running)
+            await self._driver.close(vms_running=True)
+            return
+        if running:
+            log.info(
+                "%d VM(s) and %d warm pool or template machine(s) of this host keep running, "
+                "and the next start adopts them; to remove them, delete the VMs "
+                "(`goldclone list`, `goldclone delete ID...`) and pools (DELETE /pools/NAME) "
+                "before stopping",
+                len(running & vms), len(running - vms),
+            )  # fmt: skip
+        await self._driver.close(vms_running=bool(running))
 
     async def create(
         self,

@@ -8,6 +8,7 @@ goldclone, and is refused: its data stays as it is.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -17,6 +18,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect
 
 from goldclone.errors import SchemaTooNew
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BEFORE_MIGRATIONS = "0001"
@@ -39,6 +42,11 @@ def upgrade(connection: Connection) -> None:
         )
     if not current and inspect(connection).has_table("vms"):
         command.stamp(config, BEFORE_MIGRATIONS)
+        current = {BEFORE_MIGRATIONS}
+    newest = script.get_current_head()
+    if current != {newest}:
+        earlier = ", ".join(sorted(current)) or "none (a new database)"
+        log.info("migrating the store's schema from revision %s to %s", earlier, newest)
     command.upgrade(config, "head")
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 
-from goldclone.cli.commands import Context, UsageError, address_of
+from goldclone.cli.commands import CommandFailed, Context, UsageError, address_of
 from goldclone.cli.exits import Exit
 
 SSH_OPTIONS = (
@@ -16,6 +17,7 @@ SSH_OPTIONS = (
     "-o", "UserKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR",
 )  # fmt: skip
+SSH_PROBE_TIMEOUT = 5.0
 
 
 def ssh(ctx: Context) -> Exit:
@@ -26,11 +28,27 @@ def ssh(ctx: Context) -> Exit:
     program = shutil.which("ssh")
     if program is None:
         raise UsageError("ssh is not installed (Debian: apt install openssh-client)")
+    _check_ssh_server(address)
     command: list[str] = args.remote_command
     identity = ["-i", str(args.identity)] if args.identity else []
     argv = ["ssh", *SSH_OPTIONS, *identity, f"{args.user}@{address}", *command]
     sys.stdout.flush()
     os.execv(program, argv)
+
+
+def _check_ssh_server(address: str) -> None:
+    """Say in one line that a guest refuses port 22 (the demo guest has no SSH server),
+    rather than ssh's ``Connection refused``; anything else is ssh's to say."""
+    try:
+        socket.create_connection((address, 22), timeout=SSH_PROBE_TIMEOUT).close()
+    except ConnectionRefusedError:
+        raise CommandFailed(
+            "no-ssh-server",
+            f"the guest at {address} refuses connections on port 22: it runs no SSH server "
+            "(the demo guest has none; a cloud image's starts as it boots)",
+        ) from None
+    except OSError:
+        pass
 
 
 def logs(ctx: Context) -> Exit:

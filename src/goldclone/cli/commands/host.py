@@ -39,12 +39,16 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def serve(ctx: Context) -> Exit:
+    """Exits 2 for bad settings, 1 for a service that cannot start (its port or data dir in
+    use, no hypervisor, ...); a signal ends it as that signal's default would."""
     from goldclone.errors import GoldcloneError
+    from goldclone.server import listen
     from goldclone.server import serve as run_server
 
     settings = settings_of(ctx.args)
     try:
-        run_server(settings, _prepare_demo(settings) if ctx.args.demo else None)
+        with listen(settings) as listening:
+            run_server(settings, listening, _prepare_demo(settings) if ctx.args.demo else None)
     except GoldcloneError as exc:  # serve has no --json: its code would only be noise
         ctx.output.error("failed", exc.message)
         return Exit.FAILED

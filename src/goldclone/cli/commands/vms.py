@@ -68,8 +68,10 @@ def list_vms(ctx: Context) -> Exit:
 def delete(ctx: Context) -> Exit:
     """Delete every VM asked for, even when some fail; each failure is reported."""
     args, output = ctx.args, ctx.output
-    if bool(args.ids) == bool(args.labels):
-        raise UsageError("give the IDs of the VMs, or --label KEY=VALUE, not both")
+    if args.ids and args.labels:
+        raise UsageError("give the IDs of the VMs or --label KEY=VALUE, not both")
+    if not args.ids and not args.labels:
+        raise UsageError("give the IDs of the VMs to delete, or --label KEY=VALUE")
     ids: list[str] = args.ids
     if args.labels:
         from goldclone.cli.display import vm_table
