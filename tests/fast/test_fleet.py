@@ -153,7 +153,9 @@ async def test_wait_answers_as_soon_as_the_vm_is_no_longer_creating(
         waited = time.monotonic() - started
         assert response.json()["status"] == "running"
         running_at = _seconds_until(response.json()["timeline"][-1]["at"])
-        assert -0.1 < running_at <= 0, running_at  # answered within 100 ms of the change
+        # answered at the change, not at a poll: within 100 ms on an idle host; the whole
+        # suite's other worker, booting guests, once made it 213 ms
+        assert -0.5 < running_at <= 0, running_at
         assert 0.5 < waited < 5
         other = await service.post_vm(request_body)
         started = time.monotonic()
