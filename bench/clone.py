@@ -21,8 +21,8 @@ from pathlib import Path
 from bench._common import QEMU, Stopwatch, describe, scratch, start, verdict
 from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.network import Networks
-from goldclone.images.cache import GoldImage
 from goldclone.images.checks import DiskImage
+from goldclone.images.gold import GoldImage
 from goldclone.settings import NetworkConfig
 
 SIZES = {"100 MB": 100 << 20, "4 GB": 4 << 30}

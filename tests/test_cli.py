@@ -112,3 +112,17 @@ def test_the_demo_banner_offers_no_command_that_its_url_policy_refuses(workdir: 
     assert "goldclone create" not in refused and "GOLDCLONE_ALLOW_PRIVATE_URLS is off" in refused
     allowed = serve_until_answering(argv, env, port)
     assert f"goldclone create http://127.0.0.1:{port}/demo/" in allowed
+
+
+@pytest.mark.root  # its private network namespace: no package index can be reached
+def test_the_set_up_starts_at_once_offline_when_nothing_is_missing() -> None:
+    """A stamp older than pyproject.toml (a pull that changed it, say) sends the set-up to
+    pip, which without the network retried each package five times; with every requirement
+    installed already, nothing needs fetching."""
+    repo = Path(__file__).parent.parent
+    stamp = repo / ".venv" / ".installed"
+    os.utime(stamp, (0, 0))
+    done = subprocess.run([repo / "scripts" / "install-deps"], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done
+    assert stamp.stat().st_mtime > (repo / "pyproject.toml").stat().st_mtime

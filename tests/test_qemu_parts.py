@@ -19,8 +19,8 @@ from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.errors import CommandError, CommandTimeout
 from goldclone.guest.config import GuestConfig
 from goldclone.host.commands import run
-from goldclone.images.cache import GoldImage
 from goldclone.images.checks.disks import DiskImage
+from goldclone.images.gold import GoldImage
 from goldclone.settings import NetworkConfig, Settings
 from tests.harness import disk_info, processes_mentioning
 

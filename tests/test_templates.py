@@ -22,7 +22,8 @@ from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.command import GUEST_NICE
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.guest.config import GuestConfig
-from goldclone.images.cache import GoldImage, ImageCache
+from goldclone.images.cache import ImageCache
+from goldclone.images.gold import GoldImage
 from goldclone.models import ImageSpec
 from goldclone.settings import Settings
 from tests.conftest import checksum

@@ -5,11 +5,13 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     GoldcloneError                      500 internal-error
     ├── InvalidJSON                     400 invalid-json
     ├── InvalidRequest                  400 invalid-request
+    ├── VMAmbiguous                     400 vm-ambiguous (a name or ID prefix of several VMs)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden (the token's role may not do it)
     ├── VMNotFound                      404 vm-not-found
     ├── ImageNotFound                   404 image-not-found
     ├── PoolNotFound                    404 pool-not-found
+    ├── TemplateNotFound                404 template-not-found
     ├── ConsoleUnavailable              404 console-unavailable
     ├── HostNotFound                    404 host-not-found
     ├── RouteNotFound                   404 not-found
@@ -18,6 +20,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── HostLost                        409 host-lost (only a lost host can change its VM)
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
+    ├── TemplateInUse                   409 template-in-use
     ├── ImageNotReady                   409 image-not-ready
     ├── CapacityExceeded                409 capacity-exceeded
     ├── IdempotencyConflict             409 idempotency-conflict
@@ -101,6 +104,14 @@ class InvalidRequest(GoldcloneError):
     status = 400
 
 
+class VMAmbiguous(GoldcloneError):
+    """A reference to a VM (a name, or the start of an ID) that names several of the caller's
+    VMs; the message lists them."""
+
+    code = "vm-ambiguous"
+    status = 400
+
+
 class Unauthorized(GoldcloneError):
     code = "unauthorized"
     status = 401
@@ -134,6 +145,11 @@ class ImageNotFound(GoldcloneError):
 
 class PoolNotFound(GoldcloneError):
     code = "pool-not-found"
+    status = 404
+
+
+class TemplateNotFound(GoldcloneError):
+    code = "template-not-found"
     status = 404
 
 
@@ -180,6 +196,13 @@ class VMConflict(GoldcloneError):
 
 class ImageInUse(GoldcloneError):
     code = "image-in-use"
+    status = 409
+
+
+class TemplateInUse(GoldcloneError):
+    """A template that VMs restored from it, or a pool that restores from it, still need."""
+
+    code = "template-in-use"
     status = 409
 
 

@@ -390,6 +390,10 @@ class ImageList(BaseModel):
     images: list[Image]
 
 
+class TemplateList(BaseModel):
+    templates: list[Template]
+
+
 class PoolRequest(_Strict):
     """The body of ``PUT /pools/{name}``: the image and shape of the VMs that the pool keeps
     running, and how many."""

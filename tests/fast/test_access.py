@@ -67,6 +67,9 @@ ROUTES: list[tuple[str, str, Role | None]] = [
     ("POST", "/images", Role.OPERATOR),
     ("POST", "/images/nope/templates", Role.OPERATOR),
     ("DELETE", "/images/nope", Role.OPERATOR),
+    ("GET", "/images/nope", Role.READ),
+    ("GET", "/images/nope/templates", Role.READ),
+    ("DELETE", "/images/nope/templates/nope", Role.OPERATOR),
     ("PATCH", "/images/nope", Role.OPERATOR),
     ("PUT", "/pools/nope", Role.OPERATOR),
     ("DELETE", "/pools/nope", Role.OPERATOR),
@@ -145,6 +148,39 @@ async def test_a_tenant_sees_and_changes_only_its_own_vms(
         assert (await client.delete(vm, headers=as_("alice"))).status_code == 204
         other = f"/vms/{theirs['id']}"
         assert (await client.delete(other, headers=as_("root"))).status_code == 204
+
+
+async def test_a_vm_is_named_by_its_id_its_name_or_the_start_of_its_id_in_its_tenant(
+    access_settings: Settings, request_body: dict[str, Any]
+) -> None:
+    async with serving(Service(access_settings)) as service:
+        client = service.client
+        mine = await _boot(service, {**request_body, "name": "web-1"}, "alice")
+        other = await _boot(service, {**request_body, "name": "web-2"}, "alice")
+        theirs = await _boot(service, {**request_body, "name": "web-1"}, "bob")
+
+        async def found(ref: str, who: str) -> Any:
+            response = await client.get(f"/vms/{ref}", headers=as_(who))
+            return response.json()["id"] if response.status_code == 200 else response.json()
+
+        assert await found("web-1", "alice") == mine["id"]
+        assert await found("web-1", "bob") == theirs["id"]
+        assert await found(mine["id"].upper(), "alice") == mine["id"]  # any spelling of an ID
+        assert await found(mine["id"][:8], "alice") == mine["id"]
+        assert (await found(theirs["id"][:8], "alice"))["code"] == "vm-not-found"
+        assert (await found("web-3", "alice"))["code"] == "vm-not-found"
+        twice = await found("web-1", "root")  # an admin sees both tenants' web-1
+        assert twice["code"] == "vm-ambiguous" and "(web-1)" in twice["message"], twice
+
+        patched = await client.patch(
+            "/vms/web-2", json={"labels": {"a": "b"}}, headers=as_("alice")
+        )
+        assert patched.json()["id"] == other["id"] and patched.json()["labels"] == {"a": "b"}
+        assert (await client.get("/vms/web-1/console", headers=as_("alice"))).status_code == 200
+        assert (await client.delete("/vms/web-1", headers=as_("alice"))).status_code == 204
+        assert await found("web-1", "bob") == theirs["id"]  # bob's is still there
+        for vm in (other, theirs):
+            assert (await client.delete(f"/vms/{vm['id']}", headers=as_("root"))).status_code == 204
 
 
 async def test_idempotency_keys_are_each_tenants_own(

@@ -255,7 +255,7 @@ def test_6_no_command_shows_a_traceback_for_bad_input(cli: Served) -> None:
     """Every command and action the parser has, with an unknown ID (also with ``--json``) at
     the server and where no server is, and with an unknown option."""
     subcommands = build()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    with_actions = ("images", "hosts")
+    with_actions = ("images", "hosts", "pools", "templates")
     commands = [[name] for name in subcommands if name not in (*with_actions, "demo-image")]
     for name in with_actions:
         actions = subcommands[name]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
@@ -337,6 +337,11 @@ def test_9_images_pull_wait_follows_the_download_and_fails_with_it(cli: Served) 
                    image["checksum"], "--wait")  # fmt: skip
     assert done.returncode == 1
     assert "download-failed" in done.stderr and "✗ error" in done.stdout
+    failed = f"sha256-{image['checksum']}"
+    deleted = cli.run("images", "delete", "--failed").stdout.splitlines()
+    assert f"deleted {failed}" in deleted  # with those that other tests' fetches left
+    assert failed not in cli.run("images").stdout
+    assert cli.run("images", "delete").returncode == 2
     done = cli.run("images", "pull", image["url"], "--checksum", image["checksum"], "--wait")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"sha256-{image['checksum']}"
@@ -398,7 +403,10 @@ def test_version_quiet_list_ip_and_logs(cli: Served) -> None:
     assert cli.run("logs", "no-such-vm").returncode == 1
 
 
-def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
+def test_bash_completion_completes_commands_options_and_vms(cli: Served, tmp_path: Path) -> None:
+    vm = cli.boot()
+    named = cli.run("create", *cli.image_args(), "--name", "web-1", "--wait", "--json")
+    assert named.returncode == 0, named.stderr
     script = subprocess.run([*GOLDCLONE, "completion", "bash"], capture_output=True, text=True)
     assert script.returncode == 0
     (tmp_path / "completion.bash").write_text(script.stdout)
@@ -412,16 +420,69 @@ complete_words() {{
 complete_words goldclone cr
 echo ---
 complete_words goldclone create --che
+echo ---
+complete_words goldclone get we
+echo ---
+complete_words goldclone delete {vm["id"][:6]}
 """
     path = f"{bin_dir}:{os.environ['PATH']}"
     done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": path})  # fmt: skip
-    commands, options = done.stdout.split("---\n")
+                          env={**os.environ, "PATH": path, "GOLDCLONE_URL": cli.url})  # fmt: skip
+    commands, options, names, ids = done.stdout.split("---\n")
     assert commands.split() == ["create"], done.stderr
     assert sorted(options.split()) == ["--checksum", "--checksum-type"], done.stderr
+    assert names.split() == ["web-1"], done.stderr
+    assert vm["id"] in ids.split(), done.stderr
     for shell in ("zsh", "fish"):
         done = subprocess.run([*GOLDCLONE, "completion", shell], capture_output=True, text=True)
         assert done.returncode == 0 and "goldclone" in done.stdout
+
+
+def test_every_command_takes_a_vms_name_or_the_start_of_its_id(cli: Served) -> None:
+    made = cli.run("create", *cli.image_args(), "--name", "web-1", "--wait", "--json")
+    vm = json.loads(made.stdout)
+    assert cli.run("ip", vm["id"][:8]).stdout.strip() == vm["ip_address"]
+    assert json.loads(cli.run("get", "web-1", "--json").stdout)["id"] == vm["id"]
+    assert cli.run("renew", "web-1", "--ttl", "600").returncode == 0
+    assert cli.run("wait", vm["id"][:8]).returncode == 0
+    done = cli.run("delete", "web-1")
+    assert done.returncode == 0 and done.stdout.strip() == "deleted web-1"
+    assert cli.vms() == []
+
+
+def test_pools_and_templates_are_made_listed_and_deleted_from_the_cli(cli: Served) -> None:
+    cli.boot()  # the image, fetched
+    image_id = f"sha256-{image_of(cli.images)['checksum']}"
+    done = cli.run("templates", "create", image_id, "--cpus", "1", "--memory", "256", "--wait",
+                   "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    template = json.loads(done.stdout)
+    assert template["status"] == "ready" and template["image_id"] == image_id
+    listed = json.loads(cli.run("templates", "--json").stdout)["templates"]
+    assert [t["id"] for t in listed] == [template["id"]]
+    assert json.loads(cli.run("templates", "list", image_id, "--json").stdout) == {
+        "templates": listed
+    }
+    [row] = [line for line in cli.run("images").stdout.splitlines() if image_id in line]
+    assert row.split()[-2] == "1x256MB", row  # TEMPLATES, before the URL
+
+    done = cli.run("pools", "set", "warm", *cli.image_args(), "--size", "1", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "warm ready (1 of 1 ready)"
+    [header, row] = cli.run("pools").stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "STATUS", "READY"] and row.split()[:3] == [
+        "warm", "ready", "1/1",
+    ]  # fmt: skip
+    refused = cli.run("templates", "delete", image_id, template["id"])
+    assert refused.returncode == 1 and "template-in-use" in refused.stderr, refused.stderr
+    assert cli.run("pools", "delete", "warm").stdout.strip() == "deleted warm"
+    assert json.loads(cli.run("pools", "--json").stdout) == {"pools": []}
+    done = cli.run("templates", "delete", image_id, template["id"])
+    assert done.returncode == 0 and done.stdout.strip() == f"deleted {template['id']}"
+    assert json.loads(cli.run("templates", "--json").stdout) == {"templates": []}
+    unknown = cli.run("pools", "delete", "warm")
+    assert unknown.returncode == 1 and "pool-not-found" in unknown.stderr
+    assert cli.run("pools", "set", "warm").returncode == 2  # no image
 
 
 def test_the_cli_acts_as_its_tokens_tenant_and_role(tmp_path: Path, served: Served) -> None:

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from goldclone.images import cache
 from goldclone.images.cache import ImageCache
 from goldclone.settings import Settings
+from goldclone.store import event_log
+from goldclone.store.event_log import EventKind
 from tests.fast.conftest import DISK, Service, serving
 from tests.servers import CallbackReceiver, FileServer
 
@@ -78,6 +83,26 @@ async def test_a_failed_download_leaves_no_image_that_blocks_anything(
     refused = await service.client.delete(f"/images/{image['id']}")
     assert (refused.status_code, refused.json()["code"]) == (409, "image-in-use")
     await service.delete(running["id"])
+
+
+async def test_a_failed_fetch_is_forgotten_after_a_while_and_says_so(
+    service: Service, images: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache, "FAILED_KEPT", 0.5)
+    missing = {**spec(images, DISK, "sha256"), "url": images.url("missing.raw")}
+    assert (await pulled(service, missing))["status"] == "error"
+    async with asyncio.timeout(10):
+        while await listed(service):
+            await asyncio.sleep(service.poll)
+    engine = create_async_engine(service.settings.db_url)
+    try:
+        async with engine.connect() as conn:
+            recorded, _ = await event_log.read_after(conn, 0, 500)
+    finally:
+        await engine.dispose()
+    assert (EventKind.IMAGE_DELETED, key(missing)) in [(e.kind, e.subject) for e in recorded]
+    again = await pulled(service, missing)  # asked for again: fetched again, and fails again
+    assert again["status"] == "error" and again["id"] == key(missing)
 
 
 async def test_a_vm_says_whether_its_image_came_from_the_cache(

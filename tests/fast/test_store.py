@@ -281,6 +281,30 @@ async def test_concurrent_admissions_on_one_database_never_claim_one_pooled_mach
         await second.close()
 
 
+async def test_a_reference_names_a_vm_by_id_then_name_then_the_start_of_its_id(
+    db: Database,
+) -> None:
+    ids = ["0a1b2c3d-0000-4000-8000-000000000001", "0a1b2c3d-0000-4000-8000-000000000002",
+           "0a1b9999-0000-4000-8000-000000000003"]  # fmt: skip
+    names = ["0a1b2c3d-0000-4000-8000-000000000002", "web", "web"]  # a name as another's ID
+    for n, (vm_id, name) in enumerate(zip(ids, names, strict=True)):
+        vm = make_vm().model_copy(update={"id": vm_id, "name": name,
+                                          "tenant": "team-b" if n == 2 else "team-a"})  # fmt: skip
+        await admissions.record(db, vm)
+
+    async def matching(ref: str, tenant: str | None = "team-a") -> list[str]:
+        return [vm_id for vm_id, _ in await db.read(lambda c: vm_records.matching(c, ref, tenant))]
+
+    assert await matching(ids[1]) == [ids[1]]  # its ID, before the name that spells it
+    assert await matching("web") == [ids[1]]  # team-a's only
+    assert await matching("web", None) == [ids[1], ids[2]]
+    assert await matching("0a1b2c3d") == ids[:2]
+    assert await matching("0a1b2c3d-0000-4000-8000-00000000000") == ids[:2]
+    assert await matching("0a1b9") == []  # team-b's
+    assert await matching("0a1b9", "team-b") == [ids[2]]
+    assert await matching("0a1b%") == [] and await matching("0a1b_") == []  # no wildcards
+
+
 async def test_the_migrations_make_the_tables_that_the_queries_use(db: Database) -> None:
     def compare(connection: sqlalchemy.Connection) -> list[Any]:
         return compare_metadata(MigrationContext.configure(connection), tables.metadata)

@@ -136,6 +136,39 @@ async def test_templates_go_with_their_image(
     assert (await service.client.get("/images")).json()["images"] == []
 
 
+async def test_a_template_is_read_listed_and_deleted_once_nothing_needs_it(
+    service: Service, request_body: dict[str, Any]
+) -> None:
+    client = service.client
+    image_id = await ready_image(service, request_body)
+    template = await make_template(service, image_id)
+    image = (await client.get(f"/images/{image_id}")).json()
+    assert image["id"] == image_id and [t["id"] for t in image["templates"]] == [template["id"]]
+    listed = (await client.get(f"/images/{image_id}/templates")).json()
+    assert listed == {"templates": image["templates"]}
+    assert (await client.get("/images/sha256-00")).json()["code"] == "image-not-found"
+    assert (await client.get("/images/sha256-00/templates")).status_code == 404
+    path = f"/images/{image_id}/templates/{template['id']}"
+
+    restored = await service.boot(request_body)
+    assert restored["started_from"] == "template", restored
+    refused = await client.delete(path)
+    assert refused.status_code == 409 and refused.json()["code"] == "template-in-use"
+    assert "1 VM(s) restored from it or being created" in refused.json()["message"]
+    await service.delete(restored["id"])
+    await service.put_pool("warm", {**request_body, "size": 1})
+    refused = await client.delete(path)
+    assert refused.status_code == 409 and "warm pool(s) warm" in refused.json()["message"]
+    assert (await client.delete("/pools/warm")).status_code == 204
+
+    assert (await client.delete(path)).status_code == 204
+    assert not (service.settings.data_dir / "templates" / image_id / template["id"]).exists()
+    assert (await client.get(f"/images/{image_id}/templates")).json() == {"templates": []}
+    assert (await client.delete(path)).json()["code"] == "template-not-found"
+    again = await service.boot(request_body)  # no template: a cold boot, and nothing breaks
+    assert again["started_from"] == "cold", again
+
+
 async def test_a_template_cut_off_by_a_restart_ends_interrupted(
     fast_settings: Settings, request_body: dict[str, Any]
 ) -> None:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from json import JSONDecodeError
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -19,6 +19,16 @@ from starlette.types import Scope
 
 from goldclone.access import Access, Principal, Role
 from goldclone.api.guards import BearerGuard, BodyGuard, RequestLog, error_response
+from goldclone.api.openapi import (
+    ERRORS,
+    EVENT_STREAM,
+    HOST_LINKS,
+    IMAGE_LINKS,
+    POOL_LINKS,
+    TEXT,
+    VM_LINKS,
+    describe_host,
+)
 from goldclone.errors import (
     Forbidden,
     GoldcloneError,
@@ -26,14 +36,12 @@ from goldclone.errors import (
     InvalidRequest,
     MethodNotAllowed,
     RouteNotFound,
-    answer_codes,
 )
 from goldclone.labels import parse_selectors
 from goldclone.models import (
     MAX_WAIT,
     VM,
     CreateVMRequest,
-    ErrorBody,
     HostList,
     Image,
     ImageChange,
@@ -45,6 +53,7 @@ from goldclone.models import (
     Readiness,
     Status,
     Template,
+    TemplateList,
     TemplateRequest,
     UpdateVMRequest,
     VMList,
@@ -54,14 +63,10 @@ from goldclone.service import VMService
 from goldclone.service.events import VMFilter
 from goldclone.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from goldclone.settings import Limits
-from goldclone.store.event_log import Event, EventKind
+from goldclone.store.event_log import Event
 
 log = logging.getLogger(__name__)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": " or ".join(codes)}
-    for status, codes in answer_codes().items()
-}
 _INTERNAL = GoldcloneError("an internal error; see the server log")
 
 
@@ -91,7 +96,7 @@ def create_app(
         title="goldclone",
         version="1",
         summary="Disposable linked-clone VMs from verified gold images.",
-        responses=_ERRORS,
+        responses=ERRORS,
     )
 
     @app.get("/healthz", operation_id="healthz")
@@ -100,7 +105,7 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response, operation_id="metrics",
-             responses={200: _TEXT}, dependencies=[_needs(Role.METRICS)])  # fmt: skip
+             responses={200: TEXT}, dependencies=[_needs(Role.METRICS)])  # fmt: skip
     async def metrics() -> Response:
         """Prometheus metrics in its text format; with a ``metrics``, ``operator`` or
         ``admin`` token."""
@@ -116,7 +121,7 @@ def create_app(
         return JSONResponse(readiness.model_dump(mode="json"), status_code=status)
 
     @app.post("/vms", status_code=202, response_model=VM, operation_id="create_vm",
-              responses={202: {"links": _VM_LINKS}}, dependencies=[_needs(Role.USER)])  # fmt: skip
+              responses={202: {"links": VM_LINKS}}, dependencies=[_needs(Role.USER)])  # fmt: skip
     async def create_vm(
         body: CreateVMRequest,
         who: _Who,
@@ -139,7 +144,7 @@ def create_app(
 
     @app.get("/vms/{vm_id}", response_model=VM, operation_id="get_vm")
     async def get_vm(
-        vm_id: str,
+        vm_id: _VMRef,
         who: _Who,
         wait: bool = False,
         timeout: Annotated[float, Query(ge=0, le=MAX_WAIT)] = DEFAULT_WAIT,
@@ -150,13 +155,13 @@ def create_app(
 
     @app.patch("/vms/{vm_id}", response_model=VM, operation_id="update_vm",
                dependencies=[_needs(Role.USER)])  # fmt: skip
-    async def update_vm(vm_id: str, body: UpdateVMRequest, who: _Who) -> VM:
+    async def update_vm(vm_id: _VMRef, body: UpdateVMRequest, who: _Who) -> VM:
         """Renew the VM's lease (``ttl``: it ends that many seconds from now) or replace its
         ``labels``; 409 once the VM is being deleted."""
         return await service.update(vm_id, body, who.tenant_seen)
 
     @app.get("/events", response_class=StreamingResponse, operation_id="events",
-             responses={200: _EVENT_STREAM})  # fmt: skip
+             responses={200: EVENT_STREAM})  # fmt: skip
     async def events(
         who: _Who,
         label: _Labels = (),
@@ -175,8 +180,8 @@ def create_app(
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/vms/{vm_id}/console", response_class=StreamingResponse,
-             operation_id="get_console", responses={200: _TEXT})  # fmt: skip
-    async def get_console(vm_id: str, who: _Who, follow: bool = False) -> StreamingResponse:
+             operation_id="get_console", responses={200: TEXT})  # fmt: skip
+    async def get_console(vm_id: _VMRef, who: _Who, follow: bool = False) -> StreamingResponse:
         """The guest's serial console so far (its last MiB), as text; with ``follow``, what it
         writes next is streamed until the VM is gone."""
         lines = await service.console(vm_id, follow, who.tenant_seen)
@@ -184,7 +189,7 @@ def create_app(
 
     @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm",
                 dependencies=[_needs(Role.USER)])  # fmt: skip
-    async def delete_vm(vm_id: str, who: _Who) -> Response:
+    async def delete_vm(vm_id: _VMRef, who: _Who) -> Response:
         """Stop the VM and remove its clone and everything it had."""
         await service.delete(vm_id, who.tenant_seen)
         return Response(status_code=204)
@@ -196,13 +201,35 @@ def create_app(
         return ImageList(images=await service.catalog.images(who.tenant_seen))
 
     @app.post("/images", status_code=202, response_model=Image, operation_id="pull_image",
-              responses={202: {"links": _IMAGE_LINKS}},
+              responses={202: {"links": IMAGE_LINKS}},
               dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
     async def prefetch_image(body: ImageSpec, who: _Who) -> Image:
         """Fetch an image ahead of time, so that the first VM does not wait for it. An image
         in the cache already is checked against the URL (a download) before it is the
         token's tenant's."""
         return await service.catalog.prefetch(body, who.tenant)
+
+    @app.get("/images/{image_id}", response_model=Image, operation_id="get_image")
+    async def get_image(image_id: str, who: _Who) -> Image:
+        """One gold image, by any of its IDs, as ``GET /images`` lists it."""
+        return await service.catalog.image(image_id, who.tenant_seen)
+
+    @app.get("/images/{image_id}/templates", response_model=TemplateList,
+             operation_id="list_templates")  # fmt: skip
+    async def list_templates(image_id: str, who: _Who) -> TemplateList:
+        """The image's memory templates on this host."""
+        image = await service.catalog.image(image_id, who.tenant_seen)
+        return TemplateList(templates=image.templates)
+
+    @app.delete("/images/{image_id}/templates/{template_id}", status_code=204,
+                response_class=Response, operation_id="delete_template",
+                dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
+    async def delete_template(image_id: str, template_id: str) -> Response:
+        """Remove a memory template (also one being made, or one that failed, to make it
+        again); 409 ``template-in-use`` while VMs restored from it, or a warm pool of its
+        image and shape, exist."""
+        await service.catalog.delete_template(image_id, template_id)
+        return Response(status_code=204)
 
     @app.patch("/images/{image_id}", response_model=Image, operation_id="update_image",
                dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
@@ -233,9 +260,9 @@ def create_app(
 
     @app.put("/pools/{name}", response_model=Pool, operation_id="put_pool",
              dependencies=[_needs(Role.OPERATOR)],
-             responses={200: {"links": _POOL_LINKS},
+             responses={200: {"links": POOL_LINKS},
                         201: {"model": Pool, "description": "The pool was made.",
-                              "links": _POOL_LINKS}})  # fmt: skip
+                              "links": POOL_LINKS}})  # fmt: skip
     async def put_pool(name: str, body: PoolRequest, response: Response) -> Pool:
         """Make a warm pool, or change one: ``size`` VMs of the image and shape, restored from
         its memory template (made if need be) and kept running, for ``POST /vms`` of that
@@ -256,7 +283,7 @@ def create_app(
         return Response(status_code=204)
 
     @app.get("/hosts", response_model=HostList, operation_id="list_hosts",
-             responses={200: {"links": _HOST_LINKS}})  # fmt: skip
+             responses={200: {"links": HOST_LINKS}})  # fmt: skip
     async def list_hosts(who: _Who) -> HostList:
         """The hosts that share this service's database (this one alone on SQLite): what
         each offers, holds and has free, its last heartbeat, and whether it is ``up`` or
@@ -311,7 +338,7 @@ def create_app(
         log.error("request failed unexpectedly", exc_info=exc)
         return error_response(_INTERNAL)
 
-    _describe_host(app, service, limits)
+    describe_host(app, service, limits)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
     # before any body is read
     app.add_middleware(BearerGuard, access=access or Access())
@@ -319,46 +346,17 @@ def create_app(
     return app
 
 
-_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-
-
-def _event(kinds: tuple[EventKind, ...], data: dict[str, Any]) -> dict[str, Any]:
-    """One Server-Sent Event of one of ``kinds``, as an SSE parser reads it: its ``data`` is
-    JSON of the schema ``data``."""
-    return {
-        "type": "object",
-        "required": ["id", "event", "data"],
-        "properties": {
-            "id": {"type": "string", "pattern": "^[0-9]+$"},
-            "event": {"type": "string", "enum": [kind.value for kind in kinds]},
-            "data": {"type": "string", "contentMediaType": "application/json",
-                     "contentSchema": data},
-        },
-    }  # fmt: skip
-
-
-_EVENTS = {
-    "oneOf": [
-        _event((EventKind.VM, EventKind.VM_DELETED), {"$ref": "#/components/schemas/VM"}),
-        _event((EventKind.IMAGE, EventKind.IMAGE_DELETED), {"$ref": "#/components/schemas/Image"}),
-        _event((EventKind.POOL, EventKind.POOL_DELETED), {"$ref": "#/components/schemas/Pool"}),
-        _event((EventKind.DROPPED,), {
-            "type": "object",
-            "required": ["after", "resumes_at"],
-            "properties": {"after": {"type": "integer"}, "resumes_at": {"type": "integer"}},
-        }),
-    ]
-}  # fmt: skip
-"""Each event of ``GET /events``, for OpenAPI 3.1, whose media type has no ``itemSchema``:
-schema-driven clients (schemathesis) take the ``schema`` of ``text/event-stream`` as that of
-one event."""
-_EVENT_STREAM = {"content": {"text/event-stream": {"schema": _EVENTS}}}
 DEFAULT_WAIT = 30.0
 """Seconds that ``GET /vms/{id}?wait=true`` waits without a ``timeout``."""
 _Labels = Annotated[
     tuple[str, ...], Query(description="KEY=VALUE; several are ANDed", max_length=64)
 ]
 _Statuses = Annotated[tuple[Status, ...], Query(max_length=8)]
+_VMRef = Annotated[
+    str,
+    Path(description="The VM's ID, its name, or the start of its ID that no other of the "
+         "caller's VMs has (400 `vm-ambiguous` lists those it could mean)."),
+]  # fmt: skip
 
 
 def _filter(who: Principal, labels: Sequence[str], statuses: Sequence[Status]) -> VMFilter | None:
@@ -403,24 +401,6 @@ async def _server_sent(stream: AsyncIterator[Event | None]) -> AsyncIterator[str
             yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.data)}\n\n"
 
 
-_VM_LINKS = {
-    name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
-    for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))
-}
-_POOL_LINKS = {
-    name: {"operationId": operation, "parameters": {"name": "$response.body#/name"}}
-    for name, operation in (("GetPool", "get_pool"), ("DeletePool", "delete_pool"))
-}
-_HOST_LINKS = {
-    "ForgetHost": {"operationId": "forget_host",
-                   "parameters": {"host_id": "$response.body#/hosts/0/id"}},
-}  # fmt: skip
-_IMAGE_LINKS = {
-    "DeleteImage": {"operationId": "delete_image",
-                    "parameters": {"image_id": "$response.body#/id"}},
-}  # fmt: skip
-
-
 def _takes_body(app: FastAPI) -> Callable[[Scope], bool]:
     """Whether a request is for an endpoint that reads a body (its path and method match
     one)."""
@@ -440,35 +420,6 @@ def _methods_of(app: FastAPI, request: Request) -> list[str]:
         if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE:
             methods |= route.methods or set()
     return sorted(methods)
-
-
-def _describe_host(app: FastAPI, service: VMService, limits: Limits | None) -> None:
-    """Put what this host accepts into the OpenAPI description: its bounds on ``cpus`` and
-    ``memory`` (of VMs, templates and pools), the network types it offers, its longest lease
-    (and whether none may be asked for), and that a PATCH changes something."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = generate()
-        schemas = schema["components"]["schemas"]
-        for name in ("CreateVMRequest", "TemplateRequest", "PoolRequest"):
-            if limits is not None:
-                fields = schemas[name]["properties"]
-                fields["cpus"] |= {"minimum": limits.min_cpus, "maximum": limits.max_cpus}
-                least = max(limits.min_memory_mb, fields["memory"].get("minimum", 0))
-                fields["memory"] |= {"minimum": least, "maximum": limits.max_memory_mb}
-        for name in ("CreateVMRequest", "PoolRequest"):
-            schemas[name]["properties"]["network_type"]["enum"] = service.network_types()
-        leases = service.leases
-        for name in ("CreateVMRequest", "UpdateVMRequest"):
-            ttl = schemas[name]["properties"]["ttl"]
-            seconds = {"type": "integer", "minimum": 0 if leases.allow_none else 1,
-                       "maximum": leases.maximum}  # fmt: skip
-            ttl["anyOf"] = [seconds, {"type": "null"}] if leases.allow_none else [seconds]
-        schemas["UpdateVMRequest"]["minProperties"] = 1
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _not_json(error: Mapping[str, Any], body: object) -> str:

@@ -19,7 +19,17 @@ from rich.table import Table
 from rich.text import Text
 
 from goldclone.clock import now, rfc3339_ms, rfc3339_s, seconds_between
-from goldclone.models import VM, DownloadProgress, Host, Image, ImageStatus, Phase, Status
+from goldclone.models import (
+    VM,
+    DownloadProgress,
+    Host,
+    Image,
+    ImageStatus,
+    Phase,
+    Pool,
+    Status,
+    Template,
+)
 
 
 def vm_table(vms: list[VM]) -> Table:
@@ -37,10 +47,33 @@ def vm_table(vms: list[VM]) -> Table:
 
 
 def image_table(images: list[Image]) -> Table:
-    table = Table("ID", "STATUS", "SIZE", "VMS", "URL", box=None)
+    table = Table("ID", "STATUS", "SIZE", "VMS", "TEMPLATES", "URL", box=None)
     for image in images:
         status = f"{image.status.value} ({image.error.code})" if image.error else image.status
-        table.add_row(image.id, str(status), _size(image.size_bytes), str(image.vms), image.url)
+        shapes = ",".join(f"{t.cpus}x{t.memory}MB" for t in image.templates)
+        table.add_row(image.id, str(status), _size(image.size_bytes), str(image.vms),
+                      shapes or "-", image.url)  # fmt: skip
+    return table
+
+
+def template_table(templates: list[Template]) -> Table:
+    table = Table("ID", "IMAGE", "CPUS", "MEMORY", "STATUS", "SIZE", "CREATED", box=None)
+    for template in templates:
+        status = template.status.value + (f" ({template.error.code})" if template.error else "")
+        table.add_row(template.id, template.image_id, str(template.cpus),
+                      f"{template.memory} MB", status, _size(template.size_bytes),
+                      rfc3339_s(template.created_at))  # fmt: skip
+    return table
+
+
+def pool_table(pools: list[Pool]) -> Table:
+    table = Table("NAME", "STATUS", "READY", "FILLING", "CLAIMED", "CPUS", "MEMORY", "IMAGE",
+                  box=None)  # fmt: skip
+    for pool in pools:
+        status = pool.status.value + (f" ({pool.error.code})" if pool.error else "")
+        table.add_row(pool.name, status, f"{pool.ready}/{pool.size}", str(pool.filling),
+                      str(pool.claimed), str(pool.cpus), f"{pool.memory} MB",
+                      pool.image.url)  # fmt: skip
     return table
 
 

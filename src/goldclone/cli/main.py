@@ -17,6 +17,7 @@ from goldclone.cli.commands import (
     host,
     hosts,
     images,
+    pools,
     vms,
 )
 from goldclone.cli.exits import Exit
@@ -46,6 +47,8 @@ COMMANDS: dict[str, Command] = {
     "wait": vms.wait_command,
     "images": images.images,
     "hosts": hosts.hosts,
+    "pools": pools.pools,
+    "templates": pools.templates,
     "ssh": guest.ssh,
     "logs": guest.logs,
 }

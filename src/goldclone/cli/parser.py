@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from goldclone import __version__
 from goldclone.cli import exits
@@ -22,6 +22,8 @@ CHECKSUM_TYPES = ("md5", "sha1", "sha256", "sha512")
 DEFAULT_CREATE_TIMEOUT = 3600
 DEFAULT_WAIT_TIMEOUT = 600
 SHELLS = ("bash", "zsh", "fish")
+COMPLETION_TIMEOUT = 2.0
+"""Seconds a shell's completion waits for the server's list of VMs."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -112,14 +114,7 @@ def build() -> argparse.ArgumentParser:
     )
 
     create = _command(commands, "create", "create a VM", client)
-    create.add_argument("image_url", nargs="?", help="the image package's URL")
-    create.add_argument("--checksum", help="the package's checksum, in hex")
-    create.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
-                        help="the checksum's type (default: sha256)")  # fmt: skip
-    create.add_argument("--cpus", type=int, help="vCPUs (default: the server's, 2)")
-    create.add_argument("--memory", type=int, help="megabytes (default: the server's, 1024)")
-    create.add_argument("--network", choices=["nat", "hostonly", "bridged"],
-                        help="the network type (default: nat)")  # fmt: skip
+    _image_and_shape(create, "the server's, ")
     create.add_argument("--callback-url", help="POSTed to when the VM runs or fails")
     create.add_argument("--gui", action="store_true", help="give the VM a display")
     create.add_argument("--name", help="the VM's name and the guest's hostname (a DNS label)")
@@ -146,21 +141,21 @@ def build() -> argparse.ArgumentParser:
     _wait_options(create, DEFAULT_CREATE_TIMEOUT, "wait until it runs, showing progress")
 
     get = _command(commands, "get", "show everything about a VM", client)
-    get.add_argument("id")
+    _vm_argument(get, "id")
     ip = _command(commands, "ip", "print a VM's IP address", client)
-    ip.add_argument("id")
+    _vm_argument(ip, "id")
     _wait_options(ip, DEFAULT_WAIT_TIMEOUT, "wait until it has one")
 
     ssh = _command(commands, "ssh", "log in to a VM with ssh, or run a command there: "
                    "goldclone ssh ID [OPTIONS] [-- COMMAND...]", client)  # fmt: skip
-    ssh.add_argument("id")
+    _vm_argument(ssh, "id")
     ssh.add_argument("--user", default="root",
                      help="the account; Debian's cloud images want debian")  # fmt: skip
     ssh.add_argument("--identity", "-i", type=Path, metavar="FILE",
                      help="the private key (default: ssh's own choice)")  # fmt: skip
 
     logs = _command(commands, "logs", "print a VM's serial console", client)
-    logs.add_argument("id")
+    _vm_argument(logs, "id")
     logs.add_argument("--follow", "-f", action="store_true",
                       help="go on printing what the guest writes until the VM is gone")  # fmt: skip
 
@@ -173,17 +168,17 @@ def build() -> argparse.ArgumentParser:
 
     delete = _command(commands, "delete", "destroy VMs: each one given, or every one with the "
                                           "labels given", client)  # fmt: skip
-    delete.add_argument("ids", nargs="*", metavar="ID")
+    _vm_argument(delete, "ids", nargs="*", metavar="ID")
     _label_filter(delete, "destroy every VM with this label (they are listed first); "
                           "repeatable (ANDed)")  # fmt: skip
 
     renew = _command(commands, "renew", "renew a VM's lease", client)
-    renew.add_argument("id")
+    _vm_argument(renew, "id")
     renew.add_argument("--ttl", type=int, required=True, metavar="SECONDS",
                        help="the lease ends this long from now")  # fmt: skip
 
     wait = _command(commands, "wait", "wait until a VM runs, showing its progress", client)
-    wait.add_argument("id")
+    _vm_argument(wait, "id")
     wait.add_argument("--timeout", type=seconds, default=DEFAULT_WAIT_TIMEOUT,
                       metavar="SECONDS", help="give up after this long")  # fmt: skip
 
@@ -197,8 +192,45 @@ def build() -> argparse.ArgumentParser:
     pull.add_argument("--checksum-type", choices=CHECKSUM_TYPES, default="sha256",
                       help="the checksum's type")  # fmt: skip
     _wait_options(pull, DEFAULT_CREATE_TIMEOUT, "wait until it is ready, showing progress")
-    remove = _command(actions, "delete", "delete a gold image", client)
-    remove.add_argument("id", help="<checksum_type>-<checksum>, as `goldclone images` lists")
+    remove = _command(actions, "delete", "delete a gold image, or forget every failed one",
+                      client)  # fmt: skip
+    remove.add_argument("id", nargs="?",
+                        help="<checksum_type>-<checksum>, as `goldclone images` lists")  # fmt: skip
+    remove.add_argument("--failed", action="store_true",
+                        help="forget every image whose fetch failed, instead")  # fmt: skip
+
+    pools = _command(commands, "pools", "list, set or delete warm pools", client)
+    actions = pools.add_subparsers(dest="pool_command", metavar="ACTION")
+    _command(actions, "list", "list the warm pools (the default)", client)
+    put = _command(actions, "set", "make a warm pool, or change one, from its whole "
+                   "definition: what is not given takes its default", client)  # fmt: skip
+    put.add_argument("name", help="the pool's name (a DNS label)")
+    _image_and_shape(put)
+    put.add_argument("--size", type=int, help="VMs kept ready on each host (default: 1)")
+    put.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
+                     help="the pool as JSON (PUT /pools/NAME's body); the options above win "
+                     "over its fields")  # fmt: skip
+    _wait_options(put, DEFAULT_CREATE_TIMEOUT, "wait until it has its size ready")
+    remove_pool = _command(actions, "delete", "delete a warm pool and the VMs it holds "
+                           "unclaimed", client)  # fmt: skip
+    remove_pool.add_argument("name")
+
+    kept = _command(commands, "templates", "list, make or delete memory templates", client)
+    actions = kept.add_subparsers(dest="template_command", metavar="ACTION")
+    listed = _command(actions, "list", "list the templates (the default)", client)
+    listed.add_argument("image_id", nargs="?", help="only this image's")
+    make = _command(actions, "create", "make a memory template of a ready image", client)
+    make.add_argument("image_id", help="the image, as `goldclone images` lists it")
+    make.add_argument("--cpus", type=int, help="vCPUs of the VMs it is for (default: 2)")
+    make.add_argument("--memory", type=int, help="megabytes of the VMs it is for "
+                      "(default: 1024)")  # fmt: skip
+    make.add_argument("--ready-when", metavar="JSON",
+                      help='what "ready" means before it is saved, e.g. '
+                      '\'{"tcp": 22}\'')  # fmt: skip
+    _wait_options(make, DEFAULT_CREATE_TIMEOUT, "wait until it is ready")
+    unmake = _command(actions, "delete", "delete a memory template", client)
+    unmake.add_argument("image_id", help="its image")
+    unmake.add_argument("template_id", help="the template, as `goldclone templates` lists it")
 
     fleet = _command(commands, "hosts", "list the hosts on the server's database, or forget one",
                      client)  # fmt: skip
@@ -242,6 +274,38 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="a TOML file of settings (default: GOLDCLONE_CONFIG); the "
                         "environment wins over it, and options over both")  # fmt: skip
+
+
+def _image_and_shape(parser: argparse.ArgumentParser, defaults_of: str = "") -> None:
+    """IMAGE_URL, its checksum and the VMs' shape, as ``create`` and ``pools set`` take them."""
+    parser.add_argument("image_url", nargs="?", help="the image package's URL")
+    parser.add_argument("--checksum", help="the package's checksum, in hex")
+    parser.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
+                        help="the checksum's type (default: sha256)")  # fmt: skip
+    parser.add_argument("--cpus", type=int, help=f"vCPUs (default: {defaults_of}2)")
+    parser.add_argument("--memory", type=int, help=f"megabytes (default: {defaults_of}1024)")
+    parser.add_argument("--network", choices=["nat", "hostonly", "bridged"],
+                        help="the network type (default: nat)")  # fmt: skip
+
+
+def _vm_argument(parser: argparse.ArgumentParser, dest: str, **options: Any) -> None:
+    """A VM, named by its ID, its name or the start of its ID (the server resolves it); the
+    shell completes the IDs and names that the server lists."""
+    options.setdefault("help", "the VM's ID, its name, or the start of its ID")
+    argument = parser.add_argument(dest, **options)
+    argument.completer = _vms_for_completion  # type: ignore[attr-defined]
+
+
+def _vms_for_completion(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    from goldclone.client import APIError, Client, ServerUnreachable
+
+    try:
+        with Client(getattr(parsed_args, "url", None), timeout=COMPLETION_TIMEOUT) as client:
+            vms = client.list_vms()
+    except (APIError, ServerUnreachable):
+        return []
+    words = [vm.id for vm in vms] + [vm.name for vm in vms if vm.name]
+    return [word for word in words if word.startswith(prefix)]
 
 
 def _wait_options(parser: argparse.ArgumentParser, timeout: float, text: str) -> None:

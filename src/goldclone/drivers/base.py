@@ -19,7 +19,7 @@ from typing import Literal, Protocol, TypeVar
 from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import BootFailed
 from goldclone.guest.config import GuestConfig
-from goldclone.images.cache import GoldImage
+from goldclone.images.gold import GoldImage
 from goldclone.polling import until
 
 PackageKind = Literal["disk", "vmx"]

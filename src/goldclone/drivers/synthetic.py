@@ -40,7 +40,7 @@ from goldclone.errors import (
     NetworkFailed,
 )
 from goldclone.guest.config import GuestConfig
-from goldclone.images.cache import GoldImage
+from goldclone.images.gold import GoldImage
 
 Step = Literal["clone", "attach", "start", "destroy"]
 ADDRESSES = IPv4Network("198.18.0.0/15")

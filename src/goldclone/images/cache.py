@@ -19,11 +19,9 @@ import errno
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -38,23 +36,25 @@ from goldclone.errors import (
 )
 from goldclone.images.checks import DiskImage, inspect_package
 from goldclone.images.download import fetch
+from goldclone.images.gold import (
+    GOLD_FORMAT,
+    METADATA,
+    GoldImage,
+    content_of,
+    disk_usage,
+    make_read_only,
+    read_metadata,
+    remove,
+    upgrade_metadata,
+)
 from goldclone.images.unpack import UnpackLimits, unpack
 from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
 
 log = logging.getLogger(__name__)
 
-_METADATA = "gold.json"
-GOLD_FORMAT = 2
-"""The format of ``gold.json``: 1 had no version (up to commit 8682a97); 2 says so."""
-
-
-@dataclass(frozen=True)
-class GoldImage:
-    key: str
-    """The gold image's ID, ``<type>-<checksum>``: the checksum it was first fetched by."""
-    root: Path
-    disk: DiskImage
-    vmx: Path | None
+FAILED_KEPT = 3600.0
+"""Seconds that a failed fetch stays listed, with its error, unless the image is asked for
+again or deleted before: then it is forgotten, as a delete would."""
 
 
 class ChecksumBook(Protocol):
@@ -96,6 +96,8 @@ class ImageCache:
         """(gold key, URL) of the fetches that this cache made since it started."""
         self._progress: dict[str, DownloadProgress] = {}
         self._failures: dict[str, VMFailure] = {}
+        self._forgetting: dict[str, asyncio.TimerHandle] = {}
+        """When each failed fetch is forgotten (``FAILED_KEPT``)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._book = checksums
         self._learnt: dict[str, str] = {}
@@ -117,9 +119,9 @@ class ImageCache:
         for folder in (self._images, self._downloads, self._uses):
             folder.mkdir(parents=True, exist_ok=True)
         for partial in [*self._downloads.iterdir(), *self._images.glob(".tmp-*")]:
-            _remove(partial)
+            remove(partial)
         for root in self._images.glob("*-*"):
-            _upgrade_metadata(root)
+            upgrade_metadata(root)
 
     def _contents(self) -> dict[str, str]:
         """The gold image of each package sha256 that is known: those published by this code,
@@ -127,8 +129,8 @@ class ImageCache:
         found: dict[str, str] = {}
         sha256_first = sorted(self._images.glob("*-*"), key=lambda r: r.name[:7] != "sha256-")
         for root in sha256_first:
-            meta = _read_metadata(root)
-            if meta is not None and (content := _content_of(root.name, meta)) is not None:
+            meta = read_metadata(root)
+            if meta is not None and (content := content_of(root.name, meta)) is not None:
                 found.setdefault(content, root.name)
         return found
 
@@ -136,7 +138,7 @@ class ImageCache:
         """The ID of the gold image that the checksum ``key`` (``<type>-<checksum>``) names:
         the image fetched by it, or the one whose package it was verified against; ``key``
         itself when there is none."""
-        if key.startswith(".") or "/" in key or _read_metadata(self._images / key) is not None:
+        if key.startswith(".") or "/" in key or read_metadata(self._images / key) is not None:
             return key
         kind, _, checksum = key.partition("-")
         content = checksum if kind == "sha256" else self._learnt.get(key)
@@ -148,6 +150,8 @@ class ImageCache:
 
     async def close(self) -> None:
         """Stop the downloads under way; their partial files go at the next ``open``."""
+        for handle in self._forgetting.values():
+            handle.cancel()
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
@@ -157,7 +161,7 @@ class ImageCache:
         """The gold image for ``spec`` if it is complete on disk."""
         key = self.resolve(spec.key)
         root = self._images / key
-        meta = _read_metadata(root)
+        meta = read_metadata(root)
         if meta is None:
             return None
         vmx = root / meta["vmx"] if meta.get("vmx") else None
@@ -185,14 +189,14 @@ class ImageCache:
         """The sha256 of the package of the gold image that ``key`` names, if it is on disk
         (and was fetched since gold images keep it)."""
         key = self.resolve(key)
-        meta = _read_metadata(self._images / key)
-        return None if meta is None else _content_of(key, meta)
+        meta = read_metadata(self._images / key)
+        return None if meta is None else content_of(key, meta)
 
     def fetched_from(self, key: str, url: str) -> bool:
         """Whether this cache fetched the gold image that ``key`` names from ``url``: its
         first fetch, or one since whose package turned out to be it."""
         key = self.resolve(key)
-        meta = _read_metadata(self._images / key)
+        meta = read_metadata(self._images / key)
         return meta is not None and (meta["url"] == url or (key, url) in self._fetched_from)
 
     async def verify(self, spec: ImageSpec) -> str:
@@ -203,7 +207,7 @@ class ImageCache:
             return await fetch(self._http, spec, download, self._timeout, self._reserve_bytes,
                                on_start=lambda _: None)  # fmt: skip
         finally:
-            await asyncio.to_thread(_remove, download)
+            await asyncio.to_thread(remove, download)
 
     def _used(self, key: str) -> None:
         """Mark the image as used now: the mtime of its file in ``last-used/``, set to the
@@ -233,7 +237,7 @@ class ImageCache:
             task = asyncio.create_task(self._fetch(spec), name=f"fetch {spec.key}")
             self._inflight[spec.key] = task
             self._specs[spec.key] = spec
-            self._failures.pop(spec.key, None)
+            self._drop_failure(spec.key)
             task.add_done_callback(lambda done: self._fetched(spec.key, done))
             self._changed(spec.key)
         return task
@@ -243,7 +247,20 @@ class ImageCache:
         self._progress.pop(key, None)
         if not task.cancelled() and isinstance(task.exception(), VMFailure):
             self._failures[key] = cast(VMFailure, task.exception())
+            self._forgetting[key] = task.get_loop().call_later(FAILED_KEPT, self._forget, key)
         self._changed(key)
+
+    def _forget(self, key: str) -> None:
+        """Forget the failed fetch of ``key``, as deleting it would."""
+        last = self.image(key)
+        if self._drop_failure(key) is not None:
+            self._specs.pop(key, None)
+            self._changed(key, last)
+
+    def _drop_failure(self, key: str) -> VMFailure | None:
+        if (handle := self._forgetting.pop(key, None)) is not None:
+            handle.cancel()
+        return self._failures.pop(key, None)
 
     def _changed(self, key: str, last: Image | None = None) -> None:
         image = last or self.image(key)
@@ -268,7 +285,7 @@ class ImageCache:
         """The gold image that ``key`` (``<type>-<checksum>``, any of its checksums) names,
         if it is on disk, being fetched, or failed at its last fetch."""
         key = self.resolve(key)
-        meta = _read_metadata(self._images / key) if not key.startswith(".") else None
+        meta = read_metadata(self._images / key) if not key.startswith(".") else None
         if meta is not None:
             kind, checksum = key.split("-", 1)
             return Image.model_validate({
@@ -296,7 +313,7 @@ class ImageCache:
         package's sha256, and those verified against that package since."""
         kind, checksum = key.split("-", 1)
         known = {kind: checksum}
-        if (content := _content_of(key, meta)) is not None:
+        if (content := content_of(key, meta)) is not None:
             known["sha256"] = content
             for name, sha256 in self._learnt.items():
                 if sha256 == content:
@@ -320,7 +337,7 @@ class ImageCache:
         last = self.image(key)
         root = self._images / key
         if key.startswith(".") or "/" in key or not root.is_dir():
-            if self._failures.pop(key, None) is None:
+            if self._drop_failure(key) is None:
                 raise ImageNotFound(f"there is no image {key}", image=key)
             self._specs.pop(key, None)  # a failed fetch: deleting forgets it
             self._changed(key, last)
@@ -328,7 +345,7 @@ class ImageCache:
         doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
         root.rename(doomed)
         self._by_content = {c: k for c, k in self._by_content.items() if k != key}
-        await asyncio.to_thread(_remove, doomed)
+        await asyncio.to_thread(remove, doomed)
         self._specs.pop(key, None)
         (self._uses / key).unlink(missing_ok=True)
         self._changed(key, last)
@@ -349,8 +366,8 @@ class ImageCache:
             if (same := self._gold_of(content)) is None:
                 staging.mkdir()
                 await asyncio.to_thread(self._unpack, download, staging, spec.url, content)
-                await asyncio.to_thread(_remove, download)
-                await asyncio.to_thread(_make_read_only, staging)
+                await asyncio.to_thread(remove, download)
+                await asyncio.to_thread(make_read_only, staging)
                 # another fetch of the same package, under another checksum, may have
                 # published it meanwhile: nothing is awaited between this look and the rename
                 if (same := self._gold_of(content)) is None:
@@ -367,8 +384,8 @@ class ImageCache:
                 "everything of it was removed"
             ) from None
         finally:
-            await asyncio.to_thread(_remove, download)
-            await asyncio.to_thread(_remove, staging)
+            await asyncio.to_thread(remove, download)
+            await asyncio.to_thread(remove, staging)
         gold = self.cached(spec)
         assert gold is not None
         self._fetched_from.add((gold.key, spec.url))
@@ -387,7 +404,7 @@ class ImageCache:
     def _gold_of(self, content: str) -> str | None:
         """The gold image on disk whose package's sha256 is ``content``."""
         key = self._by_content.get(content)
-        return key if key is not None and _read_metadata(self._images / key) else None
+        return key if key is not None and read_metadata(self._images / key) else None
 
     def _unpack(self, package: Path, staging: Path, url: str, sha256: str) -> None:
         content = staging / "content"
@@ -398,89 +415,9 @@ class ImageCache:
             "version": GOLD_FORMAT,
             "url": url,
             "sha256": sha256,
-            "size_bytes": _disk_usage(content),
+            "size_bytes": disk_usage(content),
             "disk": str(found.disk.path.relative_to(staging)),
             "format": found.disk.format,
             "vmx": str(found.vmx.relative_to(staging)) if found.vmx else None,
         }
-        (staging / _METADATA).write_text(json.dumps(meta))
-
-
-def _content_of(key: str, meta: dict[str, Any]) -> str | None:
-    """The sha256 of a gold image's package: in its ``gold.json``, or its ID; unknown for an
-    image fetched by another checksum before gold images kept it."""
-    kind, checksum = key.split("-", 1)
-    content = meta.get("sha256") or (checksum if kind == "sha256" else None)
-    return str(content) if content else None
-
-
-def _read_metadata(root: Path) -> dict[str, Any] | None:
-    """A gold image's ``gold.json``; ``None`` unless the image is complete and of a format
-    that this code reads."""
-    try:
-        meta: dict[str, Any] = json.loads((root / _METADATA).read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return meta if meta.get("version") == GOLD_FORMAT else None
-
-
-def _upgrade_metadata(root: Path) -> None:
-    """Bring the ``gold.json`` of an image made by earlier code to ``GOLD_FORMAT``, in one
-    rename, deriving what it lacks; one made by newer code is left alone."""
-    try:
-        meta: dict[str, Any] = json.loads((root / _METADATA).read_text())
-    except (OSError, ValueError):
-        return
-    version = meta.get("version", 1)
-    if version == GOLD_FORMAT:
-        return
-    if not isinstance(version, int) or version > GOLD_FORMAT:
-        log.warning("gold image %s is of format %s, newer than this code's; not used",
-                    root.name, version)  # fmt: skip
-        return
-    # Format 1 (up to commit 8682a97): no version; before 2a3b13e, no url or size either.
-    meta |= {"version": GOLD_FORMAT}
-    meta.setdefault("url", "")
-    meta.setdefault("size_bytes", _disk_usage(root / "content"))
-    partial = root / f".{_METADATA}.new"
-    os.chmod(root, 0o755)
-    try:
-        partial.write_text(json.dumps(meta))
-        os.chmod(partial, 0o444)
-        os.replace(partial, root / _METADATA)
-    finally:
-        partial.unlink(missing_ok=True)
-        os.chmod(root, 0o555)
-    log.info("gold image %s: gold.json upgraded from format %d to %d",
-             root.name, version, GOLD_FORMAT)  # fmt: skip
-
-
-def _disk_usage(root: Path) -> int:
-    """The space the files under ``root`` take on disk, computed once when it is published."""
-    return sum(
-        os.lstat(os.path.join(folder, name)).st_blocks * 512
-        for folder, _, files in os.walk(root)
-        for name in files
-    )
-
-
-def _make_writable(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        os.chmod(folder, 0o755)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o644)
-
-
-def _make_read_only(root: Path) -> None:
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o444)
-        os.chmod(folder, 0o555)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        _make_writable(path)  # a gold image's read-only folders stop a non-root owner
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+        (staging / METADATA).write_text(json.dumps(meta))

@@ -15,6 +15,8 @@ from goldclone.errors import (
     ImageNotFound,
     ImageNotReady,
     InvalidRequest,
+    TemplateInUse,
+    TemplateNotFound,
 )
 from goldclone.images.cache import ImageCache
 from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
@@ -141,6 +143,45 @@ class Catalog:
         await self._access.set_public(image.id, public)
         [found] = [i for i in await self.images() if i.id == image.id]
         return found
+
+    async def image(self, image_id: str, tenant: str | None = None) -> Image:
+        """The gold image ``image_id`` (any of its checksums) as ``images`` shows it, if
+        ``tenant`` sees it; ``ImageNotFound`` otherwise."""
+        key = self._images.resolve(image_id)
+        for image in await self.images(tenant):
+            if image.id == key:
+                return image
+        raise ImageNotFound(f"there is no image {image_id}", image=image_id)
+
+    async def delete_template(self, image_id: str, template_id: str) -> None:
+        """Remove a template of this host's (also one being made, or that failed); refused
+        with ``TemplateInUse`` while a VM restored from it, or a pool that restores from it,
+        exists."""
+        key = self._images.resolve(image_id)
+        templates = await self._templates.of_image(key)
+        template = next((found for found in templates if found.id == template_id), None)
+        if template is None:
+            raise TemplateNotFound(
+                f"image {image_id} has no template {template_id} on this host", image=image_id
+            )
+        shape = (template.cpus, template.memory)
+        if pools := self._pools.image_users(key, shape):
+            raise TemplateInUse(
+                f"template {template_id} is restored from by the warm pool(s) "
+                f"{', '.join(pools)}; delete them first"
+            )
+        async with self._images.lock(key):
+            # a VM being created may have been cloned from it and not yet say so
+            users = [vm.id for vm in await self._users()
+                     if self._images.resolve(vm.image.key) == key
+                     and (vm.cpus, vm.memory) == shape
+                     and (vm.started_from != "cold" or vm.status is Status.CREATING)]  # fmt: skip
+            if users:
+                raise TemplateInUse(
+                    f"template {template_id} is used by {len(users)} VM(s) restored from it or "
+                    "being created; delete them first, or wait"
+                )
+            await self._templates.remove(key, template_id)
 
     async def delete(self, image_id: str) -> None:
         """Remove a gold image (named by any of its checksums), or forget a failed fetch;

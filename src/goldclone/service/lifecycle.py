@@ -36,7 +36,8 @@ from goldclone.errors import (
 )
 from goldclone.guest.config import GuestConfig
 from goldclone.host.tails import read_end
-from goldclone.images.cache import GoldImage, ImageCache
+from goldclone.images.cache import ImageCache
+from goldclone.images.gold import GoldImage
 from goldclone.models import VM, CreateVMRequest, ErrorBody, Phase, Status
 from goldclone.service import console
 from goldclone.service.deliveries import Deliveries

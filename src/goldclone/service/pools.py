@@ -171,10 +171,12 @@ class Pools:
         for member in await self._members(name):
             await self._remove(member)
 
-    def image_users(self, image_id: str) -> list[str]:
-        """The pools that keep machines of the gold image ``image_id``."""
+    def image_users(self, image_id: str, shape: tuple[int, int] | None = None) -> list[str]:
+        """The pools that keep machines of the gold image ``image_id`` (in ``shape``, CPUs and
+        memory, if given: those restored from its template of that shape)."""
         return [pool.name for pool in self._pools.values()
-                if self._images.resolve(pool.image.key) == image_id]  # fmt: skip
+                if self._images.resolve(pool.image.key) == image_id
+                and shape in (None, (pool.cpus, pool.memory))]  # fmt: skip
 
     def wake(self, name: str | None = None) -> None:
         """Have the keeper of pool ``name`` (or of every pool) look again: a machine was

@@ -32,7 +32,8 @@ from goldclone.errors import (
     VMFailure,
 )
 from goldclone.guest.config import GuestConfig
-from goldclone.images.cache import GoldImage, ImageCache
+from goldclone.images.cache import ImageCache
+from goldclone.images.gold import GoldImage
 from goldclone.models import (
     ErrorBody,
     ImageSpec,
@@ -147,11 +148,21 @@ class Templates:
         """Remove every template of the image, those being made included. The caller holds
         the image's lock and has made sure that no VM uses the image."""
         for template, machine in await self._of_host(image_id):
-            if (task := self._building.get(template.id)) is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await self._remove(template, machine)
+            await self._cancel_and_remove(template, machine)
         await asyncio.to_thread(shutil.rmtree, self._root / image_id, ignore_errors=True)
+
+    async def remove(self, image_id: str, template_id: str) -> None:
+        """Remove one template of the image, also while it is being made. The caller holds
+        the image's lock and has made sure that no VM or pool uses it."""
+        for template, machine in await self._of_host(image_id):
+            if template.id == template_id:
+                await self._cancel_and_remove(template, machine)
+
+    async def _cancel_and_remove(self, template: Template, machine: str | None) -> None:
+        if (task := self._building.get(template.id)) is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._remove(template, machine)
 
     async def recover(self) -> None:
         """End the templates that a stopped service was making as ``interrupted``."""

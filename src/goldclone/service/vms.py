@@ -17,7 +17,13 @@ import httpx
 
 from goldclone.access import DEFAULT_TENANT
 from goldclone.drivers.base import Driver
-from goldclone.errors import ConsoleUnavailable, StateConflict, VMConflict, VMNotFound
+from goldclone.errors import (
+    ConsoleUnavailable,
+    StateConflict,
+    VMAmbiguous,
+    VMConflict,
+    VMNotFound,
+)
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
 from goldclone.models import (
@@ -204,10 +210,29 @@ class VMService:
         for vm, task in await self._lifecycle.take_handoffs():
             self._begun(vm, task)
 
+    async def resolve(self, ref: str, tenant: str | None = None) -> str:
+        """The ID of the VM of ``tenant`` (any tenant's, with ``None``) that ``ref`` names: its
+        ID in any spelling, its name, or the start of its ID; see ``vm_records.matching``.
+        Raises ``VMNotFound``, or ``VMAmbiguous`` naming the VMs that ``ref`` could mean."""
+        with contextlib.suppress(ValueError):
+            ref = str(uuid.UUID(ref))
+        found = await self._db.read(lambda conn: vm_records.matching(conn, ref, tenant))
+        if not found:
+            raise VMNotFound(vm=ref)
+        if len(found) > 1:
+            shown = [f"{vm_id} ({name})" if name else vm_id for vm_id, name in found]
+            more = ", and more" if len(shown) > vm_records.MATCHES_SHOWN else ""
+            raise VMAmbiguous(
+                f"{ref!r} names several VMs: {', '.join(shown[: vm_records.MATCHES_SHOWN])}"
+                f"{more}; give more of the ID"
+            )
+        return found[0][0]
+
     async def get(self, vm_id: str, wait: float = 0.0, tenant: str | None = None) -> VM:
-        """The VM, if it is ``tenant``'s (with ``None``, any tenant's); with ``wait``, once it
-        is no longer ``creating`` or after ``wait`` seconds, whichever comes first."""
-        vm_id = _valid_id(vm_id)
+        """The VM that ``vm_id`` names (``resolve``) if it is ``tenant``'s (with ``None``, any
+        tenant's); with ``wait``, once it is no longer ``creating`` or after ``wait``
+        seconds, whichever comes first."""
+        vm_id = await self.resolve(vm_id, tenant)
         deadline = asyncio.get_running_loop().time() + wait
         with self._db.changes.watching(vm_id) as change:
             while True:
@@ -249,6 +274,7 @@ class VMService:
     async def update(self, vm_id: str, change: UpdateVMRequest, tenant: str | None = None) -> VM:
         """Renew the VM's lease, change its labels, or both, if it is ``tenant``'s; 409 once it
         is being deleted."""
+        vm_id = await self.resolve(vm_id, tenant)
         fields: dict[str, Any] = {}
         if "ttl" in change.model_fields_set:
             fields["expires_at"] = self.leases.expiry(change.ttl, given=True)
@@ -256,7 +282,7 @@ class VMService:
             fields["labels"] = change.labels
         await self.fleet.refuse_if_lost(await self._own(vm_id, tenant))
         try:
-            vm = await self._lifecycle.amend(_valid_id(vm_id), LIVE, **fields)
+            vm = await self._lifecycle.amend(vm_id, LIVE, **fields)
         except StateConflict:
             raise VMConflict(
                 f"VM {vm_id} is being deleted; it can no longer be changed", vm=vm_id
@@ -267,7 +293,7 @@ class VMService:
         """Destroy the VM, if it is ``tenant``'s, here, or have its host do it
         (``Fleet.delete_elsewhere``); a VM whose host was forgotten has nothing left to
         destroy, and its record goes."""
-        vm = await self._own(vm_id, tenant)
+        vm = await self._own(await self.resolve(vm_id, tenant), tenant)
         if self.fleet.is_mine(vm):
             await self._lifecycle.delete(vm.id)
             self._freed()
@@ -278,9 +304,9 @@ class VMService:
             await self.fleet.delete_elsewhere(vm)
 
     async def _own(self, vm_id: str, tenant: str | None) -> VM:
-        """The VM, if it is ``tenant``'s (any tenant's, with ``None``): another tenant's is
-        not found, so that its ID tells nothing."""
-        vm = await self._lifecycle.get(_valid_id(vm_id))
+        """The VM of ID ``vm_id``, if it is ``tenant``'s (any tenant's, with ``None``): another
+        tenant's is not found, so that its ID tells nothing."""
+        vm = await self._lifecycle.get(vm_id)
         if tenant is not None and vm.tenant != tenant:
             raise VMNotFound(vm=vm_id)
         return vm
@@ -327,7 +353,7 @@ class VMService:
         ``service.console``. A VM that failed has the end of its console in the store, which
         every host reads. Raises ``VMNotFound`` and ``ConsoleUnavailable`` before the first
         line."""
-        vm_id = _valid_id(vm_id)
+        vm_id = await self.resolve(vm_id, tenant)
         vm = await self._own(vm_id, tenant)
         if vm.status is Status.ERROR:
             kept = await self._db.read(lambda conn: vm_records.console(conn, vm_id))
@@ -401,11 +427,3 @@ class VMService:
 
 async def _once(text: str) -> AsyncIterator[str]:
     yield text
-
-
-def _valid_id(vm_id: str) -> str:
-    """A malformed ID can name no VM, so it is a plain 404."""
-    try:
-        return str(uuid.UUID(vm_id))
-    except ValueError:
-        raise VMNotFound(vm=vm_id) from None

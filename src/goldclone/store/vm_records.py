@@ -26,6 +26,8 @@ HOLDING = (Status.CREATING, Status.RUNNING, Status.DELETING)
 and memory."""
 LIVE = tuple(status for status in Status if status is not Status.DELETING)
 """The VMs that a change (a renewal, an expiry) may still reach."""
+MATCHES_SHOWN = 10
+"""How many of the VMs that an ambiguous reference matches its error lists."""
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.CREATING: frozenset({Status.CREATING, Status.RUNNING, Status.ERROR, Status.DELETING}),
@@ -149,6 +151,19 @@ async def get(conn: AsyncConnection, vm_id: str) -> VM:
     if row is None:
         raise VMNotFound(vm=vm_id)
     return VM.model_validate(row.vm)
+
+
+async def matching(conn: AsyncConnection, ref: str, tenant: str | None) -> list[tuple[str, str]]:
+    """The IDs and names of ``tenant``'s VMs (every tenant's, with ``None``) that ``ref``
+    names: the one with that ID; else those of that name; else those whose ID begins with
+    it. At most ``MATCHES_SHOWN`` + 1, the oldest first."""
+    query = select(_vms.c.id, _vms.c.name).order_by(_vms.c.seq).limit(MATCHES_SHOWN + 1)
+    if tenant is not None:
+        query = query.where(_vms.c.tenant == tenant)
+    for where in (_vms.c.id == ref, _vms.c.name == ref, _vms.c.id.startswith(ref, autoescape=True)):
+        if found := [(row.id, row.name or "") for row in await conn.execute(query.where(where))]:
+            return found
+    return []
 
 
 async def runtime(conn: AsyncConnection, vm_id: str) -> dict[str, str]:

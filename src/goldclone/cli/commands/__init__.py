@@ -25,6 +25,14 @@ class CommandFailed(Exception):
         self.code, self.message = code, message
 
 
+def reported(ctx: Context, verb: str, key: str, ids: list[str]) -> Exit:
+    """What was done to each of ``ids``: ``VERB ID`` lines, or ``{key: ids}`` as JSON."""
+    for done in ids:
+        ctx.output.show(f"{verb} {done}")
+    ctx.output.value({key: ids})
+    return Exit.OK
+
+
 def address_of(vm: VM, hint: str = "") -> str:
     """The VM's IP address; ``CommandFailed`` (``no-ip``) while it has none."""
     if not vm.ip_address:

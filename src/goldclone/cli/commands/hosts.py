@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from goldclone.cli.commands import Context
+from goldclone.cli.commands import Context, reported
 from goldclone.cli.exits import Exit
 
 
@@ -21,6 +21,4 @@ def _list(ctx: Context) -> Exit:
 
 def _forget(ctx: Context) -> Exit:
     ctx.api.forget_host(ctx.args.id)
-    ctx.output.show(f"forgot {ctx.args.id}")
-    ctx.output.value({"forgotten": [ctx.args.id]})
-    return Exit.OK
+    return reported(ctx, "forgot", "forgotten", [ctx.args.id])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from goldclone.cli.commands import Context
+from goldclone.cli.commands import Context, UsageError, reported
 from goldclone.cli.commands.vms import validated
 from goldclone.cli.exits import Exit
-from goldclone.models import ImageSpec
+from goldclone.models import ImageSpec, ImageStatus
 
 
 def images(ctx: Context) -> Exit:
@@ -43,7 +43,13 @@ def _pull(ctx: Context) -> Exit:
 
 
 def _delete(ctx: Context) -> Exit:
-    ctx.api.delete_image(ctx.args.id)
-    ctx.output.show(f"deleted {ctx.args.id}")
-    ctx.output.value({"deleted": [ctx.args.id]})
-    return Exit.OK
+    args = ctx.args
+    if bool(args.id) == args.failed:
+        raise UsageError("give the image's ID, or --failed")
+    if args.id:
+        ids = [args.id]
+    else:
+        ids = [image.id for image in ctx.api.images() if image.status is ImageStatus.ERROR]
+    for image_id in ids:
+        ctx.api.delete_image(image_id)
+    return reported(ctx, "deleted", "deleted", ids)

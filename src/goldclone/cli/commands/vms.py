@@ -135,12 +135,7 @@ def create_request(args: Any) -> CreateVMRequest:
         body = read_json_object(args.from_file)
     elif not (args.image_url and args.checksum):
         raise UsageError("give IMAGE_URL and --checksum, or --from FILE")
-    image = dict(body["image"]) if isinstance(body.get("image"), dict) else {}
-    image_options = {"url": args.image_url, "checksum": args.checksum,
-                     "checksum_type": args.checksum_type}  # fmt: skip
-    image |= {name: value for name, value in image_options.items() if value is not None}
-    if image:
-        body["image"] = image
+    body |= image_fields(body, args)
     options = {
         "cpus": args.cpus,
         "memory": args.memory,
@@ -154,6 +149,26 @@ def create_request(args: Any) -> CreateVMRequest:
     body |= {name: value for name, value in options.items() if value is not None}
     body |= _guest_fields(args)
     return validated(CreateVMRequest, body)
+
+
+def image_fields(body: dict[str, Any], args: Any) -> dict[str, Any]:
+    """``body``'s ``image`` with ``IMAGE_URL``, ``--checksum`` and ``--checksum-type`` in place
+    of its fields, as a request field; none if neither has one."""
+    image = dict(body["image"]) if isinstance(body.get("image"), dict) else {}
+    options = {"url": args.image_url, "checksum": args.checksum,
+               "checksum_type": args.checksum_type}  # fmt: skip
+    image |= {name: value for name, value in options.items() if value is not None}
+    return {"image": image} if image else {}
+
+
+def ready_when_field(args: Any) -> dict[str, Any]:
+    """``--ready-when`` as a request field, if given."""
+    if args.ready_when is None:
+        return {}
+    try:
+        return {"ready_when": json.loads(args.ready_when)}
+    except ValueError:
+        raise UsageError("--ready-when: expected JSON, e.g. '{\"tcp\": 22}'") from None
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -190,12 +205,7 @@ def _guest_fields(args: Any) -> dict[str, object]:
         fields["metadata"] = pairs("--metadata", args.metadata)
     if args.labels:
         fields["labels"] = pairs("--label", args.labels)
-    if args.ready_when is not None:
-        try:
-            fields["ready_when"] = json.loads(args.ready_when)
-        except ValueError:
-            raise UsageError("--ready-when: expected JSON, e.g. '{\"tcp\": 22}'") from None
-    return fields
+    return fields | ready_when_field(args)
 
 
 def read_text(path: Path) -> str:

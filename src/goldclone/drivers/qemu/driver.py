@@ -54,7 +54,7 @@ from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
 from goldclone.host.commands import run
 from goldclone.host.files import write_atomically
-from goldclone.images.cache import GoldImage
+from goldclone.images.gold import GoldImage
 from goldclone.polling import until
 from goldclone.settings import NETWORK_TYPES
 

@@ -39,7 +39,7 @@ from goldclone.errors import (
 )
 from goldclone.guest.config import GuestConfig
 from goldclone.host.files import write_atomically
-from goldclone.images.cache import GoldImage
+from goldclone.images.gold import GoldImage
 from goldclone.images.vmx import VmxFile, read_vmx
 from goldclone.polling import until
 from goldclone.settings import VMwareConfig

@@ -31,7 +31,7 @@ from pathlib import Path
 from goldclone.drivers.vmware import clonevmx
 from goldclone.drivers.vmware.vmrun import Vmrun
 from goldclone.errors import CommandError
-from goldclone.images.cache import GoldImage
+from goldclone.images.gold import GoldImage
 from goldclone.polling import until
 
 log = logging.getLogger(__name__)
