@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import pwd
+import socket
 import stat
 import subprocess
 import uuid
@@ -244,6 +245,31 @@ async def test_a_guest_that_powers_off_is_stopped(
     stopped = await goldclone.wait_for(vm["id"], "stopped", timeout=60)
     assert stopped["timeline"][-1]["phase"] == "stopped"
     await destroy_and_check(goldclone, stopped)
+
+
+POWEROFF_ON_KNOCK = """#!/bin/sh
+(nc -l -p 81 </dev/null >/dev/null; sync; poweroff -f) >/dev/null 2>&1 &
+"""
+"""Once the host connects to port 81, the guest powers itself off, as a CI job's last step
+(``-f``: the demo guest's init is a script, which a plain ``poweroff`` only signals)."""
+
+
+async def test_a_vm_of_on_poweroff_delete_is_deleted_when_its_guest_powers_off(
+    goldclone: Goldclone, demo_request: DemoRequest, callbacks: CallbackReceiver
+) -> None:
+    body = demo_request(user_data=POWEROFF_ON_KNOCK, on_poweroff="delete",
+                        callback_url=callbacks.url)  # fmt: skip
+    vm = await goldclone.boot(body)
+    assert vm["status"] == "running", vm
+    knock = await asyncio.to_thread(socket.create_connection, (vm["ip_address"], 81), 10)
+    knock.close()
+    async with asyncio.timeout(60):  # its power-off, then the next look (2 s) and the delete
+        while (await goldclone.client.get(f"/vms/{vm['id']}")).status_code != 404:
+            await asyncio.sleep(0.2)
+    assert leftovers(goldclone.data_dir, vm) == []
+    [*_, told] = await asyncio.to_thread(callbacks.wait_for, 2, 30)
+    assert told["status"] == "deleting" and told["timeline"][-2]["phase"] == "stopped", told
+    assert "exited normally" in told["status_reason"]
 
 
 async def test_delete_cancels_a_create_in_progress(

@@ -148,6 +148,7 @@ class ReadyWhen(_Strict):
 MAX_WAIT = 300.0
 """The longest ``GET /vms/{id}?wait=true`` waits, in seconds."""
 StartMode = Literal["auto", "cold"]
+OnPoweroff = Literal["stop", "delete"]
 Seconds = Annotated[StrictInt, Field(ge=0, le=10 * 365 * 86400)]
 POOL_MAX_SIZE = 256
 
@@ -184,6 +185,10 @@ class CreateVMRequest(_Strict):
     start: StartMode = "auto"
     """``auto``: claimed from a warm pool of the image and shape, or restored from its ready
     memory template, when there is one; ``cold``: always a cold boot."""
+    on_poweroff: OnPoweroff = "stop"
+    """When the guest powers itself off: ``stop`` keeps the VM, ``stopped``, until it is
+    deleted; ``delete`` deletes it as ``DELETE`` would, and tells its callback, so that a CI
+    job's last step can be ``poweroff``."""
     labels: Labels = {}
     ttl: Seconds | None = None
     """The lease, in seconds from now: the VM is destroyed when it ends, unless renewed. Left
@@ -264,6 +269,7 @@ class VM(BaseModel):
     metadata_keys: list[str] = []
     """The keys of the ``metadata`` given; its values are never shown."""
     start: StartMode = "auto"
+    on_poweroff: OnPoweroff = "stop"
     started_from: Literal["cold", "template", "pool"] = "cold"
     """How the machine started: a cold boot, restored from a memory template, or claimed from
     a warm pool."""

@@ -3,17 +3,24 @@ and change only their own VMs. In-process, on the synthetic driver; no root."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import socket
 from typing import Any
 
 import pytest
+import uvicorn
+import websockets
+from fastapi import WebSocket
+from websockets.exceptions import InvalidStatus
 
 from goldclone import settings_sources
 from goldclone.access import Access, Role, Token, digest_of
 from goldclone.conversions import named_tokens
 from goldclone.models import VM, ImageSpec, Status
 from goldclone.polling import until
+from goldclone.server import build_app
 from goldclone.service.events import VMFilter
 from goldclone.settings import Settings
 from goldclone.settings_sources import SettingsError
@@ -344,3 +351,42 @@ async def _create(service: Service, body: dict[str, Any], name: str) -> dict[str
     ] == "creating":
         pass
     return dict(vm)
+
+
+async def test_a_websocket_is_refused_without_a_token_as_a_request_is(
+    access_settings: Settings,
+) -> None:
+    """No route of the API is a WebSocket yet; this one, added for the test, shows that the
+    guard stops one as it stops any request (it let every non-HTTP scope through)."""
+    service = Service(access_settings)
+    app = build_app(access_settings, driver=service.driver)
+
+    async def probe(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.scope["state"]["principal"].name)
+        await websocket.close()
+
+    app.add_api_websocket_route("/probe", probe)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    url = f"ws://127.0.0.1:{sock.getsockname()[1]}/probe"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="websockets-sansio"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await until(lambda: server.started or None, interval=0.01, timeout=10)
+        for headers, status in (
+            ({}, 401),
+            (as_("scraper"), 403),
+            ({"Authorization": "Bearer wrong-0123456789"}, 401),
+        ):
+            with pytest.raises(InvalidStatus) as refused:
+                await websockets.connect(url, additional_headers=headers)
+            assert refused.value.response.status_code == status, headers
+            code = json.loads(refused.value.response.body or b"{}").get("code")
+            assert code == {401: "unauthorized", 403: "forbidden"}[status]
+        async with websockets.connect(url, additional_headers=as_("alice")) as accepted:
+            assert await accepted.recv() == "alice"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()

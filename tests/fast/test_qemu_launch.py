@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from goldclone.drivers.qemu.launch import ENDED, last_words
+from goldclone.drivers.qemu.launch import ENDED, Ending, ending
 
 
 @pytest.mark.parametrize(
@@ -15,18 +15,18 @@ from goldclone.drivers.qemu.launch import ENDED, last_words
         ("", None),  # still running: nothing says it ended
         ("qemu: warning: x\n", None),
         (f"qemu: cannot open disk: boom\n{ENDED}3\n",
-         "it exited with status 3: qemu: cannot open disk: boom"),
-        (f"{ENDED}137\n", "it was killed by SIGKILL"),
+         Ending(False, "it exited with status 3: qemu: cannot open disk: boom")),
+        (f"{ENDED}137\n", Ending(False, "it was killed by SIGKILL")),
         (f"qemu: warning: TCG\n{ENDED}0\n",
-         "it exited normally (the guest powered off, or QEMU was told to quit)"),
+         Ending(True, "it exited normally (the guest powered off, or QEMU was told to quit)")),
         (f"{ENDED}1\nqemu: restarted and said this\n{ENDED}2\n",
-         "it exited with status 2: qemu: restarted and said this"),
+         Ending(False, "it exited with status 2: qemu: restarted and said this")),
     ],
 )  # fmt: skip
 def test_the_last_words_of_a_qemu_are_how_it_ended_and_the_last_thing_it_said(
-    tmp_path: Path, log: str, words: str | None
+    tmp_path: Path, log: str, words: Ending | None
 ) -> None:
     path = tmp_path / "qemu.log"
     path.write_text(log)
-    assert last_words(path) == words
-    assert last_words(tmp_path / "none.log") is None
+    assert ending(path) == words
+    assert ending(tmp_path / "none.log") is None

@@ -480,3 +480,28 @@ async def test_a_stopping_service_says_what_keeps_running_and_how_to_remove_it(
             await service.delete(vm["id"])
         assert (await service.client.delete("/pools/warm")).status_code == 204
     assert [r for r in caplog.records if "keep running" in r.getMessage()] == []
+
+
+async def test_a_vm_that_asks_for_it_is_deleted_when_its_guest_powers_off_not_when_it_crashes(
+    service: Service, request_body: dict[str, Any], callbacks: CallbackReceiver
+) -> None:
+    body = {**request_body, "callback_url": callbacks.url, "on_poweroff": "delete"}
+    crashed, done = await service.boot(body), await service.boot(body)
+    assert (
+        done["on_poweroff"] == "delete"
+        and (await service.boot(request_body))["on_poweroff"] == "stop"
+    )  # the default
+    service.host.crash(crashed["id"])
+    assert (await service.client.get(f"/vms/{crashed['id']}")).json()["status"] == "stopped"
+    service.host.power_off(done["id"])  # as `poweroff`, a CI job's last step
+    async with asyncio.timeout(10):  # noticed by the service itself: nobody reads the VM
+        while done["id"] in service.host.machines:
+            await asyncio.sleep(service.poll)
+        while (await service.client.get(f"/vms/{done['id']}")).status_code != 404:
+            await asyncio.sleep(service.poll)  # its machine is gone; its record goes next
+    assert service.leftovers(done["id"]) == []
+    told = [b for b in await asyncio.to_thread(callbacks.wait_for, 3, 5) if b["id"] == done["id"]]
+    assert told[-1]["status"] == "deleting", told
+    assert phases(told[-1])[-3:] == ["running", "stopped", "deleting"]
+    # the crashed one's check came first, and left it stopped, for whoever looks into it
+    assert (await service.client.get(f"/vms/{crashed['id']}")).json()["status"] == "stopped"

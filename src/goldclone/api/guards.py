@@ -30,29 +30,41 @@ def error_response(error: GoldcloneError) -> JSONResponse:
 class BearerGuard:
     """Answers 401 unless the request carries a known bearer token (``access``), and tells the
     routes who the request comes from (``scope["state"]["principal"]``). With no token
-    configured, every request is ``ANONYMOUS``. Tokens are never logged."""
+    configured, every request is ``ANONYMOUS``. Tokens are never logged. A WebSocket is
+    guarded as a request is: refused before it is accepted, with the same JSON answer where
+    the server can send one (ASGI's ``websocket.http.response``), else closed with 1008."""
 
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self._app = app
         self._access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz":
+        if scope["type"] not in ("http", "websocket") or scope["path"] == "/healthz":
             await self._app(scope, receive, send)
             return
         principal = ANONYMOUS if self._access.open else self._access.principal(_bearer(scope))
+        error: GoldcloneError
         if principal is None:
-            response = error_response(Unauthorized())
-            response.headers["WWW-Authenticate"] = "Bearer"
+            error = Unauthorized()
         elif not principal.may(Role.READ) and scope["path"] != "/metrics":
-            response = error_response(Forbidden(
+            error = Forbidden(
                 f"token {principal.name} ({principal.role} role) is good for GET /metrics only"
-            ))  # fmt: skip
+            )
         else:
             scope.setdefault("state", {})["principal"] = principal
             await self._app(scope, receive, send)
             return
+        if scope["type"] == "websocket" and _DENIAL not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": error.code})
+            return
+        response = error_response(error)
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+_DENIAL = "websocket.http.response"
+"""The ASGI extension by which a server lets an app refuse a WebSocket with an HTTP answer."""
 
 
 def _bearer(scope: Scope) -> bytes:

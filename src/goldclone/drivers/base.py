@@ -224,6 +224,11 @@ class Driver(Protocol):
         it did (the kernel killed it at its memory limit); ``None`` otherwise."""
         ...
 
+    async def powered_off(self, machine: str) -> bool:
+        """Whether the machine's hypervisor ended because its guest powered itself off, not by
+        a crash, a kill or a limit; ``False`` when the driver cannot tell."""
+        ...
+
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:
@@ -251,7 +256,7 @@ class Driver(Protocol):
 class UnwatchedDisks:
     """The answers of a driver that knows nothing of its machines' disks and exits beyond
     whether they run: their disks never grow and never stall them, and a stop has no reason
-    but that the process ended."""
+    but that the process ended (nor is it known to be a power-off)."""
 
     def disk_growth(self) -> int:
         return 0
@@ -264,6 +269,9 @@ class UnwatchedDisks:
 
     async def exit_reason(self, machine: str) -> str | None:
         return None
+
+    async def powered_off(self, machine: str) -> bool:
+        return False
 
 
 async def unless_exited(

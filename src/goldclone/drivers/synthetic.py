@@ -54,6 +54,8 @@ class Machine:
     spec: MachineSpec | None = None
     ip: str | None = None
     running: bool = False
+    powered_off: bool = False
+    """Whether it stopped because its guest powered off (``SyntheticHost.power_off``)."""
     booted: asyncio.Event = field(default_factory=asyncio.Event)
     personalized: GuestConfig | None = None
     """The identity a restored machine was given last."""
@@ -84,6 +86,11 @@ class SyntheticHost:
 
     def power_off(self, name: str) -> None:
         """The guest powers itself off, as after ``poweroff`` inside it."""
+        self.machines[name].running = False
+        self.machines[name].powered_off = True
+
+    def crash(self, name: str) -> None:
+        """The hypervisor dies under the guest, as when it is killed."""
         self.machines[name].running = False
 
     def running(self) -> set[str]:
@@ -218,6 +225,10 @@ class SyntheticDriver(UnwatchedDisks):
     async def is_running(self, machine: str) -> bool:
         found = self.host.machines.get(machine)
         return found is not None and found.running
+
+    async def powered_off(self, machine: str) -> bool:
+        found = self.host.machines.get(machine)
+        return found is not None and found.powered_off
 
     async def agent_ping(self, runtime: Runtime) -> bool:
         """The synthetic guest's agent answers once it has its address, if the host says

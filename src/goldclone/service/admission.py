@@ -229,6 +229,7 @@ def _new_vm(
         user_data_sha256=guest.user_data_sha256,
         metadata_keys=list(guest.metadata),
         start=request.start,
+        on_poweroff=request.on_poweroff,
         labels=request.labels,
         expires_at=expires_at,
         created_at=now_s(),

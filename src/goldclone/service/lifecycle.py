@@ -8,10 +8,8 @@ doing, and an actor that lost a race learns it from a ``StateConflict``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import shutil
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +54,6 @@ log = logging.getLogger(__name__)
 STOPPED_REASON = "its hypervisor process ended: the guest powered off, or the process exited"
 CONSOLE_KEPT = 64 * 1024
 """Bytes of the end of a failed VM's console kept in the store, after its folder is gone."""
-DISK_CHECK = 2.0
-"""Seconds between two looks at the data dir's free space (``watch_disks``)."""
-DISK_FULL_REASON = (
-    "paused: its disk could not be written, since the host's disk is full; it goes on by "
-    "itself once there is room again"
-)
 
 _PACKAGE_KINDS: dict[PackageKind, str] = {
     "disk": "a bare disk image",
@@ -81,8 +73,12 @@ class Lifecycle:
         templates: Templates,
         deliveries: Deliveries,
         access: ImageAccess,
+        on_powered_off: Callable[[str], Coroutine[Any, Any, None]],
     ) -> None:
+        """``on_powered_off`` is given the ID of each VM of ``on_poweroff: delete`` whose guest
+        powered itself off, to delete it."""
         self._settings = settings
+        self._on_powered_off = on_powered_off
         self._deliveries = deliveries
         self._templates = templates
         self._db = db
@@ -129,10 +125,11 @@ class Lifecycle:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def delete(self, vm_id: str, expired: bool = False) -> None:
+    async def delete(self, vm_id: str, expired: bool = False, tell: bool = False) -> None:
         """Cancel the VM's creation if it is under way, then destroy it and forget it. A VM
         whose lease ended (``expired``) gets the phase ``expired`` instead of ``deleting``,
-        and its callback is told; one already being deleted is left to that.
+        and its callback is told, as with ``tell``; one already being deleted is left to
+        that.
 
         When the hypervisor refuses with ``VMConflict`` (it holds a lock), the VM stays
         recorded, as it was unless its creation was cut off, and a retry can finish the job.
@@ -145,9 +142,10 @@ class Lifecycle:
                 before = await self.get(vm_id)
             if expired:
                 vm = await self.advance(vm_id, Phase.EXPIRED, LIVE, Status.DELETING)
-                await self.report(vm)
             else:
-                await self.advance(vm_id, Phase.DELETING, tuple(Status), Status.DELETING)
+                vm = await self.advance(vm_id, Phase.DELETING, tuple(Status), Status.DELETING)
+            if expired or tell:
+                await self.report(vm)
             try:
                 await self.remove(vm_id, graceful=before.status is Status.RUNNING)
             except VMConflict:
@@ -228,48 +226,14 @@ class Lifecycle:
             return vm
         reason = await self._driver.exit_reason(machine) or STOPPED_REASON
         try:
-            return await self.advance(
+            vm = await self.advance(
                 vm.id, Phase.STOPPED, Status.RUNNING, Status.STOPPED, status_reason=reason
             )
         except StateConflict:
             return await self.get(vm.id)  # it changed meanwhile: that state stands
-
-    async def watch_disks(self) -> None:
-        """Every ``DISK_CHECK`` seconds, while the data dir's disk has no more than the
-        reserve free, or a VM is paused for it, ask the running VMs whether their hypervisor
-        paused them because their disk could not be written: say so on each
-        (``status_reason``), and let each go on once the disk has room again. A disk with
-        room costs one ``statvfs``."""
-        stalled: set[str] = set()
-        while True:
-            await asyncio.sleep(DISK_CHECK)
-            usage = await asyncio.to_thread(shutil.disk_usage, self._settings.data_dir)
-            room = usage.free > self._settings.reserve_mb << 20
-            if room and not stalled:
-                continue
-            try:
-                running = [v for v in await self.mine() if v.status is Status.RUNNING]
-                asked = [vm for vm in running if not room or vm.id in stalled]
-                stalled = {vm.id for vm in asked if await self._watch_disk(vm, room)}
-            except Exception:
-                log.exception("checking the VMs' disks failed; trying again")
-
-    async def _watch_disk(self, vm: VM, room: bool) -> bool:
-        """Whether ``vm`` stays paused for its disk; say so on it, and resume it if ``room``."""
-        machine = await self.machine(vm.id)
-        stalled = await self._driver.disk_stalled(machine)
-        if stalled and room:
-            log.info("VM %s: its host's disk has room again; it goes on", vm.id)
-            await self._driver.resume(machine)
-            stalled = False
-        wanted = DISK_FULL_REASON if stalled else None
-        if vm.status_reason != wanted and (stalled or vm.status_reason == DISK_FULL_REASON):
-            if stalled:
-                log.warning("VM %s is paused: its disk could not be written (the host's disk "
-                            "is full)", vm.id)  # fmt: skip
-            with contextlib.suppress(StateConflict, VMNotFound):
-                await self.amend(vm.id, Status.RUNNING, status_reason=wanted)
-        return stalled
+        if vm.on_poweroff == "delete" and await self._driver.powered_off(machine):
+            self.spawn(self._on_powered_off(vm.id))
+        return vm
 
     async def fail(self, vm: VM, exc: Exception) -> VM:
         """Remove everything of ``vm``, a create that failed with ``exc``, and record it in

@@ -17,6 +17,7 @@ from goldclone.drivers.base import Driver
 from goldclone.errors import Interrupted, VMNotFound
 from goldclone.models import Status
 from goldclone.service.lifecycle import Lifecycle
+from goldclone.service.watches import Watches
 from goldclone.store import host_records, leftover_records, vm_records
 from goldclone.store.database import Database
 from goldclone.store.leftover_records import Leftover
@@ -28,12 +29,18 @@ class Recovery:
     """Brings the host and the store back into agreement."""
 
     def __init__(
-        self, db: Database, driver: Driver, lifecycle: Lifecycle, reconcile_interval: float
+        self,
+        db: Database,
+        driver: Driver,
+        lifecycle: Lifecycle,
+        reconcile_interval: float,
+        watches: Watches,
     ) -> None:
         self._db = db
         self._driver = driver
         self._lifecycle = lifecycle
         self._interval = reconcile_interval
+        self._watches = watches
 
     async def start(self) -> None:
         """Adopt the guests that kept running; finish the rest in the background, so that no
@@ -58,7 +65,8 @@ class Recovery:
         self._lifecycle.spawn(self._db.changes.follow(
             self._deletes_asked, "reading the VMs to delete"
         ))  # fmt: skip
-        self._lifecycle.spawn(self._lifecycle.watch_disks())
+        self._lifecycle.spawn(self._watches.disks())
+        self._lifecycle.spawn(self._watches.poweroffs())
         while True:
             await self.reconcile()
             await asyncio.sleep(self._interval)

@@ -51,6 +51,7 @@ from goldclone.service.metrics import Metrics
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
 from goldclone.service.templates import Templates
+from goldclone.service.watches import Watches
 from goldclone.settings import Settings
 from goldclone.store import event_log, host_records, vm_records
 from goldclone.store.checksum_records import Checksums
@@ -94,9 +95,12 @@ class VMService:
                                       settings.callback_secret, self.metrics.delivered)  # fmt: skip
         self._image_access = ImageAccess(db, images)
         self._lifecycle = Lifecycle(
-            settings, db, images, driver, self.templates, self._deliveries, self._image_access
-        )
-        self._recovery = Recovery(db, driver, self._lifecycle, settings.reconcile_interval)
+            settings, db, images, driver, self.templates, self._deliveries, self._image_access,
+            self._powered_off,
+        )  # fmt: skip
+        watches = Watches(settings, driver, self._lifecycle)
+        self._recovery = Recovery(db, driver, self._lifecycle, settings.reconcile_interval,
+                                  watches)  # fmt: skip
         self.catalog = Catalog(db, images, self._admission, self.templates, self.pools,
                                self._image_access, settings.image_cache_bytes)  # fmt: skip
         self._sweeper = Sweeper(db, self.expire)
@@ -322,6 +326,14 @@ class VMService:
         ended."""
         for vm in await self.fleet.forget(host_id):
             await self._lifecycle.report(vm)
+
+    async def _powered_off(self, vm_id: str) -> None:
+        """Delete a VM of ``on_poweroff: delete`` whose guest powered off, as ``delete`` does,
+        and tell its callback; one deleted meanwhile is left alone."""
+        with contextlib.suppress(VMNotFound, StateConflict):
+            await self._lifecycle.delete(vm_id, tell=True)
+            log.info("VM %s powered off: deleted, as its on_poweroff asks", vm_id)
+        self._freed()
 
     async def expire(self, vm_id: str) -> None:
         """Destroy a VM whose lease has ended, as ``delete`` does."""

@@ -198,8 +198,10 @@ class QemuDriver:
         sockets = [self.files(spec.machine).qmp, self.files(spec.machine).agent]
         await launch.started(self.files(spec.machine).pidfile, sockets, log, START_TIMEOUT)
         if self._read_pid(spec.machine) is None:
-            words = launch.last_words(log) or "it is not running"
-            raise BootFailed(f"qemu started, then ended: {words}")
+            how = launch.ending(log)
+            raise BootFailed(
+                f"qemu started, then ended: {how.words if how else 'it is not running'}"
+            )
         self.files(spec.machine).qmp.chmod(0o600)
         self.files(spec.machine).agent.chmod(0o600)
         if spec.restore:
@@ -323,8 +325,16 @@ class QemuDriver:
         ended and the last thing it said (``qemu.log``)."""
         if (reason := self.bounds.exit_reason(machine)) is not None:
             return reason
-        words = await launch.ended(self.files(machine).log)
-        return None if words is None else f"its QEMU ended: {words}"
+        how = await launch.ended(self.files(machine).log)
+        return None if how is None else f"its QEMU ended: {how.words}"
+
+    async def powered_off(self, machine: str) -> bool:
+        """Whether ``machine``'s QEMU exited cleanly, as when its guest powers off (the
+        service's own quit happens only as it destroys the machine)."""
+        if self.bounds.exit_reason(machine) is not None:
+            return False
+        how = await launch.ended(self.files(machine).log)
+        return how is not None and how.clean
 
     def disk_growth(self) -> int:
         return disks.growth_of_all(self._vms_dir)

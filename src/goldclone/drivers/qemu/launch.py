@@ -10,6 +10,7 @@ a scan for a machine's QEMU by its command line (which the shell carries too) ca
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from goldclone.errors import BootFailed
@@ -44,8 +45,8 @@ async def started(pidfile: Path, sockets: list[Path], log: Path, timeout: float)
     with its last words if it ends first, or does neither within ``timeout`` seconds."""
 
     def ready() -> bool:
-        if (words := last_words(log)) is not None:
-            raise BootFailed(f"qemu did not start: {words}")
+        if (how := ending(log)) is not None:
+            raise BootFailed(f"qemu did not start: {how.words}")
         return pidfile.exists() and all(socket.exists() for socket in sockets)
 
     try:
@@ -54,20 +55,29 @@ async def started(pidfile: Path, sockets: list[Path], log: Path, timeout: float)
         raise BootFailed(f"qemu did not start within {timeout:g} s") from None
 
 
-async def ended(log: Path, wait: float = 1.0) -> str | None:
-    """``last_words`` of a QEMU that has ended, waiting up to ``wait`` seconds for its shell
-    to write how (it does so just after QEMU is gone); ``None`` without a log."""
+@dataclass(frozen=True)
+class Ending:
+    """How a QEMU ended: ``clean`` (status 0: the guest powered off, or QEMU was told to
+    quit), and ``words``, that and the last thing it said."""
+
+    clean: bool
+    words: str
+
+
+async def ended(log: Path, wait: float = 1.0) -> Ending | None:
+    """``ending`` of a QEMU that has ended, waiting up to ``wait`` seconds for its shell to
+    write how (it does so just after QEMU is gone); ``None`` without a log."""
     if not log.exists():  # a QEMU that a release before these logs started
         return None
     try:
-        return await until(lambda: last_words(log), interval=processes.POLL, timeout=wait)
+        return await until(lambda: ending(log), interval=processes.POLL, timeout=wait)
     except TimeoutError:
         return None
 
 
-def last_words(log: Path) -> str | None:
-    """How the QEMU of ``log`` ended and the last thing it said, once it has ended; ``None``
-    while it runs (or if it left no log)."""
+def ending(log: Path) -> Ending | None:
+    """How the QEMU of ``log`` ended, once it has; ``None`` while it runs (or if it left no
+    log)."""
     end = read_end(log, TAIL_BYTES)
     if end is None:
         return None
@@ -77,10 +87,10 @@ def last_words(log: Path) -> str | None:
         return None
     status = lines[ended[-1]].removeprefix(ENDED).strip()
     if status == "0":  # its words, if any, were warnings of its start
-        return "it exited normally (the guest powered off, or QEMU was told to quit)"
+        return Ending(True, "it exited normally (the guest powered off, or QEMU was told to quit)")
     said = [line.strip() for line in lines[: ended[-1]] if line.strip()]
     how = _how(status)
-    return f"{how}: {said[-1]}" if said else how
+    return Ending(False, f"{how}: {said[-1]}" if said else how)
 
 
 def _how(status: str) -> str:
