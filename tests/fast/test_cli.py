@@ -358,6 +358,12 @@ def test_9_images_pull_wait_follows_the_download_and_fails_with_it(cli: Served) 
     assert "✓ ready" in done.stdout
 
 
+def test_create_asks_for_the_vm_to_go_at_its_power_off(cli: Served) -> None:
+    done = cli.run("create", *cli.image_args(), "--on-poweroff", "delete", "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["on_poweroff"] == "delete"
+
+
 def test_10_get_shows_the_whole_vm(cli: Served) -> None:
     vm = cli.boot()
     done = cli.run("get", vm["id"])

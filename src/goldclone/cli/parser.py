@@ -130,6 +130,9 @@ def build() -> argparse.ArgumentParser:
                         help='what "ready" means, e.g. \'{"tcp": 22}\'')  # fmt: skip
     create.add_argument("--start", choices=["auto", "cold"],
                         help="cold: boot, even if a template or pool could start it")  # fmt: skip
+    create.add_argument("--on-poweroff", choices=["stop", "delete"],
+                        help="delete: the VM is deleted when its guest powers itself off, as "
+                        "a CI job's last step (default: stop)")  # fmt: skip
     create.add_argument("--ttl", type=int, metavar="SECONDS",
                         help="its lease: destroyed this long from now unless renewed "
                         "(default: the server's)")  # fmt: skip

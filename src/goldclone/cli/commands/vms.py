@@ -144,6 +144,7 @@ def create_request(args: Any) -> CreateVMRequest:
         "headless": False if args.gui else None,
         "name": args.name,
         "start": args.start,
+        "on_poweroff": args.on_poweroff,
         "ttl": args.ttl,
     }
     body |= {name: value for name, value in options.items() if value is not None}
