@@ -112,7 +112,8 @@ class _FileHandler(BaseHTTPRequestHandler):
 class CallbackReceiver:
     """Records the JSON bodies POSTed to it, and the headers of every attempt; answers 503 to
     the first ``fail_first`` attempts (or ``fail_status``), with ``Retry-After: retry_after``
-    if that is set, or redirects them to ``redirect``. ``port`` 0 takes a free one."""
+    if that is set, or redirects them to ``redirect``. ``port`` 0 takes a free one; it listens
+    on loopback, or on ``address``."""
 
     def __init__(
         self,
@@ -121,6 +122,7 @@ class CallbackReceiver:
         redirect: str | None = None,
         fail_status: int = 503,
         port: int = 0,
+        address: str = "127.0.0.1",
     ) -> None:
         self.fail_first = fail_first
         self.fail_status = fail_status
@@ -133,6 +135,7 @@ class CallbackReceiver:
         self.times: list[float] = []
         self._cond = threading.Condition()
         self.port = port
+        self.address = address
 
     @property
     def url(self) -> str:
@@ -140,7 +143,7 @@ class CallbackReceiver:
 
     @contextmanager
     def running(self) -> Iterator[CallbackReceiver]:
-        with _serving(_CallbackHandler, self, self.port) as server:
+        with _serving(_CallbackHandler, self, self.port, self.address) as server:
             self.port = server.server_address[1]
             yield self
 
