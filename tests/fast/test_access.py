@@ -292,6 +292,8 @@ async def test_a_tenant_gets_anothers_cached_image_only_by_showing_it_has_it(
         [gold] = await listed("alice")
         assert await listed("bob") == [] and await listed("root") == [gold]
         assert await held("alice") == await held("root") == [gold] and await held("bob") == []
+        for name, status in (("alice", 200), ("bob", 404)):  # one image, as the list shows it
+            assert (await client.get(f"/images/{gold}", headers=as_(name))).status_code == status
 
         failed = await _create(service, {"image": forged, **shape}, "bob")
         assert (failed["status"], failed["error"]["code"]) == ("error", "checksum-mismatch")

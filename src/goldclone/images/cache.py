@@ -285,7 +285,8 @@ class ImageCache:
         """The gold image that ``key`` (``<type>-<checksum>``, any of its checksums) names,
         if it is on disk, being fetched, or failed at its last fetch."""
         key = self.resolve(key)
-        meta = read_metadata(self._images / key) if not key.startswith(".") else None
+        outside = key.startswith(".") or "/" in key  # no key names anything but an image
+        meta = read_metadata(self._images / key) if not outside else None
         if meta is not None:
             kind, checksum = key.split("-", 1)
             return Image.model_validate({

@@ -53,6 +53,10 @@ class Catalog:
     async def images(self, tenant: str | None = None) -> list[Image]:
         """Every gold image that ``tenant`` sees (``ImageAccess``; every one, with ``None``),
         with how many VMs use each, its templates, and whether it is public."""
+        return await self._shown(self._images.images(), tenant)
+
+    async def _shown(self, images: list[Image], tenant: str | None) -> list[Image]:
+        """Those of ``images`` that ``tenant`` sees, as ``images`` shows them."""
         seen = await self._access.seen_by(tenant)
         public = await self._access.public()
         asked = Counter(vm.image.key for vm in await self._users())
@@ -60,7 +64,7 @@ class Catalog:
         for key, count in asked.items():  # each checksum looked up once
             users[self._images.resolve(key)] += count
         found = []
-        for image in self._images.images():
+        for image in images:
             if not self._access.sees(tenant, seen, image.model_dump(mode="json")):
                 continue
             templates = await self._templates.of_image(image.id)
@@ -147,10 +151,9 @@ class Catalog:
     async def image(self, image_id: str, tenant: str | None = None) -> Image:
         """The gold image ``image_id`` (any of its checksums) as ``images`` shows it, if
         ``tenant`` sees it; ``ImageNotFound`` otherwise."""
-        key = self._images.resolve(image_id)
-        for image in await self.images(tenant):
-            if image.id == key:
-                return image
+        image = self._images.image(image_id)  # only its gold.json is read, not every image's
+        for shown in await self._shown([image] if image else [], tenant):
+            return shown
         raise ImageNotFound(f"there is no image {image_id}", image=image_id)
 
     async def delete_template(self, image_id: str, template_id: str) -> None:
@@ -165,12 +168,12 @@ class Catalog:
                 f"image {image_id} has no template {template_id} on this host", image=image_id
             )
         shape = (template.cpus, template.memory)
-        if pools := self._pools.image_users(key, shape):
-            raise TemplateInUse(
-                f"template {template_id} is restored from by the warm pool(s) "
-                f"{', '.join(pools)}; delete them first"
-            )
         async with self._images.lock(key):
+            if pools := self._pools.image_users(key, shape):
+                raise TemplateInUse(
+                    f"template {template_id} is restored from by the warm pool(s) "
+                    f"{', '.join(pools)}; delete them first"
+                )
             # a VM being created may have been cloned from it and not yet say so
             users = [vm.id for vm in await self._users()
                      if self._images.resolve(vm.image.key) == key

@@ -12,6 +12,7 @@ from goldclone.cli.commands.vms import image_fields, read_json_object, ready_whe
 from goldclone.cli.exits import Exit
 from goldclone.client import WaitTimeout
 from goldclone.models import (
+    ErrorBody,
     Pool,
     PoolRequest,
     PoolStatus,
@@ -105,18 +106,20 @@ def _delete_template(ctx: Context) -> Exit:
 
 def _pool_settled(pool: Pool) -> bool:
     if pool.status is PoolStatus.ERROR:
-        error = pool.error
-        raise CommandFailed(error.code if error else "pool-failed",
-                            error.message if error else f"pool {pool.name} failed")  # fmt: skip
+        raise _failed(pool.error, f"pool {pool.name}")
     return pool.ready >= pool.size
 
 
 def _template_settled(template: Template) -> bool:
     if template.status is TemplateStatus.ERROR:
-        error = template.error
-        raise CommandFailed(error.code if error else "template-failed",
-                            error.message if error else "the template failed")  # fmt: skip
+        raise _failed(template.error, f"template {template.id}")
     return template.status is TemplateStatus.READY
+
+
+def _failed(error: ErrorBody | None, what: str) -> CommandFailed:
+    if error is None:
+        return CommandFailed("failed", f"{what} failed")
+    return CommandFailed(error.code, error.message)
 
 
 def _wait(read: Callable[[], T], settled: Callable[[T], bool], what: str, timeout: float) -> T:
