@@ -21,12 +21,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone.clock import rfc3339_ms
+from goldclone.drivers.base import Driver
 from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.network import Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.host.cgroups import Cgroups
 from goldclone.host.commands import run
-from goldclone.server import build_app
+from goldclone.server import WEBSOCKETS, build_app
 from goldclone.settings import Settings
 from goldclone.store.tables import vms
 
@@ -112,8 +113,9 @@ class ApiCalls:
 class Goldclone(ApiCalls):
     """One goldclone server over a data dir; it can be stopped and started again."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
         self.settings = settings
+        self.driver = driver
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.client = httpx.AsyncClient(timeout=30)
@@ -129,8 +131,8 @@ class Goldclone(ApiCalls):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         self.settings = dataclasses.replace(self.settings, port=port)
-        app = build_app(self.settings)
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        app = build_app(self.settings, driver=self.driver)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws=WEBSOCKETS)
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
@@ -165,9 +167,11 @@ class Goldclone(ApiCalls):
 
 
 @asynccontextmanager
-async def goldclone_server(settings: Settings) -> AsyncIterator[Goldclone]:
+async def goldclone_server(
+    settings: Settings, driver: Driver | None = None
+) -> AsyncIterator[Goldclone]:
     """A started server; on exit every pool and VM is deleted and every network removed."""
-    server = Goldclone(settings)
+    server = Goldclone(settings, driver)
     await server.start()
     try:
         yield server

@@ -6,6 +6,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── InvalidJSON                     400 invalid-json
     ├── InvalidRequest                  400 invalid-request
     ├── VMAmbiguous                     400 vm-ambiguous (a name or ID prefix of several VMs)
+    ├── CannotRun                       400 cannot-run (an exec's command: not found, ...)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden (the token's role may not do it)
     ├── VMNotFound                      404 vm-not-found
@@ -21,6 +22,8 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── VMConflict                      409 vm-conflict
     ├── ImageInUse                      409 image-in-use
     ├── TemplateInUse                   409 template-in-use
+    ├── ExecUnavailable                 409 exec-unavailable (no helper in the guest answers)
+    ├── ExecFailed                      409 exec-failed (the helper went away mid-session)
     ├── ImageNotReady                   409 image-not-ready
     ├── CapacityExceeded                409 capacity-exceeded
     ├── IdempotencyConflict             409 idempotency-conflict
@@ -109,6 +112,14 @@ class VMAmbiguous(GoldcloneError):
     VMs; the message lists them."""
 
     code = "vm-ambiguous"
+    status = 400
+
+
+class CannotRun(GoldcloneError):
+    """The guest could not start the command: not found (its exit code 127), not executable
+    or its working directory missing (126). Reported in an exec's result."""
+
+    code = "cannot-run"
     status = 400
 
 
@@ -203,6 +214,21 @@ class TemplateInUse(GoldcloneError):
     """A template that VMs restored from it, or a pool that restores from it, still need."""
 
     code = "template-in-use"
+    status = 409
+
+
+class ExecUnavailable(GoldcloneError):
+    """Commands cannot be run in the VM's guest: why is in the message (no helper answers, a
+    template made before the exec port, a driver without a channel)."""
+
+    code = "exec-unavailable"
+    status = 409
+
+
+class ExecFailed(GoldcloneError):
+    """The guest's helper went away in the middle of a session (the VM stopped)."""
+
+    code = "exec-failed"
     status = 409
 
 

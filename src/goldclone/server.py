@@ -77,6 +77,11 @@ def build_driver(settings: Settings, data_dir: Path) -> Driver:
     raise ValueError(f"unknown driver {settings.driver!r}; use one of qemu, vmware, synthetic")
 
 
+WEBSOCKETS = "websockets-sansio"
+"""uvicorn's WebSocket implementation: websockets' sans-I/O one (its "auto" picks the
+deprecated legacy one)."""
+
+
 def build_app(
     settings: Settings, demo_dir: Path | None = None, driver: Driver | None = None
 ) -> FastAPI:
@@ -142,10 +147,10 @@ def serve(settings: Settings, listening: socket.socket, demo_dir: Path | None = 
         )
     service = build_service(settings)
     asyncio.run(service.claim())  # before anything is served, so that a refusal is one line
-    # websockets' sans-I/O implementation: uvicorn's "auto" picks the deprecated legacy one
-    config = uvicorn.Config(_app_for(service, settings, demo_dir), log_config=None,
-                            access_log=False, timeout_keep_alive=KEEP_ALIVE,
-                            ws="websockets-sansio")  # fmt: skip
+    app = _app_for(service, settings, demo_dir)
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_keep_alive=KEEP_ALIVE, ws=WEBSOCKETS
+    )
     server = uvicorn.Server(config)
     log.info("serving the API on http://%s:%d", settings.host, settings.port)
     server.run(sockets=[listening])

@@ -29,6 +29,7 @@ from goldclone.api.openapi import (
     VM_LINKS,
     describe_host,
 )
+from goldclone.api.sockets import add_socket_routes
 from goldclone.errors import (
     Forbidden,
     GoldcloneError,
@@ -338,6 +339,7 @@ def create_app(
         log.error("request failed unexpectedly", exc_info=exc)
         return error_response(_INTERNAL)
 
+    add_socket_routes(app, service)
     describe_host(app, service, limits)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
     # before any body is read

@@ -54,17 +54,23 @@ class BearerGuard:
             scope.setdefault("state", {})["principal"] = principal
             await self._app(scope, receive, send)
             return
-        if scope["type"] == "websocket" and _DENIAL not in scope.get("extensions", {}):
-            await send({"type": "websocket.close", "code": 1008, "reason": error.code})
-            return
-        response = error_response(error)
-        if isinstance(error, Unauthorized):
-            response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
+        await refuse(scope, receive, send, error)
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, error: GoldcloneError) -> None:
+    """Answer a request, or a WebSocket before it is accepted, with ``error``; a WebSocket
+    whose server cannot send an HTTP answer (ASGI's ``websocket.http.response``) is closed
+    with 1008 and the error's code."""
+    if scope["type"] == "websocket" and _DENIAL not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": error.code})
+        return
+    response = error_response(error)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    await response(scope, receive, send)
 
 
 _DENIAL = "websocket.http.response"
-"""The ASGI extension by which a server lets an app refuse a WebSocket with an HTTP answer."""
 
 
 def _bearer(scope: Scope) -> bytes:

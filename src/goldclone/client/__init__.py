@@ -24,6 +24,9 @@ from goldclone.client.errors import (
     WaitTimeout,
     error_of,
 )
+from goldclone.client.exec import Completed, ExecSession
+from goldclone.client.exec import run as exec_run
+from goldclone.exec_protocol import ExecRequest
 from goldclone.models import (
     VM,
     CreateVMRequest,
@@ -56,6 +59,12 @@ def _auth_headers(token: str | None) -> dict[str, str]:
     """The bearer token given, or ``GOLDCLONE_TOKEN``, as a header; none without either."""
     token = token or os.environ.get("GOLDCLONE_TOKEN")
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _auth_of(headers: httpx.Headers) -> dict[str, str]:
+    """Of an HTTP client's headers, the one a WebSocket takes too (its own ``Connection``
+    and the like must not be overridden)."""
+    return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
 
 class Client:
@@ -175,6 +184,11 @@ class Client:
             time.sleep(waiter.POLL)
         return image
 
+    def exec(self, vm_id: str, request: ExecRequest, stdin: bytes = b"") -> Completed:
+        """Run a command in the VM's guest to its end (``client.exec.run``)."""
+        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
+        return asyncio.run(exec_run(url, headers, vm_id, request, stdin))
+
     def console(self, vm_id: str, follow: bool = False) -> Iterator[str]:
         """The VM's serial console so far, in pieces of text; with ``follow``, what the guest
         writes next too, until the VM is gone."""
@@ -212,6 +226,16 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def exec(self, vm_id: str, request: ExecRequest, stdin: bytes = b"") -> Completed:
+        """Run a command in the VM's guest to its end (``client.exec.run``)."""
+        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
+        return await exec_run(url, headers, vm_id, request, stdin)
+
+    async def exec_session(self, vm_id: str, request: ExecRequest) -> ExecSession:
+        """Start a command in the VM's guest, to stream its input and output."""
+        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
+        return await ExecSession.open(url, headers, vm_id, request)
 
     async def _do(self, call: Call[T]) -> T:
         try:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from goldclone.egress import DEFAULT_REACH, Reach
-from goldclone.errors import BootFailed
+from goldclone.errors import BootFailed, ExecUnavailable
+from goldclone.guest.channel import Streams
 from goldclone.guest.config import GuestConfig
 from goldclone.images.gold import GoldImage
 from goldclone.polling import until
@@ -81,6 +82,11 @@ class TemplateFiles:
     @property
     def state(self) -> Path:
         return self.folder / "state"
+
+    @property
+    def hardware(self) -> Path:
+        """The virtual hardware the template was made with (absent: before it was recorded)."""
+        return self.folder / "hardware.json"
 
     @property
     def overlay(self) -> Path:
@@ -207,6 +213,11 @@ class Driver(Protocol):
     async def adopt(self, runtime: Runtime) -> None:
         """Take over a machine that kept running through a restart of the service."""
 
+    async def open_channel(self, machine: str) -> Streams:
+        """A connection to the port of the goldclone helper (``guest.helper``) in the
+        machine's guest; raises ``ExecUnavailable`` saying why the machine has none."""
+        ...
+
     def disk_growth(self) -> int:
         """Bytes that the disks of this host's machines can still grow into; blocking."""
         ...
@@ -251,6 +262,17 @@ class Driver(Protocol):
         """Each part the driver relies on, such as a network, and why it fails, or ``None``
         when it is fine. Cheap: no guest is asked anything."""
         ...
+
+
+class NoChannel:
+    """The answer of a driver with no channel into its guests."""
+
+    name: str
+
+    async def open_channel(self, machine: str) -> Streams:
+        raise ExecUnavailable(
+            f"the {self.name} driver has no channel into its guests: reach them over SSH"
+        )
 
 
 class UnwatchedDisks:

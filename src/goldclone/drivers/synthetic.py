@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -35,10 +37,12 @@ from goldclone.egress import DEFAULT_REACH, Reach
 from goldclone.errors import (
     BootFailed,
     CloneFailed,
+    ExecUnavailable,
     GoldcloneError,
     IPTimeout,
     NetworkFailed,
 )
+from goldclone.guest.channel import Streams
 from goldclone.guest.config import GuestConfig
 from goldclone.images.gold import GoldImage
 
@@ -63,6 +67,8 @@ class Machine:
     """``new_machine`` of each time it was given an identity."""
     reaches: list[Reach] = field(default_factory=list)
     """What its NIC was given to reach: at its attach, then at each change."""
+    helpers: list[asyncio.subprocess.Process] = field(default_factory=list)
+    """The helper processes that stand for its guest's (``SyntheticHost.runs_commands``)."""
 
 
 @dataclass
@@ -71,12 +77,15 @@ class SyntheticHost:
 
     ``boot_seconds`` is how long a started guest takes to get its address; with ``gets_ip``
     false, guests never get one; with ``has_agent`` false, none has a guest agent.
-    ``faults`` fail the next call of a step with the error given.
+    ``faults`` fail the next call of a step with the error given. With ``runs_commands``, a
+    running machine's guest helper (``guest.helper``) is run on this host, as the service's
+    user: a request's commands run on the host itself, so only tests turn it on.
     """
 
     boot_seconds: float = 0.0
     gets_ip: bool = True
     has_agent: bool = True
+    runs_commands: bool = False
     machines: dict[str, Machine] = field(default_factory=dict)
     faults: dict[Step, GoldcloneError] = field(default_factory=dict)
     _next_address: int = 1
@@ -262,10 +271,33 @@ class SyntheticDriver(UnwatchedDisks):
     async def adopt(self, runtime: Runtime) -> None:
         """Nothing to take over: the machine lives in the host object, if it is there."""
 
+    async def open_channel(self, machine: str) -> Streams:
+        """A new helper process on this host for each connection, ending with it."""
+        found = self.host.machines.get(machine)
+        if not self.host.runs_commands:
+            raise ExecUnavailable("the synthetic driver's guests run no commands")
+        if found is None or not found.running:
+            raise ExecUnavailable(f"machine {machine} is not running")
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "goldclone.guest.helper", "--fd", str(theirs.fileno()),
+                pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        found.helpers.append(process)
+        return await asyncio.open_unix_connection(sock=ours)
+
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:
         self.host.check_fault("destroy")
+        if (found := self.host.machines.get(machine)) is not None:
+            for process in found.helpers:  # each ends what it runs on SIGTERM
+                if process.returncode is None:
+                    process.terminate()
+                await process.wait()
         await asyncio.to_thread(shutil.rmtree, self._vms_dir / machine, ignore_errors=True)
         self.host.machines.pop(machine, None)  # last: a machine that is gone has no folder
 

@@ -19,11 +19,13 @@ from goldclone.access import DEFAULT_TENANT
 from goldclone.drivers.base import Driver
 from goldclone.errors import (
     ConsoleUnavailable,
+    ExecUnavailable,
     StateConflict,
     VMAmbiguous,
     VMConflict,
     VMNotFound,
 )
+from goldclone.guest.channel import Channel
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
 from goldclone.models import (
@@ -41,6 +43,7 @@ from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service import console, events, journal
 from goldclone.service.admission import Admission
 from goldclone.service.catalog import Catalog
+from goldclone.service.channels import Channels
 from goldclone.service.deliveries import Deliveries
 from goldclone.service.events import VMFilter
 from goldclone.service.fleet import Fleet
@@ -106,6 +109,7 @@ class VMService:
         self._sweeper = Sweeper(db, self.expire)
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
+        self.channels = Channels(driver)
         self._parts = contextlib.AsyncExitStack()
 
     async def claim(self) -> None:
@@ -144,6 +148,7 @@ class VMService:
             parts.push_async_callback(self.templates.close)
             await self.templates.recover()
             parts.push_async_callback(self._lifecycle.close)
+            parts.push_async_callback(self.channels.close)
             self._lifecycle.spawn(self._db.changes.follow(
                 self._take_handoffs, "taking the creates placed on this host"
             ))  # fmt: skip
@@ -387,6 +392,19 @@ class VMService:
             return True
 
         return console.read(path, follow, still_there)
+
+    async def channel(self, vm_id: str, tenant: str | None = None) -> Channel:
+        """The channel to the helper in the guest of the VM, if it is ``tenant``'s and
+        running here; raises ``VMNotFound``, ``VMConflict`` (not running) and
+        ``ExecUnavailable``."""
+        vm_id = await self.resolve(vm_id, tenant)
+        vm = await self._own(vm_id, tenant)
+        if vm.status is not Status.RUNNING:
+            raise VMConflict(f"VM {vm_id} is {vm.status}: commands run in a running VM only")
+        if not self.fleet.is_mine(vm):
+            raise ExecUnavailable(f"VM {vm_id} runs on host {vm.host}; ask that host's API")
+        machine = await self._lifecycle.machine(vm_id)
+        return await self.channels.of(machine, f"VM {vm_id}")
 
     async def readiness(self) -> Readiness:
         """Whether the store and each part of the driver work, with the reason where not."""

@@ -7,7 +7,9 @@ import uuid
 from pathlib import Path
 
 from goldclone.drivers.base import MachineSpec
+from goldclone.drivers.qemu.hardware import CURRENT, Hardware
 from goldclone.drivers.qemu.network import Attachment
+from goldclone.guest.helper import PORT_NAME
 
 PCI_NIC, PCI_DISK, PCI_SEED, PCI_SERIAL = "0x3", "0x4", "0x5", "0x6"
 NIC_ID = "nic0"
@@ -62,6 +64,11 @@ class MachineFiles:
     def vnc(self) -> Path:
         return self.folder / "vnc.sock"
 
+    @property
+    def exec(self) -> Path:
+        """The helper's port (``guest.helper``); absent for a machine without one."""
+        return self.folder / "exec.sock"
+
 
 @dataclasses.dataclass(frozen=True)
 class QemuCommand:
@@ -71,10 +78,16 @@ class QemuCommand:
     run_as: str | None
 
     def line(
-        self, spec: MachineSpec, nic: Attachment, files: MachineFiles, accel: str, drive: str
+        self,
+        spec: MachineSpec,
+        nic: Attachment,
+        files: MachineFiles,
+        accel: str,
+        drive: str,
+        hardware: Hardware = CURRENT,
     ) -> list[str]:
-        """The qemu command that boots ``spec``'s clone, with ``accel`` and extra ``drive``
-        options for its disk.
+        """The qemu command that boots ``spec``'s clone on ``hardware``, with ``accel`` and
+        extra ``drive`` options for its disk.
 
         Every PCI device has a fixed address, so that a template's saved device state loads
         into a machine restored from it; a restored machine gets its NIC only once it runs
@@ -89,7 +102,7 @@ class QemuCommand:
             "-accel", accel,
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
-            *_memory(spec),
+            *_memory(spec, hardware),
             # a full host pauses the guest (disks.stalled) instead of failing its writes
             "-drive", f"file={files.disk},format=qcow2,if=none,id=disk0,"
                       f"werror=stop,rerror=stop{drive}",
@@ -107,6 +120,7 @@ class QemuCommand:
             "-device", f"virtio-serial-pci,addr={PCI_SERIAL}",
             "-chardev", f"socket,id=qga0,path={files.agent},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            *(_exec_port(files) if hardware.exec_port else []),
             "-device", f"vmgenid,id=vmgen0{generation}",
             "-pidfile", str(files.pidfile),
             *(["-incoming", "defer", "-S"] if spec.restore else []),
@@ -164,7 +178,12 @@ def _nic_device(mac: str) -> str:
     return ",".join([options.pop("driver"), *(f"{k}={v}" for k, v in options.items())])
 
 
-def _memory(spec: MachineSpec) -> list[str]:
+def _exec_port(files: MachineFiles) -> list[str]:
+    return ["-chardev", f"socket,id=exec0,path={files.exec},server=on,wait=off",
+            "-device", f"virtserialport,chardev=exec0,name={PORT_NAME}"]  # fmt: skip
+
+
+def _memory(spec: MachineSpec, hardware: Hardware) -> list[str]:
     """RAM in the template's file: shared (written) while the template is made, private (copy
     on write, never written back) in a machine restored from it."""
     if spec.template is None:
@@ -172,4 +191,4 @@ def _memory(spec: MachineSpec) -> list[str]:
     share = "off" if spec.restore else "on"
     backend = (f"memory-backend-file,id=ram0,size={spec.memory_mb}M,"
                f"mem-path={spec.template.ram},share={share}")  # fmt: skip
-    return ["-object", backend, "-machine", "pc,memory-backend=ram0"]
+    return ["-object", backend, "-machine", f"{hardware.machine_type},memory-backend=ram0"]

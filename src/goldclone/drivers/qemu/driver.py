@@ -31,11 +31,13 @@ from goldclone.drivers.base import (
     unless_exited,
 )
 from goldclone.drivers.qemu import command, disks, launch, memory, personalizing
+from goldclone.drivers.qemu import hardware as hardwares
 from goldclone.drivers.qemu.accel import choose_accel
 from goldclone.drivers.qemu.agent import AgentLink
 from goldclone.drivers.qemu.bounds import UNLIMITED, DiskRate, MachineBounds
 from goldclone.drivers.qemu.command import MachineFiles, QemuCommand
 from goldclone.drivers.qemu.consoles import keep_consoles
+from goldclone.drivers.qemu.hardware import Hardware
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.drivers.qemu.network.manager import tap_name
 from goldclone.drivers.qemu.qmp import qmp_execute
@@ -45,10 +47,12 @@ from goldclone.errors import (
     CloneFailed,
     CommandError,
     DriverUnavailable,
+    ExecUnavailable,
     NotReady,
     QMPError,
 )
 from goldclone.guest import settling
+from goldclone.guest.channel import Streams
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
@@ -174,10 +178,13 @@ class QemuDriver:
             return self._networks.walls.dropped_by_reason()
         return self._networks.walls.dropped(tap_name(machine))
 
-    def command_line(self, spec: MachineSpec, runtime: Runtime) -> list[str]:
+    def command_line(
+        self, spec: MachineSpec, runtime: Runtime, hardware: Hardware = hardwares.CURRENT
+    ) -> list[str]:
         """The qemu command that boots ``spec``'s clone; every path in it is absolute."""
         accel, drive = self.bounds.accel(self._accel), self.bounds.disk.drive_options()
-        return self._command.line(spec, _nic(runtime), self.files(spec.machine), accel, drive)
+        files = self.files(spec.machine)
+        return self._command.line(spec, _nic(runtime), files, accel, drive, hardware)
 
     def _write_guest_config(self, spec: MachineSpec, mac: str) -> None:
         files = self.files(spec.machine)
@@ -188,22 +195,26 @@ class QemuDriver:
     async def start(self, spec: MachineSpec, runtime: Runtime) -> None:
         await asyncio.to_thread(self._write_guest_config, spec, _nic(runtime).mac)
         limit = self.bounds.memory_limit_mb(spec.memory_mb, self._accel)
-        argv = [*command.scheduling(spec), *self.command_line(spec, runtime)]
+        hardware = hardwares.CURRENT
+        if spec.restore and spec.template is not None:
+            hardware = await asyncio.to_thread(hardwares.of_template, spec.template)
+        argv = [*command.scheduling(spec), *self.command_line(spec, runtime, hardware)]
         argv = await self.bounds.launch(spec.machine, spec.cpus, limit, argv)
         log = self.files(spec.machine).log
         try:
             await launch.launch(argv, log)
         except CommandError as exc:
             raise BootFailed(f"qemu did not start: {exc.stderr_line or exc.message}") from exc
-        sockets = [self.files(spec.machine).qmp, self.files(spec.machine).agent]
-        await launch.started(self.files(spec.machine).pidfile, sockets, log, START_TIMEOUT)
+        files = self.files(spec.machine)
+        sockets = [files.qmp, files.agent, *([files.exec] if hardware.exec_port else [])]
+        await launch.started(files.pidfile, sockets, log, START_TIMEOUT)
         if self._read_pid(spec.machine) is None:
             how = launch.ending(log)
             raise BootFailed(
                 f"qemu started, then ended: {how.words if how else 'it is not running'}"
             )
-        self.files(spec.machine).qmp.chmod(0o600)
-        self.files(spec.machine).agent.chmod(0o600)
+        for socket in sockets:
+            socket.chmod(0o600)
         if spec.restore:
             assert spec.template is not None
             try:
@@ -233,6 +244,7 @@ class QemuDriver:
         await processes.wait_exit(pid, KILL_GRACE)
         await asyncio.to_thread(os.replace, self.files(machine).disk, files.disk)
         await _create_overlay(files.disk, "qcow2", files.overlay)
+        await asyncio.to_thread(hardwares.record, files, hardwares.CURRENT)
         for path in (files.disk, files.ram, files.state, files.overlay):
             path.chmod(0o400)
 
@@ -319,6 +331,19 @@ class QemuDriver:
             )
             limit = self.bounds.memory_limit_mb(memory_mb, self._accel)
             await self.bounds.adopt(runtime.machine, pid, cpus, limit)
+
+    async def open_channel(self, machine: str) -> Streams:
+        """The helper's virtio-serial port, through QEMU's socket for it."""
+        path = self.files(machine).exec
+        if not await asyncio.to_thread(path.exists):
+            raise ExecUnavailable(
+                "the VM has no port for the goldclone helper: it was restored from a template "
+                "made before goldclone had one (make a new template of its image)"
+            )
+        try:
+            return await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            raise ExecUnavailable(f"the VM's QEMU does not take connections: {exc}") from exc
 
     async def exit_reason(self, machine: str) -> str | None:
         """Why ``machine``'s QEMU ended: the kernel's kill at its memory limit, or how it

@@ -20,6 +20,7 @@ from pathlib import Path
 from goldclone.drivers.base import (
     Capabilities,
     MachineSpec,
+    NoChannel,
     Runtime,
     TemplateFiles,
     UnwatchedDisks,
@@ -57,7 +58,7 @@ _LEASE_POLL = 0.5
 _HARD_STOP_TIMEOUT = 30.0
 
 
-class VMwareDriver(UnwatchedDisks):
+class VMwareDriver(UnwatchedDisks, NoChannel):
     name = "vmware"
     capabilities = Capabilities(
         network_types=tuple(clonevmx.CONNECTION_TYPES),
