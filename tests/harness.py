@@ -186,6 +186,17 @@ async def goldclone_server(
         await server.remove_networks()
 
 
+async def read_until(output: AsyncIterator[tuple[int, bytes]], end: bytes) -> bytes:
+    """What ``output`` streams until it ends with ``end`` (output comes in pieces of any
+    size); all of it if it ends first."""
+    seen = b""
+    async for _, data in output:
+        seen += data
+        if seen.endswith(end):
+            break
+    return seen
+
+
 def settled(vm: dict[str, Any]) -> dict[str, Any]:
     """``vm`` without what changes while it runs (``dropped_packets``, which only ``GET
     /vms/{id}`` fills in), to compare it with the same VM read at another moment."""

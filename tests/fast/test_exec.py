@@ -24,7 +24,7 @@ from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
 from goldclone.exec_protocol import ExecRequest
 from goldclone.settings import Settings
 from tests.fast.test_access import as_, tokens
-from tests.harness import Goldclone, goldclone_server, processes_mentioning
+from tests.harness import Goldclone, goldclone_server, processes_mentioning, read_until
 
 # exec touches the store only to find the VM
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -85,9 +85,9 @@ async def test_output_arrives_while_the_command_still_runs(server: Goldclone, vm
     async with client_of(server) as client:
         session = await client.exec_session(vm, ExecRequest(script="echo ready; read x; echo $x"))
         output = session.output()
-        assert await anext(output) == (1, b"ready\n")  # the command now waits for its stdin
+        assert await read_until(output, b"ready\n") == b"ready\n"  # it now waits for stdin
         await session.write(b"go on\n")
-        assert await anext(output) == (1, b"go on\n")
+        assert await read_until(output, b"go on\n") == b"go on\n"
         assert [item async for item in output] == []
         assert session.result is not None and session.result.exit_code == 0
 
@@ -107,7 +107,7 @@ async def test_a_tty_has_its_size_and_takes_a_resize(server: Goldclone, vm: str)
     async with client_of(server) as client:
         session = await client.exec_session(vm, request)
         output = session.output()
-        assert await anext(output) == (1, b"30 100\r\n")
+        assert await read_until(output, b"30 100\r\n") == b"30 100\r\n"
         await session.resize(50, 132)
         await session.write(b"\n")
         seen = b"".join([data async for _, data in output])
@@ -134,7 +134,7 @@ async def test_a_client_that_goes_away_ends_its_command(server: Goldclone, vm: s
     marker = f"{2000 + secrets.randbelow(1000)}.{secrets.randbelow(10**6)}"
     async with client_of(server) as client:
         session = await client.exec_session(vm, ExecRequest(script=f"echo up; sleep {marker}"))
-        assert await anext(session.output()) == (1, b"up\n")
+        assert await read_until(session.output(), b"up\n") == b"up\n"
         assert processes_mentioning(marker)
         await session.close()
     await until_gone(marker)

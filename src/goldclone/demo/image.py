@@ -21,6 +21,7 @@ import struct
 import tarfile
 import tempfile
 
+from goldclone.demo.python import GuestPython, guest_python, with_libraries
 from goldclone.errors import GoldcloneError
 from goldclone.host.commands import run
 
@@ -87,6 +88,7 @@ _GUEST_SCRIPTS = {
     "power-button": "etc/acpi/PWRF/00000080",
     "configure": "sbin/configure",
     "agent": "sbin/agent",
+    "helper": "sbin/helper",
     "nic-added": "sbin/nic-added",
     "mdev.conf": "etc/mdev.conf",
     "index.cgi": "www/cgi-bin/index.cgi",
@@ -142,10 +144,11 @@ async def build_demo_image(out: pathlib.Path, *, kernel: pathlib.Path | None = N
     """
     vmlinuz, version = await asyncio.to_thread(_kernel, kernel)
     modules = await _module_files(version, GUEST_MODULES)
-    agent = await _agent_files()
+    python = await guest_python()
+    programs = list(dict.fromkeys([*await _agent_files(), *python.programs]))
     with tempfile.TemporaryDirectory(prefix="goldclone-demo-") as tmp:
         work = pathlib.Path(tmp)
-        await asyncio.to_thread(_write_boot_files, work, modules, agent)
+        await asyncio.to_thread(_write_boot_files, work, modules, programs, python)
         disk = await _make_disk(work, vmlinuz)
         return await asyncio.to_thread(_package, disk, out)
 
@@ -176,24 +179,19 @@ async def _module_files(version: str, roots: tuple[str, ...]) -> list[tuple[str,
 
 
 async def _agent_files() -> list[pathlib.Path]:
-    """qemu-ga and every shared library it loads (as ``ldd`` finds them), by host path."""
+    """qemu-ga and every shared library it loads, by host path."""
     if not GUEST_AGENT.is_file():
         raise GoldcloneError(f"{GUEST_AGENT} is missing: install qemu-guest-agent")
-    _, out, _ = await run("ldd", str(GUEST_AGENT), timeout=TIMEOUT)
-    files = [GUEST_AGENT]
-    for line in out.splitlines():
-        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux... (0x...)"
-        fields = line.split()
-        path = fields[2] if len(fields) > 2 and fields[1] == "=>" else fields[0]
-        if path.startswith("/"):
-            files.append(pathlib.Path(path))
-    return files
+    return await with_libraries([GUEST_AGENT])
 
 
 def _write_boot_files(
-    work: pathlib.Path, modules: list[tuple[str, pathlib.Path]], agent: list[pathlib.Path]
+    work: pathlib.Path,
+    modules: list[tuple[str, pathlib.Path]],
+    programs: list[pathlib.Path],
+    python: GuestPython,
 ) -> None:
-    initramfs = _initramfs(modules, agent)
+    initramfs = _initramfs(modules, programs, python)
     (work / "initrd.gz").write_bytes(gzip.compress(initramfs, 6, mtime=0))
     (work / "syslinux.cfg").write_text(SYSLINUX_CFG)
 
@@ -210,18 +208,24 @@ async def _make_disk(work: pathlib.Path, vmlinuz: pathlib.Path) -> pathlib.Path:
     return disk
 
 
-def _initramfs(modules: list[tuple[str, pathlib.Path]], agent: list[pathlib.Path]) -> bytes:
-    """Return the guest's uncompressed newc cpio archive."""
+def _initramfs(
+    modules: list[tuple[str, pathlib.Path]], programs: list[pathlib.Path], python: GuestPython
+) -> bytes:
+    """Return the guest's uncompressed newc cpio archive: ``programs`` at their host paths."""
     cpio = _Cpio()
     folders = set(_GUEST_DIRS)
     for directory in _GUEST_DIRS:
         cpio.add_dir(directory)
-    for path in agent:
-        for parent in reversed(path.relative_to("/").parents[:-1]):
+    made = {str(path.relative_to("/")): (path.read_bytes(), 0o755) for path in programs}
+    made |= {name: (data, 0o644) for name, data in python.made.items()}
+    for name, (data, mode) in made.items():
+        for parent in reversed(pathlib.PurePath(name).parents[:-1]):
             if str(parent) not in folders:
                 folders.add(str(parent))
                 cpio.add_dir(str(parent))
-        cpio.add_file(str(path.relative_to("/")), path.read_bytes(), 0o755)
+        cpio.add_file(name, data, mode)
+    for name, target in python.links.items():
+        cpio.add_symlink(name, target)
     # The kernel opens /dev/console for init before init can mount devtmpfs.
     cpio.add_char_device("dev/console", 5, 1)
     cpio.add_file("bin/busybox", _static_busybox(), 0o755)

@@ -6,7 +6,6 @@ The wire and its flow control are in docs/design.md, "Exec"."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
@@ -17,6 +16,7 @@ import signal
 import socket
 import struct
 import sys
+import warnings  # noqa: F401  os.execvpe imports it: in the child, a guest may not have it
 
 PORT_NAME = "org.goldclone.exec.0"
 HEADER = struct.Struct("!IBI")
@@ -37,24 +37,19 @@ _TIOCSCTTY = 0x540E
 _TIOCSWINSZ = 0x5414
 _READ = 64 * 1024
 _IDLE_RECHECK = 1.0
+_PORT_TRIES = 300
 _NOT_FOUND, _NOT_EXECUTABLE = 127, 126
 
 
-@dataclasses.dataclass
 class Session:
-    """One command or one connection to a guest port. ``outputs``: the readable fds, each
-    with the frame kind its bytes go out as."""
+    """A command or a connection to a guest port; ``outputs``: fd -> the kind it goes as."""
 
-    sid: int
-    pid: int = 0
-    outputs: dict[int, int] = dataclasses.field(default_factory=dict)
-    input_fd: int = -1
-    pending: bytearray = dataclasses.field(default_factory=bytearray)
-    input_ended: bool = False
-    unacked: int = 0
-    status: int | None = None
-    is_socket: bool = False
-    tty: bool = False
+    def __init__(self, sid: int) -> None:
+        self.sid, self.pid, self.input_fd, self.unacked = sid, 0, -1, 0
+        self.outputs: dict[int, int] = {}
+        self.pending = bytearray()
+        self.status: int | None = None
+        self.input_ended = self.is_socket = self.tty = False
 
 
 class Helper:
@@ -215,6 +210,9 @@ class Helper:
                 _spawn(session, request)
         except _Refused as refused:
             self.exit(sid, {"error": str(refused), "exit_code": refused.exit_code})
+            return
+        except OSError as error:  # no pipes, TTYs or processes left to give it
+            self.exit(sid, {"error": f"cannot start it: {error.strerror}", "exit_code": 126})
             return
         self.sessions[sid] = session
 
@@ -403,8 +401,8 @@ def _child(
         os.chdir(cwd)
         what = "run"
         os.execvpe(argv[0], argv, env)
-    except OSError as error:
-        os.write(report, f"{error.errno or errno.EIO}:{what}".encode())
+    except Exception as error:
+        os.write(report, f"{getattr(error, 'errno', None) or errno.EIO}:{what}".encode())
     finally:
         os._exit(_NOT_EXECUTABLE)
 
@@ -457,11 +455,8 @@ def _shut_write(fd: int) -> None:
 
 
 def _read_all(fd: int) -> bytes:
-    data = b""
-    while chunk := os.read(fd, 4096):
-        data += chunk
-    os.close(fd)
-    return data
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _find_port(name: str) -> str | None:
@@ -489,6 +484,11 @@ def main(args: list[str]) -> int:
         Helper(int(args[1]), reconnects=False).run()
         return 0
     path = _find_port(PORT_NAME)
+    for _ in range(_PORT_TRIES):  # virtio_console may not have found it yet
+        if path is not None:
+            break
+        select.select([], [], [], 0.1)
+        path = _find_port(PORT_NAME)
     if path is None:
         print(f"goldclone-helper: no virtio port named {PORT_NAME}", file=sys.stderr)
         return 1

@@ -1,0 +1,102 @@
+"""Exec in real QEMU guests of the demo image: through its helper's own virtio-serial port, in
+a cold-booted VM, in one restored from a memory template, and in one restored from a template
+made before the port existed (tests/fast/test_exec.py covers the rest on the synthetic
+driver; tests/test_debian_guest.py the Debian guest)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+
+from goldclone.client import APIError, AsyncClient
+from goldclone.drivers.qemu import hardware
+from goldclone.exec_protocol import ExecRequest
+from tests.harness import Goldclone, read_until
+
+pytestmark = pytest.mark.root
+
+
+def client_of(goldclone: Goldclone) -> AsyncClient:
+    return AsyncClient(str(goldclone.client.base_url))
+
+
+async def test_exec_in_a_cold_booted_demo_guest(
+    goldclone: Goldclone, demo_body: dict[str, Any]
+) -> None:
+    vm = await goldclone.boot(demo_body)
+    async with client_of(goldclone) as client:
+        script = "echo out; echo err >&2; read line; echo got $line; exit 3"
+        done = await client.exec(vm["id"], ExecRequest(script=script), b"hi\n")
+        assert (done.stdout, done.stderr, done.result.exit_code) == (b"out\ngot hi\n", b"err\n", 3)
+
+        size = 50 * 1000 * 1000
+        made = ExecRequest(script=f"head -c {size} /dev/urandom > /tmp/blob; sha256sum /tmp/blob")
+        digest = (await client.exec(vm["id"], made)).stdout.split()[0].decode()
+        blob = await client.exec(vm["id"], ExecRequest(argv=["cat", "/tmp/blob"]))
+        assert len(blob.stdout) == size and hashlib.sha256(blob.stdout).hexdigest() == digest
+
+        killed = await client.exec(vm["id"], ExecRequest(script="echo on; sleep 600", timeout=1))
+        assert killed.stdout == b"on\n"
+        assert (killed.result.timed_out, killed.result.exit_code) == (True, 137)
+
+        tty = ExecRequest(script="stty size; read x; stty size", tty={"rows": 33, "cols": 99})
+        session = await client.exec_session(vm["id"], tty)
+        output = session.output()
+        assert await read_until(output, b"33 99\r\n") == b"33 99\r\n"
+        await session.resize(40, 120)
+        await session.write(b"\n")
+        assert b"".join([data async for _, data in output]).endswith(b"40 120\r\n")
+    await goldclone.delete(vm["id"])
+
+
+async def make_template(goldclone: Goldclone, demo_body: dict[str, Any]) -> str:
+    image_id = f"sha256-{demo_body['image']['checksum']}"
+    shape = {"cpus": demo_body["cpus"], "memory": demo_body["memory"]}
+    response = await goldclone.client.post(f"/images/{image_id}/templates", json=shape)
+    assert response.status_code == 202, response.text
+    template_id = str(response.json()["id"])
+    async with asyncio.timeout(180):
+        while True:
+            found = await goldclone.client.get(f"/images/{image_id}/templates")
+            [template] = [t for t in found.json()["templates"] if t["id"] == template_id]
+            if template["status"] != "creating":
+                break
+            await asyncio.sleep(0.2)
+    assert template["status"] == "ready", template
+    return template_id
+
+
+async def test_exec_in_guests_restored_from_templates_old_and_new(
+    goldclone: Goldclone, demo_body: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await goldclone.client.post("/images", json=demo_body["image"])
+    image_id = f"sha256-{demo_body['image']['checksum']}"
+    async with asyncio.timeout(60):
+        while (await goldclone.client.get(f"/images/{image_id}")).json()["status"] != "ready":
+            await asyncio.sleep(0.1)
+    # a template as an earlier release made it: no helper port, and no record of its hardware
+    with monkeypatch.context() as earlier:
+        earlier.setattr(hardware, "CURRENT", hardware.UNRECORDED)
+        old = await make_template(goldclone, demo_body)
+    recorded = goldclone.data_dir / "templates" / image_id / old / "hardware.json"
+    recorded.unlink()
+    vm = await goldclone.boot(demo_body)
+    assert vm["started_from"] == "template", vm
+    async with client_of(goldclone) as client:
+        with pytest.raises(APIError) as unavailable:
+            await client.exec(vm["id"], ExecRequest(argv=["true"]))
+        assert unavailable.value.code == "exec-unavailable"
+        assert "template made before" in unavailable.value.message
+        await goldclone.delete(vm["id"])
+        assert (await goldclone.client.delete(f"/images/{image_id}/templates/{old}")).is_success
+
+        await make_template(goldclone, demo_body)
+        vms = [await goldclone.boot(demo_body) for _ in range(2)]
+        for vm in vms:
+            assert vm["started_from"] == "template", vm
+            done = await client.exec(vm["id"], ExecRequest(argv=["hostname"]))
+            assert done.stdout.decode().strip() == vm["hostname"], done
+            await goldclone.delete(vm["id"])
