@@ -13,7 +13,7 @@ import pytest
 
 from goldclone.client import APIError, AsyncClient
 from goldclone.drivers.qemu import hardware
-from goldclone.exec_protocol import ExecRequest
+from goldclone.exec_protocol import ExecRequest, TerminalSize
 from tests.harness import Goldclone, read_until
 
 pytestmark = pytest.mark.root
@@ -42,7 +42,7 @@ async def test_exec_in_a_cold_booted_demo_guest(
         assert killed.stdout == b"on\n"
         assert (killed.result.timed_out, killed.result.exit_code) == (True, 137)
 
-        tty = ExecRequest(script="stty size; read x; stty size", tty={"rows": 33, "cols": 99})
+        tty = ExecRequest(script="stty size; read x; stty size", tty=TerminalSize(rows=33, cols=99))
         session = await client.exec_session(vm["id"], tty)
         output = session.output()
         assert await read_until(output, b"33 99\r\n") == b"33 99\r\n"

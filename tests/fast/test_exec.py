@@ -9,7 +9,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,11 @@ from websockets.exceptions import InvalidStatus
 from goldclone.client import APIError, AsyncClient
 from goldclone.client.exec import ExecSession
 from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
-from goldclone.exec_protocol import ExecRequest
+from goldclone.exec_protocol import ExecRequest, TerminalSize
 from goldclone.settings import Settings
 from tests.fast.test_access import as_, tokens
 from tests.harness import Goldclone, goldclone_server, processes_mentioning, read_until
+from tests.serving import GOLDCLONE, in_pty
 
 # exec touches the store only to find the VM
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -103,7 +107,9 @@ async def test_a_timeout_kills_the_command(server: Goldclone, vm: str) -> None:
 
 
 async def test_a_tty_has_its_size_and_takes_a_resize(server: Goldclone, vm: str) -> None:
-    request = ExecRequest(script="stty size; read x; stty size", tty={"rows": 30, "cols": 100})
+    request = ExecRequest(
+        script="stty size; read x; stty size", tty=TerminalSize(rows=30, cols=100)
+    )
     async with client_of(server) as client:
         session = await client.exec_session(vm, request)
         output = session.output()
@@ -204,3 +210,49 @@ async def test_a_bad_request_on_the_socket_is_a_clear_error(server: Goldclone, v
         ended = await raw.recv()
         assert isinstance(ended, bytes) and ended[0] == 3
         assert json.loads(ended[1:])["error"]["code"] == "invalid-request"
+
+
+async def goldclone_cli(
+    server: Goldclone, *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
+           "GOLDCLONE_TOKEN": as_("alice")["Authorization"][7:]}  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, [*GOLDCLONE, *args], input=stdin, env=env, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+async def test_the_cli_passes_stdin_through_and_exits_with_the_commands_code(
+    server: Goldclone, vm: str
+) -> None:
+    script = "cat; echo oops >&2; exit 5"
+    done = await goldclone_cli(server, "exec", vm[:8], "--", "sh", "-c", script, stdin=b"data\n")
+    assert (done.stdout, done.stderr, done.returncode) == (b"data\n", b"oops\n", 5)
+    env = await goldclone_cli(server, "exec", vm, "-e", "A=1", "-w", "/", "--", "sh", "-c",
+                              "echo $A; pwd")  # fmt: skip
+    assert (env.stdout, env.returncode) == (b"1\n/\n", 0)
+
+
+async def test_the_cli_says_why_a_command_did_not_run_or_was_killed(
+    server: Goldclone, vm: str
+) -> None:
+    missing = await goldclone_cli(server, "exec", vm, "--", "no-such-program")
+    assert missing.returncode == 127
+    assert missing.stderr.decode().startswith("goldclone exec: cannot-run: cannot run no-such")
+    late = await goldclone_cli(server, "exec", vm, "--timeout", "0.5", "--", "sleep", "600")
+    assert late.returncode == 124 and b"killed after 0.5 s" in late.stderr
+    unknown = await goldclone_cli(server, "exec", "nothing-of-that-name", "--", "true")
+    assert unknown.returncode == 1 and b"vm-not-found" in unknown.stderr
+    no_command = await goldclone_cli(server, "exec", vm)
+    assert no_command.returncode == 2 and b"give the command after --" in no_command.stderr
+
+
+async def test_the_cli_runs_a_command_on_a_terminal(server: Goldclone, vm: str) -> None:
+    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
+           "GOLDCLONE_TOKEN": as_("alice")["Authorization"][7:], "COLUMNS": "91",
+           "LINES": "27"}  # fmt: skip
+    argv = [*GOLDCLONE, "exec", "-t", vm, "--", "sh", "-c", "tty; stty size; exit 3"]
+    shown, code = await asyncio.to_thread(in_pty, argv, env)
+    assert code == 3
+    assert re.search(r"/dev/pts/\d+\r\n27 91\r\n", shown), shown

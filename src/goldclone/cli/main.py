@@ -50,6 +50,7 @@ COMMANDS: dict[str, Command] = {
     "pools": pools.pools,
     "templates": pools.templates,
     "ssh": guest.ssh,
+    "exec": guest.exec_command,
     "logs": guest.logs,
 }
 LOCAL_COMMANDS = frozenset({"serve", "demo-image", "completion", "doctor"})
@@ -102,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """The arguments; for ``ssh``, what follows ``--`` is the remote command, kept whole."""
+    """The arguments; for ``ssh`` and ``exec``, what follows ``--`` is the remote command,
+    kept whole."""
     if "--" in argv:
         split = argv.index("--")
         args = parser.parse_args(argv[:split])
-        if args.command == "ssh":
+        if args.command in ("ssh", "exec"):
             args.remote_command = argv[split + 1 :]
             return args
     args = parser.parse_args(argv)

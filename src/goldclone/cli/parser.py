@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 from goldclone import __version__
 from goldclone.cli import exits
 from goldclone.cli.commands.host import settings_help
+from goldclone.exec_protocol import TIMED_OUT_EXIT
 from goldclone.models import Status
 
 DESCRIPTION = """goldclone: disposable linked-clone VMs from verified gold images.
@@ -156,6 +157,19 @@ def build() -> argparse.ArgumentParser:
                      help="the account; Debian's cloud images want debian")  # fmt: skip
     ssh.add_argument("--identity", "-i", type=Path, metavar="FILE",
                      help="the private key (default: ssh's own choice)")  # fmt: skip
+
+    run = _command(commands, "exec", "run a command in a VM's guest, with this terminal's "
+                   "stdin, stdout and stderr, and exit with its exit code: "
+                   "goldclone exec ID [OPTIONS] -- COMMAND...", client)  # fmt: skip
+    _vm_argument(run, "id")
+    run.add_argument("--tty", "-t", action="store_true",
+                     help="run it on a terminal of this one's size (stdout and stderr are "
+                     "then one stream)")  # fmt: skip
+    run.add_argument("--env", "-e", action="append", default=[], metavar="NAME=VALUE",
+                     help="an environment variable for it; repeatable")  # fmt: skip
+    run.add_argument("--cwd", "-w", metavar="DIR", help="where it runs (default: the home)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help=f"kill it after this long (exit {TIMED_OUT_EXIT})")  # fmt: skip
 
     logs = _command(commands, "logs", "print a VM's serial console", client)
     _vm_argument(logs, "id")

@@ -186,8 +186,11 @@ class Client:
 
     def exec(self, vm_id: str, request: ExecRequest, stdin: bytes = b"") -> Completed:
         """Run a command in the VM's guest to its end (``client.exec.run``)."""
-        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
-        return asyncio.run(exec_run(url, headers, vm_id, request, stdin))
+        return asyncio.run(exec_run(*self.websocket_target(), vm_id, request, stdin))
+
+    def websocket_target(self) -> tuple[str, dict[str, str]]:
+        """The API's URL, and the headers a WebSocket to it needs (``client.exec``)."""
+        return str(self._http.base_url), _auth_of(self._http.headers)
 
     def console(self, vm_id: str, follow: bool = False) -> Iterator[str]:
         """The VM's serial console so far, in pieces of text; with ``follow``, what the guest
@@ -229,13 +232,15 @@ class AsyncClient:
 
     async def exec(self, vm_id: str, request: ExecRequest, stdin: bytes = b"") -> Completed:
         """Run a command in the VM's guest to its end (``client.exec.run``)."""
-        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
-        return await exec_run(url, headers, vm_id, request, stdin)
+        return await exec_run(*self.websocket_target(), vm_id, request, stdin)
 
     async def exec_session(self, vm_id: str, request: ExecRequest) -> ExecSession:
         """Start a command in the VM's guest, to stream its input and output."""
-        url, headers = str(self._http.base_url), _auth_of(self._http.headers)
-        return await ExecSession.open(url, headers, vm_id, request)
+        return await ExecSession.open(*self.websocket_target(), vm_id, request)
+
+    def websocket_target(self) -> tuple[str, dict[str, str]]:
+        """The API's URL, and the headers a WebSocket to it needs (``client.exec``)."""
+        return str(self._http.base_url), _auth_of(self._http.headers)
 
     async def _do(self, call: Call[T]) -> T:
         try:

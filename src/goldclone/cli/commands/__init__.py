@@ -58,7 +58,8 @@ class Context:
         return self.client
 
 
-Command = Callable[[Context], Exit]
+Command = Callable[[Context], int]
+"""A command: its exit code, an ``Exit`` or, for ``exec``, the remote command's own."""
 
 
 def pairs(option: str, items: list[str]) -> dict[str, str]:
