@@ -169,8 +169,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         template = request.getfixturevalue("migrated_postgres")
         url: str = await request.getfixturevalue("postgres").new_database(template)
         return url
-    copy = tmp_path / "state.db"
-    shutil.copyfile(request.getfixturevalue("migrated_sqlite"), copy)
+    return sqlite_copy(request.getfixturevalue("migrated_sqlite"), tmp_path)
+
+
+def sqlite_copy(migrated: Path, folder: Path) -> str:
+    """A new SQLite database in ``folder``, a copy of ``migrated``."""
+    copy = folder / "state.db"
+    shutil.copyfile(migrated, copy)
     return f"sqlite+aiosqlite:///{copy}"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import subprocess
 import tarfile
@@ -23,7 +24,9 @@ from typing import Any
 
 import pytest
 
+from goldclone.client import AsyncClient
 from goldclone.errors import CommandError
+from goldclone.exec_protocol import ExecRequest
 from goldclone.host.commands import run
 from goldclone.settings import Settings
 from tests.conftest import checksum, prepared, ssh_key
@@ -251,6 +254,7 @@ async def _check_configured(
     assert out.strip() == name
     _, out, _ = await run(*GOLDCLONE, "logs", vm["id"], *url, timeout=60)
     assert "Linux version" in out and name in out
+    await _check_exec(server, vm)
 
     shown = [
         (await server.client.get(f"/vms/{vm['id']}")).text,
@@ -260,6 +264,23 @@ async def _check_configured(
     for secret in SECRETS:
         assert not [text for text in shown if secret in text], secret
         assert processes_mentioning(secret) == []
+
+
+async def _check_exec(server: Goldclone, vm: dict[str, Any]) -> None:
+    """Commands through goldclone's helper, which the image starts under systemd: no SSH."""
+    async with AsyncClient(str(server.client.base_url)) as client:
+        script = "hostname; echo to-stderr >&2; read line; echo got $line; exit 7"
+        done = await client.exec(vm["id"], ExecRequest(script=script), b"stdin-line\n")
+        assert done.stdout == f"{vm['name']}\ngot stdin-line\n".encode(), done
+        assert (done.stderr, done.result.exit_code) == (b"to-stderr\n", 7)
+        size = 50 * 1000 * 1000
+        blob = f"head -c {size} /dev/urandom > /tmp/b; sha256sum /tmp/b >&2; cat /tmp/b"
+        done = await client.exec(vm["id"], ExecRequest(script=blob))
+        assert len(done.stdout) == size
+        assert hashlib.sha256(done.stdout).hexdigest() == done.stderr.split()[0].decode()
+    _, out, _ = await run(*GOLDCLONE, "exec", vm["id"], "--url", str(server.client.base_url),
+                          "--", "id", "-un", timeout=60)  # fmt: skip
+    assert out.strip() == "root"
 
 
 async def _restores(
@@ -305,6 +326,9 @@ async def _restores(
         assert vm["status"] == "running" and vm["started_from"] == started_from, vm
         ssh = Ssh(key, vm["ip_address"], server, vm["id"])
         assert (await ssh("hostname")).strip() == name
+        async with AsyncClient(str(server.client.base_url)) as client:  # the restored helper
+            done = await client.exec(vm["id"], ExecRequest(argv=["hostname"]))
+            assert done.stdout.decode().strip() == name, done
         # saved once it had finished starting, so no clone starts it again
         assert (await ssh("systemctl is-system-running || true")).strip() in {"running", "degraded"}
         assert json.loads(await ssh("sudo cat /run/goldclone/metadata.json")) == metadata

@@ -13,6 +13,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── ImageNotFound                   404 image-not-found
     ├── PoolNotFound                    404 pool-not-found
     ├── TemplateNotFound                404 template-not-found
+    ├── GuestPathNotFound               404 path-not-found (no such file or folder in the guest)
     ├── ConsoleUnavailable              404 console-unavailable
     ├── HostNotFound                    404 host-not-found
     ├── RouteNotFound                   404 not-found
@@ -161,6 +162,11 @@ class PoolNotFound(GoldcloneError):
 
 class TemplateNotFound(GoldcloneError):
     code = "template-not-found"
+    status = 404
+
+
+class GuestPathNotFound(GoldcloneError):
+    code = "path-not-found"
     status = 404
 
 

@@ -4,7 +4,11 @@ on loopback, kept in a real gold cache, with state in real SQLite. No root, no Q
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,13 +17,35 @@ from typing import Any
 import httpx
 import pytest
 
+from goldclone.access import Role, Token, digest_of
 from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
 from goldclone.server import build_app
 from goldclone.settings import Settings
-from tests.harness import ApiCalls
+from tests.conftest import sqlite_copy
+from tests.harness import ApiCalls, Goldclone, goldclone_server
 from tests.servers import FileServer
+from tests.serving import GOLDCLONE
 
 DISK = "disk.raw"
+SECRETS = {
+    "alice": ("alice-secret-0123456789", Role.USER, "team-a"),
+    "alice-reader": ("alice-reader-secret-012", Role.READ, "team-a"),
+    "bob": ("bob-secret-0123456789ab", Role.USER, "team-b"),
+    "ops": ("ops-secret-0123456789ab", Role.OPERATOR, "ops"),
+    "root": ("root-secret-0123456789a", Role.ADMIN, "default"),
+    "scraper": ("scraper-secret-0123456", Role.METRICS, "scraper"),
+}
+LEGACY_API, LEGACY_METRICS = "a-legacy-api-token-0123", "a-legacy-metrics-token-0"
+
+
+def tokens() -> tuple[Token, ...]:
+    return tuple(Token(name, digest_of(secret), role, tenant)
+                 for name, (secret, role, tenant) in SECRETS.items())  # fmt: skip
+
+
+def as_(name: str) -> dict[str, str]:
+    secret = {"legacy-api": LEGACY_API, "legacy-metrics": LEGACY_METRICS}.get(name)
+    return {"Authorization": f"Bearer {secret or SECRETS[name][0]}"}
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +104,12 @@ async def serving(service: Service) -> AsyncIterator[Service]:
 @pytest.fixture
 def fast_settings(tmp_path: Path, database_url: str) -> Settings:
     """The service's settings, on each kind of database (``database_url``)."""
+    return settings_on(tmp_path, database_url)
+
+
+def settings_on(folder: Path, database_url: str) -> Settings:
     return Settings(
-        data_dir=tmp_path / "data",
+        data_dir=folder / "data",
         database_url=database_url,
         ip_timeout=5.0,
         download_timeout=5.0,
@@ -91,3 +121,34 @@ def fast_settings(tmp_path: Path, database_url: str) -> Settings:
 async def service(fast_settings: Settings) -> AsyncIterator[Service]:
     async with serving(Service(fast_settings)) as started:
         yield started
+
+
+# A server on loopback (WebSockets need one) whose synthetic guests are goldclone's real helper
+# run on this host, with tokens (tests/fast/test_access.py) and alice's on its client.
+@pytest.fixture
+async def helper_server(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Goldclone]:
+    """On SQLite only: exec and files touch the store only to find the VM."""
+    database = sqlite_copy(migrated_sqlite, tmp_path)
+    settings = dataclasses.replace(settings_on(tmp_path, database), tokens=tokens())
+    driver = SyntheticDriver(settings.data_dir, SyntheticHost(runs_commands=True))
+    async with goldclone_server(settings, driver) as started:
+        started.client.headers.update(as_("alice"))
+        yield started
+
+
+@pytest.fixture
+async def helper_vm(helper_server: Goldclone, request_body: dict[str, Any]) -> str:
+    created = await helper_server.post_vm(request_body)
+    await helper_server.wait_for(created["id"], "running")
+    return str(created["id"])
+
+
+async def goldclone_cli(
+    server: Goldclone, *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
+           "GOLDCLONE_TOKEN": as_("alice")["Authorization"][7:]}  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, [*GOLDCLONE, *args], input=stdin, env=env, capture_output=True,
+        timeout=60,
+    )  # fmt: skip

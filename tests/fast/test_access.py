@@ -16,7 +16,7 @@ from fastapi import WebSocket
 from websockets.exceptions import InvalidStatus
 
 from goldclone import settings_sources
-from goldclone.access import Access, Role, Token, digest_of
+from goldclone.access import Access, Role, digest_of
 from goldclone.conversions import named_tokens
 from goldclone.models import VM, ImageSpec, Status
 from goldclone.polling import until
@@ -25,28 +25,17 @@ from goldclone.service.events import VMFilter
 from goldclone.settings import Settings
 from goldclone.settings_sources import SettingsError
 from goldclone.store.event_log import Event, EventKind
-from tests.fast.conftest import DISK, Service, image_of, serving
+from tests.fast.conftest import (
+    DISK,
+    LEGACY_API,
+    LEGACY_METRICS,
+    Service,
+    as_,
+    image_of,
+    serving,
+    tokens,
+)
 from tests.servers import FileServer
-
-SECRETS = {
-    "alice": ("alice-secret-0123456789", Role.USER, "team-a"),
-    "alice-reader": ("alice-reader-secret-012", Role.READ, "team-a"),
-    "bob": ("bob-secret-0123456789ab", Role.USER, "team-b"),
-    "ops": ("ops-secret-0123456789ab", Role.OPERATOR, "ops"),
-    "root": ("root-secret-0123456789a", Role.ADMIN, "default"),
-    "scraper": ("scraper-secret-0123456", Role.METRICS, "scraper"),
-}
-LEGACY_API, LEGACY_METRICS = "a-legacy-api-token-0123", "a-legacy-metrics-token-0"
-
-
-def tokens() -> tuple[Token, ...]:
-    return tuple(Token(name, digest_of(secret), role, tenant)
-                 for name, (secret, role, tenant) in SECRETS.items())  # fmt: skip
-
-
-def as_(name: str) -> dict[str, str]:
-    secret = {"legacy-api": LEGACY_API, "legacy-metrics": LEGACY_METRICS}.get(name)
-    return {"Authorization": f"Bearer {secret or SECRETS[name][0]}"}
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from goldclone.api.openapi import (
     HOST_LINKS,
     IMAGE_LINKS,
     POOL_LINKS,
+    TAR,
+    TAR_TYPE,
     TEXT,
     VM_LINKS,
     describe_host,
@@ -37,6 +39,7 @@ from goldclone.errors import (
     InvalidRequest,
     MethodNotAllowed,
     RouteNotFound,
+    UnsupportedMediaType,
 )
 from goldclone.labels import parse_selectors
 from goldclone.models import (
@@ -60,7 +63,7 @@ from goldclone.models import (
     VMList,
 )
 from goldclone.problems import explain_errors, explain_json_error
-from goldclone.service import VMService
+from goldclone.service import VMService, guest_files
 from goldclone.service.events import VMFilter
 from goldclone.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from goldclone.settings import Limits
@@ -187,6 +190,27 @@ def create_app(
         writes next is streamed until the VM is gone."""
         lines = await service.console(vm_id, follow, who.tenant_seen)
         return StreamingResponse(lines, media_type="text/plain; charset=utf-8")
+
+    @app.get("/vms/{vm_id}/files", response_class=StreamingResponse, operation_id="get_files",
+             responses={200: TAR}, dependencies=[_needs(Role.USER)])  # fmt: skip
+    async def get_files(vm_id: _VMRef, who: _Who, path: _GuestPath) -> StreamingResponse:
+        """A tar of the guest's file or folder at ``path``, modes kept, its one top member
+        named as the path's last part (**404** ``path-not-found``)."""
+        channel = await service.channel(vm_id, who.tenant_seen)
+        tar = await guest_files.read_tree(channel, path)
+        return StreamingResponse(tar, media_type=TAR_TYPE)
+
+    @app.put("/vms/{vm_id}/files", status_code=204, response_class=Response,
+             operation_id="put_files", openapi_extra={"requestBody": {**TAR, "required": True}},
+             dependencies=[_needs(Role.USER)])  # fmt: skip
+    async def put_files(vm_id: _VMRef, who: _Who, path: _GuestPath, request: Request) -> Response:
+        """Extract the tar in the body (``application/x-tar``, streamed) into the guest's
+        folder ``path``, which must exist; modes kept."""
+        if request.headers.get("content-type", "").split(";")[0].strip() != TAR_TYPE:
+            raise UnsupportedMediaType(f"the body must be a tar sent as {TAR_TYPE}")
+        channel = await service.channel(vm_id, who.tenant_seen)
+        await guest_files.write_tree(channel, path, request.stream())
+        return Response(status_code=204)
 
     @app.delete("/vms/{vm_id}", status_code=204, response_class=Response, operation_id="delete_vm",
                 dependencies=[_needs(Role.USER)])  # fmt: skip
@@ -354,6 +378,7 @@ _Labels = Annotated[
     tuple[str, ...], Query(description="KEY=VALUE; several are ANDed", max_length=64)
 ]
 _Statuses = Annotated[tuple[Status, ...], Query(max_length=8)]
+_GuestPath = Annotated[str, Query(description="An absolute path in the guest", max_length=4096)]
 _VMRef = Annotated[
     str,
     Path(description="The VM's ID, its name, or the start of its ID that no other of the "

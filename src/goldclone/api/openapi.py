@@ -18,6 +18,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, codes in answer_codes().items()
 }
 TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+TAR_TYPE = "application/x-tar"
+TAR = {"content": {TAR_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
 
 
 def _event(kinds: tuple[EventKind, ...], data: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from goldclone.cli.commands import (
     CommandFailed,
     Context,
     UsageError,
+    files,
     guest,
     host,
     hosts,
@@ -51,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     "templates": pools.templates,
     "ssh": guest.ssh,
     "exec": guest.exec_command,
+    "cp": files.cp,
     "logs": guest.logs,
 }
 LOCAL_COMMANDS = frozenset({"serve", "demo-image", "completion", "doctor"})

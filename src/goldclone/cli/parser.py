@@ -171,6 +171,12 @@ def build() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="SECONDS",
                      help=f"kill it after this long (exit {TIMED_OUT_EXIT})")  # fmt: skip
 
+    copy = _command(commands, "cp", "copy a file or folder to or from a VM's guest, modes "
+                    "kept: goldclone cp LOCAL ID:PATH, or goldclone cp ID:PATH LOCAL (a PATH "
+                    "that ends with / takes it inside, with its own name)", client)  # fmt: skip
+    copy.add_argument("source", help="LOCAL or ID:PATH")
+    copy.add_argument("target", help="ID:PATH or LOCAL")
+
     logs = _command(commands, "logs", "print a VM's serial console", client)
     _vm_argument(logs, "id")
     logs.add_argument("--follow", "-f", action="store_true",

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -26,6 +29,7 @@ from goldclone.client.errors import (
 )
 from goldclone.client.exec import Completed, ExecSession
 from goldclone.client.exec import run as exec_run
+from goldclone.client.files import guest_target, pack, unpack
 from goldclone.exec_protocol import ExecRequest
 from goldclone.models import (
     VM,
@@ -191,6 +195,39 @@ class Client:
     def websocket_target(self) -> tuple[str, dict[str, str]]:
         """The API's URL, and the headers a WebSocket to it needs (``client.exec``)."""
         return str(self._http.base_url), _auth_of(self._http.headers)
+
+    def copy_to(self, vm_id: str, local: Path, remote: str) -> None:
+        """Copy the file or folder ``local`` to the guest's ``remote`` (into it, with its own
+        name, when ``remote`` ends with ``/``), modes kept."""
+        folder, name = guest_target(remote, local)
+        with pack(local, name) as tar:
+            request = self._http.build_request(
+                "PUT", f"/vms/{quote(vm_id, safe='')}/files", params={"path": folder},
+                content=tar, headers={"Content-Type": "application/x-tar"},
+            )  # fmt: skip
+            self._send(request)
+
+    def copy_from(self, vm_id: str, remote: str, local: Path) -> Path:
+        """Copy the guest's file or folder ``remote`` to ``local`` (into it, if it is a
+        folder), modes kept; returns where it went. ``client.files.UnsafeArchive`` if what the guest
+        sent would reach elsewhere."""
+        name = posixpath.basename(posixpath.normpath(remote))
+        url = f"/vms/{quote(vm_id, safe='')}/files"
+        try:
+            with self._http.stream("GET", url, params={"path": remote}) as response:
+                if response.is_error:
+                    raise error_of(response.status_code, response.read())
+                return unpack(response.iter_bytes(), name, local)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
+
+    def _send(self, request: httpx.Request) -> None:
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
+        if response.is_error:
+            raise error_of(response.status_code, response.content)
 
     def console(self, vm_id: str, follow: bool = False) -> Iterator[str]:
         """The VM's serial console so far, in pieces of text; with ``follow``, what the guest

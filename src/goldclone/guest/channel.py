@@ -153,6 +153,7 @@ class Session:
         self._credit = WINDOW
         self._credit_changed = asyncio.Event()
         self._to_return = 0
+        self._exited = False
         self.ended = False
 
     def deliver(self, kind: int, payload: bytes) -> None:
@@ -167,6 +168,8 @@ class Session:
                 Exit(result.get("exit_code"), result.get("signal"), result.get("error"))
             )
             self._channel.forget(self._sid)
+            self._exited = True
+            self._credit_changed.set()
 
     def lost(self, why: str) -> None:
         self._inbox.put_nowait(ExecFailed(why))
@@ -195,8 +198,8 @@ class Session:
         view = memoryview(data)
         while view:
             while self._credit <= 0:
-                if self.ended or self._channel.closed.is_set():
-                    raise ExecFailed("the session ended")
+                if self.ended or self._exited or self._channel.closed.is_set():
+                    raise ExecFailed("the command ended before it took all its input")
                 self._credit_changed.clear()
                 await self._credit_changed.wait()
             chunk = view[: min(MAX_PAYLOAD, self._credit)]
@@ -212,6 +215,15 @@ class Session:
 
     async def signal(self, number: int) -> None:
         await self._channel.send(self._sid, helper.SIGNAL, _json({"signal": number}))
+
+    async def collect(self, limit: int = 1 << 20) -> tuple[bytes, bytes, Exit]:
+        """Read to the end: stdout and stderr (each up to ``limit`` bytes; what comes after
+        is dropped), and how it ended."""
+        outputs = {1: bytearray(), 2: bytearray()}
+        while not isinstance(item := await self.receive(), Exit):
+            outputs[item.stream] += item.data[: max(0, limit - len(outputs[item.stream]))]
+            await self.consumed(len(item.data))
+        return bytes(outputs[1]), bytes(outputs[2]), item
 
     async def close(self) -> None:
         """Forget the session; the helper kills what it still runs."""

@@ -491,7 +491,7 @@ def main(args: list[str]) -> int:
         path = _find_port(PORT_NAME)
     if path is None:
         print(f"goldclone-helper: no virtio port named {PORT_NAME}", file=sys.stderr)
-        return 1
+        return 3  # not a failure to start again after (systemd: RestartPreventExitStatus)
     Helper(os.open(path, os.O_RDWR | os.O_NOCTTY), reconnects=True).run()
     return 0
 
