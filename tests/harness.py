@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -30,6 +31,7 @@ from goldclone.host.commands import run
 from goldclone.server import WEBSOCKETS, build_app
 from goldclone.settings import Settings
 from goldclone.store.tables import vms
+from tests.serving import GOLDCLONE
 
 BOOT_TIMEOUT = 180.0
 
@@ -195,6 +197,31 @@ async def read_until(output: AsyncIterator[tuple[int, bytes]], end: bytes) -> by
         if seen.endswith(end):
             break
     return seen
+
+
+@asynccontextmanager
+async def port_forward(
+    server: Goldclone, vm_id: str, remote: int, token: str | None = None
+) -> AsyncIterator[int]:
+    """``goldclone port-forward VM 0:REMOTE`` running; the local port it chose. On exit it is
+    stopped with SIGINT, as Ctrl-C does, and must end with 0 (killed by PID should it not)."""
+    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
+           **({"GOLDCLONE_TOKEN": token} if token else {})}  # fmt: skip
+    cli = await asyncio.create_subprocess_exec(
+        *GOLDCLONE, "port-forward", vm_id, f"0:{remote}", env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert cli.stdout is not None
+        line = (await asyncio.wait_for(cli.stdout.readline(), 60)).decode()
+        assert line.startswith("forwarding 127.0.0.1:"), line
+        yield int(line.split()[1].rsplit(":", 1)[1])
+        cli.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(cli.wait(), 30) == 0
+    finally:
+        if cli.returncode is None:
+            cli.kill()
+            await cli.wait()
 
 
 def settled(vm: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,13 @@ from goldclone.exec_protocol import ExecRequest
 from goldclone.host.commands import run
 from goldclone.settings import Settings
 from tests.conftest import checksum, prepared, ssh_key
-from tests.harness import Goldclone, goldclone_server, leftovers, processes_mentioning
+from tests.harness import (
+    Goldclone,
+    goldclone_server,
+    leftovers,
+    port_forward,
+    processes_mentioning,
+)
 from tests.netns import http_server
 from tests.servers import CallbackReceiver, FileServer
 from tests.serving import GOLDCLONE
@@ -122,8 +128,8 @@ class Ssh:
     the guest's console and the host's neighbour table, to tell a stalled guest from a
     network that lost it."""
 
-    def __init__(self, key: Path, ip: str, server: Goldclone, vm_id: str) -> None:
-        self.key, self.ip, self.server, self.vm_id = key, ip, server, vm_id
+    def __init__(self, key: Path, ip: str, server: Goldclone, vm_id: str, port: int = 22) -> None:
+        self.key, self.ip, self.server, self.vm_id, self.port = key, ip, server, vm_id, port
 
     async def __call__(self, command: str) -> str:
         try:
@@ -157,7 +163,7 @@ class Ssh:
         _, out, _ = await run(
             "ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=90",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", f"debian@{self.ip}", command,
+            "-o", "LogLevel=ERROR", "-p", str(self.port), f"debian@{self.ip}", command,
             timeout=300,
         )  # fmt: skip
         return out
@@ -255,6 +261,8 @@ async def _check_configured(
     _, out, _ = await run(*GOLDCLONE, "logs", vm["id"], *url, timeout=60)
     assert "Linux version" in out and name in out
     await _check_exec(server, vm)
+    async with port_forward(server, vm["id"], 22) as local:  # ssh through the API's tunnel
+        assert (await Ssh(key, "127.0.0.1", server, vm["id"], local)("hostname")).strip() == name
 
     shown = [
         (await server.client.get(f"/vms/{vm['id']}")).text,

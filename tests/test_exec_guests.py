@@ -9,12 +9,13 @@ import asyncio
 import hashlib
 from typing import Any
 
+import httpx
 import pytest
 
 from goldclone.client import APIError, AsyncClient
 from goldclone.drivers.qemu import hardware
 from goldclone.exec_protocol import ExecRequest, TerminalSize
-from tests.harness import Goldclone, read_until
+from tests.harness import Goldclone, port_forward, read_until
 
 pytestmark = pytest.mark.root
 
@@ -49,6 +50,9 @@ async def test_exec_in_a_cold_booted_demo_guest(
         await session.resize(40, 120)
         await session.write(b"\n")
         assert b"".join([data async for _, data in output]).endswith(b"40 120\r\n")
+    async with port_forward(goldclone, vm["id"], 80) as local, httpx.AsyncClient() as http:
+        page = (await http.get(f"http://127.0.0.1:{local}/", timeout=30)).text
+        assert vm["mac_address"] in page  # the guest's own web page, through the API
     await goldclone.delete(vm["id"])
 
 

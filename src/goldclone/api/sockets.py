@@ -16,9 +16,10 @@ from pydantic import ValidationError
 from goldclone import exec_protocol
 from goldclone.access import Principal, Role
 from goldclone.api.guards import refuse
+from goldclone.api.tunnels import tunnel
 from goldclone.errors import CannotRun, ExecFailed, Forbidden, GoldcloneError, InvalidRequest
 from goldclone.exec_protocol import ExecRequest, ExecResult, TerminalSize
-from goldclone.guest.channel import Exit, Session
+from goldclone.guest.channel import Channel, Exit, Session
 from goldclone.problems import explain_errors
 from goldclone.service import VMService
 
@@ -26,17 +27,34 @@ log = logging.getLogger(__name__)
 
 
 def add_socket_routes(app: FastAPI, service: VMService) -> None:
-    @app.websocket("/vms/{vm_id}/exec")
-    async def exec_in_guest(websocket: WebSocket, vm_id: str) -> None:
+    async def accepted(websocket: WebSocket, vm_id: str) -> Channel | None:
+        """The VM's helper channel, once the socket is accepted; ``None`` when it was
+        refused instead, before it opened (the token, the VM, its helper)."""
         who: Principal = websocket.state.principal
         try:
             if not who.may(Role.USER):
-                raise Forbidden(f"token {who.name} ({who.role} role) may not run commands")
+                raise Forbidden(f"token {who.name} ({who.role} role) may not reach guests")
             channel = await service.channel(vm_id, who.tenant_seen)
         except GoldcloneError as error:
             await refuse(websocket.scope, websocket.receive, websocket.send, error)
-            return
+            return None
         await websocket.accept()
+        return channel
+
+    @app.websocket("/vms/{vm_id}/ports/{port}")
+    async def forward_port(websocket: WebSocket, vm_id: str, port: str) -> None:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            error = InvalidRequest(f"port: {port[:16]!r} is not a port (1-65535)")
+            await refuse(websocket.scope, websocket.receive, websocket.send, error)
+            return
+        if (channel := await accepted(websocket, vm_id)) is None:
+            return
+        await tunnel(websocket, channel, int(port))
+
+    @app.websocket("/vms/{vm_id}/exec")
+    async def exec_in_guest(websocket: WebSocket, vm_id: str) -> None:
+        if (channel := await accepted(websocket, vm_id)) is None:
+            return
         try:
             request = ExecRequest.model_validate_json(await websocket.receive_text())
         except WebSocketDisconnect:

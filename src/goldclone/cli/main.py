@@ -19,6 +19,7 @@ from goldclone.cli.commands import (
     hosts,
     images,
     pools,
+    ports,
     vms,
 )
 from goldclone.cli.exits import Exit
@@ -53,6 +54,7 @@ COMMANDS: dict[str, Command] = {
     "ssh": guest.ssh,
     "exec": guest.exec_command,
     "cp": files.cp,
+    "port-forward": ports.port_forward,
     "logs": guest.logs,
 }
 LOCAL_COMMANDS = frozenset({"serve", "demo-image", "completion", "doctor"})

@@ -177,6 +177,14 @@ def build() -> argparse.ArgumentParser:
     copy.add_argument("source", help="LOCAL or ID:PATH")
     copy.add_argument("target", help="ID:PATH or LOCAL")
 
+    forwarding = _command(commands, "port-forward", "forward a local port to a port of a VM's "
+                          "guest through the API, until Ctrl-C: goldclone port-forward ID "
+                          "[LOCAL:]REMOTE (LOCAL 0: any free one, printed)", client)  # fmt: skip
+    _vm_argument(forwarding, "id")
+    forwarding.add_argument("ports", metavar="[LOCAL:]REMOTE")
+    forwarding.add_argument("--address", default="127.0.0.1",
+                            help="the local address to listen on")  # fmt: skip
+
     logs = _command(commands, "logs", "print a VM's serial console", client)
     _vm_argument(logs, "id")
     logs.add_argument("--follow", "-f", action="store_true",

@@ -33,7 +33,7 @@ class ExecSession:
     ) -> ExecSession:
         """Connect to the API at ``url`` and start ``request``; raises ``APIError`` as any
         call does (the VM is not found, has no helper...) and ``ServerUnreachable``."""
-        target = _websocket_url(url, f"/vms/{quote(vm_id, safe='')}/exec")
+        target = websocket_url(url, f"/vms/{quote(vm_id, safe='')}/exec")
         try:
             socket = await connect(
                 target, additional_headers=dict(headers), compression=None, max_size=None,
@@ -118,7 +118,7 @@ def _result(data: bytes) -> ExecResult:
         return ExecResult(error={"code": "http-error", "message": "an unreadable exec result"})
 
 
-def _websocket_url(base: str, path: str) -> str:
+def websocket_url(base: str, path: str) -> str:
     parts = urlsplit(base)
     scheme = "wss" if parts.scheme == "https" else "ws"
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
