@@ -115,9 +115,13 @@ class ApiCalls:
 class Goldclone(ApiCalls):
     """One goldclone server over a data dir; it can be stopped and started again."""
 
-    def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
+    def __init__(
+        self, settings: Settings, driver: Driver | None = None, advertise: bool = False
+    ) -> None:
         self.settings = settings
         self.driver = driver
+        self.advertise = advertise
+        """Whether it advertises its own URL to the fleet (known once it has its port)."""
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.client = httpx.AsyncClient(timeout=30)
@@ -133,6 +137,9 @@ class Goldclone(ApiCalls):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         self.settings = dataclasses.replace(self.settings, port=port)
+        if self.advertise:
+            url = f"http://127.0.0.1:{port}"
+            self.settings = dataclasses.replace(self.settings, advertise_url=url)
         app = build_app(self.settings, driver=self.driver)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", ws=WEBSOCKETS)
         self._server = uvicorn.Server(config)
@@ -170,10 +177,10 @@ class Goldclone(ApiCalls):
 
 @asynccontextmanager
 async def goldclone_server(
-    settings: Settings, driver: Driver | None = None
+    settings: Settings, driver: Driver | None = None, advertise: bool = False
 ) -> AsyncIterator[Goldclone]:
     """A started server; on exit every pool and VM is deleted and every network removed."""
-    server = Goldclone(settings, driver)
+    server = Goldclone(settings, driver, advertise)
     await server.start()
     try:
         yield server

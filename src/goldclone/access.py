@@ -43,11 +43,13 @@ _RANKS = {Role.METRICS: 0, Role.READ: 1, Role.USER: 2, Role.OPERATOR: 3, Role.AD
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request comes from: its token's name, role and tenant."""
+    """Who a request comes from: its token's name, role and tenant; ``relayed`` when another
+    host of the fleet authenticated it and relayed the request here (``relay_auth``)."""
 
     name: str
     role: Role
     tenant: str
+    relayed: bool = False
 
     def may(self, needed: Role) -> bool:
         """Whether this principal may do what ``needed`` may; ``/metrics`` also takes an

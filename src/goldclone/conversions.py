@@ -15,9 +15,11 @@ from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 from types import UnionType
+from urllib.parse import urlsplit
 
 from goldclone.access import NAME, Role, Token
 from goldclone.egress import Destination, destination
+from goldclone.relay_auth import MIN_SECRET
 
 Conversion = Callable[[object], object]
 
@@ -131,6 +133,24 @@ def database_url(value: object) -> str:
     if not _DATABASE_URL.match(url):
         raise ValueError("must be an SQLAlchemy URL, dialect+driver://user:password@host/database")
     return url
+
+
+def base_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL of a server: a scheme, a host, an optional port and
+    path, nothing else; without a trailing slash."""
+    url = text(value).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError("must be an http:// or https:// URL such as http://10.0.0.5:12345")
+    return url
+
+
+def fleet_secret(value: object) -> str:
+    """The secret that the hosts of a fleet share: 32 characters or more."""
+    secret = text(value).strip()
+    if len(secret) < MIN_SECRET:
+        raise ValueError(f"needs at least {MIN_SECRET} characters")
+    return secret
 
 
 def user_or_none(value: object) -> str | None:

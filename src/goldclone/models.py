@@ -474,6 +474,8 @@ class Host(BaseModel):
     """The machine's own CPUs and memory, for reference."""
     images: list[str] = []
     """The gold images it holds that the reader's tenant sees, by ID."""
+    url: str | None = None
+    """Where other hosts reach its API (``GOLDCLONE_ADVERTISE_URL``), to relay to it."""
 
 
 class HostList(BaseModel):

@@ -90,7 +90,8 @@ def build_app(
 
 
 def _app_for(service: VMService, settings: Settings, demo_dir: Path | None) -> FastAPI:
-    app = create_app(service, settings.max_body_bytes, access_of(settings), settings.limits)
+    app = create_app(service, settings.max_body_bytes, access_of(settings), settings.limits,
+                     settings.fleet_secret)  # fmt: skip
     if demo_dir is not None:
         app.mount("/demo", StaticFiles(directory=demo_dir), name="demo")
     return app

@@ -206,6 +206,12 @@ class Settings:
     host_id: str | None = None
     """This service's ID among those on one database; ``None``: made once and kept in the
     data dir (``service.hosts``)."""
+    advertise_url: str | None = None
+    """The URL other hosts of the fleet reach this host's API at: with ``fleet_secret``,
+    they relay exec, files, ports and the console of this host's VMs to it."""
+    fleet_secret: str | None = field(default=None, repr=False)
+    """Shared by every host of a fleet; signs the caller of a relayed request
+    (``relay_auth``)."""
     heartbeat_interval: float = 10.0
     """Seconds between two heartbeats of this host in the store."""
     host_lost_after: float = 60.0

@@ -106,6 +106,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _s("GOLDCLONE_HOST_ID", "host_id", conversions.host_id,
        "this host's ID among the services on one database (letters, digits, . _ -)",
        "made once and kept in the data dir"),
+    _s("GOLDCLONE_ADVERTISE_URL", "advertise_url", conversions.base_url,
+       "the URL other hosts of the fleet reach this host's API at; they relay exec, files, "
+       "ports and the console of this host's VMs to it", "none: they do not"),
+    _s("GOLDCLONE_FLEET_SECRET", "fleet_secret", conversions.fleet_secret,
+       "32+ characters that every host of a fleet shares: they sign the caller of a relayed "
+       "request with it", secret=True),
     _s("GOLDCLONE_HEARTBEAT_INTERVAL", "heartbeat_interval", _seconds,
        "seconds between two heartbeats of this host in the store"),
     _s("GOLDCLONE_HOST_LOST_AFTER", "host_lost_after", _seconds,

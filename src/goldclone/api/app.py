@@ -31,6 +31,7 @@ from goldclone.api.openapi import (
     VM_LINKS,
     describe_host,
 )
+from goldclone.api.relay import Relay
 from goldclone.api.sockets import add_socket_routes
 from goldclone.errors import (
     Forbidden,
@@ -79,13 +80,17 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     access: Access | None = None,
     limits: Limits | None = None,
+    fleet_secret: str | None = None,
 ) -> FastAPI:
     """The goldclone API over ``service``, which it starts and closes with the server.
 
     With tokens in ``access``, every endpoint but ``/healthz`` needs ``Authorization: Bearer
     TOKEN``, and each route what its role may do (``access.Role``).
     ``limits`` bound ``cpus`` and ``memory`` in the OpenAPI description as they do in requests.
+    With ``fleet_secret``, requests about another host's VMs are relayed to it (``relay``),
+    and requests that other hosts relay here are taken.
     """
+    relay = Relay(service, fleet_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,6 +98,7 @@ def create_app(
         try:
             yield
         finally:
+            await relay.close()
             await service.close()
 
     app = FastAPI(
@@ -185,17 +191,23 @@ def create_app(
 
     @app.get("/vms/{vm_id}/console", response_class=StreamingResponse,
              operation_id="get_console", responses={200: TEXT})  # fmt: skip
-    async def get_console(vm_id: _VMRef, who: _Who, follow: bool = False) -> StreamingResponse:
+    async def get_console(
+        vm_id: _VMRef, who: _Who, request: Request, follow: bool = False
+    ) -> Response:
         """The guest's serial console so far (its last MiB), as text; with ``follow``, what it
         writes next is streamed until the VM is gone."""
+        if (url := await relay.target(who, vm_id, "/vms/{id}/console")) is not None:
+            return await relay.http(request, url, who)
         lines = await service.console(vm_id, follow, who.tenant_seen)
         return StreamingResponse(lines, media_type="text/plain; charset=utf-8")
 
     @app.get("/vms/{vm_id}/files", response_class=StreamingResponse, operation_id="get_files",
              responses={200: TAR}, dependencies=[_needs(Role.USER)])  # fmt: skip
-    async def get_files(vm_id: _VMRef, who: _Who, path: _GuestPath) -> StreamingResponse:
+    async def get_files(vm_id: _VMRef, who: _Who, path: _GuestPath, request: Request) -> Response:
         """A tar of the guest's file or folder at ``path``, modes kept, its one top member
         named as the path's last part (**404** ``path-not-found``)."""
+        if (url := await relay.target(who, vm_id, "/vms/{id}/files")) is not None:
+            return await relay.http(request, url, who)
         channel = await service.channel(vm_id, who.tenant_seen)
         tar = await guest_files.read_tree(channel, path)
         return StreamingResponse(tar, media_type=TAR_TYPE)
@@ -208,6 +220,8 @@ def create_app(
         folder ``path``, which must exist; modes kept."""
         if request.headers.get("content-type", "").split(";")[0].strip() != TAR_TYPE:
             raise UnsupportedMediaType(f"the body must be a tar sent as {TAR_TYPE}")
+        if (url := await relay.target(who, vm_id, "/vms/{id}/files")) is not None:
+            return await relay.http(request, url, who)
         channel = await service.channel(vm_id, who.tenant_seen)
         await guest_files.write_tree(channel, path, request.stream())
         return Response(status_code=204)
@@ -363,11 +377,11 @@ def create_app(
         log.error("request failed unexpectedly", exc_info=exc)
         return error_response(_INTERNAL)
 
-    add_socket_routes(app, service)
+    add_socket_routes(app, service, relay)
     describe_host(app, service, limits)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, takes_body=_takes_body(app))
     # before any body is read
-    app.add_middleware(BearerGuard, access=access or Access())
+    app.add_middleware(BearerGuard, access=access or Access(), fleet_secret=fleet_secret)
     app.add_middleware(RequestLog, count=service.metrics.request)  # refusals too
     return app
 

@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from goldclone.access import ANONYMOUS, Access, Role
+from goldclone import relay_auth
+from goldclone.access import ANONYMOUS, Access, Principal, Role
 from goldclone.errors import (
     BodyTooLarge,
     Forbidden,
@@ -34,27 +36,39 @@ class BearerGuard:
     guarded as a request is: refused before it is accepted, with the same JSON answer where
     the server can send one (ASGI's ``websocket.http.response``), else closed with 1008."""
 
-    def __init__(self, app: ASGIApp, access: Access) -> None:
+    def __init__(self, app: ASGIApp, access: Access, fleet_secret: str | None = None) -> None:
         self._app = app
         self._access = access
+        self._fleet_secret = fleet_secret
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] == "/healthz":
             await self._app(scope, receive, send)
             return
-        principal = ANONYMOUS if self._access.open else self._access.principal(_bearer(scope))
-        error: GoldcloneError
-        if principal is None:
-            error = Unauthorized()
-        elif not principal.may(Role.READ) and scope["path"] != "/metrics":
-            error = Forbidden(
-                f"token {principal.name} ({principal.role} role) is good for GET /metrics only"
-            )
-        else:
+        error: GoldcloneError = Unauthorized()
+        try:
+            principal = self._principal(scope)
+        except relay_auth.RelayRefused as refused:
+            principal, error = None, Unauthorized(str(refused))
+        if principal is not None and (principal.may(Role.READ) or scope["path"] == "/metrics"):
             scope.setdefault("state", {})["principal"] = principal
             await self._app(scope, receive, send)
             return
+        if principal is not None:
+            error = Forbidden(
+                f"token {principal.name} ({principal.role} role) is good for GET /metrics only"
+            )
         await refuse(scope, receive, send, error)
+
+    def _principal(self, scope: Scope) -> Principal | None:
+        """Who the request comes from: the caller a relayed request carries (when it is
+        relayed by another host of the fleet, and verifies), the bearer token's, or nobody."""
+        headers = Headers(scope=scope)
+        if relay_auth.HEADER in headers:
+            if self._fleet_secret is None:
+                raise relay_auth.RelayRefused("a relayed request, and this host takes none")
+            return relay_auth.verify(self._fleet_secret, headers)
+        return ANONYMOUS if self._access.open else self._access.principal(_bearer(scope))
 
 
 async def refuse(scope: Scope, receive: Receive, send: Send, error: GoldcloneError) -> None:

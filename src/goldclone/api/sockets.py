@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from goldclone import exec_protocol
 from goldclone.access import Principal, Role
 from goldclone.api.guards import refuse
+from goldclone.api.relay import Relay
 from goldclone.api.tunnels import tunnel
 from goldclone.errors import CannotRun, ExecFailed, Forbidden, GoldcloneError, InvalidRequest
 from goldclone.exec_protocol import ExecRequest, ExecResult, TerminalSize
@@ -26,14 +27,18 @@ from goldclone.service import VMService
 log = logging.getLogger(__name__)
 
 
-def add_socket_routes(app: FastAPI, service: VMService) -> None:
-    async def accepted(websocket: WebSocket, vm_id: str) -> Channel | None:
+def add_socket_routes(app: FastAPI, service: VMService, relay: Relay) -> None:
+    async def accepted(websocket: WebSocket, vm_id: str, path: str) -> Channel | None:
         """The VM's helper channel, once the socket is accepted; ``None`` when it was
-        refused instead, before it opened (the token, the VM, its helper)."""
+        refused instead, before it opened (the token, the VM, its helper), or relayed to
+        the VM's own host (``path``: this route's, ``{id}`` standing for the VM's ID)."""
         who: Principal = websocket.state.principal
         try:
             if not who.may(Role.USER):
                 raise Forbidden(f"token {who.name} ({who.role} role) may not reach guests")
+            if (url := await relay.target(who, vm_id, path)) is not None:
+                await relay.websocket(websocket, url, who)
+                return None
             channel = await service.channel(vm_id, who.tenant_seen)
         except GoldcloneError as error:
             await refuse(websocket.scope, websocket.receive, websocket.send, error)
@@ -47,13 +52,13 @@ def add_socket_routes(app: FastAPI, service: VMService) -> None:
             error = InvalidRequest(f"port: {port[:16]!r} is not a port (1-65535)")
             await refuse(websocket.scope, websocket.receive, websocket.send, error)
             return
-        if (channel := await accepted(websocket, vm_id)) is None:
+        if (channel := await accepted(websocket, vm_id, f"/vms/{{id}}/ports/{port}")) is None:
             return
         await tunnel(websocket, channel, int(port))
 
     @app.websocket("/vms/{vm_id}/exec")
     async def exec_in_guest(websocket: WebSocket, vm_id: str) -> None:
-        if (channel := await accepted(websocket, vm_id)) is None:
+        if (channel := await accepted(websocket, vm_id, "/vms/{id}/exec")) is None:
             return
         try:
             request = ExecRequest.model_validate_json(await websocket.receive_text())

@@ -78,6 +78,7 @@ class Fleet:
             "bounds": bounds,
             "capacity": settings.limits.totals(),
             "machine": {"vms": None, "cpus": os.cpu_count(), "memory": host_memory_mb()},
+            "url": settings.advertise_url,
         }
         self._task: asyncio.Task[None] | None = None
         self._soon = asyncio.Event()
@@ -136,6 +137,12 @@ class Fleet:
         """``vms`` as they are known: those of a lost host ``unknown``, with the reason."""
         silent = await self._silent()
         return [_unknown(vm, silent[vm.host]) if vm.host in silent else vm for vm in vms]
+
+    async def url_of(self, host_id: str) -> str | None:
+        """Where host ``host_id`` says other hosts reach its API; ``None`` if it says not."""
+        offer = await self._db.read(lambda conn: host_records.offer_of(conn, host_id))
+        url = (offer or {}).get("url")
+        return str(url) if url else None
 
     def is_mine(self, vm: VM) -> bool:
         return vm.host == self.host_id
@@ -216,6 +223,7 @@ def _host(record: HostRecord, since: datetime) -> Host:
         free=free,
         machine=Resources.model_validate(offer["machine"]),
         images=sorted(offer.get("images", {})),
+        url=offer.get("url"),
     )
 
 

@@ -378,7 +378,9 @@ class VMService:
                 return _once(kept)
         if not self.fleet.is_mine(vm):
             raise ConsoleUnavailable(
-                f"the console of VM {vm_id} is kept by its host, {vm.host}; ask that host's API"
+                f"the console of VM {vm_id} is kept by its host, {vm.host}, which this host "
+                "cannot relay to (it advertises no URL, or this host has no fleet secret): ask "
+                "that host's API"
             )
         path = self._driver.console_path(await self._lifecycle.machine(vm_id))
         if path is None:
@@ -393,6 +395,15 @@ class VMService:
 
         return console.read(path, follow, still_there)
 
+    async def elsewhere(self, vm_id: str, tenant: str | None = None) -> tuple[str, str] | None:
+        """For the VM (if it is ``tenant``'s) when another host runs it and advertises where
+        its API is: its ID and that URL, to relay to; ``None`` otherwise."""
+        vm = await self._own(await self.resolve(vm_id, tenant), tenant)
+        if self.fleet.is_mine(vm) or vm.host is None:
+            return None
+        url = await self.fleet.url_of(vm.host)
+        return None if url is None else (vm.id, url)
+
     async def channel(self, vm_id: str, tenant: str | None = None) -> Channel:
         """The channel to the helper in the guest of the VM, if it is ``tenant``'s and
         running here; raises ``VMNotFound``, ``VMConflict`` (not running) and
@@ -402,7 +413,10 @@ class VMService:
         if vm.status is not Status.RUNNING:
             raise VMConflict(f"VM {vm_id} is {vm.status}: commands run in a running VM only")
         if not self.fleet.is_mine(vm):
-            raise ExecUnavailable(f"VM {vm_id} runs on host {vm.host}; ask that host's API")
+            raise ExecUnavailable(
+                f"VM {vm_id} runs on host {vm.host}, which this host cannot relay to (it "
+                "advertises no URL, or this host has no fleet secret): ask that host's API"
+            )
         machine = await self._lifecycle.machine(vm_id)
         return await self.channels.of(machine, f"VM {vm_id}")
 

@@ -90,6 +90,12 @@ async def every(conn: AsyncConnection) -> list[HostRecord]:
             for row in rows]  # fmt: skip
 
 
+async def offer_of(conn: AsyncConnection, host_id: str) -> dict[str, Any] | None:
+    """What the host offered at its last heartbeat; ``None`` for a host not on the database."""
+    found = (await conn.execute(select(_hosts.c.host).where(_hosts.c.id == host_id))).scalar()
+    return None if found is None else dict(found)
+
+
 async def heartbeat_of(conn: AsyncConnection, host_id: str) -> datetime | None:
     """When the host last said it was alive; ``None`` for a host not on the database."""
     query = select(_hosts.c.heartbeat_at).where(_hosts.c.id == host_id)
