@@ -14,6 +14,7 @@ from goldclone.cli.commands import (
     Context,
     UsageError,
     files,
+    gitlab,
     guest,
     host,
     hosts,
@@ -55,6 +56,7 @@ COMMANDS: dict[str, Command] = {
     "exec": guest.exec_command,
     "cp": files.cp,
     "port-forward": ports.port_forward,
+    "gitlab-executor": gitlab.gitlab_executor,
     "logs": guest.logs,
 }
 LOCAL_COMMANDS = frozenset({"serve", "demo-image", "completion", "doctor"})

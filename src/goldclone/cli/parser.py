@@ -185,6 +185,17 @@ def build() -> argparse.ArgumentParser:
     forwarding.add_argument("--address", default="127.0.0.1",
                             help="the local address to listen on")  # fmt: skip
 
+    gitlab = _command(commands, "gitlab-executor", "GitLab Runner's custom executor: a VM per "
+                      "job (docs/ci.md); the runner calls each stage", client)  # fmt: skip
+    gitlab.add_argument("stage", choices=["config", "prepare", "run", "cleanup"])
+    gitlab.add_argument("rest", nargs="*", metavar="SCRIPT STAGE", help="run's arguments")
+    gitlab.add_argument("--images", type=Path, metavar="FILE",
+                        help="prepare: a TOML file of images, by the name in a job's "
+                        "image:")  # fmt: skip
+    gitlab.add_argument("--default-image", metavar="NAME",
+                        help="prepare: for a job that names no image (pool:NAME, or a name "
+                        "in --images)")  # fmt: skip
+
     logs = _command(commands, "logs", "print a VM's serial console", client)
     _vm_argument(logs, "id")
     logs.add_argument("--follow", "-f", action="store_true",

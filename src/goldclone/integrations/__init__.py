@@ -1,0 +1,2 @@
+"""goldclone in the CI systems people already run: GitLab Runner's custom executor
+(``gitlab``) and Buildbot's latent worker (``buildbot``)."""
