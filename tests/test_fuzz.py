@@ -38,6 +38,8 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
             [str(Path(sys.executable).parent / "schemathesis"), "run",
              f"http://127.0.0.1:{port}/openapi.json", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--exclude-operation-id", "events",
+             # a tar body, which schemathesis cannot make (tests/fast/test_files.py sends them)
+             "--exclude-operation-id", "put_files",
              "--max-examples", EXAMPLES, "--seed", SEED, "--no-color",
              "--request-timeout", str(REQUEST_TIMEOUT)],
             capture_output=True, text=True, timeout=600,

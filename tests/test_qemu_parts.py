@@ -99,8 +99,9 @@ def test_qemu_gets_only_absolute_paths_whatever_the_services_working_folder() ->
     argv = _driver("relative-data").command_line(_spec(headless=True), NIC)
     paths = [token for part in argv for token in re.split(r"[,=]|:(?=/)", part)
              if "relative-data" in token]  # fmt: skip
-    # the disk, the seed, the metadata, the console log, the QMP and agent sockets, the pidfile
-    assert len(paths) == 7
+    # the disk, the seed, the metadata, the console log, the QMP, agent and helper sockets,
+    # the pidfile
+    assert len(paths) == 8
     assert all(Path(path).is_absolute() for path in paths), paths
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
     assert "spawn=deny" in argv[argv.index("-sandbox") + 1]  # no fork or exec, ever

@@ -102,6 +102,7 @@ async def test_restored_machines_are_each_their_own(host: Host, tmp_path: Path) 
     await host.destroy(maker)
     assert {p.name: p.stat().st_mode & 0o777 for p in files.folder.iterdir()} == {
         "disk.qcow2": 0o400, "ram": 0o400, "state": 0o400, "overlay.qcow2": 0o400,
+        "hardware.json": 0o400,
     }  # fmt: skip
     ram_digest = hashlib.sha256(files.ram.read_bytes()).hexdigest()
 
