@@ -90,6 +90,20 @@ def file_server(workdir: Path, demo_package: Path) -> Iterator[FileServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def debian_image() -> Path:
+    """The Debian test guest that ``scripts/test`` built or found in its cache."""
+    return prepared("GOLDCLONE_DEBIAN_IMAGE", "the Debian guest")
+
+
+@pytest.fixture(scope="session")
+def debian_qcow2(file_server: FileServer, debian_image: Path) -> Path:
+    """The Debian test guest, served as a bare qcow2 by the run's file server."""
+    served = file_server.root / "debian-12.qcow2"
+    served.symlink_to(debian_image)
+    return served
+
+
 @pytest.fixture
 def demo_body(file_server: FileServer, demo_package: Path) -> dict[str, Any]:
     """A create of the demo guest, served by the run's file server."""

@@ -29,7 +29,7 @@ from goldclone.errors import CommandError
 from goldclone.exec_protocol import ExecRequest
 from goldclone.host.commands import run
 from goldclone.settings import Settings
-from tests.conftest import checksum, prepared, ssh_key
+from tests.conftest import checksum, ssh_key
 from tests.harness import (
     Goldclone,
     goldclone_server,
@@ -75,16 +75,12 @@ SECRETS = ("user-data-secret-d3b1", *METADATA.values())
 
 
 @pytest.fixture(scope="session")
-def debian_image() -> Path:
-    return prepared("GOLDCLONE_DEBIAN_IMAGE", "the Debian guest")
-
-
-@pytest.fixture(scope="session")
-def debian_packages(file_server: FileServer, debian_image: Path) -> dict[str, Path]:
+def debian_packages(
+    file_server: FileServer, debian_image: Path, debian_qcow2: Path
+) -> dict[str, Path]:
     """The bare qcow2, and a VMware folder of it in a plain tar, both served."""
     served = file_server.root
-    qcow2 = served / "debian-12.qcow2"
-    qcow2.symlink_to(debian_image)
+    qcow2 = debian_qcow2
     folder = served / "debian-12.vmwarevm"
     folder.mkdir()
     subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=monolithicSparse",

@@ -19,21 +19,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydantic import ValidationError
-
 from goldclone import __version__
 from goldclone.client import APIError, Client, ClientError
 from goldclone.client.exec import ExecSession
 from goldclone.exec_protocol import ExecRequest, ExecResult
+from goldclone.integrations.requests import vm_request
 from goldclone.models import CreateVMRequest
-from goldclone.problems import explain_errors
 
 BUILDS_DIR = "/builds"
 CACHE_DIR = "/cache"
 READY_TIMEOUT = 900.0
 POOL_PREFIX = "pool:"
-_ENTRY_KEYS = ("image", "cpus", "memory", "network_type", "ready_when", "egress",
-               "network_group", "ttl")  # fmt: skip
 _STAGE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Run by the guest's sh: keep the script that comes on stdin, then run it with bash where the
 # guest has it (GitLab writes bash), else sh.
@@ -75,21 +71,16 @@ def request_for(
     wanted = env.get("CUSTOM_ENV_CI_JOB_IMAGE") or default
     if not wanted:
         raise SystemFailure("the job names no image, and the executor has no --default-image")
-    job = env.get("CUSTOM_ENV_CI_JOB_ID", "")
-    base = {"name": vm_name(env), "on_poweroff": "delete", "labels": {"gitlab.com/job-id": job}}
-    if wanted.startswith(POOL_PREFIX):
-        pool = client.pool(wanted.removeprefix(POOL_PREFIX))
-        entry: dict[str, Any] = {"image": pool.image.model_dump(mode="json", exclude_none=True),
-                                 "cpus": pool.cpus, "memory": pool.memory,
-                                 "network_type": pool.network_type}  # fmt: skip
-    elif (found := _images(images).get(wanted)) is not None:
-        entry = {key: found[key] for key in _ENTRY_KEYS if key in found}
-    else:
+    labels = {"gitlab.com/job-id": env.get("CUSTOM_ENV_CI_JOB_ID", "")}
+    base = {"name": vm_name(env), "on_poweroff": "delete", "labels": labels}
+    pool = wanted.removeprefix(POOL_PREFIX) if wanted.startswith(POOL_PREFIX) else None
+    entry = None if pool is not None else _images(images).get(wanted)
+    if pool is None and entry is None:
         raise SystemFailure(f"image {wanted!r} is neither pool:NAME nor in the images file")
     try:
-        return CreateVMRequest.model_validate({**entry, **base})
-    except ValidationError as exc:
-        raise SystemFailure(f"image {wanted!r}: {explain_errors(exc.errors())}") from None
+        return vm_request(client, pool, entry, base)
+    except ValueError as exc:
+        raise SystemFailure(f"image {wanted!r}: {exc}") from None
 
 
 def _images(path: Path | None) -> dict[str, Any]:
