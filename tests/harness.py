@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -229,6 +231,40 @@ async def port_forward(
         if cli.returncode is None:
             cli.kill()
             await cli.wait()
+
+
+def tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Each file and folder under ``root``: its mode, and its content's sha256."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        found[str(path.relative_to(root))] = (mode, digest)
+    return found
+
+
+def make_folder(root: Path) -> Path:
+    folder = root / "job"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "build.sh").write_text("#!/bin/sh\necho built\n")
+    (folder / "bin" / "build.sh").chmod(0o755)
+    (folder / "secret.key").write_bytes(os.urandom(64))
+    (folder / "secret.key").chmod(0o600)
+    (folder / "big.bin").write_bytes(os.urandom(50 * 1000 * 1000))
+    return folder
+
+
+async def cli(
+    server: Goldclone, *args: str, stdin: bytes = b"", token: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """The ``goldclone`` command against ``server``, in a thread (the server answers from the
+    test's own loop)."""
+    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
+           **({"GOLDCLONE_TOKEN": token} if token else {})}  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, [*GOLDCLONE, *args], input=stdin, env=env, capture_output=True,
+        timeout=120,
+    )  # fmt: skip
 
 
 def settled(vm: dict[str, Any]) -> dict[str, Any]:

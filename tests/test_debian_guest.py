@@ -32,10 +32,13 @@ from goldclone.settings import Settings
 from tests.conftest import checksum, ssh_key
 from tests.harness import (
     Goldclone,
+    cli,
     goldclone_server,
     leftovers,
+    make_folder,
     port_forward,
     processes_mentioning,
+    tree,
 )
 from tests.netns import http_server
 from tests.servers import CallbackReceiver, FileServer
@@ -285,6 +288,12 @@ async def _check_exec(server: Goldclone, vm: dict[str, Any]) -> None:
     _, out, _ = await run(*GOLDCLONE, "exec", vm["id"], "--url", str(server.client.base_url),
                           "--", "id", "-un", timeout=60)  # fmt: skip
     assert out.strip() == "root"
+    with tempfile.TemporaryDirectory() as folder:  # through the guest's GNU tar, modes kept
+        here = make_folder(Path(folder) / "here")
+        assert (await cli(server, "cp", str(here), f"{vm['id']}:/tmp/")).returncode == 0
+        down = await cli(server, "cp", f"{vm['id']}:/tmp/job", f"{folder}/back")
+        assert down.returncode == 0, down.stderr
+        assert tree(Path(folder) / "back") == tree(here)
 
 
 async def _restores(

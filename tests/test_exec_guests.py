@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +18,7 @@ import pytest
 from goldclone.client import APIError, AsyncClient
 from goldclone.drivers.qemu import hardware
 from goldclone.exec_protocol import ExecRequest, TerminalSize
-from tests.harness import Goldclone, port_forward, read_until
+from tests.harness import Goldclone, cli, make_folder, port_forward, read_until, tree
 
 pytestmark = pytest.mark.root
 
@@ -104,3 +107,38 @@ async def test_exec_in_guests_restored_from_templates_old_and_new(
             done = await client.exec(vm["id"], ExecRequest(argv=["hostname"]))
             assert done.stdout.decode().strip() == vm["hostname"], done
             await goldclone.delete(vm["id"])
+
+
+async def test_cp_to_and_from_a_demo_guest_and_from_one_whose_tar_lies(
+    goldclone: Goldclone, demo_body: dict[str, Any], tmp_path: Path
+) -> None:
+    """Through the guest's own (busybox) tar, modes kept; then CI code in the guest replaces
+    its tar to send what would write outside the folder asked for, and is refused."""
+    vm = (await goldclone.boot(demo_body))["id"]
+    here = make_folder(tmp_path / "here")
+    assert (await cli(goldclone, "cp", str(here), f"{vm}:/root/")).returncode == 0
+    back = tmp_path / "back"
+    back.mkdir()
+    down = await cli(goldclone, "cp", f"{vm}:/root/job", str(back))
+    assert down.returncode == 0, down.stderr
+    assert tree(back / "job") == tree(here)
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        member = tarfile.TarInfo("job/../../escaped")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"evil"))
+    liar = ("cat > /evil.tar; mkdir -p /usr/local/bin; "
+            "printf '#!/bin/sh\\nexec cat /evil.tar\\n' > /usr/local/bin/tar; "
+            "chmod 755 /usr/local/bin/tar")  # fmt: skip
+    async with client_of(goldclone) as client:
+        assert (
+            await client.exec(vm, ExecRequest(script=liar), evil.getvalue())
+        ).result.exit_code == 0
+    target = tmp_path / "inside"
+    target.mkdir()
+    refused = await cli(goldclone, "cp", f"{vm}:/root/job", str(target))
+    assert refused.returncode == 1 and b"unsafe-archive" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "here", "inside"]
+    assert list(target.iterdir()) == []
+    await goldclone.delete(vm)

@@ -57,9 +57,10 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
     )
     unexpected = [w for w in warnings if w.strip(" ⚠️") and not expected.fullmatch(w.strip(" ⚠️"))]
     assert "No issues found" in report or not unexpected, report
+    # (a fuzzed path names nothing in a guest: GET /vms/{id}/files answers path-not-found)
     never_succeed = ("POST /images/{image_id}/templates", "PATCH /images/{image_id}",
                      "DELETE /images/{image_id}/templates/{template_id}",
-                     "DELETE /hosts/{host_id}")  # fmt: skip
+                     "DELETE /hosts/{host_id}", "GET /vms/{vm_id}/files")  # fmt: skip
     for heading in ("Missing test data", "Schema validation mismatch"):
         if heading in report:
             section = report.partition(heading)[2].partition("\nSchema validation")[0]

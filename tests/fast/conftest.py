@@ -4,10 +4,8 @@ on loopback, kept in a real gold cache, with state in real SQLite. No root, no Q
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
-import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,9 +20,8 @@ from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
 from goldclone.server import build_app
 from goldclone.settings import Settings
 from tests.conftest import sqlite_copy
-from tests.harness import ApiCalls, Goldclone, goldclone_server
+from tests.harness import ApiCalls, Goldclone, cli, goldclone_server
 from tests.servers import FileServer
-from tests.serving import GOLDCLONE
 
 DISK = "disk.raw"
 SECRETS = {
@@ -146,9 +143,5 @@ async def helper_vm(helper_server: Goldclone, request_body: dict[str, Any]) -> s
 async def goldclone_cli(
     server: Goldclone, *args: str, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "GOLDCLONE_URL": str(server.client.base_url),
-           "GOLDCLONE_TOKEN": as_("alice")["Authorization"][7:]}  # fmt: skip
-    return await asyncio.to_thread(
-        subprocess.run, [*GOLDCLONE, *args], input=stdin, env=env, capture_output=True,
-        timeout=60,
-    )  # fmt: skip
+    """The ``goldclone`` command as alice."""
+    return await cli(server, *args, stdin=stdin, token=as_("alice")["Authorization"][7:])

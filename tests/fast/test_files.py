@@ -4,9 +4,7 @@ test's own folder); and the client's refusal of a tar that reaches outside."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import stat
 import tarfile
 from pathlib import Path
@@ -16,28 +14,7 @@ import pytest
 
 from goldclone.client.files import UnsafeArchive, unpack
 from tests.fast.conftest import as_, goldclone_cli
-from tests.harness import Goldclone
-
-
-def tree(root: Path) -> dict[str, tuple[int, str]]:
-    """Each file and folder under ``root``: its mode, and its content's sha256."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        mode = stat.S_IMODE(path.lstat().st_mode)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
-        found[str(path.relative_to(root))] = (mode, digest)
-    return found
-
-
-def make_folder(root: Path) -> Path:
-    folder = root / "job"
-    (folder / "bin").mkdir(parents=True)
-    (folder / "bin" / "build.sh").write_text("#!/bin/sh\necho built\n")
-    (folder / "bin" / "build.sh").chmod(0o755)
-    (folder / "secret.key").write_bytes(os.urandom(64))
-    (folder / "secret.key").chmod(0o600)
-    (folder / "big.bin").write_bytes(os.urandom(50 * 1000 * 1000))
-    return folder
+from tests.harness import Goldclone, make_folder, tree
 
 
 async def test_cp_copies_a_folder_and_its_modes_both_ways(

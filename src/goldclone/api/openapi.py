@@ -57,7 +57,11 @@ EVENT_STREAM = {"content": {"text/event-stream": {"schema": _EVENTS}}}
 
 VM_LINKS = {
     name: {"operationId": operation, "parameters": {"vm_id": "$response.body#/id"}}
-    for name, operation in (("GetVM", "get_vm"), ("DeleteVM", "delete_vm"))
+    for name, operation in (
+        ("GetVM", "get_vm"),
+        ("DeleteVM", "delete_vm"),
+        ("GetFiles", "get_files"),
+    )  # fmt: skip
 }
 POOL_LINKS = {
     name: {"operationId": operation, "parameters": {"name": "$response.body#/name"}}
