@@ -61,7 +61,7 @@ VM_LINKS = {
         ("GetVM", "get_vm"),
         ("DeleteVM", "delete_vm"),
         ("GetFiles", "get_files"),
-    )  # fmt: skip
+    )
 }
 POOL_LINKS = {
     name: {"operationId": operation, "parameters": {"name": "$response.body#/name"}}

@@ -71,7 +71,7 @@ def add_socket_routes(app: FastAPI, service: VMService, relay: Relay) -> None:
         started = time.monotonic()
         try:
             session = await channel.session(_open_frame(request))
-            result = await _relay(websocket, session, request.timeout)
+            result = await _run_session(websocket, session, request.timeout)
         except (ExecFailed, InvalidRequest) as exc:
             result = _failed(exc)
         if result is None:
@@ -88,7 +88,7 @@ def _open_frame(request: ExecRequest) -> dict[str, object]:
     return {"argv": request.command(), "env": request.env, "cwd": request.cwd, "tty": tty}
 
 
-async def _relay(
+async def _run_session(
     websocket: WebSocket, session: Session, timeout: float | None
 ) -> ExecResult | None:
     """Carry the session's output to the client and the client's input to the session until
