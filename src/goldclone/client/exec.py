@@ -33,16 +33,7 @@ class ExecSession:
     ) -> ExecSession:
         """Connect to the API at ``url`` and start ``request``; raises ``APIError`` as any
         call does (the VM is not found, has no helper...) and ``ServerUnreachable``."""
-        target = websocket_url(url, f"/vms/{quote(vm_id, safe='')}/exec")
-        try:
-            socket = await connect(
-                target, additional_headers=dict(headers), compression=None, max_size=None,
-                open_timeout=OPEN_TIMEOUT, proxy=None,
-            )  # fmt: skip
-        except InvalidStatus as exc:
-            raise error_of(exc.response.status_code, bytes(exc.response.body or b"")) from None
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            raise ServerUnreachable(f"cannot reach {url}: {exc}") from exc
+        socket = await open_websocket(url, headers, f"/vms/{quote(vm_id, safe='')}/exec")
         await socket.send(request.model_dump_json(exclude_none=True))
         return cls(socket)
 
@@ -116,6 +107,20 @@ def _result(data: bytes) -> ExecResult:
         return ExecResult.model_validate_json(data)
     except ValidationError:
         return ExecResult(error={"code": "http-error", "message": "an unreadable exec result"})
+
+
+async def open_websocket(url: str, headers: Mapping[str, str], path: str) -> ClientConnection:
+    """A WebSocket to ``path`` of the API at ``url``; a refusal raises ``APIError`` as any
+    call's does (the VM is not found, has no helper...), no answer ``ServerUnreachable``."""
+    try:
+        return await connect(
+            websocket_url(url, path), additional_headers=dict(headers), compression=None,
+            max_size=None, open_timeout=OPEN_TIMEOUT, proxy=None,
+        )  # fmt: skip
+    except InvalidStatus as exc:
+        raise error_of(exc.response.status_code, bytes(exc.response.body or b"")) from None
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        raise ServerUnreachable(f"cannot reach {url}: {exc}") from exc
 
 
 def websocket_url(base: str, path: str) -> str:

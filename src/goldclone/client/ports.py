@@ -8,11 +8,11 @@ import contextlib
 from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
-from goldclone.client.errors import ClientError, ServerUnreachable, error_of
-from goldclone.client.exec import OPEN_TIMEOUT, websocket_url
+from goldclone.client.errors import ClientError
+from goldclone.client.exec import open_websocket
 
 READ_BYTES = 64 * 1024
 
@@ -22,16 +22,7 @@ async def open_tunnel(
 ) -> ClientConnection:
     """A WebSocket to the guest's ``port``; raises ``APIError`` (the VM, its helper) and
     ``ServerUnreachable``."""
-    target = websocket_url(url, f"/vms/{quote(vm_id, safe='')}/ports/{port}")
-    try:
-        return await connect(
-            target, additional_headers=dict(headers), compression=None, max_size=None,
-            open_timeout=OPEN_TIMEOUT, proxy=None,
-        )  # fmt: skip
-    except InvalidStatus as exc:
-        raise error_of(exc.response.status_code, bytes(exc.response.body or b"")) from None
-    except (OSError, TimeoutError, WebSocketException) as exc:
-        raise ServerUnreachable(f"cannot reach {url}: {exc}") from exc
+    return await open_websocket(url, headers, f"/vms/{quote(vm_id, safe='')}/ports/{port}")
 
 
 async def carry(

@@ -26,9 +26,9 @@ from buildbot.worker.latent import AbstractLatentWorker
 from twisted.internet import defer, threads
 from twisted.python import log
 
-from goldclone.client import APIError, Client
+from goldclone.client import Client
 from goldclone.exec_protocol import ExecRequest
-from goldclone.integrations.requests import vm_request
+from goldclone.integrations.requests import delete_vm, vm_request
 
 WORKER_LABEL = "buildbot.net/worker"
 MASTER_LABEL = "buildbot.net/master"
@@ -101,13 +101,13 @@ class GoldcloneLatentWorker(AbstractLatentWorker):
         vm_id: str | None = getattr(self, "vm_id", None)
         self.vm_id = None
         if vm_id is not None:
-            _delete(self.client, vm_id)
+            delete_vm(self.client, vm_id)
         return True
 
     def _delete_leftovers(self) -> None:
         for vm in self.client.list_vms(labels=self._labels()):
             log.msg(f"goldclone: deleting VM {vm.id}, left by an earlier run of this master")
-            _delete(self.client, vm.id)
+            delete_vm(self.client, vm.id)
 
 
 _OWN = ("url", "token", "pool", "image", "cpus", "memory", "master_address", "ttl", "master_id")
@@ -115,14 +115,6 @@ _OWN = ("url", "token", "pool", "image", "cpus", "memory", "master_address", "tt
 
 def _base(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key not in _OWN}
-
-
-def _delete(client: Client, vm_id: str) -> None:
-    try:
-        client.delete(vm_id)
-    except APIError as exc:
-        if exc.code != "vm-not-found":
-            raise
 
 
 def _master_id() -> str:

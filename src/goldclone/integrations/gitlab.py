@@ -11,7 +11,6 @@ with its ``SYSTEM_FAILURE_EXIT_CODE``.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 import tomllib
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from goldclone import __version__
-from goldclone.client import APIError, Client, ClientError
+from goldclone.client import Client, ClientError
 from goldclone.client.exec import ExecSession
 from goldclone.exec_protocol import ExecRequest, ExecResult
-from goldclone.integrations.requests import vm_request
+from goldclone.integrations.requests import delete_vm, vm_request
 from goldclone.models import CreateVMRequest
 
 BUILDS_DIR = "/builds"
@@ -100,7 +99,7 @@ def prepare(client: Client, request: CreateVMRequest, say: BinaryIO) -> None:
     try:
         vm = client.wait_until_running(vm.id, timeout=READY_TIMEOUT)
     except ClientError:
-        _delete(client, vm.id)
+        delete_vm(client, vm.id)
         raise
     how = vm.started_from or "a cold boot"
     say.write(f"goldclone: running on host {vm.host}, from {how}, at {vm.ip_address}\n".encode())
@@ -143,16 +142,4 @@ async def _stream(
 
 def cleanup(client: Client, name: str) -> None:
     """Delete the job's VM, if there is one."""
-    _delete(client, name)
-
-
-def _delete(client: Client, vm: str) -> None:
-    try:
-        client.delete(vm)
-    except APIError as exc:
-        if exc.code != "vm-not-found":
-            raise
-
-
-def print_config() -> None:
-    print(json.dumps(config()))
+    delete_vm(client, name)

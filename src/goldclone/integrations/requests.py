@@ -1,6 +1,6 @@
-"""The create request of a CI job's VM, as every integration makes it: a warm pool's image and
-shape (so the VM is claimed from the pool when it has one ready), or an image and shape given
-as a create request's fields."""
+"""A CI job's VM as every integration makes and ends it: its create request (a warm pool's image
+and shape, so the VM is claimed from the pool when it has one ready, or an image and shape
+given as a create request's fields), and its deletion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from goldclone.client import Client
+from goldclone.client import APIError, Client
 from goldclone.models import CreateVMRequest
 from goldclone.problems import explain_errors
 
@@ -38,3 +38,12 @@ def vm_request(
         return CreateVMRequest.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(explain_errors(exc.errors())) from None
+
+
+def delete_vm(client: Client, vm: str) -> None:
+    """Delete the VM; one that is gone already is no error."""
+    try:
+        client.delete(vm)
+    except APIError as exc:
+        if exc.code != "vm-not-found":
+            raise
