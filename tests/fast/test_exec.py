@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from goldclone.client import APIError, AsyncClient
 from goldclone.client.exec import ExecSession
 from goldclone.drivers.synthetic import SyntheticDriver, SyntheticHost
 from goldclone.exec_protocol import ExecRequest, TerminalSize
+from goldclone.guest import helper
+from goldclone.guest.channel import Channel
 from goldclone.settings import Settings
 from tests.fast.conftest import as_, goldclone_cli
 from tests.harness import Goldclone, goldclone_server, processes_mentioning, read_until
@@ -250,3 +253,25 @@ async def test_the_cli_runs_a_command_on_a_terminal(
     shown, code = await asyncio.to_thread(in_pty, argv, env)
     assert code == 3
     assert re.search(r"/dev/pts/\d+\r\n27 91\r\n", shown), shown
+
+
+async def test_a_channel_syncs_past_what_an_earlier_connection_left() -> None:
+    """Bytes of an earlier connection (a long run without a line break, stale lines, a ready
+    line with another nonce) come before the helper's answer; only the answer to this
+    connection's nonce syncs it."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    writer.write(b"x" * 200_000 + b"\nstale\n" + helper.READY + b"an-old-nonce\n")
+
+    async def answer() -> None:
+        await reader.readuntil(b"\n")  # the blank line before the sync
+        nonce = (await reader.readuntil(b"\n")).removeprefix(helper.SYNC).rstrip(b"\n")
+        writer.write(helper.READY + nonce + b"\n")
+        await writer.drain()
+
+    answering = asyncio.create_task(answer())
+    channel = await Channel.open(lambda: asyncio.open_unix_connection(sock=ours), "test")
+    await answering
+    assert not channel.closed.is_set()
+    await channel.close()
+    writer.close()

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 SYNC_TIMEOUT = 5.0
 """How long a helper has to answer a new connection before the guest is said to have none."""
-_STALE_LIMIT = 1 << 20
 _CREDIT_BATCH = WINDOW // 4
 
 
@@ -79,9 +78,13 @@ class Channel:
         self._writer.write(b"\n" + helper.SYNC + nonce + b"\n")
         await self._writer.drain()
         ready = helper.READY + nonce + b"\n"
-        seen = b""
-        while not seen.endswith(ready):
-            seen = (seen + await self._reader.readexactly(1))[-_STALE_LIMIT:]
+        # line by line: bytes of an earlier connection before it are skipped in linear time
+        while True:
+            try:
+                if (await self._reader.readuntil(b"\n")).endswith(ready):
+                    return
+            except asyncio.LimitOverrunError as too_long:
+                await self._reader.readexactly(too_long.consumed)
 
     async def session(self, request: dict[str, Any]) -> Session:
         """Start ``request`` (the helper's ``OPEN``: ``argv``... or ``connect``)."""
