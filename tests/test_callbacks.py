@@ -17,7 +17,8 @@ import httpx
 
 from goldclone import __version__
 from goldclone.clock import after, now_s
-from goldclone.models import VM, ImageSpec
+from goldclone.image_spec import ImageSpec
+from goldclone.models import VM
 from goldclone.outbound.callbacks import Outcome, attempt, new_message_id, signing_key
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.service.deliveries import Deliveries

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from goldclone.client import APIError, AsyncClient, Client, ServerUnreachable, VMFailed
-from goldclone.models import CreateVMRequest, ImageSpec
+from goldclone.image_spec import ImageSpec
+from goldclone.models import CreateVMRequest
 from tests.conftest import checksum, ssh_key
 from tests.harness import Goldclone, leftovers
 from tests.servers import FileServer

@@ -30,12 +30,19 @@ and the teardown. A failure shows the server's log with the report."""
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -> None:
     port = free_port()
+    # a fuzzed oci reference names a registry that is not there: that is a 502 by design
+    config = workdir / "schemathesis.toml"
+    config.write_text("".join(
+        f'[[operations]]\ninclude-name = "{name}"\n'
+        'checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502"]\n'
+        for name in ("POST /vms", "POST /images", "PUT /pools/{name}")
+    ))  # fmt: skip
     argv = [*GOLDCLONE, "serve", "--port", str(port), "--data-dir", str(workdir / "fuzz")]
     env = {"GOLDCLONE_DRIVER": "synthetic", "GOLDCLONE_DOWNLOAD_TIMEOUT": "2",
            "GOLDCLONE_CALLBACK_SCHEDULE": "0"}  # fmt: skip
     with serving(argv, env, port) as log:
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "schemathesis"), "run",
+            [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
              f"http://127.0.0.1:{port}/openapi.json", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--exclude-operation-id", "events",
              # a tar body, which schemathesis cannot make (tests/fast/test_files.py sends them)
@@ -61,9 +68,13 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(workdir: Path) -
     never_succeed = ("POST /images/{image_id}/templates", "PATCH /images/{image_id}",
                      "DELETE /images/{image_id}/templates/{template_id}",
                      "DELETE /hosts/{host_id}", "GET /vms/{vm_id}/files")  # fmt: skip
-    for heading in ("Missing test data", "Schema validation mismatch"):
+    # and a fuzzed registry reference, valid by the schema, mostly names an address the
+    # outbound policy refuses (a 400 at once, as no schema can say) or none at all (a 502)
+    mostly_refused = {"Missing test data": never_succeed,
+                      "Schema validation mismatch": (*never_succeed, "POST /vms")}  # fmt: skip
+    for heading, allowed in mostly_refused.items():
         if heading in report:
             section = report.partition(heading)[2].partition("\nSchema validation")[0]
             named = [line.strip()[2:] for line in section.splitlines() if line.startswith("  - ")]
-            assert named and set(named) <= set(never_succeed), section
+            assert named and set(named) <= set(allowed), section
     assert "Traceback" not in log.text(), log.text()

@@ -22,9 +22,9 @@ from goldclone.drivers.qemu import QemuDriver
 from goldclone.drivers.qemu.command import GUEST_NICE
 from goldclone.drivers.qemu.network import Attachment, Networks
 from goldclone.guest.config import GuestConfig
+from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
 from goldclone.images.gold import GoldImage
-from goldclone.models import ImageSpec
 from goldclone.settings import Settings
 from tests.conftest import checksum
 from tests.harness import Goldclone, disk_info, leftovers, links, processes_mentioning

@@ -226,6 +226,17 @@ def paths(value: object) -> tuple[Path, ...]:
     return tuple(path(item) for item in _items(value, os.pathsep))
 
 
+def registries(value: object) -> tuple[str, ...]:
+    """Registries as references name them: ``host[:port]``."""
+    found = tuple(text(item).strip() for item in _items(value, ","))
+    if any(
+        not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", r)
+        for r in found
+    ):
+        raise ValueError("each must be host[:port]")
+    return found
+
+
 def ports(value: object) -> tuple[int, ...]:
     """TCP and UDP ports, 1 to 65535."""
     port = whole(1, 65535)

@@ -31,6 +31,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── NameConflict                    409 name-conflict
     ├── BodyTooLarge                    413 body-too-large
     ├── UnsupportedMediaType            415 unsupported-media-type
+    ├── RegistryUnavailable             502 registry-unavailable (a tag could not be resolved)
     ├── StateConflict                   500 state-conflict (a state change the store refused)
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
     ├── DataDirInUse                    500 data-dir-in-use (at start-up: another service has it)
@@ -45,7 +46,8 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     └── VMFailure                       500 vm-failed: a step of creating a VM failed
         ├── ImageError                  500 image-error
         │   ├── DownloadFailed          500 download-failed
-        │   │   └── URLForbidden        500 url-forbidden (the outbound policy refuses it)
+        │   │   ├── URLForbidden        500 url-forbidden (the outbound policy refuses it)
+        │   │   └── ManifestUnknown     500 download-failed (a registry has no such tag)
         │   ├── ChecksumMismatch        500 checksum-mismatch
         │   ├── ImageUnsafe             500 image-unsafe
         │   └── ImageUnsupported        500 image-unsupported
@@ -58,8 +60,9 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         └── Interrupted                 500 interrupted (the service stopped mid-create)
 
 The API layer maps these to ``{"code", "message"}``; nothing else does. An error whose status
-is 500 reaches a client only as ``internal-error``; a ``VMFailure`` only inside its VM, with
-its code. ``tests/fast/test_layout.py`` keeps this tree the classes' own.
+is 500 reaches a client only as ``internal-error`` (a 502 says what a registry did); a
+``VMFailure`` only inside its VM, with its code. ``tests/fast/test_layout.py`` keeps this tree
+the classes' own.
 """
 
 from __future__ import annotations
@@ -276,6 +279,13 @@ class UnsupportedMediaType(GoldcloneError):
     status = 415
 
 
+class RegistryUnavailable(GoldcloneError):
+    """A registry could not say what a tag is now (unreachable, or it refused goldclone)."""
+
+    code = "registry-unavailable"
+    status = 502
+
+
 class StateConflict(GoldcloneError):
     """A VM was not in a state from which the change asked for is allowed; another actor
     changed it first."""
@@ -365,6 +375,10 @@ class URLForbidden(DownloadFailed):
     code = "url-forbidden"
 
 
+class ManifestUnknown(DownloadFailed):
+    """The registry has no such tag or digest in the repository."""
+
+
 class ChecksumMismatch(ImageError):
     code = "checksum-mismatch"
 
@@ -422,12 +436,12 @@ def subclasses(root: type[GoldcloneError]) -> Iterator[type[GoldcloneError]]:
 
 
 def answer_codes() -> dict[int, list[str]]:
-    """The codes that API answers can carry, by HTTP status: every error below 500, and
-    ``internal-error`` for everything else. The API's OpenAPI description and docs/api.md list
+    """The codes that API answers can carry, by HTTP status: every error but those of status
+    500, and ``internal-error`` for those. The API's OpenAPI description and docs/api.md list
     exactly these."""
     codes: dict[int, list[str]] = {500: [GoldcloneError.code]}
     for cls in subclasses(GoldcloneError):
-        if cls.status < 500 and not issubclass(cls, VMFailure):
+        if cls.status != 500 and not issubclass(cls, VMFailure):
             codes.setdefault(cls.status, []).append(cls.code)
     return dict(sorted(codes.items()))
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import httpx
 from pydantic import AfterValidator, Field, JsonValue, StrictBool, StrictInt, StrictStr
 
+from goldclone import references
 from goldclone.egress import destination
 
 ChecksumType = Literal["md5", "sha1", "sha256", "sha512"]
@@ -67,16 +68,37 @@ def checksum_variants() -> list[JsonValue]:
     def hex_of(length: int) -> JsonValue:
         return {"type": "string", "pattern": f"^[0-9a-fA-F]{{{length}}}$"}
 
+    no_oci: JsonValue = {"required": ["oci"]}
     variants: list[JsonValue] = [
         {"properties": {"checksum_type": {"const": kind}, "checksum": hex_of(length)},
-         "required": ["checksum_type"]}
+         "required": ["url", "checksum", "checksum_type"], "not": no_oci}
         for kind, length in CHECKSUM_HEX_LENGTH.items()
     ]  # fmt: skip
+    no_type: JsonValue = {"required": ["checksum_type"]}
     variants.append(
         {"properties": {"checksum": hex_of(CHECKSUM_HEX_LENGTH["sha256"])},
-         "not": {"required": ["checksum_type"]}}
+         "required": ["url", "checksum"], "not": {"anyOf": [no_type, no_oci]}}
+    )  # fmt: skip
+    url_fields: list[JsonValue] = [
+        {"required": [name]} for name in ("url", "checksum", "checksum_type")
+    ]
+    variants.append(
+        {"properties": {"oci": {"type": "string"}}, "required": ["oci"],
+         "not": {"anyOf": url_fields}}
     )  # fmt: skip
     return variants
+
+
+def oci_reference(text: str | None) -> str | None:
+    if text is not None:
+        references.parse(text)
+    return text
+
+
+OciReference = Annotated[
+    StrictStr,
+    Field(max_length=references.MAX_LENGTH, json_schema_extra={"pattern": references.PATTERN}),
+]
 
 
 Count = StrictInt

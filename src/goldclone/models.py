@@ -19,9 +19,7 @@ from pydantic import (
 from goldclone.access import DEFAULT_TENANT
 from goldclone.clock import Moment, Second
 from goldclone.fields import (
-    CHECKSUM_HEX_LENGTH,
     DNS_LABEL_PATTERN,
-    HEX,
     METADATA_MAX_ENTRIES,
     USER_DATA_MAX_BYTES,
     ChecksumType,
@@ -37,12 +35,11 @@ from goldclone.fields import (
     StrictTrue,
     check_metadata,
     check_user_data,
-    checksum_variants,
     dns_label,
     http_url,
 )
+from goldclone.image_spec import ImageSpec
 from goldclone.labels import Labels
-from goldclone.problems import FieldProblem
 
 
 class Status(StrEnum):
@@ -72,41 +69,6 @@ class Phase(StrEnum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ImageSpec(_Strict):
-    """Where a VM's image package comes from, and what it must hash to."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": checksum_variants()})
-
-    url: HttpUrl
-    checksum: StrictStr
-    checksum_type: ChecksumType = "sha256"
-
-    _url = field_validator("url")(http_url)
-
-    @field_validator("checksum")
-    @classmethod
-    def _hex(cls, checksum: str) -> str:
-        if not HEX.fullmatch(checksum):
-            raise ValueError("must be hexadecimal")
-        return checksum
-
-    @model_validator(mode="after")
-    def _checksum_length(self) -> ImageSpec:
-        expected = CHECKSUM_HEX_LENGTH[self.checksum_type]
-        if len(self.checksum) != expected:
-            raise FieldProblem(
-                "checksum",
-                f"a {self.checksum_type} checksum has {expected} hex digits, "
-                f"not {len(self.checksum)}",
-            )
-        return self
-
-    @property
-    def key(self) -> str:
-        """The gold image's content address: ``<type>-<lowercase hex>``."""
-        return f"{self.checksum_type}-{self.checksum.lower()}"
 
 
 _PATH = r"^/[!-~]*$"
@@ -338,6 +300,13 @@ class Image(BaseModel):
         "any of them names it.",
     )
     url: str
+    """The URL it was first fetched from; empty for an image pulled from a registry."""
+    oci: str | None = None
+    """The registry reference it was first pulled by, pinned to its manifest's digest (a tag
+    is resolved once per pull)."""
+    disk_sha256: str | None = None
+    """The sha256 of its disk: what the image is, whatever package or registry format carried
+    it (none for a VMware VM, known by its package alone)."""
     status: ImageStatus
     size_bytes: int = 0
     """Space taken on disk by the unpacked image."""

@@ -186,6 +186,14 @@ class Settings:
     """Room for the largest valid create: 32 KiB of user data, 16 SSH keys, 4 KiB of metadata."""
     download_timeout: float = 30.0
     """Seconds without progress after which a download fails."""
+    registry_auth_file: Path | None = None
+    """A Docker-style auth file (``{"auths": {HOST: {"auth": BASE64}}}``): the credentials
+    goldclone gives each registry that asks, for basic auth or for a token."""
+    registry_insecure: tuple[str, ...] = ()
+    """Registries (``host[:port]``) reached over plain HTTP; every other one over TLS."""
+    registry_ca_file: Path | None = None
+    """CA certificates (PEM) that registries' TLS certificates may chain to, besides the
+    system's."""
     log_format: str = "text"
     """``text`` or ``json`` (one JSON object per line)."""
     log_level: str = "info"

@@ -99,6 +99,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "seconds a guest has, once it has its IP, to pass its ready_when probe"),
     _s("GOLDCLONE_DOWNLOAD_TIMEOUT", "download_timeout", _seconds,
        "seconds without download progress before download-failed"),
+    _s("GOLDCLONE_REGISTRY_AUTH_FILE", "registry_auth_file", conversions.path,
+       "a Docker-style auth file ({\"auths\": {HOST: {\"auth\": BASE64}}}): each registry's "
+       "credentials, for basic auth or a token", "none: anonymous pulls"),
+    _s("GOLDCLONE_REGISTRY_INSECURE", "registry_insecure", conversions.registries,
+       "registries (host[:port]) reached over plain HTTP; every other one over TLS", "none"),
+    _s("GOLDCLONE_REGISTRY_CA_FILE", "registry_ca_file", conversions.path,
+       "CA certificates (PEM) registries' TLS certificates may chain to, besides the "
+       "system's", "none"),
     _s("GOLDCLONE_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds,
        "seconds a running guest gets to power off on DELETE before it is stopped hard"),
     _s("GOLDCLONE_RECONCILE_INTERVAL", "reconcile_interval", _seconds,

@@ -18,7 +18,8 @@ from websockets.exceptions import InvalidStatus
 from goldclone import settings_sources
 from goldclone.access import Access, Role, digest_of
 from goldclone.conversions import named_tokens
-from goldclone.models import VM, ImageSpec, Status
+from goldclone.image_spec import ImageSpec
+from goldclone.models import VM, Status
 from goldclone.polling import until
 from goldclone.server import build_app
 from goldclone.service.events import VMFilter

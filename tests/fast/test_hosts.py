@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from goldclone.access import Role, Token, digest_of
-from goldclone.models import ImageSpec, Pool
+from goldclone.image_spec import ImageSpec
+from goldclone.models import Pool
 from goldclone.service.fleet import HOST_ID_FILE
 from goldclone.settings import Limits, Settings
 from goldclone.store import pool_records, vm_records

@@ -4,6 +4,7 @@ errors and the state machine. In-process, no root, no QEMU."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -316,7 +317,12 @@ async def test_gold_images_of_the_first_format_are_upgraded(
         assert image["status"] == "ready" and image["size_bytes"] > 0
         vm = await upgraded.boot(request_body)
         assert vm["status"] == "running" and "downloading" not in phases(vm)
-    assert json.loads(meta.read_text())["version"] == 2
+    upgraded_meta = json.loads(meta.read_text())
+    assert upgraded_meta["version"] == 3
+    assert (
+        upgraded_meta["disk_sha256"]
+        == hashlib.sha256((gold / old["disk"]).read_bytes()).hexdigest()
+    )
     assert oct(meta.stat().st_mode & 0o777) == "0o444"
 
 

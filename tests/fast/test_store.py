@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from goldclone.clock import now, now_s
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
-from goldclone.models import VM, ImageSpec, Phase, Pool, Status, TimelineEntry
+from goldclone.image_spec import ImageSpec
+from goldclone.models import VM, Phase, Pool, Status, TimelineEntry
 from goldclone.service import events
 from goldclone.store import (
     admissions,

@@ -42,6 +42,7 @@ from goldclone.errors import (
     RouteNotFound,
     UnsupportedMediaType,
 )
+from goldclone.image_spec import ImageSpec
 from goldclone.labels import parse_selectors
 from goldclone.models import (
     MAX_WAIT,
@@ -51,7 +52,6 @@ from goldclone.models import (
     Image,
     ImageChange,
     ImageList,
-    ImageSpec,
     Pool,
     PoolList,
     PoolRequest,
@@ -344,7 +344,7 @@ def create_app(
 
     @app.exception_handler(GoldcloneError)
     async def _goldclone_error(_: Request, exc: GoldcloneError) -> JSONResponse:
-        if exc.status >= 500:
+        if exc.status == 500:  # a 502 says what the upstream did, and is the client's to see
             log.error("request failed: %s: %s%s", exc.code, exc.message, exc.context())
             return error_response(_INTERNAL)
         return error_response(exc)

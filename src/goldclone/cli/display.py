@@ -52,7 +52,7 @@ def image_table(images: list[Image]) -> Table:
         status = f"{image.status.value} ({image.error.code})" if image.error else image.status
         shapes = ",".join(f"{t.cpus}x{t.memory}MB" for t in image.templates)
         table.add_row(image.id, str(status), _size(image.size_bytes), str(image.vms),
-                      shapes or "-", image.url)  # fmt: skip
+                      shapes or "-", image.url or image.oci or "")  # fmt: skip
     return table
 
 
@@ -73,7 +73,7 @@ def pool_table(pools: list[Pool]) -> Table:
         status = pool.status.value + (f" ({pool.error.code})" if pool.error else "")
         table.add_row(pool.name, status, f"{pool.ready}/{pool.size}", str(pool.filling),
                       str(pool.claimed), str(pool.cpus), f"{pool.memory} MB",
-                      pool.image.url)  # fmt: skip
+                      pool.image.source)  # fmt: skip
     return table
 
 

@@ -229,10 +229,10 @@ def build() -> argparse.ArgumentParser:
     # the actions take the client options too; SUPPRESS keeps them from undoing those before
     _command(actions, "list", "list the gold images (the default)", client)
     pull = _command(actions, "pull", "fetch an image ahead of time", client)
-    pull.add_argument("image_url")
-    pull.add_argument("--checksum", required=True, help="the package's checksum, in hex")
-    pull.add_argument("--checksum-type", choices=CHECKSUM_TYPES, default="sha256",
-                      help="the checksum's type")  # fmt: skip
+    pull.add_argument("image_url", help="the package's URL, or oci://REGISTRY/REPOSITORY:TAG")
+    pull.add_argument("--checksum", help="the package's checksum, in hex (for a URL)")
+    pull.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
+                      help="the checksum's type (default: sha256)")  # fmt: skip
     _wait_options(pull, DEFAULT_CREATE_TIMEOUT, "wait until it is ready, showing progress")
     remove = _command(actions, "delete", "delete a gold image, or forget every failed one",
                       client)  # fmt: skip
@@ -320,7 +320,8 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 def _image_and_shape(parser: argparse.ArgumentParser, defaults_of: str = "") -> None:
     """IMAGE_URL, its checksum and the VMs' shape, as ``create`` and ``pools set`` take them."""
-    parser.add_argument("image_url", nargs="?", help="the image package's URL")
+    parser.add_argument("image_url", nargs="?",
+                        help="the package's URL, or oci://REGISTRY/REPOSITORY[:TAG]")  # fmt: skip
     parser.add_argument("--checksum", help="the package's checksum, in hex")
     parser.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
                         help="the checksum's type (default: sha256)")  # fmt: skip

@@ -31,12 +31,12 @@ from goldclone.client.exec import Completed, ExecSession
 from goldclone.client.exec import run as exec_run
 from goldclone.client.files import guest_target, pack, unpack
 from goldclone.exec_protocol import ExecRequest
+from goldclone.image_spec import ImageSpec
 from goldclone.models import (
     VM,
     CreateVMRequest,
     Host,
     Image,
-    ImageSpec,
     Pool,
     PoolRequest,
     Status,

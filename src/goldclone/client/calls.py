@@ -13,6 +13,7 @@ import httpx
 from pydantic import BaseModel
 
 from goldclone.client.errors import APIError, ImageFailed, VMFailed, WaitTimeout, error_of
+from goldclone.image_spec import ImageSpec
 from goldclone.models import (
     MAX_WAIT,
     VM,
@@ -21,7 +22,6 @@ from goldclone.models import (
     HostList,
     Image,
     ImageList,
-    ImageSpec,
     ImageStatus,
     Pool,
     PoolList,

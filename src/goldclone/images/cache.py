@@ -5,11 +5,12 @@ and exists only once it is complete: the package is downloaded to ``downloads/``
 into a temporary folder beside the cache and renamed into place, so a half-made gold image is
 never seen. Creates for the same image share one download.
 
-A gold image is its package's content: every download is also hashed with sha256, which
-``gold.json`` keeps. A download under a checksum not known yet whose package is one that a
-gold image has already is not unpacked again: its checksum is remembered (in the
-``ChecksumBook``) as another name of that image, and later requests with it find the image
-at once.
+A gold image is its disk (``images/names.py``): every download is also hashed with sha256,
+and every disk once unpacked or pulled. A download under a checksum not known yet whose package
+or disk is one that a gold image has already is not kept: its checksum is remembered (in the
+``ChecksumBook``) as another name of that image, and later requests with it find the image at
+once. An image from a registry (``images/oci/``) is named ``sha256-<its disk's sha256>``, and
+the manifest it was pulled by, ``oci-<hex>``, names it too.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httpx
 
 from goldclone.errors import (
+    DownloadFailed,
     ImageInUse,
     ImageNotFound,
     InsufficientSpace,
     VMFailure,
 )
+from goldclone.image_spec import ImageSpec
 from goldclone.images.checks import DiskImage, inspect_package
 from goldclone.images.download import fetch
 from goldclone.images.gold import (
@@ -42,28 +45,24 @@ from goldclone.images.gold import (
     GoldImage,
     content_of,
     disk_usage,
+    file_sha256,
+    identity_of,
     make_read_only,
     read_metadata,
     remove,
     upgrade_metadata,
 )
+from goldclone.images.names import ChecksumBook, GoldNames
+from goldclone.images.oci.pull import LocalChunk, Puller
 from goldclone.images.unpack import UnpackLimits, unpack
-from goldclone.models import DownloadProgress, ErrorBody, Image, ImageSpec, ImageStatus
+from goldclone.models import DownloadProgress, ErrorBody, Image, ImageStatus
+from goldclone.references import parse
 
 log = logging.getLogger(__name__)
 
 FAILED_KEPT = 3600.0
 """Seconds that a failed fetch stays listed, with its error, unless the image is asked for
 again or deleted before: then it is forgotten, as a delete would."""
-
-
-class ChecksumBook(Protocol):
-    """Where the checksums verified against image packages are kept (the store): each as its
-    name, ``<type>-<checksum>``, with the sha256 of the package it was verified against."""
-
-    async def checksums(self) -> dict[str, str]: ...
-
-    async def add_checksum(self, name: str, sha256: str) -> None: ...
 
 
 class ImageCache:
@@ -79,6 +78,7 @@ class ImageCache:
         checksums: ChecksumBook | None = None,
         growth: Callable[[], int] | None = None,
         on_change: Callable[[Image, bool], None] | None = None,
+        puller: Puller | None = None,
     ) -> None:
         self._images = data_dir.absolute() / "images"
         self._uses = data_dir.absolute() / "last-used"
@@ -99,11 +99,9 @@ class ImageCache:
         self._forgetting: dict[str, asyncio.TimerHandle] = {}
         """When each failed fetch is forgotten (``FAILED_KEPT``)."""
         self._locks: dict[str, asyncio.Lock] = {}
-        self._book = checksums
-        self._learnt: dict[str, str] = {}
-        """The sha256 of the package that each checksum (``md5-<hex>``) was verified against."""
-        self._by_content: dict[str, str] = {}
-        """The gold image (its key) of each package sha256."""
+        self._names = GoldNames(self._images, checksums)
+        self._puller = puller
+        """Pulls from registries; none: an image that names one fails."""
         self._on_change = on_change
         """Told of each image that starts or ends a fetch, and of each deleted one (``True``)."""
 
@@ -111,9 +109,8 @@ class ImageCache:
         """Create the folders, drop what a crash may have left half-made, and read what each
         gold image's package was."""
         await asyncio.to_thread(self._clean)
-        self._by_content = await asyncio.to_thread(self._contents)
-        if self._book is not None:
-            self._learnt = await self._book.checksums()
+        await asyncio.to_thread(self._names.scan)
+        await self._names.open()
 
     def _clean(self) -> None:
         for folder in (self._images, self._downloads, self._uses):
@@ -123,26 +120,9 @@ class ImageCache:
         for root in self._images.glob("*-*"):
             upgrade_metadata(root)
 
-    def _contents(self) -> dict[str, str]:
-        """The gold image of each package sha256 that is known: those published by this code,
-        and those whose ID is their sha256."""
-        found: dict[str, str] = {}
-        sha256_first = sorted(self._images.glob("*-*"), key=lambda r: r.name[:7] != "sha256-")
-        for root in sha256_first:
-            meta = read_metadata(root)
-            if meta is not None and (content := content_of(root.name, meta)) is not None:
-                found.setdefault(content, root.name)
-        return found
-
     def resolve(self, key: str) -> str:
-        """The ID of the gold image that the checksum ``key`` (``<type>-<checksum>``) names:
-        the image fetched by it, or the one whose package it was verified against; ``key``
-        itself when there is none."""
-        if key.startswith(".") or "/" in key or read_metadata(self._images / key) is not None:
-            return key
-        kind, _, checksum = key.partition("-")
-        content = checksum if kind == "sha256" else self._learnt.get(key)
-        return self._by_content.get(content, key) if content else key
+        """The ID of the gold image that ``key`` names (``GoldNames.resolve``)."""
+        return self._names.resolve(key)
 
     def lock(self, key: str) -> asyncio.Lock:
         """Held while a clone is made from the image ``key``, and while it is deleted."""
@@ -159,13 +139,7 @@ class ImageCache:
 
     def cached(self, spec: ImageSpec) -> GoldImage | None:
         """The gold image for ``spec`` if it is complete on disk."""
-        key = self.resolve(spec.key)
-        root = self._images / key
-        meta = read_metadata(root)
-        if meta is None:
-            return None
-        vmx = root / meta["vmx"] if meta.get("vmx") else None
-        return GoldImage(key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
+        return self.cached_key(self.resolve(spec.key))
 
     async def ensure(
         self, spec: ImageSpec, on_fetch: Callable[[], Awaitable[None]] | None = None
@@ -185,6 +159,11 @@ class ImageCache:
         await asyncio.to_thread(self._used, gold.key)
         return gold
 
+    def identity(self, key: str) -> str | None:
+        """The sha256 of the disk of the gold image that ``key`` names, if it is on disk."""
+        meta = read_metadata(self._images / self.resolve(key))
+        return None if meta is None else identity_of(meta)
+
     def content(self, key: str) -> str | None:
         """The sha256 of the package of the gold image that ``key`` names, if it is on disk
         (and was fetched since gold images keep it)."""
@@ -197,7 +176,9 @@ class ImageCache:
         first fetch, or one since whose package turned out to be it."""
         key = self.resolve(key)
         meta = read_metadata(self._images / key)
-        return meta is not None and (meta["url"] == url or (key, url) in self._fetched_from)
+        return meta is not None and (
+            url in (meta["url"], meta["oci"]) or (key, url) in self._fetched_from
+        )
 
     async def verify(self, spec: ImageSpec) -> str:
         """Download ``spec`` to check it, without keeping it: the sha256 of its package, once
@@ -291,8 +272,8 @@ class ImageCache:
             kind, checksum = key.split("-", 1)
             return Image.model_validate({
                 "id": key, "checksum": checksum, "checksum_type": kind,
-                "checksums": self._checksums_of(key, meta),
-                "url": meta["url"], "status": ImageStatus.READY,
+                "checksums": self._names.names_of(key, meta), "url": meta["url"],
+                "oci": meta["oci"], "disk_sha256": identity_of(meta), "status": ImageStatus.READY,
                 "size_bytes": meta["size_bytes"], "last_used_at": self._last_use(key),
             })  # fmt: skip
         spec, failure = self._specs.get(key), self._failures.get(key)
@@ -303,24 +284,13 @@ class ImageCache:
         else:
             assert failure is not None
             status, error = ImageStatus.ERROR, ErrorBody(code=failure.code, message=failure.message)
-        return Image(
-            id=key, checksum=spec.checksum.lower(), checksum_type=spec.checksum_type,
-            checksums={spec.checksum_type: spec.checksum.lower()}, url=spec.url, status=status,
-            progress=self._progress.get(key), error=error,
-        )  # fmt: skip
-
-    def _checksums_of(self, key: str, meta: dict[str, Any]) -> dict[str, str]:
-        """Every checksum the gold image ``key`` is known by: the one it was fetched by, its
-        package's sha256, and those verified against that package since."""
         kind, checksum = key.split("-", 1)
-        known = {kind: checksum}
-        if (content := content_of(key, meta)) is not None:
-            known["sha256"] = content
-            for name, sha256 in self._learnt.items():
-                if sha256 == content:
-                    other, value = name.split("-", 1)
-                    known.setdefault(other, value)
-        return dict(sorted(known.items()))
+        kind = "sha256" if spec.oci else kind  # a pull is named by its manifest's sha256
+        return Image.model_validate({
+            "id": key, "checksum": checksum, "checksum_type": kind,
+            "checksums": {kind: checksum} if not spec.oci else {}, "url": spec.url or "",
+            "oci": spec.oci, "status": status, "progress": self._progress.get(key), "error": error,
+        })  # fmt: skip
 
     def _last_use(self, key: str) -> datetime | None:
         used = self.used_at(key)
@@ -345,7 +315,7 @@ class ImageCache:
             return
         doomed = self._images / f".tmp-deleted-{key}-{uuid.uuid4().hex}"
         root.rename(doomed)
-        self._by_content = {c: k for c, k in self._by_content.items() if k != key}
+        self._names.forget(key)
         await asyncio.to_thread(remove, doomed)
         self._specs.pop(key, None)
         (self._uses / key).unlink(missing_ok=True)
@@ -353,30 +323,17 @@ class ImageCache:
         log.info("gold image %s deleted", key)
 
     async def _fetch(self, spec: ImageSpec) -> GoldImage:
-        download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
         staging = self._images / f".tmp-{spec.key}-{uuid.uuid4().hex}"
         reserve = self._reserve_bytes
         if self._growth is not None:
             reserve += await asyncio.to_thread(self._growth)
         try:
-            content = await fetch(
-                self._http, spec, download, self._timeout, reserve,
-                on_start=lambda progress: self._progress.__setitem__(spec.key, progress),
-            )  # fmt: skip
-            await self._learn(spec, content)
-            if (same := self._gold_of(content)) is None:
-                staging.mkdir()
-                await asyncio.to_thread(self._unpack, download, staging, spec.url, content)
-                await asyncio.to_thread(remove, download)
-                await asyncio.to_thread(make_read_only, staging)
-                # another fetch of the same package, under another checksum, may have
-                # published it meanwhile: nothing is awaited between this look and the rename
-                if (same := self._gold_of(content)) is None:
-                    staging.rename(self._images / spec.key)
-                    self._by_content[content] = spec.key
-            if same is not None:
-                log.info("image %s is the package of gold image %s: its checksum is remembered, "
-                         "and the download is not kept", spec.key, same)  # fmt: skip
+            if spec.oci is None:
+                meta = await self._download(spec, staging, reserve)
+            else:
+                meta = await self._pull(spec, staging, reserve)
+            if meta is not None:
+                await self._publish(spec, staging, meta)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -385,40 +342,107 @@ class ImageCache:
                 "everything of it was removed"
             ) from None
         finally:
-            await asyncio.to_thread(remove, download)
             await asyncio.to_thread(remove, staging)
         gold = self.cached(spec)
         assert gold is not None
-        self._fetched_from.add((gold.key, spec.url))
+        self._fetched_from.add((gold.key, spec.source))
         self._used(gold.key)
         log.info("gold image %s is ready", gold.key)
         return gold
 
-    async def _learn(self, spec: ImageSpec, content: str) -> None:
-        """Remember that ``spec``'s checksum was verified against the package ``content``."""
-        if spec.checksum_type == "sha256" or self._learnt.get(spec.key) == content:
+    async def _download(
+        self, spec: ImageSpec, staging: Path, reserve: int
+    ) -> dict[str, Any] | None:
+        """Download and unpack ``spec`` into ``staging``: its ``gold.json``; ``None`` when
+        its package is one a gold image has already."""
+        download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
+        try:
+            content = await fetch(
+                self._http, spec, download, self._timeout, reserve,
+                on_start=lambda progress: self._progress.__setitem__(spec.key, progress),
+            )  # fmt: skip
+            await self._names.learn(spec.key, content)
+            if (same := self._names.holding(content)) is not None:
+                log.info("image %s is the package of gold image %s: its checksum is remembered, "
+                         "and the download is not kept", spec.key, same)  # fmt: skip
+                return None
+            staging.mkdir()
+            return await asyncio.to_thread(self._unpack, download, staging, spec.source, content)
+        finally:
+            await asyncio.to_thread(remove, download)
+
+    async def _pull(self, spec: ImageSpec, staging: Path, reserve: int) -> dict[str, Any]:
+        """Pull ``spec`` (a pinned registry reference) into ``staging``: its ``gold.json``."""
+        ref = parse(spec.source)
+        if self._puller is None:
+            raise DownloadFailed(f"{ref}: this service pulls from no registry")
+        manifest = await self._puller.registry.manifest(ref)
+        staging.mkdir()
+
+        def local(layer: str) -> LocalChunk | None:
+            found = self._names.chunk(layer)
+            gold = self.cached_key(found[0]) if found else None
+            return LocalChunk(gold.disk.path, found[1]) if gold and found else None
+
+        pulled = await self._puller.pull(
+            ref, manifest, staging, reserve,
+            lambda progress: self._progress.__setitem__(spec.key, progress), local,
+        )  # fmt: skip
+        return await asyncio.to_thread(self._describe, staging, pulled.disk, pulled.format, {
+            "url": "", "oci": str(ref), "sha256": pulled.disk_sha256,
+            "disk_sha256": pulled.disk_sha256, "chunks": pulled.chunks,
+        })  # fmt: skip
+
+    async def _publish(self, spec: ImageSpec, staging: Path, meta: dict[str, Any]) -> None:
+        """Make ``staging`` the gold image of ``spec``, unless a gold image of the same disk
+        is here: then ``spec`` (and its package) are remembered as names of that one."""
+        identity = identity_of(meta)
+        key = f"sha256-{identity}" if spec.oci else spec.key
+        if identity is not None and (same := self._names.holding(identity)) is None:
+            await asyncio.to_thread(make_read_only, staging)
+            # another fetch of the same disk may have published it meanwhile: nothing is
+            # awaited between this look and the rename
+            if (same := self._names.holding(identity)) is None:
+                staging.rename(self._images / key)
+                self._names.register(key, meta)
+        elif identity is None:  # a VMware VM: known by its package alone
+            await asyncio.to_thread(make_read_only, staging)
+            staging.rename(self._images / key)
+            self._names.register(key, meta)
             return
-        if self._book is not None:
-            await self._book.add_checksum(spec.key, content)
-        self._learnt[spec.key] = content
+        if same is not None:
+            log.info("image %s has the disk of gold image %s: it is remembered as another name "
+                     "of it, and not kept twice", spec.key, same)  # fmt: skip
+        assert identity is not None
+        await self._names.learn(spec.key, identity)
+        await self._names.learn(f"sha256-{meta['sha256']}", identity)
 
-    def _gold_of(self, content: str) -> str | None:
-        """The gold image on disk whose package's sha256 is ``content``."""
-        key = self._by_content.get(content)
-        return key if key is not None and read_metadata(self._images / key) else None
+    def cached_key(self, key: str) -> GoldImage | None:
+        """The gold image ``key`` (its ID) if it is complete on disk."""
+        root = self._images / key
+        meta = read_metadata(root)
+        if meta is None:
+            return None
+        vmx = root / meta["vmx"] if meta.get("vmx") else None
+        return GoldImage(key, root, DiskImage(root / meta["disk"], meta["format"]), vmx)
 
-    def _unpack(self, package: Path, staging: Path, url: str, sha256: str) -> None:
+    def _unpack(self, package: Path, staging: Path, url: str, sha256: str) -> dict[str, Any]:
         content = staging / "content"
         content.mkdir()
         unpack(package, content, self._limits)
         found = inspect_package(content)
+        vmx = str(found.vmx.relative_to(staging)) if found.vmx else None
+        disk_sha256 = None if vmx else file_sha256(found.disk.path)
+        extra = {"url": url, "oci": None, "sha256": sha256, "disk_sha256": disk_sha256, "vmx": vmx}
+        return self._describe(staging, found.disk.path, found.disk.format, extra)
+
+    def _describe(
+        self, staging: Path, disk: Path, disk_format: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write a gold image's ``gold.json`` into ``staging`` (blocking); what it says."""
         meta = {
-            "version": GOLD_FORMAT,
-            "url": url,
-            "sha256": sha256,
-            "size_bytes": disk_usage(content),
-            "disk": str(found.disk.path.relative_to(staging)),
-            "format": found.disk.format,
-            "vmx": str(found.vmx.relative_to(staging)) if found.vmx else None,
-        }
+            "version": GOLD_FORMAT, "size_bytes": disk_usage(staging / "content"),
+            "disk": str(disk.relative_to(staging)), "format": disk_format, "vmx": None, **extra,
+        }  # fmt: skip
         (staging / METADATA).write_text(json.dumps(meta))
+        return meta

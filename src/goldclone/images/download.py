@@ -17,7 +17,8 @@ from typing import IO, Any
 import httpx
 
 from goldclone.errors import ChecksumMismatch, DownloadFailed, InsufficientSpace
-from goldclone.models import DownloadProgress, ImageSpec
+from goldclone.image_spec import ImageSpec
+from goldclone.models import DownloadProgress
 
 CHUNK = 1 << 20
 
@@ -38,6 +39,7 @@ async def fetch(
     that would leave less than ``reserve_bytes`` free on ``dest``'s disk is refused before it
     starts, when the server says how large it is.
     """
+    assert spec.url and spec.checksum and spec.checksum_type  # a URL's spec, as its model checks
     digest = hashlib.new(spec.checksum_type)
     content = digest if spec.checksum_type == "sha256" else hashlib.sha256()
     try:
@@ -51,15 +53,15 @@ async def fetch(
             progress = DownloadProgress(
                 bytes_done=0, bytes_total=int(total) if total and total.isdigit() else None
             )
-            _check_room(spec, dest.parent, progress.bytes_total, reserve_bytes)
+            check_room(f"image {spec.key}", dest.parent, progress.bytes_total, reserve_bytes)
             on_start(progress)
-            sink = _Sink(dest, (digest,) if content is digest else (digest, content))
+            sink = Sink(dest, (digest,) if content is digest else (digest, content))
             try:
                 async for chunk in response.aiter_raw(CHUNK):
-                    await _to_the_end(sink.write, chunk)
+                    await to_the_end(sink.write, chunk)
                     progress.bytes_done += len(chunk)
             finally:
-                await _to_the_end(sink.close)
+                await to_the_end(sink.close)
     except httpx.TimeoutException:
         raise DownloadFailed(f"GET {spec.url} timed out (no data for {timeout:g} s)") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -73,28 +75,29 @@ async def fetch(
     return content.hexdigest()
 
 
-class _Sink:
-    """The download's file, hashed by each of ``digests`` as it is written; opened by the
-    first write, in the worker thread that does it."""
+class Sink:
+    """The download's file, hashed by each of ``digests`` as it is written (``append``: after
+    what it holds, to resume); opened by the first write, in the worker thread that does it."""
 
-    def __init__(self, path: Path, digests: tuple[Any, ...]) -> None:
+    def __init__(self, path: Path, digests: tuple[Any, ...], append: bool = False) -> None:
         self._path, self._digests = path, digests
+        self._mode = "ab" if append else "wb"
         self._file: IO[bytes] | None = None
 
     def write(self, chunk: bytes) -> None:
         if self._file is None:
-            self._file = self._path.open("wb")
+            self._file = self._path.open(self._mode)
         for digest in self._digests:
             digest.update(chunk)
         self._file.write(chunk)
 
     def close(self) -> None:
         if self._file is None:
-            self._file = self._path.open("wb")  # an empty download is an empty file
+            self._file = self._path.open(self._mode)  # an empty download is an empty file
         self._file.close()
 
 
-async def _to_the_end(func: Callable[..., None], *args: Any) -> None:
+async def to_the_end(func: Callable[..., None], *args: Any) -> None:
     """``func(*args)`` in a worker thread, always to its end: a cancel waits for it before it
     is raised, since the thread runs on regardless and would race the caller's cleanup (a
     close of the file it writes)."""
@@ -106,14 +109,14 @@ async def _to_the_end(func: Callable[..., None], *args: Any) -> None:
         raise
 
 
-def _check_room(spec: ImageSpec, folder: Path, size: int | None, reserve_bytes: int) -> None:
+def check_room(name: str, folder: Path, size: int | None, reserve_bytes: int) -> None:
     """Refuse a download that cannot fit, with the reserve kept free, before it starts."""
     if size is None:
         return
     usage = shutil.disk_usage(folder)
     if size + reserve_bytes > usage.free:
         raise InsufficientSpace(
-            f"image {spec.key} is {size} bytes, and {usage.free} bytes are free on the "
+            f"{name} is {size} bytes, and {usage.free} bytes are free on the "
             f"data dir's disk, {reserve_bytes} of which are kept in reserve (for the host, "
             f"and for what the running VMs' disks can still grow into)"
         )

@@ -1,8 +1,9 @@
 """A gold image on disk: its read-only folder, and ``gold.json``, which says what it is (its
-format, the URL it came from, its package's sha256, its disk)."""
+format, where it came from, its package's sha256, its disk and the disk's sha256)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,14 +17,16 @@ from goldclone.images.checks import DiskImage
 log = logging.getLogger(__name__)
 
 METADATA = "gold.json"
-GOLD_FORMAT = 2
-"""The format of ``gold.json``: 1 had no version (up to commit 8682a97); 2 says so."""
+GOLD_FORMAT = 3
+"""The format of ``gold.json``: 1 had no version (up to commit 8682a97); 2 says so; 3 adds
+``disk_sha256``, the image's identity, and ``oci``, the registry reference it was pulled by."""
 
 
 @dataclass(frozen=True)
 class GoldImage:
     key: str
-    """The gold image's ID, ``<type>-<checksum>``: the checksum it was first fetched by."""
+    """The gold image's ID, ``<type>-<checksum>``: the checksum it was first fetched by (a
+    registry's image: its disk's sha256)."""
     root: Path
     disk: DiskImage
     vmx: Path | None
@@ -35,6 +38,18 @@ def content_of(key: str, meta: dict[str, Any]) -> str | None:
     kind, checksum = key.split("-", 1)
     content = meta.get("sha256") or (checksum if kind == "sha256" else None)
     return str(content) if content else None
+
+
+def identity_of(meta: dict[str, Any]) -> str | None:
+    """What a gold image is: its disk's sha256, the same whatever package or registry format
+    carried the disk; none for a VMware VM, which is known by its package alone."""
+    return None if meta.get("vmx") else meta.get("disk_sha256")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in large blocks (blocking)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_metadata(root: Path) -> dict[str, Any] | None:
@@ -65,6 +80,10 @@ def upgrade_metadata(root: Path) -> None:
     meta |= {"version": GOLD_FORMAT}
     meta.setdefault("url", "")
     meta.setdefault("size_bytes", disk_usage(root / "content"))
+    # Format 2: no identity; the disk is read once to find it.
+    meta.setdefault("oci", None)
+    if "disk_sha256" not in meta:
+        meta["disk_sha256"] = None if meta.get("vmx") else file_sha256(root / meta["disk"])
     partial = root / f".{METADATA}.new"
     os.chmod(root, 0o755)
     try:

@@ -21,6 +21,7 @@ from goldclone.egress import NO_EGRESS_RULES, EgressPolicy, destination, tenant_
 from goldclone.errors import CapacityExceeded, IdempotencyConflict, InvalidRequest, URLForbidden
 from goldclone.fields import MIN_MEMORY_MB
 from goldclone.guest.config import GuestConfig
+from goldclone.image_spec import ImageSpec
 from goldclone.models import VM, CreateVMRequest, Phase, ReadyWhen, TimelineEntry
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
@@ -62,15 +63,17 @@ class Admission:
         idempotency_key: str | None,
         pools: Sequence[str] = (),
         tenant: str = DEFAULT_TENANT,
+        asked: CreateVMRequest | None = None,
     ) -> tuple[VM, GuestConfig | None]:
         """The VM recorded for ``request``, of ``tenant``, ``creating`` (with a machine claimed
         from one of ``pools`` if one has a ready machine), and its guest's configuration; or
         the VM that an earlier request of the tenant with the same ``idempotency_key`` and
         body made, and ``None``. The same key with another body is an
-        ``IdempotencyConflict``."""
+        ``IdempotencyConflict``; a body is compared as it was ``asked`` (a tag, before it
+        was resolved), if it was."""
         self.check_urls(request)
         expires_at = self.leases.expiry(request.ttl, "ttl" in request.model_fields_set)
-        digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        digest = hashlib.sha256((asked or request).model_dump_json().encode()).hexdigest()
         guest = GuestConfig.of(str(uuid.uuid4()), request)
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
         wanted = Held(request.cpus, request.memory, tenant_group(tenant, request.network_group))
@@ -93,7 +96,7 @@ class Admission:
         await admissions.add_member(self._db, pool, machine, wanted, self._capacity_check(wanted))
 
     def check_urls(self, request: CreateVMRequest) -> None:
-        self.check_url("image.url", request.image.url)
+        self.check_image("image", request.image)
         if request.callback_url is not None:
             self.check_url("callback_url", request.callback_url)
 
@@ -105,6 +108,13 @@ class Admission:
     def check_network(self, network_type: str) -> None:
         if (refused := network_refusal(self.bounds, network_type)) is not None:
             raise InvalidRequest(f"{refused} on this host")
+
+    def check_image(self, field: str, image: ImageSpec) -> None:
+        """An image's URL, or its registry (as the URL it is reached by), checked now."""
+        if (ref := image.reference) is not None:
+            self.check_url(f"{field}.oci", f"https://{ref.registry}/")
+        else:
+            self.check_url(f"{field}.url", image.source)
 
     def check_url(self, field: str, url: str) -> None:
         """A URL whose host is an address is checked now; a name, when it is connected to."""

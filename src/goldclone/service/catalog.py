@@ -18,10 +18,12 @@ from goldclone.errors import (
     TemplateInUse,
     TemplateNotFound,
 )
+from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
-from goldclone.models import VM, Image, ImageSpec, ImageStatus, Status, TemplateStatus
+from goldclone.models import VM, Image, ImageStatus, Status, TemplateStatus
 from goldclone.service.admission import Admission
 from goldclone.service.image_access import ImageAccess
+from goldclone.service.pinning import Pinning
 from goldclone.service.pools import Pools
 from goldclone.service.templates import Templates
 from goldclone.store import vm_records
@@ -39,8 +41,10 @@ class Catalog:
         templates: Templates,
         pools: Pools,
         access: ImageAccess,
+        pinning: Pinning,
         budget: int | None = None,
     ) -> None:
+        self._pinning = pinning
         self._db = db
         self._access = access
         self._pools = pools
@@ -91,7 +95,8 @@ class Catalog:
         """Start fetching an image for ``tenant`` ahead of the first VM that needs it. An
         image in the cache already is the tenant's once its URL has shown it has it, which
         may take a download (``ImageAccess.shown``); a URL that does not give it is a 400."""
-        self._admission.check_url("url", spec.url)
+        self._admission.check_image("", spec)
+        spec = await self._pinning.pin(spec, "", pools=False)
         self._access.asked(spec, tenant)
         if self._images.cached(spec) is None:
             self._images.prefetch(spec)

@@ -17,8 +17,8 @@ from functools import partial
 from typing import Any
 
 from goldclone.errors import ChecksumMismatch
+from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
-from goldclone.models import ImageSpec
 from goldclone.store import image_records
 from goldclone.store.database import Database
 
@@ -39,7 +39,7 @@ class ImageAccess:
     def asked(self, spec: ImageSpec, tenant: str) -> None:
         """``tenant`` asked for ``spec``: it sees the image while it is on its way, and has
         shown it has it once a fetch from its URL has made it (``ready``)."""
-        self._asked.setdefault(spec.key, set()).add((tenant, spec.url))
+        self._asked.setdefault(spec.key, set()).add((tenant, spec.source))
 
     async def ready(self, image_id: str) -> None:
         """The image ``image_id`` is ready: remember the tenants whose URL it was fetched
@@ -57,11 +57,11 @@ class ImageAccess:
         has shown it has its package, checking ``spec``'s URL if need be, and remember it.
         Raises ``DownloadFailed`` or ``ChecksumMismatch`` when the URL does not give it."""
         content = self._package(spec.key)
-        url = _url_sha256(spec.url)
+        url = _url_sha256(spec.source)
         shown = await self._shown(spec, content, url, tenant)
         if not shown and await self._images.verify(spec) != content:
             raise ChecksumMismatch(
-                f"{spec.url} gives another package than image {spec.key} of this cache"
+                f"{spec.source} gives another package than image {spec.key} of this cache"
             )
         await self._remember(content, url, tenant)
 
@@ -69,7 +69,7 @@ class ImageAccess:
         """Whether ``tenant``'s VM that names ``spec`` may take a pooled machine of its image
         now, without a check of its URL."""
         return self._images.content(spec.key) is not None and await self._shown(
-            spec, self._package(spec.key), _url_sha256(spec.url), tenant
+            spec, self._package(spec.key), _url_sha256(spec.source), tenant
         )
 
     async def seen_by(self, tenant: str | None) -> set[str] | None:
@@ -109,7 +109,7 @@ class ImageAccess:
             self._remembered.add((content, url, tenant))
 
     async def _shown(self, spec: ImageSpec, content: str, url: str, tenant: str) -> bool:
-        if self._images.fetched_from(spec.key, spec.url):
+        if self._images.fetched_from(spec.key, spec.source):
             return True
         return await self._db.read(lambda conn: image_records.shown(conn, content, url, tenant))
 

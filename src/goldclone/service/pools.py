@@ -23,10 +23,12 @@ from goldclone.drivers.base import Driver, MachineSpec, Runtime
 from goldclone.errors import GoldcloneError, InvalidRequest, PoolNotFound
 from goldclone.fields import is_dns_label
 from goldclone.guest.config import GuestConfig, needs_first_boot
+from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
 from goldclone.models import CreateVMRequest, ErrorBody, Pool, PoolRequest
 from goldclone.service.admission import Admission
 from goldclone.service.machines import bring_up
+from goldclone.service.pinning import Pinning
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 from goldclone.store import pool_records
@@ -66,6 +68,8 @@ class Pools:
         self._changing = asyncio.Lock()
         """Held while the pools' definitions change: by a request here, or another host's."""
         self._follower: asyncio.Task[None] | None = None
+        self.pinning: Pinning | None = None
+        """Resolves a put pool's tag; none: a tag is refused (set by the service)."""
 
     async def start(self) -> None:
         """Keep the stored pools: their machines that still run stay, the others go."""
@@ -105,10 +109,17 @@ class Pools:
             if (gold(pool.image.key), pool.cpus, pool.memory, pool.network_type) == shape
         ]
 
+    def images(self) -> list[ImageSpec]:
+        """The image of every pool, pinned."""
+        return [pool.image for pool in self._pools.values()]
+
     async def put(self, name: str, request: PoolRequest) -> tuple[Pool, bool]:
         """Make the pool ``name``, or change it: the pool and whether it is new. A pool whose
-        image or shape changes loses its machines and fills again."""
+        image or shape changes loses its machines and fills again; a tag is resolved anew."""
         self._check(name, request)
+        if self.pinning is not None:
+            image = await self.pinning.pin(request.image, "image", pools=False)
+            request = request.model_copy(update={"image": image})
         async with self._changing:
             earlier = self._pools.get(name)
             kept: dict[str, object] = {"created_at": now_s(), "claimed": 0}
@@ -198,7 +209,7 @@ class Pools:
             )
         self._admission.check_shape(request.cpus, request.memory, None)
         self._admission.check_network(request.network_type)
-        self._admission.check_url("image.url", request.image.url)
+        self._admission.check_image("image", request.image)
         most = self._settings.limits.max_vms
         if most is not None and request.size > most:
             raise InvalidRequest(f"size: this host allows {most} VMs in all")

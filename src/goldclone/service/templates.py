@@ -32,16 +32,10 @@ from goldclone.errors import (
     VMFailure,
 )
 from goldclone.guest.config import GuestConfig
+from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
 from goldclone.images.gold import GoldImage
-from goldclone.models import (
-    ErrorBody,
-    ImageSpec,
-    ImageStatus,
-    Template,
-    TemplateRequest,
-    TemplateStatus,
-)
+from goldclone.models import ErrorBody, ImageStatus, Template, TemplateRequest, TemplateStatus
 from goldclone.polling import until
 from goldclone.service.admission import Admission
 from goldclone.service.readiness import wait_ready

@@ -28,6 +28,9 @@ from goldclone.errors import (
 from goldclone.guest.channel import Channel
 from goldclone.host.datadir import DataDirLock
 from goldclone.images.cache import ImageCache
+from goldclone.images.oci.pull import Puller
+from goldclone.images.oci.registry import open_registry
+from goldclone.images.unpack import UnpackLimits
 from goldclone.models import (
     VM,
     Check,
@@ -51,6 +54,7 @@ from goldclone.service.image_access import ImageAccess
 from goldclone.service.leases import LeasePolicy, Sweeper
 from goldclone.service.lifecycle import Lifecycle
 from goldclone.service.metrics import Metrics
+from goldclone.service.pinning import Pinning
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
 from goldclone.service.templates import Templates
@@ -78,14 +82,19 @@ class VMService:
         metrics: Metrics,
     ) -> None:
         self._lock = DataDirLock(settings.data_dir)
+        policy = OutboundPolicy(allow_private=settings.allow_private_urls)
+        self._registry = open_registry(policy, settings.registry_auth_file,
+                                       settings.registry_insecure, settings.registry_ca_file,
+                                       settings.download_timeout)  # fmt: skip
+        puller = Puller(self._registry, settings.data_dir.absolute() / "downloads", UnpackLimits())
         images = ImageCache(settings.data_dir, http, settings.download_timeout,
                             reserve_bytes=settings.reserve_mb << 20, checksums=Checksums(db),
-                            growth=driver.disk_growth, on_change=self._image_changed)  # fmt: skip
+                            growth=driver.disk_growth, on_change=self._image_changed,
+                            puller=puller)  # fmt: skip
         self._db = db
         self._images = images
         self._driver = driver
         self._http = http
-        policy = OutboundPolicy(allow_private=settings.allow_private_urls)
         self.leases = LeasePolicy.of(settings)
         self._admission = Admission(
             settings.limits, driver.capabilities, db, policy, self.leases,
@@ -93,6 +102,8 @@ class VMService:
         )  # fmt: skip
         self.templates = Templates(settings, db, images, driver, self._admission)
         self.pools = Pools(settings, db, images, driver, self._admission, self.templates)
+        self.pinning = Pinning(self._registry, self.pools.images)
+        self.pools.pinning = self.pinning
         self.metrics = metrics
         self._deliveries = Deliveries(db, http, settings.callback_schedule,
                                       settings.callback_secret, self.metrics.delivered)  # fmt: skip
@@ -105,7 +116,8 @@ class VMService:
         self._recovery = Recovery(db, driver, self._lifecycle, settings.reconcile_interval,
                                   watches)  # fmt: skip
         self.catalog = Catalog(db, images, self._admission, self.templates, self.pools,
-                               self._image_access, settings.image_cache_bytes)  # fmt: skip
+                               self._image_access, self.pinning,
+                               settings.image_cache_bytes)  # fmt: skip
         self._sweeper = Sweeper(db, self.expire)
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
@@ -133,6 +145,7 @@ class VMService:
         async with contextlib.AsyncExitStack() as parts:
             parts.callback(self._lock.release)
             parts.push_async_callback(self._http.aclose)
+            parts.push_async_callback(self._registry.aclose)
             parts.push_async_callback(self._db.close)
             parts.push_async_callback(self._close_driver)
             await self._db.open()
@@ -199,11 +212,15 @@ class VMService:
     ) -> VM:
         """Accept a VM of ``tenant`` and start creating it in the background; see
         ``Admission.admit``."""
+        self._admission.check_image("image", request.image)
+        asked = request
+        image = await self.pinning.pin(request.image, "image")
+        request = request.model_copy(update={"image": image})
         # a pooled machine only for a URL shown to give its image: it is checked otherwise
         pools = self.pools.matching(request)
         if pools and not await self._image_access.may_claim(request.image, tenant):
             pools = []
-        vm, guest = await self._admission.admit(request, idempotency_key, pools, tenant)
+        vm, guest = await self._admission.admit(request, idempotency_key, pools, tenant, asked)
         if guest is not None:
             journal.accepted(vm)
             if self.fleet.is_mine(vm):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from goldclone.cli.commands import Context, UsageError, reported
-from goldclone.cli.commands.vms import validated
+from goldclone.cli.commands.vms import image_fields, validated
 from goldclone.cli.exits import Exit
-from goldclone.models import ImageSpec, ImageStatus
+from goldclone.image_spec import ImageSpec
+from goldclone.models import ImageStatus
 
 
 def images(ctx: Context) -> Exit:
@@ -23,8 +24,7 @@ def _list(ctx: Context) -> Exit:
 
 def _pull(ctx: Context) -> Exit:
     args = ctx.args
-    spec = validated(ImageSpec, {"url": args.image_url, "checksum": args.checksum,
-                                 "checksum_type": args.checksum_type})  # fmt: skip
+    spec = validated(ImageSpec, image_fields({}, args).get("image", {}))
     image = ctx.api.pull_image(spec)
     if not args.wait:
         ctx.output.show(f"{image.id} {image.status.value}")

@@ -133,8 +133,8 @@ def create_request(args: Any) -> CreateVMRequest:
     body: dict[str, Any] = {}
     if args.from_file is not None:
         body = read_json_object(args.from_file)
-    elif not (args.image_url and args.checksum):
-        raise UsageError("give IMAGE_URL and --checksum, or --from FILE")
+    elif not (args.image_url and (args.checksum or args.image_url.startswith(OCI))):
+        raise UsageError("give IMAGE_URL and --checksum, oci://REFERENCE, or --from FILE")
     body |= image_fields(body, args)
     options = {
         "cpus": args.cpus,
@@ -152,10 +152,19 @@ def create_request(args: Any) -> CreateVMRequest:
     return validated(CreateVMRequest, body)
 
 
+OCI = "oci://"
+"""How an image argument names a registry reference rather than a URL."""
+
+
 def image_fields(body: dict[str, Any], args: Any) -> dict[str, Any]:
     """``body``'s ``image`` with ``IMAGE_URL``, ``--checksum`` and ``--checksum-type`` in place
-    of its fields, as a request field; none if neither has one."""
+    of its fields, as a request field; none if neither has one. An ``oci://`` argument is a
+    registry reference: it replaces the whole image."""
     image = dict(body["image"]) if isinstance(body.get("image"), dict) else {}
+    if args.image_url is not None and args.image_url.startswith(OCI):
+        if args.checksum is not None or args.checksum_type is not None:
+            raise UsageError("an oci:// image takes no --checksum or --checksum-type")
+        return {"image": {"oci": args.image_url.removeprefix(OCI)}}
     options = {"url": args.image_url, "checksum": args.checksum,
                "checksum_type": args.checksum_type}  # fmt: skip
     image |= {name: value for name, value in options.items() if value is not None}

@@ -1,0 +1,295 @@
+"""Images from a real OCI registry (Debian's docker-registry, tests/registry.py) on loopback:
+KubeVirt's containerDisk and goldclone's chunked disk artifact, by tag and by digest, over
+plain HTTP and TLS, anonymous, with basic auth and with bearer tokens; what a registry may do
+wrong (a tampered blob, a death mid-blob) and what a new version costs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
+from goldclone.images.oci.manifests import OCI_MANIFEST
+from goldclone.settings import Settings
+from tests.fast.conftest import Service, serving
+from tests.registry import Registry, client, push_blob, push_image, running_registry
+from tests.servers import FileServer
+
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def raw_disk(size: int, seed: int) -> bytes:
+    """A raw disk the image checks take (an MBR signature), of bytes that do not compress."""
+    data = bytearray(hashlib.shake_256(seed.to_bytes(4, "big")).digest(size))
+    data[510:512] = b"\x55\xaa"
+    return bytes(data)
+
+
+def container_disk(disk: bytes, *, name: str = "disk/disk.img", link: bool = False) -> bytes:
+    """A containerDisk's one layer: the disk under /disk/, as KubeVirt's images have it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        folder = tarfile.TarInfo("disk")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        if link:
+            sneaky = tarfile.TarInfo("disk/sneaky")
+            sneaky.type, sneaky.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(sneaky)
+        member = tarfile.TarInfo(name)
+        member.size = len(disk)
+        tar.addfile(member, io.BytesIO(disk))
+    return gzip.compress(out.getvalue(), mtime=0)
+
+
+def push_container_disk(registry: Registry, repo: str, tag: str, disk: bytes, **kw: Any) -> str:
+    with client(registry) as http:
+        return push_image(
+            http, repo, tag, [container_disk(disk, **kw)], layer_type=GZIP_LAYER
+        ).digest
+
+
+def push_artifact(registry: Registry, repo: str, tag: str, disk: Path, chunk: int) -> str:
+    """goldclone's disk artifact of ``disk``, pushed as the service's push would."""
+    with client(registry) as http:
+        layers = []
+        for part in cut(disk, "raw", chunk):
+            if isinstance(part, tuple):
+                packed, found = part
+                push_blob(http, repo, packed)
+                layers.append(found.layer)
+            else:
+                config = part
+        push_blob(http, repo, config.to_json())
+        body = manifest_json(config_descriptor(config), layers)
+        put = http.put(
+            f"/v2/{repo}/manifests/{tag}", content=body, headers={"Content-Type": OCI_MANIFEST}
+        )
+        assert put.status_code == 201, put.text
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def on(settings: Settings, registry: Registry, **changes: Any) -> Settings:
+    insecure = () if registry.url.startswith("https") else (registry.host,)
+    return replace(settings, registry_insecure=insecure, **changes)
+
+
+def body(reference: str) -> dict[str, Any]:
+    return {"image": {"oci": reference}, "cpus": 1, "memory": 256}
+
+
+async def images(service: Service) -> list[dict[str, Any]]:
+    return (await service.client.get("/images")).json()["images"]
+
+
+async def test_a_container_disk_by_tag_and_by_digest_is_one_gold_image_fetched_once(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    disk = raw_disk(256 << 10, 1)
+    with running_registry(tmp_path) as registry:
+        digest = push_container_disk(registry, "disks/demo", "v1", disk)
+        async with serving(Service(on(fast_settings, registry))) as service:
+            by_tag = await service.boot(body(f"{registry.host}/disks/demo:v1"))
+            assert by_tag["status"] == "running"
+            assert by_tag["image"] == {"oci": f"{registry.host}/disks/demo:v1@{digest}"}
+            by_digest = await service.boot(body(f"{registry.host}/disks/demo@{digest}"))
+            assert by_digest["status"] == "running" and by_digest["image_from_cache"] is True
+            (image,) = await images(service)
+            identity = hashlib.sha256(disk).hexdigest()
+            assert image["id"] == f"sha256-{identity}" and image["disk_sha256"] == identity
+            assert image["oci"] == f"{registry.host}/disks/demo:v1@{digest}" and image["vms"] == 2
+            assert (await service.client.get(f"/images/oci-{digest[7:]}")).json()["id"] == image[
+                "id"
+            ]
+        assert len(registry.blob_gets()) == 1  # the layer, once
+        assert not list((fast_settings.data_dir / "downloads").iterdir())
+
+
+async def test_the_same_disk_by_url_and_by_registry_is_one_gold_image(
+    fast_settings: Settings, tmp_path: Path, images: FileServer, request_body: dict[str, Any]
+) -> None:
+    disk = (images.root / "disk.raw").read_bytes()
+    with running_registry(tmp_path) as registry:
+        push_container_disk(registry, "disks/same", "v1", disk)
+        async with serving(Service(on(fast_settings, registry))) as service:
+            by_url = await service.boot(request_body)
+            by_registry = await service.boot(body(f"{registry.host}/disks/same:v1"))
+            assert by_registry["status"] == "running"
+            (image,) = await images_of(service)
+            assert image["id"] == f"sha256-{hashlib.sha256(disk).hexdigest()}" and image["vms"] == 2
+            assert image["url"] == by_url["image"]["url"]
+
+
+async def images_of(service: Service) -> list[dict[str, Any]]:
+    return await images(service)
+
+
+async def test_a_moved_tag_gives_new_vms_its_new_disk_and_a_pool_only_when_put_again(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    first, second = raw_disk(64 << 10, 2), raw_disk(64 << 10, 3)
+    with running_registry(tmp_path) as registry:
+        old = push_container_disk(registry, "disks/moving", "stable", first)
+        reference = f"{registry.host}/disks/moving:stable"
+        async with serving(Service(on(fast_settings, registry))) as service:
+            pool = await service.put_pool("p", {**body(reference), "size": 1})
+            assert pool["image"] == {"oci": f"{reference}@{old}"}
+            await service.wait_pool("p", 1)
+            new = push_container_disk(registry, "disks/moving", "stable", second)
+            claimed = await service.boot(body(reference))  # a pool names the tag: its digest
+            assert claimed["image"] == {"oci": f"{reference}@{old}"} and claimed["pool"] == "p"
+            pool = await service.put_pool("p", {**body(reference), "size": 1})
+            assert pool["image"] == {"oci": f"{reference}@{new}"}
+            await service.client.delete("/pools/p")
+            fresh = await service.boot(body(reference))
+            assert fresh["image"] == {"oci": f"{reference}@{new}"}
+            ids = {image["disk_sha256"] for image in await images(service)}
+            assert ids == {hashlib.sha256(d).hexdigest() for d in (first, second)}
+
+
+async def test_a_tampered_blob_is_refused_and_nothing_of_it_is_kept(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    with running_registry(tmp_path) as registry:
+        with client(registry) as http:
+            pushed = push_image(http, "disks/bad", "v1", [container_disk(raw_disk(64 << 10, 4))],
+                                layer_type=GZIP_LAYER)  # fmt: skip
+        (layer,) = pushed.layers
+        data = next(registry.storage.rglob(f"blobs/sha256/*/{layer[7:]}/data"))
+        tampered = bytearray(data.read_bytes())
+        tampered[len(tampered) // 2] ^= 0xFF
+        data.write_bytes(bytes(tampered))
+        async with serving(Service(on(fast_settings, registry))) as service:
+            vm = await service.post_vm(body(f"{registry.host}/disks/bad:v1"))
+            failed = await service.wait_for(vm["id"], "error")
+            assert failed["error"]["code"] == "checksum-mismatch", failed["error"]
+            assert layer in failed["error"]["message"]
+        assert not list((fast_settings.data_dir / "downloads").iterdir())
+        assert [p.name for p in (fast_settings.data_dir / "images").iterdir()] == []
+
+
+async def test_a_pull_cut_mid_blob_by_a_dying_registry_resumes_where_it_stopped(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    disk = raw_disk(4 << 20, 5)
+    with running_registry(tmp_path, proxy=True) as registry:
+        push_container_disk(registry, "disks/big", "v1", disk)
+        registry.cut_blob_after(1 << 20)
+        async with serving(Service(on(fast_settings, registry))) as service:
+            vm = await service.post_vm(body(f"{registry.host}/disks/big:v1"))
+            failed = await service.wait_for(vm["id"], "error")
+            assert failed["error"]["code"] == "download-failed", failed["error"]
+            assert registry.pid is None
+            registry.start()
+            again = await service.boot(body(f"{registry.host}/disks/big:v1"))
+            assert again["status"] == "running"
+        resumed = [s for s in registry.blob_gets() if s.status == 206]
+        assert len(resumed) == 1 and resumed[0].written < len(container_disk(disk))
+
+
+async def test_a_new_version_of_a_disk_artifact_fetches_only_the_chunks_that_changed(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    chunk, size = 1 << 20, 10 << 20
+    first = tmp_path / "v1.raw"
+    first.write_bytes(raw_disk(size, 6))
+    second = tmp_path / "v2.raw"
+    changed = bytearray(first.read_bytes())
+    changed[3 * chunk : 4 * chunk] = raw_disk(chunk, 7)  # 10 % of the disk
+    second.write_bytes(bytes(changed))
+    with running_registry(tmp_path) as registry:
+        push_artifact(registry, "disks/chunked", "v1", first, chunk)
+        push_artifact(registry, "disks/chunked", "v2", second, chunk)
+        async with serving(Service(on(fast_settings, registry))) as service:
+            assert (await service.boot(body(f"{registry.host}/disks/chunked:v1")))[
+                "status"
+            ] == "running"
+            before = len(registry.blob_gets())
+            vm = await service.boot(body(f"{registry.host}/disks/chunked:v2"))
+            assert vm["status"] == "running"
+            fetched = registry.blob_gets()[before:]
+            identities = {image["disk_sha256"] for image in await images(service)}
+        assert identities == {hashlib.sha256(d.read_bytes()).hexdigest() for d in (first, second)}
+        layers = [s for s in fetched if s.written > 4096]  # not the config
+        assert len(layers) == 1 and layers[0].written < 1.1 * chunk, fetched
+
+
+@pytest.mark.parametrize("tls,auth", [(False, "basic"), (True, None), (True, "token")])
+async def test_registries_over_tls_with_basic_auth_or_tokens(
+    fast_settings: Settings, tmp_path: Path, tls: bool, auth: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    disk = raw_disk(64 << 10, 8)
+    with running_registry(tmp_path, tls=tls, auth=auth) as registry:  # type: ignore[arg-type]
+        push_container_disk(registry, "team/disk", "v1", disk)
+        reference = f"{registry.host}/team/disk:v1"
+        settings = on(fast_settings, registry, registry_ca_file=registry.ca_file)
+        if auth is not None:
+            async with serving(Service(settings)) as service:  # no credentials
+                refused = await service.client.post("/vms", json=body(reference))
+                assert refused.status_code == 502, refused.text
+                assert refused.json()["code"] == "registry-unavailable"
+            secrets = tmp_path / "auth.json"
+            pair = f"{registry.username}:{registry.password}".encode()
+            import base64
+
+            secrets.write_text(
+                json.dumps({"auths": {registry.host: {"auth": base64.b64encode(pair).decode()}}})
+            )
+            settings = replace(settings, registry_auth_file=secrets)
+        caplog.set_level(logging.DEBUG)
+        async with serving(Service(settings)) as service:
+            vm = await service.boot(body(reference))
+            assert vm["status"] == "running"
+            shown = json.dumps(await images(service))
+        if auth is not None:
+            assert registry.password not in caplog.text and registry.password not in shown
+        if auth == "token":
+            assert registry.tokens_issued >= 1
+
+
+async def test_a_registry_is_reached_over_plain_http_only_when_listed_as_insecure(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    with running_registry(tmp_path) as registry:
+        push_container_disk(registry, "disks/plain", "v1", raw_disk(64 << 10, 9))
+        async with serving(Service(fast_settings)) as service:
+            refused = await service.client.post(
+                "/vms", json=body(f"{registry.host}/disks/plain:v1")
+            )
+            assert refused.status_code == 502 and refused.json()["code"] == "registry-unavailable"
+            unknown = await service.client.post("/vms", json=body("169.254.169.254:80/x/y:v1"))
+            assert unknown.status_code == 400 and unknown.json()["message"].startswith("image.oci:")
+
+
+@pytest.mark.parametrize("what", ["two layers", "a link", "no disk"])
+async def test_a_layer_that_is_no_container_disk_is_refused(
+    fast_settings: Settings, tmp_path: Path, what: str
+) -> None:
+    disk = raw_disk(64 << 10, 10)
+    with running_registry(tmp_path) as registry:
+        with client(registry) as http:
+            layers = {"two layers": [container_disk(disk), container_disk(disk, name="disk/b.img")],
+                      "a link": [container_disk(disk, link=True)],
+                      "no disk": [container_disk(disk, name="elsewhere.img")]}[what]  # fmt: skip
+            push_image(http, "disks/odd", "v1", layers, layer_type=GZIP_LAYER)
+        async with serving(Service(on(fast_settings, registry))) as service:
+            vm = await service.post_vm(body(f"{registry.host}/disks/odd:v1"))
+            failed = await service.wait_for(vm["id"], "error")
+        code = {
+            "two layers": "image-unsupported",
+            "a link": "image-unsafe",
+            "no disk": "image-unsupported",
+        }[what]
+        assert failed["error"]["code"] == code, failed["error"]
+        assert not os.listdir(fast_settings.data_dir / "downloads")
