@@ -5,6 +5,7 @@ wrong (a tampered blob, a death mid-blob) and what a new version costs."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -21,7 +22,7 @@ import pytest
 from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
 from goldclone.images.oci.manifests import OCI_MANIFEST
 from goldclone.settings import Settings
-from tests.fast.conftest import Service, serving
+from tests.fast.conftest import Service, as_, serving, settings_on, tokens
 from tests.registry import Registry, client, push_blob, push_image, running_registry
 from tests.servers import FileServer
 
@@ -293,3 +294,38 @@ async def test_a_layer_that_is_no_container_disk_is_refused(
         }[what]
         assert failed["error"]["code"] == code, failed["error"]
         assert not os.listdir(fast_settings.data_dir / "downloads")
+
+
+async def test_a_tenant_gets_a_cached_registry_image_only_from_a_repository_that_has_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A tenant that names another's pulled image by its digest gets it from the cache only
+    through a repository that serves that manifest: elsewhere its VM fails as a pull would."""
+    disk = raw_disk(64 << 10, 11)
+    with running_registry(tmp_path) as registry:
+        digest = push_container_disk(registry, "team-a/disk", "v1", disk)
+        push_container_disk(registry, "team-b/disk", "v1", disk)  # the same manifest
+        settings = replace(settings_on(tmp_path, database_url), tokens=tokens())
+        async with serving(Service(on(settings, registry))) as service:
+
+            async def create(name: str, reference: str) -> dict[str, Any]:
+                get = service.client.get
+                posted = await service.client.post("/vms", json=body(reference), headers=as_(name))
+                assert posted.status_code == 202, posted.text
+                url = f"/vms/{posted.json()['id']}"
+                while (vm := (await get(url, headers=as_(name))).json())["status"] == "creating":
+                    await asyncio.sleep(service.poll)
+                return vm
+
+            async def listed(name: str) -> list[str]:
+                found = (await service.client.get("/images", headers=as_(name))).json()["images"]
+                return [image["id"] for image in found]
+
+            alices = await create("alice", f"{registry.host}/team-a/disk:v1")
+            assert alices["status"] == "running" and await listed("bob") == []
+            missing = await create("bob", f"{registry.host}/team-c/disk@{digest}")
+            assert (missing["status"], missing["error"]["code"]) == ("error", "download-failed")
+            assert await listed("bob") == []
+            bobs = await create("bob", f"{registry.host}/team-b/disk@{digest}")
+            assert bobs["status"] == "running" and bobs["image_from_cache"] is True
+            assert await listed("bob") == await listed("alice") != []

@@ -181,8 +181,15 @@ class ImageCache:
         )
 
     async def verify(self, spec: ImageSpec) -> str:
-        """Download ``spec`` to check it, without keeping it: the sha256 of its package, once
-        its checksum matched. Raises as a fetch does."""
+        """Check that ``spec``'s source gives what its name says, without keeping anything:
+        the sha256 of its package (a URL's, downloaded once its checksum matched), or of the
+        disk of a registry's manifest (served by that repository, and checked against its
+        digest). Raises as a fetch does."""
+        if (ref := spec.reference) is not None:
+            if self._puller is None:
+                raise DownloadFailed(f"{ref}: this service pulls from no registry")
+            await self._puller.registry.manifest(ref)
+            return self._names.learnt.get(spec.key, "")
         download = self._downloads / f"{spec.key}.{uuid.uuid4().hex}.part"
         try:
             return await fetch(self._http, spec, download, self._timeout, self._reserve_bytes,

@@ -55,15 +55,20 @@ class ImageAccess:
     async def shown(self, spec: ImageSpec, tenant: str) -> None:
         """Make sure that ``tenant``, which names the gold image of ``spec`` (in the cache now),
         has shown it has its package, checking ``spec``'s URL if need be, and remember it.
-        Raises ``DownloadFailed`` or ``ChecksumMismatch`` when the URL does not give it."""
+        Raises ``DownloadFailed`` or ``ChecksumMismatch`` when the URL (or the reference's
+        repository) does not give it."""
         content = self._package(spec.key)
         url = _url_sha256(spec.source)
         shown = await self._shown(spec, content, url, tenant)
-        if not shown and await self._images.verify(spec) != content:
+        if not shown and not self._same(await self._images.verify(spec), spec.key):
             raise ChecksumMismatch(
                 f"{spec.source} gives another package than image {spec.key} of this cache"
             )
         await self._remember(content, url, tenant)
+
+    def _same(self, sha256: str, key: str) -> bool:
+        """Whether the package or disk ``sha256`` is that of the gold image ``key`` names."""
+        return self._images.resolve(f"sha256-{sha256}") == self._images.resolve(key)
 
     async def may_claim(self, spec: ImageSpec, tenant: str) -> bool:
         """Whether ``tenant``'s VM that names ``spec`` may take a pooled machine of its image
