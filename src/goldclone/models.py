@@ -30,6 +30,7 @@ from goldclone.fields import (
     MetadataKey,
     NetworkGroup,
     NetworkType,
+    OciReference,
     Port,
     SSHPublicKey,
     StrictTrue,
@@ -37,6 +38,7 @@ from goldclone.fields import (
     check_user_data,
     dns_label,
     http_url,
+    oci_reference,
 )
 from goldclone.image_spec import ImageSpec
 from goldclone.labels import Labels
@@ -304,6 +306,8 @@ class Image(BaseModel):
     oci: str | None = None
     """The registry reference it was first pulled by, pinned to its manifest's digest (a tag
     is resolved once per pull)."""
+    name: str | None = None
+    """The name it was given when it was made from a VM."""
     disk_sha256: str | None = None
     """The sha256 of its disk: what the image is, whatever package or registry format carried
     it (none for a VMware VM, known by its package alone)."""
@@ -321,6 +325,35 @@ class Image(BaseModel):
     public: bool = False
     """Whether an operator made it every tenant's (``PATCH /images/{id}``); otherwise a tenant
     sees and uses it once it has shown it has it."""
+
+
+class ImageBuild(_Strict):
+    """The body of ``POST /vms/{id}/image``: the new gold image's name, and where to push it."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[ -~]+$")]
+    push: OciReference | None = None
+    """A registry reference with a tag, to push the image to as goldclone's disk artifact."""
+    chunk_mb: Annotated[Count, Field(ge=1, le=512)] = 64
+    """The artifact's chunk size, in MiB."""
+
+    _push = field_validator("push")(oci_reference)
+
+
+class ImagePush(_Strict):
+    """The body of ``POST /images/{id}/push``."""
+
+    oci: OciReference
+    """A registry reference with a tag."""
+    chunk_mb: Annotated[Count, Field(ge=1, le=512)] = 64
+
+    _oci = field_validator("oci")(oci_reference)
+
+
+class Pushed(BaseModel):
+    """Where an image was pushed: the reference pinned to the manifest's digest."""
+
+    image_id: str
+    oci: str
 
 
 class ImageChange(_Strict):

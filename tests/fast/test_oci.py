@@ -23,7 +23,7 @@ from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_
 from goldclone.images.oci.manifests import OCI_MANIFEST
 from goldclone.settings import Settings
 from tests.fast.conftest import Service, as_, serving, settings_on, tokens
-from tests.registry import Registry, client, push_blob, push_image, running_registry
+from tests.registry import Registry, Served, client, push_blob, push_image, running_registry
 from tests.servers import FileServer
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -329,3 +329,49 @@ async def test_a_tenant_gets_a_cached_registry_image_only_from_a_repository_that
             bobs = await create("bob", f"{registry.host}/team-b/disk@{digest}")
             assert bobs["status"] == "running" and bobs["image_from_cache"] is True
             assert await listed("bob") == await listed("alice") != []
+
+
+async def test_a_vm_made_into_an_image_and_pushed_starts_vms_on_another_host(
+    tmp_path: Path, database_url: str, request_body: dict[str, Any]
+) -> None:
+    """A VM's disk becomes a gold image (the VM stops and stays), pushed as a disk artifact;
+    this host names it by the pushed reference at once, another host pulls it by its tag;
+    a second push of it sends no chunk the repository has."""
+    with running_registry(tmp_path) as registry:
+        first = on(settings_on(tmp_path / "a", database_url), registry)
+        # another host, with a store of its own
+        second = on(replace(settings_on(tmp_path / "b", database_url), database_url=None), registry)
+        reference = f"{registry.host}/ci/base:v1"
+        async with serving(Service(first)) as here:
+            vm = await here.boot(request_body)
+            build = {"name": "ci base", "push": reference, "chunk_mb": 1}
+            made = await here.client.post(f"/vms/{vm['id']}/image", json=build)
+            assert made.status_code == 201, made.text
+            image = made.json()
+            assert image["name"] == "ci base" and image["oci"].startswith(f"{reference}@sha256:")
+            assert image["id"] == f"sha256-{image['disk_sha256']}"
+            stopped = (await here.client.get(f"/vms/{vm['id']}")).json()
+            assert stopped["status"] == "stopped" and "gold image" in stopped["status_reason"]
+            again = await here.boot(body(image["oci"]))
+            assert again["image_from_cache"] is True and again["status"] == "running"
+            uploads = len(blob_puts(registry))
+            push = {"oci": f"{registry.host}/ci/base:v2", "chunk_mb": 1}
+            pushed = await here.client.post(f"/images/{image['id']}/push", json=push)
+            assert pushed.status_code == 200, pushed.text
+            assert pushed.json()["oci"].split("@")[1] == image["oci"].split("@")[1]
+            assert len(blob_puts(registry)) == uploads
+            refused = await here.client.post(
+                f"/vms/{vm['id']}/image", json={"name": "x", "push": image["oci"]}
+            )
+            assert refused.status_code == 400 and "tag" in refused.json()["message"]
+        async with serving(Service(second)) as there:
+            elsewhere = await there.boot(body(reference))
+            assert elsewhere["status"] == "running" and elsewhere["image_from_cache"] is False
+            (pulled,) = await images(there)
+            assert pulled["disk_sha256"] == image["disk_sha256"]
+            disk = next((second.data_dir / "images").glob("sha256-*/content/*"))
+            assert vm["id"].encode() in disk.read_bytes()[512:1024]  # what the first VM wrote
+
+
+def blob_puts(registry: Registry) -> list[Served]:
+    return [r for r in registry.requests() if r.method == "PUT" and "/blobs/" in r.path]

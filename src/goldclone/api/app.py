@@ -50,11 +50,14 @@ from goldclone.models import (
     CreateVMRequest,
     HostList,
     Image,
+    ImageBuild,
     ImageChange,
     ImageList,
+    ImagePush,
     Pool,
     PoolList,
     PoolRequest,
+    Pushed,
     Readiness,
     Status,
     Template,
@@ -85,11 +88,10 @@ def create_app(
     """The goldclone API over ``service``, which it starts and closes with the server.
 
     With tokens in ``access``, every endpoint but ``/healthz`` needs ``Authorization: Bearer
-    TOKEN``, and each route what its role may do (``access.Role``).
-    ``limits`` bound ``cpus`` and ``memory`` in the OpenAPI description as they do in requests.
+    TOKEN``, and each route what its role may do (``access.Role``). ``limits`` bound ``cpus``
+    and ``memory`` in the OpenAPI description as they do in requests.
     With ``fleet_secret``, requests about another host's VMs are relayed to it (``relay``),
-    and requests that other hosts relay here are taken.
-    """
+    and those other hosts relay here are taken."""
     relay = Relay(service, fleet_secret)
 
     @asynccontextmanager
@@ -259,6 +261,24 @@ def create_app(
         """The image's memory templates on this host."""
         image = await service.catalog.image(image_id, who.tenant_seen)
         return TemplateList(templates=image.templates)
+
+    @app.post("/vms/{vm_id}/image", status_code=201, response_model=Image,
+              operation_id="make_image", dependencies=[_needs(Role.USER)])  # fmt: skip
+    async def make_image(vm_id: _VMRef, body: ImageBuild, who: _Who, request: Request) -> Response:
+        """Stop the VM (it stays ``stopped``) and make its disk a gold image of the token's
+        tenant; with ``push`` (``operator``), push it there first. 201 with the image."""
+        if body.push is not None and not who.may(Role.OPERATOR):
+            raise Forbidden(f"token {who.name} ({who.role} role) may not push: it needs operator")
+        if (url := await relay.target(who, vm_id, "/vms/{id}/image")) is not None:
+            return await relay.http(request, url, who)
+        image = await service.make_image(vm_id, body, who.tenant_seen, who.tenant)
+        return JSONResponse(image.model_dump(mode="json"), status_code=201)
+
+    @app.post("/images/{image_id}/push", response_model=Pushed, operation_id="push_image",
+              dependencies=[_needs(Role.OPERATOR)])  # fmt: skip
+    async def push_image(image_id: str, body: ImagePush, who: _Who) -> Pushed:
+        """Push a ready gold image to a registry reference with a tag, as a disk artifact."""
+        return await service.builder.push(image_id, body.oci, body.chunk_mb, who.tenant_seen)
 
     @app.delete("/images/{image_id}/templates/{template_id}", status_code=204,
                 response_class=Response, operation_id="delete_template",

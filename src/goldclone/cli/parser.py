@@ -234,6 +234,15 @@ def build() -> argparse.ArgumentParser:
     pull.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
                       help="the checksum's type (default: sha256)")  # fmt: skip
     _wait_options(pull, DEFAULT_CREATE_TIMEOUT, "wait until it is ready, showing progress")
+    build = _command(actions, "build", "make a VM's disk a gold image (the VM stops)", client)
+    build.add_argument("vm", help="the VM's ID, name, or the start of its ID")
+    build.add_argument("--name", required=True, help="the image's name")
+    build.add_argument("--push", metavar="oci://REF", help="push it there too (REF with a tag)")
+    build.add_argument("--chunk-mb", type=int, help="the pushed artifact's chunk size (64)")
+    push = _command(actions, "push", "push a gold image to a registry", client)
+    push.add_argument("id", help="the image's ID, as `goldclone images` lists")
+    push.add_argument("reference", metavar="oci://REF", help="REGISTRY/REPOSITORY:TAG")
+    push.add_argument("--chunk-mb", type=int, help="the artifact's chunk size in MiB (64)")
     remove = _command(actions, "delete", "delete a gold image, or forget every failed one",
                       client)  # fmt: skip
     remove.add_argument("id", nargs="?",

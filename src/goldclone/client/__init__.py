@@ -37,8 +37,11 @@ from goldclone.models import (
     CreateVMRequest,
     Host,
     Image,
+    ImageBuild,
+    ImagePush,
     Pool,
     PoolRequest,
+    Pushed,
     Status,
     Template,
     TemplateRequest,
@@ -129,6 +132,12 @@ class Client:
 
     def pull_image(self, spec: ImageSpec) -> Image:
         return self._do(Calls.pull_image(spec))
+
+    def make_image(self, vm_id: str, build: ImageBuild) -> Image:
+        return self._do(Calls.make_image(vm_id, build))
+
+    def push_image(self, image_id: str, push: ImagePush) -> Pushed:
+        return self._do(Calls.push_image(image_id, push))
 
     def delete_image(self, image_id: str) -> None:
         self._do(Calls.delete_image(image_id))
@@ -311,6 +320,12 @@ class AsyncClient:
 
     async def pull_image(self, spec: ImageSpec) -> Image:
         return await self._do(Calls.pull_image(spec))
+
+    async def make_image(self, vm_id: str, build: ImageBuild) -> Image:
+        return await self._do(Calls.make_image(vm_id, build))
+
+    async def push_image(self, image_id: str, push: ImagePush) -> Pushed:
+        return await self._do(Calls.push_image(image_id, push))
 
     async def delete_image(self, image_id: str) -> None:
         await self._do(Calls.delete_image(image_id))

@@ -21,11 +21,14 @@ from goldclone.models import (
     Host,
     HostList,
     Image,
+    ImageBuild,
     ImageList,
+    ImagePush,
     ImageStatus,
     Pool,
     PoolList,
     PoolRequest,
+    Pushed,
     Status,
     Template,
     TemplateList,
@@ -109,6 +112,14 @@ class Calls:
     @staticmethod
     def pull_image(spec: ImageSpec) -> Call[Image]:
         return Call("POST", "/images", _model(Image), spec)
+
+    @staticmethod
+    def make_image(vm_id: str, build: ImageBuild) -> Call[Image]:
+        return Call("POST", f"/vms/{quote(vm_id, safe='')}/image", _model(Image), build)
+
+    @staticmethod
+    def push_image(image_id: str, push: ImagePush) -> Call[Pushed]:
+        return Call("POST", f"/images/{image_id}/push", _model(Pushed), push)
 
     @staticmethod
     def hosts() -> Call[list[Host]]:

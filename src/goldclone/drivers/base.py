@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from goldclone.egress import DEFAULT_REACH, Reach
-from goldclone.errors import BootFailed, ExecUnavailable
+from goldclone.errors import BootFailed, ExecUnavailable, InvalidRequest
 from goldclone.guest.channel import Streams
 from goldclone.guest.config import GuestConfig
 from goldclone.images.gold import GoldImage
@@ -240,6 +240,12 @@ class Driver(Protocol):
         a crash, a kill or a limit; ``False`` when the driver cannot tell."""
         ...
 
+    async def export_disk(self, machine: str, dest: Path) -> str:
+        """Stop the machine cleanly (as ``destroy`` starts) and write its disk to ``dest``,
+        flattened: a disk of its own, with no backing file; its format. The machine keeps
+        everything else until it is destroyed."""
+        ...
+
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:
@@ -265,7 +271,7 @@ class Driver(Protocol):
 
 
 class NoChannel:
-    """The answer of a driver with no channel into its guests."""
+    """The answers of a driver with no channel into its guests, nor a disk it can export."""
 
     name: str
 
@@ -273,6 +279,9 @@ class NoChannel:
         raise ExecUnavailable(
             f"the {self.name} driver has no channel into its guests: reach them over SSH"
         )
+
+    async def export_disk(self, machine: str, dest: Path) -> str:
+        raise InvalidRequest(f"the {self.name} driver cannot make an image of a VM")
 
 
 class UnwatchedDisks:

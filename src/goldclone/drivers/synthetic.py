@@ -54,6 +54,8 @@ ADDRESSES = IPv4Network("198.18.0.0/15")
 class Machine:
     name: str
     gold: str
+    disk: Path | None = None
+    """Its gold image's disk: what an export starts from."""
     runtime: Runtime | None = None
     spec: MachineSpec | None = None
     ip: str | None = None
@@ -166,7 +168,7 @@ class SyntheticDriver(UnwatchedDisks):
         folder = self._vms_dir / machine
         folder.mkdir(parents=True, mode=0o700)
         (folder / "clone").write_text(gold.key)
-        self.host.machines[machine] = Machine(machine, gold.key)
+        self.host.machines[machine] = Machine(machine, gold.key, gold.disk.path)
 
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         self._machine(runtime.machine).reaches.append(reach)
@@ -288,6 +290,18 @@ class SyntheticDriver(UnwatchedDisks):
             theirs.close()
         found.helpers.append(process)
         return await asyncio.open_unix_connection(sock=ours)
+
+    async def export_disk(self, machine: str, dest: Path) -> str:
+        """Its gold disk, with the machine's name written where the guest would have written
+        (the second sector): each machine's disk is its own."""
+        found = self._machine(machine)
+        if found.disk is None:
+            raise CloneFailed(f"machine {machine} was made with no disk")
+        found.running = False
+        disk = bytearray(await asyncio.to_thread(found.disk.read_bytes))
+        disk[512 : 512 + len(machine)] = machine.encode()
+        await asyncio.to_thread(dest.write_bytes, bytes(disk))
+        return "raw"
 
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True

@@ -159,6 +159,12 @@ class ImageCache:
         await asyncio.to_thread(self._used, gold.key)
         return gold
 
+    async def name(self, name: str, key: str) -> None:
+        """Remember ``name`` (``oci-<hex>``, say) as another name of the gold image ``key``."""
+        identity = self.identity(key)
+        assert identity is not None, "a VMware VM has no disk identity to name"
+        await self._names.learn(name, identity)
+
     def identity(self, key: str) -> str | None:
         """The sha256 of the disk of the gold image that ``key`` names, if it is on disk."""
         meta = read_metadata(self._images / self.resolve(key))
@@ -280,7 +286,8 @@ class ImageCache:
             return Image.model_validate({
                 "id": key, "checksum": checksum, "checksum_type": kind,
                 "checksums": self._names.names_of(key, meta), "url": meta["url"],
-                "oci": meta["oci"], "disk_sha256": identity_of(meta), "status": ImageStatus.READY,
+                "oci": meta["oci"], "disk_sha256": identity_of(meta), "name": meta.get("name"),
+                "status": ImageStatus.READY,
                 "size_bytes": meta["size_bytes"], "last_used_at": self._last_use(key),
             })  # fmt: skip
         spec, failure = self._specs.get(key), self._failures.get(key)
@@ -340,7 +347,8 @@ class ImageCache:
             else:
                 meta = await self._pull(spec, staging, reserve)
             if meta is not None:
-                await self._publish(spec, staging, meta)
+                key = f"sha256-{meta['disk_sha256']}" if spec.oci else spec.key
+                await self._publish(key, [spec.key], staging, meta)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -400,29 +408,53 @@ class ImageCache:
             "disk_sha256": pulled.disk_sha256, "chunks": pulled.chunks,
         })  # fmt: skip
 
-    async def _publish(self, spec: ImageSpec, staging: Path, meta: dict[str, Any]) -> None:
-        """Make ``staging`` the gold image of ``spec``, unless a gold image of the same disk
-        is here: then ``spec`` (and its package) are remembered as names of that one."""
+    async def _publish(
+        self, key: str, names: list[str], staging: Path, meta: dict[str, Any]
+    ) -> str:
+        """Make ``staging`` the gold image ``key``, unless a gold image of the same disk is
+        here: then ``names`` (and the package's sha256) are remembered as names of that one.
+        The ID of the gold image."""
         identity = identity_of(meta)
-        key = f"sha256-{identity}" if spec.oci else spec.key
-        if identity is not None and (same := self._names.holding(identity)) is None:
+        same = self._names.holding(identity) if identity is not None else None
+        if same is None:
             await asyncio.to_thread(make_read_only, staging)
             # another fetch of the same disk may have published it meanwhile: nothing is
             # awaited between this look and the rename
-            if (same := self._names.holding(identity)) is None:
+            if identity is None or (same := self._names.holding(identity)) is None:
                 staging.rename(self._images / key)
                 self._names.register(key, meta)
-        elif identity is None:  # a VMware VM: known by its package alone
-            await asyncio.to_thread(make_read_only, staging)
-            staging.rename(self._images / key)
-            self._names.register(key, meta)
-            return
         if same is not None:
             log.info("image %s has the disk of gold image %s: it is remembered as another name "
-                     "of it, and not kept twice", spec.key, same)  # fmt: skip
-        assert identity is not None
-        await self._names.learn(spec.key, identity)
-        await self._names.learn(f"sha256-{meta['sha256']}", identity)
+                     "of it, and not kept twice", names[0] if names else key, same)  # fmt: skip
+        if identity is not None:
+            for name in [*names, f"sha256-{meta['sha256']}"]:
+                await self._names.learn(name, identity)
+        return same or key
+
+    async def add_disk(
+        self, make: Callable[[Path], Awaitable[tuple[Path, str, dict[str, Any]]]],
+        names: Callable[[], list[str]],
+    ) -> GoldImage:  # fmt: skip
+        """A gold image of a disk that ``make`` writes into the folder it is given (a VM's,
+        say), with what it adds to ``gold.json``; named ``sha256-<its disk's sha256>``, and by
+        ``names()`` (asked once ``make`` has run), unless one of that disk is here."""
+        staging = self._images / f".tmp-made-{uuid.uuid4().hex}"
+        try:
+            (staging / "content").mkdir(parents=True)
+            disk, disk_format, extra = await make(staging / "content")
+            sha256 = await asyncio.to_thread(file_sha256, disk)
+            meta = await asyncio.to_thread(self._describe, staging, disk, disk_format, {
+                "url": "", "oci": None, "sha256": sha256, "disk_sha256": sha256, **extra,
+            })  # fmt: skip
+            key = await self._publish(f"sha256-{sha256}", names(), staging, meta)
+        finally:
+            await asyncio.to_thread(remove, staging)
+        gold = self.cached_key(key)
+        assert gold is not None
+        self._used(key)
+        self._changed(key)
+        log.info("gold image %s is made", key)
+        return gold
 
     def cached_key(self, key: str) -> GoldImage | None:
         """The gold image ``key`` (its ID) if it is complete on disk."""

@@ -70,6 +70,10 @@ class ImageAccess:
         """Whether the package or disk ``sha256`` is that of the gold image ``key`` names."""
         return self._images.resolve(f"sha256-{sha256}") == self._images.resolve(key)
 
+    async def made(self, image_id: str, source: str, tenant: str) -> None:
+        """``tenant`` made the image ``image_id`` (from ``source``, a VM): it has it."""
+        await self._remember(self._package(image_id), _url_sha256(source), tenant)
+
     async def may_claim(self, spec: ImageSpec, tenant: str) -> bool:
         """Whether ``tenant``'s VM that names ``spec`` may take a pooled machine of its image
         now, without a check of its URL."""

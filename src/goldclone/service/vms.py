@@ -36,6 +36,7 @@ from goldclone.models import (
     Check,
     CreateVMRequest,
     Image,
+    ImageBuild,
     ImageStatus,
     Phase,
     Readiness,
@@ -45,6 +46,7 @@ from goldclone.models import (
 from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service import console, events, journal
 from goldclone.service.admission import Admission
+from goldclone.service.building import Builder
 from goldclone.service.catalog import Catalog
 from goldclone.service.channels import Channels
 from goldclone.service.deliveries import Deliveries
@@ -118,6 +120,8 @@ class VMService:
         self.catalog = Catalog(db, images, self._admission, self.templates, self.pools,
                                self._image_access, self.pinning,
                                settings.image_cache_bytes)  # fmt: skip
+        self.builder = Builder(self._lifecycle, driver, images, self._registry,
+                               self._image_access, self.catalog)  # fmt: skip
         self._sweeper = Sweeper(db, self.expire)
         self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
@@ -420,6 +424,11 @@ class VMService:
             return None
         url = await self.fleet.url_of(vm.host)
         return None if url is None else (vm.id, url)
+
+    async def make_image(self, vm_id: str, build: ImageBuild, seen: str | None, to: str) -> Image:
+        """``Builder.make`` of the VM, if it is ``seen``'s; the image is tenant ``to``'s."""
+        vm = await self._own(await self.resolve(vm_id, seen), seen)
+        return await self.builder.make(vm, build, to, self.fleet.is_mine(vm))
 
     async def channel(self, vm_id: str, tenant: str | None = None) -> Channel:
         """The channel to the helper in the guest of the VM, if it is ``tenant``'s and

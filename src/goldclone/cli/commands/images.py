@@ -1,17 +1,19 @@
-"""The image commands: images [list], images pull, images delete."""
+"""The image commands: images [list], images pull, images build, images push, images
+delete."""
 
 from __future__ import annotations
 
 from goldclone.cli.commands import Context, UsageError, reported
-from goldclone.cli.commands.vms import image_fields, validated
+from goldclone.cli.commands.vms import OCI, image_fields, validated
 from goldclone.cli.exits import Exit
 from goldclone.image_spec import ImageSpec
-from goldclone.models import ImageStatus
+from goldclone.models import ImageBuild, ImagePush, ImageStatus
 
 
 def images(ctx: Context) -> Exit:
     action = ctx.args.image_command or "list"
-    return {"list": _list, "pull": _pull, "delete": _delete}[action](ctx)
+    actions = {"list": _list, "pull": _pull, "build": _build, "push": _push, "delete": _delete}
+    return actions[action](ctx)
 
 
 def _list(ctx: Context) -> Exit:
@@ -40,6 +42,34 @@ def _pull(ctx: Context) -> Exit:
         ctx.output.show(image.id)
     ctx.output.value(image)
     return Exit.OK
+
+
+def _build(ctx: Context) -> Exit:
+    args = ctx.args
+    fields = {"name": args.name, "push": _reference(args.push) if args.push else None,
+              "chunk_mb": args.chunk_mb}  # fmt: skip
+    build = validated(ImageBuild, {k: v for k, v in fields.items() if v is not None})
+    image = ctx.api.make_image(args.vm, build)
+    ctx.output.show(f"{image.id} {image.oci}" if image.oci else image.id)
+    ctx.output.value(image)
+    return Exit.OK
+
+
+def _push(ctx: Context) -> Exit:
+    args = ctx.args
+    fields = {"oci": _reference(args.reference), "chunk_mb": args.chunk_mb}
+    pushed = ctx.api.push_image(
+        args.id, validated(ImagePush, {k: v for k, v in fields.items() if v is not None})
+    )
+    ctx.output.show(pushed.oci)
+    ctx.output.value(pushed)
+    return Exit.OK
+
+
+def _reference(argument: str) -> str:
+    if not argument.startswith(OCI):
+        raise UsageError(f"a registry reference is written {OCI}REGISTRY/REPOSITORY:TAG")
+    return argument.removeprefix(OCI)
 
 
 def _delete(ctx: Context) -> Exit:

@@ -1,5 +1,6 @@
-"""A running machine's disk on a full host: how far the overlays can still grow, and a machine
-that QEMU paused because its disk could not be written (``werror=stop``), and its resumption.
+"""A machine's disk: how far the overlays can still grow on a full host, a machine that QEMU
+paused because its disk could not be written (``werror=stop``) and its resumption, and a disk
+flattened into an image of its own.
 """
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from goldclone.drivers.qemu.qmp import qmp_execute
-from goldclone.errors import QMPError
+from goldclone.errors import CloneFailed, CommandError, QMPError
+from goldclone.host.commands import run
 
 QCOW2_MAGIC = b"QFI\xfb"
 STATUS_TIMEOUT = 2.0
@@ -47,3 +49,12 @@ async def stalled(qmp: Path) -> bool:
 async def resume(qmp: Path) -> None:
     """Let a stalled machine run again; its failed writes are retried."""
     await qmp_execute(qmp, "cont", timeout=STATUS_TIMEOUT)
+
+
+async def flatten(disk: Path, dest: Path) -> None:
+    """``disk`` with its backing chain merged into one qcow2 at ``dest`` (its unused clusters
+    left out)."""
+    try:
+        await run("qemu-img", "convert", "-q", "-O", "qcow2", str(disk), str(dest), timeout=3600)
+    except CommandError as exc:
+        raise CloneFailed(f"could not flatten the VM's disk: {exc.message}") from exc

@@ -370,6 +370,12 @@ class QemuDriver:
     async def resume(self, machine: str) -> None:
         await disks.resume(self.files(machine).qmp)
 
+    async def export_disk(self, machine: str, dest: Path) -> str:
+        if (pid := self._read_pid(machine)) is not None:
+            await self._stop(machine, pid, self._shutdown_timeout)
+        await disks.flatten(self.files(machine).disk, dest)
+        return "qcow2"
+
     async def destroy(
         self, machine: str, runtime: Runtime | None, *, graceful: bool = True
     ) -> None:

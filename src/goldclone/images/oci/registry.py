@@ -27,6 +27,9 @@ from goldclone.images.oci.manifests import (
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.references import Reference
 
+PUSH = "pull,push"
+"""The actions a push asks the registry's token service for."""
+
 
 class Registry:
     def __init__(
@@ -136,6 +139,41 @@ class Registry:
                 f"content (its digest is {digest})"
             )
         return digest, bytes(body), response.headers.get("Content-Type", "").split(";")[0]
+
+    async def has_blob(self, ref: Reference, digest: str) -> bool:
+        request = self.request("HEAD", self.url(ref, f"blobs/{digest}"))
+        response = await self.send(ref, request, PUSH)
+        return response.status_code == 200
+
+    async def push_blob(self, ref: Reference, digest: str, data: bytes) -> None:
+        """One blob, in a monolithic upload (a POST for its location, a PUT of its bytes)."""
+        started = await self.send(ref, self.request("POST", self.url(ref, "blobs/uploads/")), PUSH)
+        location = started.headers.get("Location")
+        if started.status_code != 202 or not location:
+            raise DownloadFailed(
+                f"registry {ref.registry} answered HTTP {started.status_code} to an upload"
+            )
+        url = httpx.URL(self.url(ref, "")).join(location)
+        url = url.copy_merge_params({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        put = await self.send(
+            ref, self.request("PUT", str(url), content=data, headers=headers), PUSH
+        )
+        if put.status_code != 201:
+            raise DownloadFailed(
+                f"registry {ref.registry} answered HTTP {put.status_code} to blob {digest}"
+            )
+
+    async def push_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
+        """The manifest put under ``ref``'s tag; its digest."""
+        url = self.url(ref, f"manifests/{ref.tag or 'latest'}")
+        request = self.request("PUT", url, content=body, headers={"Content-Type": media_type})
+        response = await self.send(ref, request, PUSH)
+        if response.status_code != 201:
+            raise DownloadFailed(
+                f"registry {ref.registry} answered HTTP {response.status_code} to the manifest"
+            )
+        return "sha256:" + hashlib.sha256(body).hexdigest()
 
     @asynccontextmanager
     async def blob(self, ref: Reference, digest: str, offset: int) -> AsyncIterator[httpx.Response]:
