@@ -243,10 +243,13 @@ async def test_the_cache_budget_keeps_images_in_use_and_drops_the_least_recently
     settings: Settings, workdir: Path, demo_package: Path, file_server: FileServer
 ) -> None:
     disk = extract_disk(demo_package, workdir / "budget-disk.qcow2")
-    made = [make_package(disk, kind, file_server.root / f"budget.{kind}")
-            for kind in ("tar.gz", "tar.bz2", "tar")]  # fmt: skip
+    made = []
+    for kind in ("tar.gz", "tar.bz2", "tar"):  # three disks (a gold image is its disk)
+        own = workdir / f"budget-{kind}.qcow2"
+        own.write_bytes(disk.read_bytes() + kind.encode().ljust(512))  # past the last cluster
+        made.append(make_package(own, kind, file_server.root / f"budget.{kind}"))
     bodies = [small(file_server.url(package.name), checksum(package)) for package in made]
-    gold = disk.stat().st_size  # each unpacks to this disk
+    gold = disk.stat().st_size + 512  # each unpacks to a disk of this size
     budgeted = dataclasses.replace(settings, image_cache_bytes=gold * 5 // 2)
     async with goldclone_server(budgeted) as server:
         in_use = await server.boot(bodies[0])
