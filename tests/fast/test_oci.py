@@ -21,8 +21,9 @@ import pytest
 
 from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
 from goldclone.images.oci.manifests import OCI_MANIFEST
-from goldclone.settings import Settings
+from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, as_, serving, settings_on, tokens
+from tests.postgres import PostgresCluster
 from tests.registry import Registry, Served, client, push_blob, push_image, running_registry
 from tests.servers import FileServer
 
@@ -375,3 +376,35 @@ async def test_a_vm_made_into_an_image_and_pushed_starts_vms_on_another_host(
 
 def blob_puts(registry: Registry) -> list[Served]:
     return [r for r in registry.requests() if r.method == "PUT" and "/blobs/" in r.path]
+
+
+async def test_two_hosts_of_a_fleet_pull_the_same_digest_each_once(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """A tag is pinned once for the fleet: the host that holds the image gets the next create
+    of it while it has room; the other pulls the same digest when it must."""
+    fleet = await postgres.new_database()
+    disk = raw_disk(64 << 10, 12)
+    with running_registry(tmp_path) as registry:
+        digest = push_container_disk(registry, "fleet/disk", "v1", disk)
+
+        def host(name: str) -> Service:
+            settings = replace(settings_on(tmp_path / name, fleet), host_id=name,
+                               limits=Limits(max_vms=2))  # fmt: skip
+            return Service(on(settings, registry))
+
+        async with serving(host("host-a")) as a, serving(host("host-b")) as b:
+            reference = f"{registry.host}/fleet/disk:v1"
+            first = await b.boot(body(reference))  # b is asked, and is as empty as a
+            assert first["host"] == "host-b"
+            second = await a.boot(body(reference))  # a is emptier, but b holds the image
+            assert (second["host"], second["image_from_cache"]) == ("host-b", True)
+            third = await a.boot(body(reference))  # b is full
+            assert (third["host"], third["image_from_cache"]) == ("host-a", False)
+            pinned = {vm["image"]["oci"] for vm in (first, second, third)}
+            assert pinned == {f"{reference}@{digest}"}
+            held = {
+                (await s.client.get("/images")).json()["images"][0]["disk_sha256"] for s in (a, b)
+            }
+            assert held == {hashlib.sha256(disk).hexdigest()}
+        assert len(registry.blob_gets()) == 2  # each host's one pull

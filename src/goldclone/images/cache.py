@@ -165,6 +165,11 @@ class ImageCache:
         assert identity is not None, "a VMware VM has no disk identity to name"
         await self._names.learn(name, identity)
 
+    def manifests(self, key: str) -> list[str]:
+        """The registry manifests (``oci-<hex>``) known to carry the gold image ``key``."""
+        meta = read_metadata(self._images / key)
+        return [] if meta is None else self._names.manifests_of(key, meta)
+
     def identity(self, key: str) -> str | None:
         """The sha256 of the disk of the gold image that ``key`` names, if it is on disk."""
         meta = read_metadata(self._images / self.resolve(key))

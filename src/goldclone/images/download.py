@@ -77,10 +77,14 @@ async def fetch(
 
 class Sink:
     """The download's file, hashed by each of ``digests`` as it is written (``append``: after
-    what it holds, to resume); opened by the first write, in the worker thread that does it."""
+    what it holds, to resume) and handed to ``tap`` too; opened by the first write, in the
+    worker thread that does it."""
 
-    def __init__(self, path: Path, digests: tuple[Any, ...], append: bool = False) -> None:
-        self._path, self._digests = path, digests
+    def __init__(
+        self, path: Path, digests: tuple[Any, ...], append: bool = False,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> None:  # fmt: skip
+        self._path, self._digests, self._tap = path, digests, tap
         self._mode = "ab" if append else "wb"
         self._file: IO[bytes] | None = None
 
@@ -90,6 +94,8 @@ class Sink:
         for digest in self._digests:
             digest.update(chunk)
         self._file.write(chunk)
+        if self._tap is not None:
+            self._tap(chunk)
 
     def close(self) -> None:
         if self._file is None:

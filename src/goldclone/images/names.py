@@ -98,6 +98,11 @@ class GoldNames:
             await self._book.add_checksum(name, sha256)
         self.learnt[name] = sha256
 
+    def manifests_of(self, key: str, meta: dict[str, Any]) -> list[str]:
+        """The registry manifests (``oci-<hex>``) verified to carry the gold image ``key``."""
+        own = identity_of(meta)
+        return sorted(n for n, sha256 in self.learnt.items() if n[:4] == "oci-" and sha256 == own)
+
     def names_of(self, key: str, meta: dict[str, Any]) -> dict[str, str]:
         """Every checksum the gold image ``key`` is known by, type to hex: the one it was
         fetched by, its package's sha256, and those verified against it since."""

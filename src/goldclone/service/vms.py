@@ -469,10 +469,11 @@ class VMService:
         return self.metrics.text(vms, images, held, await self._driver.dropped())
 
     def _images_held(self) -> dict[str, list[str]]:
-        """Each gold image this host holds, with every checksum it is known by
-        (``<type>-<checksum>``), for placement."""
+        """Each gold image this host holds, with every name it is known by (``<type>-<hex>``
+        of its checksums, ``oci-<hex>`` of its manifests), for placement."""
         return {
-            image.id: [f"{kind}-{value}" for kind, value in image.checksums.items()]
+            image.id: [f"{k}-{v}" for k, v in image.checksums.items()]
+            + self._images.manifests(image.id)
             for image in self._images.images()
             if image.status is ImageStatus.READY
         }

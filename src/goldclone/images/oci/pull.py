@@ -15,11 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
 from goldclone.errors import ChecksumMismatch, DownloadFailed, ImageUnsupported
 from goldclone.images.checks import inspect_package
+from goldclone.images.damage import read_as_package
 from goldclone.images.download import CHUNK, Sink, check_room, to_the_end
 from goldclone.images.gold import file_sha256, remove
 from goldclone.images.oci.disk_artifact import (
@@ -31,7 +33,11 @@ from goldclone.images.oci.disk_artifact import (
 )
 from goldclone.images.oci.manifests import TAR_LAYERS, Descriptor, Manifest
 from goldclone.images.oci.registry import Registry
-from goldclone.images.unpack import UnpackLimits, unpack
+from goldclone.images.oci.stream import Aborted, BlobStream
+from goldclone.images.unpack import UnpackLimits
+from goldclone.images.unpack.sources import open_source
+from goldclone.images.unpack.tar_archive import unpack_tar
+from goldclone.images.unpack.writer import Writer
 from goldclone.models import DownloadProgress
 from goldclone.references import Reference, digest_hex
 
@@ -63,7 +69,7 @@ class Puller:
         self.registry = registry
         self._folder = folder
         self._limits = limits
-        self._blobs: dict[str, asyncio.Task[Path]] = {}
+        self._blobs: dict[str, asyncio.Task[tuple[Path, bool]]] = {}
 
     async def pull(
         self,
@@ -96,20 +102,48 @@ class Puller:
         await asyncio.to_thread(
             check_room, f"layer {layer.digest} of {ref}", self._folder, 2 * layer.size, reserve
         )
-        blob = await self.blob(ref, layer, shown)
-        try:
-            await asyncio.to_thread(unpack, blob, content, self._limits)
-        finally:
-            await asyncio.to_thread(remove, blob)
-        found = (
-            await asyncio.to_thread(inspect_package, content / "disk")
-            if (content / "disk").is_dir()
-            else None
-        )
-        if found is None or found.vmx is not None:
+        writer = Writer(content, self._limits, hashed=True)
+        blob = await self._stream_layer(ref, layer, shown, writer, TAR_LAYERS[layer.media_type])
+        if blob is not None:  # not unpacked as it came: from the file, then
+            writer = Writer(content, self._limits, hashed=True)
+            try:
+                await asyncio.to_thread(_unpack_file, blob, writer, TAR_LAYERS[layer.media_type])
+            finally:
+                await asyncio.to_thread(remove, blob)
+        if not (content / "disk").is_dir():
             raise ImageUnsupported(f"the layer of {ref} holds no disk image under /disk/")
-        sha256 = await asyncio.to_thread(file_sha256, found.disk.path)
-        return Pulled(found.disk.path, found.disk.format, sha256, None)
+        package = await asyncio.to_thread(inspect_package, content / "disk")
+        if package.vmx is not None:
+            raise ImageUnsupported(f"the layer of {ref} holds a VMware VM, not a disk")
+        assert writer.sha256 is not None
+        sha256 = writer.sha256[package.disk.path]
+        return Pulled(package.disk.path, package.disk.format, sha256, None)
+
+    async def _stream_layer(
+        self, ref: Reference, layer: Descriptor, shown: DownloadProgress, writer: Writer,
+        gzip: bool,
+    ) -> Path | None:  # fmt: skip
+        """Unpack ``layer`` with ``writer`` as it downloads; its blob if that could not be
+        done (the blob was there already, or resumed, or another pull fetches it)."""
+        stream = BlobStream()
+        unpacking = asyncio.ensure_future(asyncio.to_thread(_unpack_stream, stream, writer, gzip))
+        try:
+            blob, streamed = await self.blob(ref, layer, shown, stream.feed)
+        except BaseException:
+            stream.finish(complete=False)
+            await asyncio.gather(unpacking, return_exceptions=True)
+            raise
+        stream.finish(complete=streamed)
+        try:
+            await unpacking
+        except Aborted:
+            await asyncio.to_thread(_empty, writer)
+            return blob
+        except BaseException:
+            await asyncio.to_thread(remove, blob)
+            raise
+        await asyncio.to_thread(remove, blob)
+        return None
 
     async def _artifact(
         self, ref: Reference, manifest: Manifest, content: Path, reserve: int,
@@ -131,7 +165,7 @@ class Puller:
 
         async def fetch(layer: Descriptor) -> tuple[str, Path]:
             async with limit:
-                return layer.digest, await self.blob(ref, layer, shown)
+                return layer.digest, (await self.blob(ref, layer, shown))[0]
 
         blobs = dict(await asyncio.gather(*(fetch(layer) for layer in wanted.values())))
         disk = content / f"disk.{config.format}"
@@ -159,30 +193,38 @@ class Puller:
     async def _small_blob(self, ref: Reference, layer: Descriptor) -> bytes:
         if layer.size > MAX_CONFIG:
             raise ImageUnsupported(f"the config of {ref} is over {MAX_CONFIG} bytes")
-        path = await self.blob(ref, layer, DownloadProgress(bytes_done=0, bytes_total=None))
+        path, _ = await self.blob(ref, layer, DownloadProgress(bytes_done=0, bytes_total=None))
         try:
             return await asyncio.to_thread(path.read_bytes)
         finally:
             await asyncio.to_thread(remove, path)
 
-    async def blob(self, ref: Reference, layer: Descriptor, progress: DownloadProgress) -> Path:
-        """The blob ``layer`` of ``ref``, complete and checked: its one fetch, shared."""
+    async def blob(
+        self, ref: Reference, layer: Descriptor, progress: DownloadProgress,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> tuple[Path, bool]:  # fmt: skip
+        """The blob ``layer`` of ``ref``, complete and checked: its one fetch, shared; and
+        whether ``tap`` was handed every byte of it, in order, as it arrived."""
         task = self._blobs.get(layer.digest)
+        mine = task is None
         if task is None:
-            task = asyncio.create_task(self._fetch_blob(ref, layer, progress))
+            task = asyncio.create_task(self._fetch_blob(ref, layer, progress, tap))
             self._blobs[layer.digest] = task
             task.add_done_callback(lambda _: self._blobs.pop(layer.digest, None))
-        return await asyncio.shield(task)
+        path, tapped = await asyncio.shield(task)
+        return path, tapped and mine
 
     async def _fetch_blob(
-        self, ref: Reference, layer: Descriptor, progress: DownloadProgress
-    ) -> Path:
+        self, ref: Reference, layer: Descriptor, progress: DownloadProgress,
+        tap: Callable[[bytes], None] | None,
+    ) -> tuple[Path, bool]:  # fmt: skip
         done = self._folder / f"blob-{digest_hex(layer.digest)}"
         part = done.with_name(done.name + ".part")
         if done.exists():  # checked when it was renamed so
-            return done
+            return done, False
         digest = hashlib.sha256()
         offset = await asyncio.to_thread(_hash_into, part, digest, layer.size)
+        tapped = False
         progress.bytes_done += offset
         if offset < layer.size:
             async with self.registry.blob(ref, layer.digest, offset) as response:
@@ -190,7 +232,8 @@ class Puller:
                     progress.bytes_done -= offset
                     offset, digest = 0, hashlib.sha256()
                     await asyncio.to_thread(part.unlink, missing_ok=True)
-                sink = Sink(part, (digest,), append=True)
+                tapped = offset == 0 and tap is not None
+                sink = Sink(part, (digest,), append=True, tap=tap if tapped else None)
                 try:
                     async for block in response.aiter_raw(CHUNK):
                         offset += len(block)
@@ -219,7 +262,7 @@ class Puller:
                 f"blob {layer.digest} of {ref} has other content than its digest says"
             )
         await asyncio.to_thread(part.rename, done)
-        return done
+        return done, tapped
 
 
 def _hash_into(part: Path, digest: hashlib._Hash, size: int) -> int:
@@ -261,3 +304,27 @@ def _assemble(
         raise ChecksumMismatch(
             "the disk artifact's chunks make a disk of another sha256 than its config says"
         )
+
+
+def _unpack_stream(stream: BlobStream, writer: Writer, gzip: bool) -> None:
+    """A containerDisk's tar layer unpacked by ``writer`` as it arrives (blocking)."""
+    try:
+        _unpack(stream, writer, gzip)
+    finally:
+        stream.leave()
+
+
+def _unpack_file(blob: Path, writer: Writer, gzip: bool) -> None:
+    with blob.open("rb") as f:
+        _unpack(f, writer, gzip)
+
+
+def _unpack(source: BinaryIO | BlobStream, writer: Writer, gzip: bool) -> None:
+    with read_as_package("the layer"):
+        unpack_tar(open_source(source, "gzip" if gzip else None), writer)
+
+
+def _empty(writer: Writer) -> None:
+    """What ``writer`` made, removed: the folder is as it was given."""
+    for child in list(writer.root.iterdir()):
+        remove(child)

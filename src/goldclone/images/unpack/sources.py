@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bz2
 import zlib
-from typing import BinaryIO, Literal
+from typing import Literal, Protocol
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
 from goldclone.images.unpack.writer import CHUNK
@@ -16,7 +16,13 @@ BZIP2_MAGIC = b"BZh"
 Compression = Literal["gzip", "bzip2"]
 
 
-def open_source(f: BinaryIO, compression: Compression | None) -> Source:
+class Readable(Protocol):
+    """Where the bytes come from: a file, or a download as it arrives."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def open_source(f: Readable, compression: Compression | None) -> Source:
     if compression == "gzip":
         return _GzipSource(f)
     if compression == "bzip2":
@@ -31,7 +37,7 @@ class Source:
     tar loop sets it while tarfile reads headers, which it would otherwise buffer whole.
     """
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: Readable) -> None:
         self._f = f
         self._pos = 0
         self.budget: int | None = None
@@ -71,7 +77,7 @@ class _CompressedSource(Source):
     _label = ""
     _magic = b""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: Readable) -> None:
         super().__init__(f)
         self._pending = b""
         self._done = False

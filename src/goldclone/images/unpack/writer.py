@@ -4,10 +4,12 @@ zeros."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
 
@@ -27,9 +29,12 @@ class UnpackLimits:
 class Writer:
     """Creates the members of a package under ``dest``, enforcing names and limits."""
 
-    def __init__(self, dest: Path, limits: UnpackLimits) -> None:
+    def __init__(self, dest: Path, limits: UnpackLimits, hashed: bool = False) -> None:
+        self.root = dest
         self._dest = dest
         self.limits = limits
+        self.sha256: dict[Path, str] | None = {} if hashed else None
+        """With ``hashed``: each file written, with the sha256 of its bytes."""
         self._members = 0
         self._bytes = 0
         self._is_dir: dict[tuple[str, ...], bool] = {}  # every path made, explicit or not
@@ -53,11 +58,15 @@ class Writer:
         if not parts:
             raise ImageUnsafe(f"member {name!r} has an empty name")
         self._is_dir[parts] = False
-        fd = os.open(self._dest.joinpath(*parts), _FILE_FLAGS, 0o644)
+        path = self._dest.joinpath(*parts)
+        fd = os.open(path, _FILE_FLAGS, 0o644)
+        digest = hashlib.sha256() if self.sha256 is not None else None
         try:
-            self._copy(fd, read, name)
+            self._copy(fd, read, name, digest)
         finally:
             os.close(fd)
+        if self.sha256 is not None and digest is not None:
+            self.sha256[path] = digest.hexdigest()
 
     def _claim(self, name: str, *, is_dir: bool) -> tuple[str, ...]:
         parts = safe_parts(name)
@@ -77,11 +86,13 @@ class Writer:
             self._explicit.add(parts)
         return parts
 
-    def _copy(self, fd: int, read: Callable[[int], bytes], name: str) -> None:
+    def _copy(self, fd: int, read: Callable[[int], bytes], name: str, digest: Any) -> None:
         size = 0
         ends_in_hole = False
         while chunk := read(CHUNK):
             self._count_bytes(len(chunk), name)
+            if digest is not None:
+                digest.update(chunk)
             size += len(chunk)
             ends_in_hole = len(chunk) == CHUNK and chunk == _ZEROS
             if ends_in_hole:
