@@ -408,3 +408,25 @@ async def test_two_hosts_of_a_fleet_pull_the_same_digest_each_once(
             }
             assert held == {hashlib.sha256(disk).hexdigest()}
         assert len(registry.blob_gets()) == 2  # each host's one pull
+
+
+async def test_more_pulls_at_once_than_the_loop_has_worker_threads_all_finish(
+    fast_settings: Settings, tmp_path: Path
+) -> None:
+    """Each layer is unpacked as it arrives by a thread of its own: were the unpacking in the
+    loop's shared pool (6 threads on 2 cores), eight waiting readers would hold every thread
+    that the downloads' writes need."""
+    with running_registry(tmp_path) as registry:
+        references = []
+        for n in range(8):
+            push_container_disk(registry, f"many/disk{n}", "v1", raw_disk(1 << 20, 100 + n))
+            references.append(f"{registry.host}/many/disk{n}:v1")
+        async with serving(Service(on(fast_settings, registry))) as service:
+            posted = await asyncio.gather(*(
+                service.client.post("/images", json={"oci": reference}) for reference in references
+            ))  # fmt: skip
+            assert {answer.status_code for answer in posted} == {202}
+            async with asyncio.timeout(60):
+                while {image["status"] for image in await images(service)} != {"ready"}:
+                    await asyncio.sleep(service.poll)
+            assert len(await images(service)) == 8

@@ -33,7 +33,7 @@ from goldclone.images.oci.disk_artifact import (
 )
 from goldclone.images.oci.manifests import TAR_LAYERS, Descriptor, Manifest
 from goldclone.images.oci.registry import Registry
-from goldclone.images.oci.stream import Aborted, BlobStream
+from goldclone.images.oci.stream import Aborted, BlobStream, in_own_thread
 from goldclone.images.unpack import UnpackLimits
 from goldclone.images.unpack.sources import open_source
 from goldclone.images.unpack.tar_archive import unpack_tar
@@ -126,7 +126,9 @@ class Puller:
         """Unpack ``layer`` with ``writer`` as it downloads; its blob if that could not be
         done (the blob was there already, or resumed, or another pull fetches it)."""
         stream = BlobStream()
-        unpacking = asyncio.ensure_future(asyncio.to_thread(_unpack_stream, stream, writer, gzip))
+        unpacking = asyncio.ensure_future(
+            in_own_thread(lambda: _unpack_stream(stream, writer, gzip), f"unpack {layer.digest}")
+        )
         try:
             blob, streamed = await self.blob(ref, layer, shown, stream.feed)
         except BaseException:

@@ -5,8 +5,10 @@ ended (its error is then the pull's, once the download has been checked)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
+from collections.abc import Callable
 
 DEPTH = 4
 """Chunks (of about a MiB) that may wait between the download and the unpacking."""
@@ -64,3 +66,29 @@ class BlobStream:
             self._gone = True
             self._chunks.clear()
             self._ready.notify_all()
+
+
+async def in_own_thread(work: Callable[[], None], name: str) -> None:
+    """``work()`` in a thread of its own, not the loop's shared pool: a reader that waits for
+    a download must never hold a thread that the download's writes need."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # its awaiter was cancelled
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as exc:  # handed to the awaiting task as it is
+            error = exc
+        loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
