@@ -237,6 +237,26 @@ def registries(value: object) -> tuple[str, ...]:
     return found
 
 
+def registry_credentials(value: object) -> tuple[tuple[str, str, str], ...]:
+    """Each registry's ``USER:PASSWORD``: a table (TOML; JSON text from the environment) of
+    ``"HOST[:PORT]" = "USER:PASSWORD"``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object of registries") from None
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of "HOST[:PORT]" = "USER:PASSWORD"')
+    found = []
+    for host, pair in value.items():
+        registries(host)
+        if not isinstance(pair, str) or ":" not in pair:
+            raise ValueError(f"registry {host}: must be USER:PASSWORD")
+        user, _, password = pair.partition(":")
+        found.append((str(host), user, password))
+    return tuple(found)
+
+
 def ports(value: object) -> tuple[int, ...]:
     """TCP and UDP ports, 1 to 65535."""
     port = whole(1, 65535)

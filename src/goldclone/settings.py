@@ -189,6 +189,9 @@ class Settings:
     registry_auth_file: Path | None = None
     """A Docker-style auth file (``{"auths": {HOST: {"auth": BASE64}}}``): the credentials
     goldclone gives each registry that asks, for basic auth or for a token."""
+    registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    """Each registry's user and password (``host[:port]``, user, password), over the auth
+    file's. Secrets."""
     registry_insecure: tuple[str, ...] = ()
     """Registries (``host[:port]``) reached over plain HTTP; every other one over TLS."""
     registry_ca_file: Path | None = None

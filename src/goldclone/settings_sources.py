@@ -102,6 +102,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _s("GOLDCLONE_REGISTRY_AUTH_FILE", "registry_auth_file", conversions.path,
        "a Docker-style auth file ({\"auths\": {HOST: {\"auth\": BASE64}}}): each registry's "
        "credentials, for basic auth or a token", "none: anonymous pulls"),
+    _s("GOLDCLONE_REGISTRY_CREDENTIALS", "registry_credentials",
+       conversions.registry_credentials,
+       'each registry\'s credentials, over the auth file\'s: "HOST[:PORT]" = "USER:PASSWORD" '
+       "(JSON from the environment)", "none", secret=True),
     _s("GOLDCLONE_REGISTRY_INSECURE", "registry_insecure", conversions.registries,
        "registries (host[:port]) reached over plain HTTP; every other one over TLS", "none"),
     _s("GOLDCLONE_REGISTRY_CA_FILE", "registry_ca_file", conversions.path,

@@ -6,6 +6,7 @@ wrong (a tampered blob, a death mid-blob) and what a new version costs."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import io
@@ -241,14 +242,15 @@ async def test_registries_over_tls_with_basic_auth_or_tokens(
                 refused = await service.client.post("/vms", json=body(reference))
                 assert refused.status_code == 502, refused.text
                 assert refused.json()["code"] == "registry-unavailable"
-            secrets = tmp_path / "auth.json"
-            pair = f"{registry.username}:{registry.password}".encode()
-            import base64
-
-            secrets.write_text(
-                json.dumps({"auths": {registry.host: {"auth": base64.b64encode(pair).decode()}}})
-            )
-            settings = replace(settings, registry_auth_file=secrets)
+            assert registry.username and registry.password
+            if auth == "token":  # in a Docker-style auth file
+                secrets = tmp_path / "auth.json"
+                pair = base64.b64encode(f"{registry.username}:{registry.password}".encode())
+                secrets.write_text(json.dumps({"auths": {registry.host: {"auth": pair.decode()}}}))
+                settings = replace(settings, registry_auth_file=secrets)
+            else:  # in the settings
+                given = ((registry.host, registry.username, registry.password),)
+                settings = replace(settings, registry_credentials=given)
         caplog.set_level(logging.DEBUG)
         async with serving(Service(settings)) as service:
             vm = await service.boot(body(reference))

@@ -139,7 +139,7 @@ SECRET_KEYS = [setting.key for setting in SETTINGS if setting.secret]
 def test_the_secrets_are_the_tokens_the_two_secrets_and_the_database_url() -> None:
     assert set(SECRET_KEYS) == {
         "api_tokens", "metrics_tokens", "tokens", "callback_secret", "fleet_secret",
-        "database_url",
+        "database_url", "registry_credentials",
     }  # fmt: skip
 
 

@@ -85,9 +85,7 @@ class VMService:
     ) -> None:
         self._lock = DataDirLock(settings.data_dir)
         policy = OutboundPolicy(allow_private=settings.allow_private_urls)
-        self._registry = open_registry(policy, settings.registry_auth_file,
-                                       settings.registry_insecure, settings.registry_ca_file,
-                                       settings.download_timeout)  # fmt: skip
+        self._registry = open_registry(settings, policy)
         puller = Puller(self._registry, settings.data_dir.absolute() / "downloads", UnpackLimits())
         images = ImageCache(settings.data_dir, http, settings.download_timeout,
                             reserve_bytes=settings.reserve_mb << 20, checksums=Checksums(db),

@@ -9,12 +9,11 @@ import hashlib
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 
 from goldclone.errors import DownloadFailed, ImageUnsupported, ManifestUnknown, StartFailed
-from goldclone.images.oci.auth import Authorizer, read_auth_file
+from goldclone.images.oci.auth import Authorizer, Credentials, read_auth_file
 from goldclone.images.oci.manifests import (
     ACCEPTED,
     INDEXES,
@@ -26,6 +25,7 @@ from goldclone.images.oci.manifests import (
 )
 from goldclone.outbound.policy import OutboundPolicy, PolicyTransport
 from goldclone.references import Reference
+from goldclone.settings import Settings
 
 PUSH = "pull,push"
 """The actions a push asks the registry's token service for."""
@@ -195,17 +195,15 @@ class Registry:
             await response.aclose()
 
 
-def open_registry(
-    policy: OutboundPolicy,
-    auth_file: Path | None,
-    insecure: tuple[str, ...],
-    ca_file: Path | None,
-    timeout: float,
-) -> Registry:
-    """The registries as the operator's settings say to reach them; ``StartFailed`` naming
-    a file that cannot be read (never what it holds)."""
+def open_registry(settings: Settings, policy: OutboundPolicy) -> Registry:
+    """The registries as the operator's settings say to reach them (credentials given in the
+    settings over the auth file's); ``StartFailed`` naming a file that cannot be read (never
+    what it holds)."""
+    auth_file, ca_file = settings.registry_auth_file, settings.registry_ca_file
+    inline = settings.registry_credentials
     try:
         credentials = read_auth_file(auth_file) if auth_file is not None else {}
+        credentials |= {host: Credentials(user, password) for host, user, password in inline}
         tls = ssl.create_default_context()
         if ca_file is not None:
             tls.load_verify_locations(cafile=str(ca_file))
@@ -218,4 +216,5 @@ def open_registry(
         raise StartFailed(f"registries: {reason}") from None
     transport = PolicyTransport(policy, httpx.AsyncHTTPTransport(verify=tls))
     http = httpx.AsyncClient(transport=transport)
-    return Registry(http, Authorizer(http, credentials), frozenset(insecure), timeout)
+    insecure = frozenset(settings.registry_insecure)
+    return Registry(http, Authorizer(http, credentials), insecure, settings.download_timeout)
