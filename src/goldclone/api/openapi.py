@@ -61,6 +61,7 @@ VM_LINKS = {
         ("GetVM", "get_vm"),
         ("DeleteVM", "delete_vm"),
         ("GetFiles", "get_files"),
+        ("MakeImage", "make_image"),
     )
 }
 POOL_LINKS = {
@@ -74,6 +75,7 @@ HOST_LINKS = {
 IMAGE_LINKS = {
     "DeleteImage": {"operationId": "delete_image",
                     "parameters": {"image_id": "$response.body#/id"}},
+    "PushImage": {"operationId": "push_image", "parameters": {"image_id": "$response.body#/id"}},
 }  # fmt: skip
 
 
