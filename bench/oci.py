@@ -27,10 +27,8 @@ from pathlib import Path
 from bench._common import POLL, Stopwatch, describe, scratch, serve, start, verdict
 from bench.fetch import SIZE, make_disk, proc_status_mb
 from goldclone.demo.image import build_demo_image
-from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
-from goldclone.images.oci.manifests import OCI_MANIFEST
 from tests.packages import extract_disk
-from tests.registry import Registry, client, push_blob, push_image, running_registry
+from tests.registry import Registry, client, push_artifact, push_image, running_registry
 
 TARGET_RATIO, TARGET_RSS_MB = 1.2, 150.0
 CHUNK = 64 << 20
@@ -44,23 +42,6 @@ def layer_of(disk: Path, out: Path) -> None:
         tarfile.open(fileobj=packed, mode="w") as tar,
     ):
         tar.add(disk, arcname="disk/disk.raw")
-
-
-def push_artifact(registry: Registry, repo: str, tag: str, disk: Path) -> None:
-    with client(registry, timeout=600) as http:
-        layers = []
-        for part in cut(disk, "raw", CHUNK):
-            if isinstance(part, tuple):
-                packed, chunk = part
-                push_blob(http, repo, packed)
-                layers.append(chunk.layer)
-            else:
-                config = part
-        push_blob(http, repo, config.to_json())
-        body = manifest_json(config_descriptor(config), layers)
-        answer = http.put(f"/v2/{repo}/manifests/{tag}", content=body,
-                          headers={"Content-Type": OCI_MANIFEST})  # fmt: skip
-        answer.raise_for_status()
 
 
 def skopeo(registry: Registry, reference: str, work: Path, untar: bool = False) -> float:
@@ -124,11 +105,11 @@ async def main(runs: int) -> None:
         print(f"containerDisk: {SIZE >> 20} MiB disk in a {layer.stat().st_size >> 20} MiB layer")
         layer.unlink()
         # the artifact, and its second version: 10 % of the disk (contiguous) changed
-        await asyncio.to_thread(push_artifact, registry, "bench/artifact", "v1", disk)
+        await asyncio.to_thread(push_artifact, registry, "bench/artifact", "v1", disk, CHUNK)
         with disk.open("r+b") as f:
             f.seek(SIZE // 2)
             f.write(os.urandom(SIZE // 10))
-        await asyncio.to_thread(push_artifact, registry, "bench/artifact", "v2", disk)
+        await asyncio.to_thread(push_artifact, registry, "bench/artifact", "v2", disk, CHUNK)
         disk.unlink()
         base = f"{registry.host}/bench/disk:v1"
         tool: list[float] = []

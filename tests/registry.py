@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
 from tests.servers import free_port
 
 SERVICE = "goldclone-test-registry"
@@ -803,3 +804,24 @@ def push_image(
     assert put.headers["Docker-Content-Digest"] == digest
     return Pushed(repo=repo, tag=tag, manifest=manifest, digest=digest, blobs=blobs,
                   layers=layer_digests)  # fmt: skip
+
+
+def push_artifact(registry: Registry, repo: str, tag: str, disk: Path, chunk: int) -> str:
+    """goldclone's disk artifact of the raw ``disk``, cut by the service's own code and pushed
+    blob by blob; the manifest's digest."""
+    with client(registry, timeout=600) as http:
+        layers = []
+        for part in cut(disk, "raw", chunk):
+            if isinstance(part, tuple):
+                packed, found = part
+                push_blob(http, repo, packed)
+                layers.append(found.layer)
+            else:
+                config = part
+        push_blob(http, repo, config.to_json())
+        body = manifest_json(config_descriptor(config), layers)
+        put = http.put(
+            f"/v2/{repo}/manifests/{tag}", content=body, headers={"Content-Type": OCI_MANIFEST}
+        )
+        assert put.status_code == 201, put.text
+        return sha256_digest(body)

@@ -20,12 +20,17 @@ from typing import Any
 
 import pytest
 
-from goldclone.images.oci.disk_artifact import config_descriptor, cut, manifest_json
-from goldclone.images.oci.manifests import OCI_MANIFEST
 from goldclone.settings import Limits, Settings
 from tests.fast.conftest import Service, as_, serving, settings_on, tokens
 from tests.postgres import PostgresCluster
-from tests.registry import Registry, Served, client, push_blob, push_image, running_registry
+from tests.registry import (
+    Registry,
+    Served,
+    client,
+    push_artifact,
+    push_image,
+    running_registry,
+)
 from tests.servers import FileServer
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -60,26 +65,6 @@ def push_container_disk(registry: Registry, repo: str, tag: str, disk: bytes, **
         return push_image(
             http, repo, tag, [container_disk(disk, **kw)], layer_type=GZIP_LAYER
         ).digest
-
-
-def push_artifact(registry: Registry, repo: str, tag: str, disk: Path, chunk: int) -> str:
-    """goldclone's disk artifact of ``disk``, pushed as the service's push would."""
-    with client(registry) as http:
-        layers = []
-        for part in cut(disk, "raw", chunk):
-            if isinstance(part, tuple):
-                packed, found = part
-                push_blob(http, repo, packed)
-                layers.append(found.layer)
-            else:
-                config = part
-        push_blob(http, repo, config.to_json())
-        body = manifest_json(config_descriptor(config), layers)
-        put = http.put(
-            f"/v2/{repo}/manifests/{tag}", content=body, headers={"Content-Type": OCI_MANIFEST}
-        )
-        assert put.status_code == 201, put.text
-        return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 def on(settings: Settings, registry: Registry, **changes: Any) -> Settings:
