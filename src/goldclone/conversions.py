@@ -179,17 +179,24 @@ def tokens(value: object) -> tuple[str, ...]:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def named_tokens(value: object) -> tuple[Token, ...]:
-    """Named tokens: a table of tables (TOML; JSON text from the environment), each
-    ``NAME = {sha256 = HEX, role = ROLE, tenant = NAME}``; ``tenant`` defaults to the token's
-    name."""
+def _table(value: object, of: str, shape: str) -> dict[object, object]:
+    """A TOML table, or JSON text of an object (from the environment); ``shape`` says what
+    it must be otherwise."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            raise ValueError("must be a JSON object of tokens") from None
+            raise ValueError(f"must be a JSON object of {of}") from None
     if not isinstance(value, dict):
-        raise ValueError("must be a table of tokens, each a table")
+        raise ValueError(shape)
+    return value
+
+
+def named_tokens(value: object) -> tuple[Token, ...]:
+    """Named tokens: a table of tables (TOML; JSON text from the environment), each
+    ``NAME = {sha256 = HEX, role = ROLE, tenant = NAME}``; ``tenant`` defaults to the token's
+    name."""
+    value = _table(value, "tokens", "must be a table of tokens, each a table")
     found = []
     for name, fields in value.items():
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -240,13 +247,7 @@ def registries(value: object) -> tuple[str, ...]:
 def registry_credentials(value: object) -> tuple[tuple[str, str, str], ...]:
     """Each registry's ``USER:PASSWORD``: a table (TOML; JSON text from the environment) of
     ``"HOST[:PORT]" = "USER:PASSWORD"``."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError("must be a JSON object of registries") from None
-    if not isinstance(value, dict):
-        raise ValueError('must be a table of "HOST[:PORT]" = "USER:PASSWORD"')
+    value = _table(value, "registries", 'must be a table of "HOST[:PORT]" = "USER:PASSWORD"')
     found = []
     for host, pair in value.items():
         registries(host)
