@@ -64,12 +64,14 @@ async def test_the_demo_guest_is_told_its_name_keys_script_and_metadata(
     assert leftovers(goldclone.data_dir, vm) == []
 
 
-async def test_the_demo_guest_has_its_derived_hostname_without_a_name(
+async def test_the_demo_guest_has_its_derived_hostname_without_a_name_and_its_disk_size(
     goldclone: Goldclone, demo_body: dict[str, Any]
 ) -> None:
-    vm = await goldclone.boot(demo_body)
+    vm = await goldclone.boot({**demo_body, "disk_size": 1})
+    assert (vm["status"], vm["disk_size"]) == ("running", 1), vm
     async with httpx.AsyncClient(timeout=10) as guest:
         page = (await guest.get(f"http://{vm['ip_address']}/")).text
     assert f"hostname {vm['hostname']}" in page.splitlines()
     assert "metadata {}" in page.splitlines()
+    assert f"disk {1 << 30}" in page.splitlines()  # grown from the image's 64 MiB
     await goldclone.delete(vm["id"])

@@ -180,12 +180,15 @@ async def test_the_api_restores_vms_of_a_templates_shape(
     goldclone: Goldclone, file_server: FileServer, demo_package: Path
 ) -> None:
     image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    body = {"image": image, "cpus": 1, "memory": 256}
-    cold = await goldclone.boot(body)  # fetches the image
+    shape = {"cpus": 1, "memory": 256, "disk_size": 1}
+    cold = await goldclone.boot({"image": image, "cpus": 1, "memory": 256})  # fetches the image
+    async with httpx.AsyncClient(timeout=10) as client:
+        page = (await client.get(f"http://{cold['ip_address']}/")).text.splitlines()
+    [image_disk] = [line for line in page if line.startswith("disk ")]
     await goldclone.delete(cold["id"])
     image_id = f"sha256-{image['checksum']}"
-    response = await goldclone.client.post(f"/images/{image_id}/templates",
-                                           json={"cpus": 1, "memory": 256})  # fmt: skip
+    body = {"image": image, **shape}
+    response = await goldclone.client.post(f"/images/{image_id}/templates", json=shape)
     assert response.status_code == 202, response.text
     template_id = response.json()["id"]
     async with asyncio.timeout(120):
@@ -210,6 +213,7 @@ async def test_the_api_restores_vms_of_a_templates_shape(
         async with httpx.AsyncClient(timeout=10) as client:
             page = (await client.get(f"http://{vm['ip_address']}/")).text.splitlines()
         assert f"hostname {vm['name']}" in page and any(vm["mac_address"] in line for line in page)
+        assert f"disk {1 << 30}" in page and image_disk not in page  # the template's size
     assert len({vm["ip_address"] for vm in vms}) == 2
     for vm in vms:
         await goldclone.delete(vm["id"])
@@ -222,7 +226,7 @@ async def test_the_api_claims_vms_from_a_warm_pool_and_refills_it(
     goldclone: Goldclone, file_server: FileServer, demo_package: Path
 ) -> None:
     image = {"url": file_server.url(demo_package.name), "checksum": checksum(demo_package)}
-    shape = {"cpus": 1, "memory": 256}
+    shape = {"cpus": 1, "memory": 256, "disk_size": 1}
     made = await goldclone.put_pool("ci", {"image": image, **shape, "size": 2})
     assert made["status"] == "filling"  # it fetches the image and makes the template itself
     await goldclone.wait_pool("ci", 2, timeout=240)
@@ -233,6 +237,7 @@ async def test_the_api_claims_vms_from_a_warm_pool_and_refills_it(
         async with httpx.AsyncClient(timeout=10) as client:
             page = (await client.get(f"http://{vm['ip_address']}/")).text.splitlines()
         assert f"hostname {vm['name']}" in page and any(vm["mac_address"] in line for line in page)
+        assert f"disk {1 << 30}" in page
     assert len({vm["ip_address"] for vm in vms}) == 2
     refilled = await goldclone.wait_pool("ci", 2, timeout=120)
     assert refilled["claimed"] == 2

@@ -51,6 +51,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         │   ├── ChecksumMismatch        500 checksum-mismatch
         │   ├── ImageUnsafe             500 image-unsafe
         │   └── ImageUnsupported        500 image-unsupported
+        ├── DiskTooSmall                500 disk-too-small (disk_size below its image's)
         ├── InsufficientSpace           500 insufficient-space
         ├── CloneFailed                 500 clone-failed
         ├── BootFailed                  500 boot-failed
@@ -389,6 +390,12 @@ class ImageUnsafe(ImageError):
 
 class ImageUnsupported(ImageError):
     code = "image-unsupported"
+
+
+class DiskTooSmall(VMFailure):
+    """A ``disk_size`` below the size of its image's disk, found once the image is here."""
+
+    code = "disk-too-small"
 
 
 class InsufficientSpace(VMFailure):

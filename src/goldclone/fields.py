@@ -109,6 +109,8 @@ MIN_MEMORY_MB = 128
 under QEMU (with less, its kernel runs out of memory unpacking its initramfs, and panics);
 this leaves room for a larger kernel. A host may ask for more (``Limits.min_memory_mb``)."""
 MemoryMB = Annotated[Count, Field(ge=MIN_MEMORY_MB, description="Megabytes.")]
+MAX_DISK_GIB = 16384
+DiskSizeGiB = Annotated[Count, Field(ge=1, le=MAX_DISK_GIB, description="GiB (2^30 bytes).")]
 
 
 def _true(value: bool) -> bool:

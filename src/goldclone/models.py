@@ -24,6 +24,7 @@ from goldclone.fields import (
     USER_DATA_MAX_BYTES,
     ChecksumType,
     Count,
+    DiskSizeGiB,
     Egress,
     HttpUrl,
     MemoryMB,
@@ -123,6 +124,9 @@ class CreateVMRequest(_Strict):
     image: ImageSpec
     cpus: Count = 2
     memory: MemoryMB = 1024
+    disk_size: DiskSizeGiB | None = None
+    """The clone's disk grown to this many GiB (never shrunk: below the image's size is a
+    400), which a cloud-init guest's root fills at first boot; left out, the image's size."""
     network_type: NetworkType = "nat"
     network_group: NetworkGroup | None = None
     """The VMs created with the same group may reach each other; no other VM reaches it."""
@@ -216,6 +220,7 @@ class VM(BaseModel):
     image: ImageSpec
     cpus: int
     memory: int
+    disk_size: int | None = None
     network_type: NetworkType
     network_group: str | None = None
     egress: Literal["none"] | list[str] | None = None
@@ -369,6 +374,8 @@ class TemplateRequest(_Strict):
 
     cpus: Count = 2
     memory: MemoryMB = 1024
+    disk_size: DiskSizeGiB | None = None
+    """Its disk in GiB, grown before its first boot; left out, the image's size."""
     ready_when: ReadyWhen | None = None
 
 
@@ -386,6 +393,7 @@ class Template(BaseModel):
     image_id: str
     cpus: int
     memory: int
+    disk_size: int | None = None
     ready_when: ReadyWhen | None = None
     status: TemplateStatus = TemplateStatus.CREATING
     size_bytes: int = 0
@@ -409,6 +417,9 @@ class PoolRequest(_Strict):
     image: ImageSpec
     cpus: Count = 2
     memory: MemoryMB = 1024
+    disk_size: DiskSizeGiB | None = None
+    """Its machines' disk in GiB, as on ``POST /vms``; part of the shape a create must ask
+    for to claim one."""
     network_type: NetworkType = "nat"
     size: Annotated[Count, Field(ge=0, le=POOL_MAX_SIZE)] = 1
 
@@ -429,6 +440,7 @@ class Pool(BaseModel):
     image: ImageSpec
     cpus: int
     memory: int
+    disk_size: int | None = None
     network_type: NetworkType
     size: int
     status: PoolStatus = PoolStatus.FILLING

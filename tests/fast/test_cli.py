@@ -53,10 +53,11 @@ class Served:
         image = image_of(self.images, name)
         return [image["url"], "--checksum", image["checksum"], "--cpus", "1", "--memory", "256"]
 
-    def held_image_args(self) -> list[str]:
-        """Those of an image whose download never ends."""
-        [_, *rest] = self.image_args("held.raw")
-        return [self.images.url("hold/held.raw"), *rest]
+    def held_image_args(self, name: str) -> list[str]:
+        """Those of image ``name``, whose download never ends: each test holds its own, since
+        the server sees a held download fail after a minute, and keeps that an hour."""
+        [_, *rest] = self.image_args(name)
+        return [self.images.url(f"hold/{name}"), *rest]
 
     def vms(self) -> list[dict[str, Any]]:
         vms: list[dict[str, Any]] = self.http.get("/vms").json()["vms"]
@@ -71,12 +72,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The server, and the images it fetches: ``held.raw`` is only ever asked for through
-    ``/hold/``, so that its download never ends (and a VM of it stays ``creating``)."""
+    """The server, and the images it fetches: ``held-*.raw`` are only ever asked for through
+    ``/hold/``, so that their download never ends (and a VM of one stays ``creating``)."""
     root = tmp_path_factory.mktemp("cli")
     served = root / "served"
     served.mkdir()
-    for fill, name in enumerate(("disk.raw", "other.raw", "pulled.raw", "held.raw")):
+    for fill, name in enumerate(("disk.raw", "other.raw", "pulled.raw", "held-2.raw",
+                                 "held-11.raw")):  # fmt: skip
         disk = bytearray(bytes([fill]) * 65536)
         disk[510:512] = b"\x55\xaa"
         (served / name).write_bytes(bytes(disk))
@@ -118,7 +120,7 @@ def test_1_create_wait_prints_the_id_first(cli: Served) -> None:
 
 
 def test_2_ctrl_c_during_create_wait_says_the_vm_goes_on(cli: Served) -> None:
-    argv = [*GOLDCLONE, "create", *cli.held_image_args(), "--wait"]
+    argv = [*GOLDCLONE, "create", *cli.held_image_args("held-2.raw"), "--wait"]
     env = {**os.environ, "GOLDCLONE_URL": cli.url}
     shown, code = in_pty(argv, env, until="created VM")
     [vm] = cli.vms()
@@ -385,7 +387,7 @@ def test_11_timeouts_have_a_unit_a_default_and_their_own_exit_code(cli: Served) 
     assert "give up after this long (default: 600)" in cli.run("wait", "--help").stdout
     assert cli.run("wait", "some-id", "--timeout", "-1").returncode == 2
     started = time.monotonic()
-    done = cli.run("create", *cli.held_image_args(), "--wait", "--timeout", "1")
+    done = cli.run("create", *cli.held_image_args("held-11.raw"), "--wait", "--timeout", "1")
     assert done.returncode == 4, done.stderr
     assert time.monotonic() - started < 30
     [vm] = cli.vms()
@@ -469,8 +471,8 @@ def test_every_command_takes_a_vms_name_or_the_start_of_its_id(cli: Served) -> N
 def test_pools_and_templates_are_made_listed_and_deleted_from_the_cli(cli: Served) -> None:
     cli.boot()  # the image, fetched
     image_id = f"sha256-{image_of(cli.images)['checksum']}"
-    done = cli.run("templates", "create", image_id, "--cpus", "1", "--memory", "256", "--wait",
-                   "--json")  # fmt: skip
+    done = cli.run("templates", "create", image_id, "--cpus", "1", "--memory", "256",
+                   "--disk-size", "1", "--wait", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     template = json.loads(done.stdout)
     assert template["status"] == "ready" and template["image_id"] == image_id
@@ -480,9 +482,10 @@ def test_pools_and_templates_are_made_listed_and_deleted_from_the_cli(cli: Serve
         "templates": listed
     }
     [row] = [line for line in cli.run("images").stdout.splitlines() if image_id in line]
-    assert row.split()[-2] == "1x256MB", row  # TEMPLATES, before the URL
+    assert row.split()[-2] == "1x256MBx1GiB", row  # TEMPLATES, before the URL
 
-    done = cli.run("pools", "set", "warm", *cli.image_args(), "--size", "1", "--wait")
+    done = cli.run("pools", "set", "warm", *cli.image_args(), "--disk-size", "1", "--size", "1",
+                   "--wait")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "warm ready (1 of 1 ready)"
     [header, row] = cli.run("pools").stdout.splitlines()
@@ -491,6 +494,10 @@ def test_pools_and_templates_are_made_listed_and_deleted_from_the_cli(cli: Serve
     ]  # fmt: skip
     refused = cli.run("templates", "delete", image_id, template["id"])
     assert refused.returncode == 1 and "template-in-use" in refused.stderr, refused.stderr
+    claimed = cli.run("create", *cli.image_args(), "--disk-size", "1", "--wait", "--json")
+    vm = json.loads(claimed.stdout)
+    assert (vm["started_from"], vm["disk_size"]) == ("pool", 1), vm
+    assert cli.run("delete", vm["id"]).returncode == 0
     assert cli.run("pools", "delete", "warm").stdout.strip() == "deleted warm"
     assert json.loads(cli.run("pools", "--json").stdout) == {"pools": []}
     done = cli.run("templates", "delete", image_id, template["id"])

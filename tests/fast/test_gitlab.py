@@ -133,7 +133,7 @@ async def test_a_job_whose_vm_cannot_be_made_exits_with_the_system_failure_code(
 async def test_a_job_from_a_warm_pool(
     helper_server: Goldclone, tmp_path: Path, images: FileServer
 ) -> None:
-    pool = {"image": image_of(images), "cpus": 1, "memory": 256, "size": 1}
+    pool = {"image": image_of(images), "cpus": 1, "memory": 256, "disk_size": 1, "size": 1}
     root = {"Authorization": as_("root")["Authorization"]}
     response = await helper_server.client.put("/pools/ci", json=pool, headers=root)
     assert response.status_code in (200, 201), response.text

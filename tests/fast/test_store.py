@@ -22,6 +22,7 @@ from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
 from goldclone.image_spec import ImageSpec
 from goldclone.models import VM, Phase, Pool, Status, TimelineEntry
 from goldclone.service import events
+from goldclone.shape import Shape
 from goldclone.store import (
     admissions,
     delivery_records,
@@ -220,7 +221,7 @@ async def test_capacity_is_checked_in_the_admitting_transaction(db: Database) ->
         return host
 
     await db.write(lambda c: host_records.beat(c, db.host_id, {"network_types": ["nat"]}))
-    placing = Placing("sha256-" + "0" * 64, 1, 256, since=LONG_AGO, choose=at_most_three)
+    placing = Placing("sha256-" + "0" * 64, Shape(1, 256), since=LONG_AGO, choose=at_most_three)
     outcomes = await asyncio.gather(
         *(admissions.record(db, make_vm(), None, placing) for _ in range(8)), return_exceptions=True
     )

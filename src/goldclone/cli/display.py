@@ -50,7 +50,10 @@ def image_table(images: list[Image]) -> Table:
     table = Table("ID", "STATUS", "SIZE", "VMS", "TEMPLATES", "URL", box=None)
     for image in images:
         status = f"{image.status.value} ({image.error.code})" if image.error else image.status
-        shapes = ",".join(f"{t.cpus}x{t.memory}MB" for t in image.templates)
+        shapes = ",".join(
+            f"{t.cpus}x{t.memory}MB" + (f"x{t.disk_size}GiB" if t.disk_size else "")
+            for t in image.templates
+        )
         table.add_row(image.id, str(status), _size(image.size_bytes), str(image.vms),
                       shapes or "-", image.url or image.oci or "")  # fmt: skip
     return table
@@ -124,6 +127,7 @@ def vm_detail(vm: VM) -> RenderableType:
         ("image from", {True: "the cache", False: "a download", None: None}[vm.image_from_cache]),
         ("cpus", str(vm.cpus)),
         ("memory", f"{vm.memory} MB"),
+        ("disk", f"{vm.disk_size} GiB" if vm.disk_size else "the image's size"),
         ("network", vm.network_type),
         ("started from", vm.started_from + (f" (pool {vm.pool})" if vm.pool else "")),
         ("ready when", vm.ready_when.model_dump_json(exclude_none=True) if vm.ready_when else None),

@@ -275,6 +275,7 @@ def build() -> argparse.ArgumentParser:
     make.add_argument("--cpus", type=int, help="vCPUs of the VMs it is for (default: 2)")
     make.add_argument("--memory", type=int, help="megabytes of the VMs it is for "
                       "(default: 1024)")  # fmt: skip
+    _disk_size(make, "the disk in GiB of the VMs it is for (default: the image's)")
     make.add_argument("--ready-when", metavar="JSON",
                       help='what "ready" means before it is saved, e.g. '
                       '\'{"tcp": 22}\'')  # fmt: skip
@@ -336,8 +337,13 @@ def _image_and_shape(parser: argparse.ArgumentParser, defaults_of: str = "") -> 
                         help="the checksum's type (default: sha256)")  # fmt: skip
     parser.add_argument("--cpus", type=int, help=f"vCPUs (default: {defaults_of}2)")
     parser.add_argument("--memory", type=int, help=f"megabytes (default: {defaults_of}1024)")
+    _disk_size(parser, f"the disk in GiB, grown from the image's (default: {defaults_of}its size)")
     parser.add_argument("--network", choices=["nat", "hostonly", "bridged"],
                         help="the network type (default: nat)")  # fmt: skip
+
+
+def _disk_size(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--disk-size", type=int, metavar="GIB", help=help)
 
 
 def _vm_argument(parser: argparse.ArgumentParser, dest: str, **options: Any) -> None:

@@ -50,6 +50,7 @@ class Capabilities:
 
     ``network_types`` are the types VMs can use here; ``unavailable_networks`` maps each type
     the driver knows but cannot offer here to the reason, for the error a request gets.
+    ``grow_disks`` says whether a clone's disk can be made larger than its image's.
     ``memory_templates`` says whether the driver can start a machine from a saved, booted
     template instead of a cold boot; ``guest_agent`` whether it can ping a QEMU guest agent in
     the guest; ``walls`` whether it enforces a ``Reach`` (groups and egress) on its own
@@ -61,6 +62,7 @@ class Capabilities:
     memory_templates: bool = False
     guest_agent: bool = False
     walls: bool = False
+    grow_disks: bool = False
     unavailable_networks: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -148,10 +150,16 @@ class Driver(Protocol):
         ...
 
     async def clone(
-        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+        self,
+        machine: str,
+        gold: GoldImage,
+        template: TemplateFiles | None = None,
+        disk_bytes: int | None = None,
     ) -> None:
         """Make the machine's linked clone of the gold image, whose kind the driver takes, or
-        of ``template``'s frozen disk (only with ``capabilities.memory_templates``)."""
+        of ``template``'s frozen disk (only with ``capabilities.memory_templates``), its disk
+        grown to ``disk_bytes`` (only with ``capabilities.grow_disks``; never below the
+        image's size)."""
 
     async def attach(
         self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH

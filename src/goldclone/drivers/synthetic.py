@@ -56,6 +56,8 @@ class Machine:
     gold: str
     disk: Path | None = None
     """Its gold image's disk: what an export starts from."""
+    disk_bytes: int | None = None
+    """The size it was cloned at, if grown."""
     runtime: Runtime | None = None
     spec: MachineSpec | None = None
     ip: str | None = None
@@ -135,6 +137,7 @@ class SyntheticDriver(UnwatchedDisks):
             memory_templates=True,
             guest_agent=True,
             walls=True,  # its machines have no network to reach anything through
+            grow_disks=True,
             unavailable_networks={
                 t: f"'{t}' is not offered by this synthetic host"
                 for t in ("bridged", "nat", "hostonly")
@@ -156,7 +159,11 @@ class SyntheticDriver(UnwatchedDisks):
         return Runtime(record.get("machine", machine), record["network_type"], record["mac"])
 
     async def clone(
-        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+        self,
+        machine: str,
+        gold: GoldImage,
+        template: TemplateFiles | None = None,
+        disk_bytes: int | None = None,
     ) -> None:
         self.host.check_fault("clone")
         if not gold.disk.path.is_file():
@@ -168,7 +175,7 @@ class SyntheticDriver(UnwatchedDisks):
         folder = self._vms_dir / machine
         folder.mkdir(parents=True, mode=0o700)
         (folder / "clone").write_text(gold.key)
-        self.host.machines[machine] = Machine(machine, gold.key, gold.disk.path)
+        self.host.machines[machine] = Machine(machine, gold.key, gold.disk.path, disk_bytes)
 
     async def set_reach(self, runtime: Runtime, reach: Reach) -> Runtime:
         self._machine(runtime.machine).reaches.append(reach)

@@ -13,7 +13,7 @@ from goldclone.client import APIError, Client
 from goldclone.models import CreateVMRequest
 from goldclone.problems import explain_errors
 
-SHAPE_KEYS = ("image", "cpus", "memory", "network_type", "ready_when", "egress",
+SHAPE_KEYS = ("image", "cpus", "memory", "disk_size", "network_type", "ready_when", "egress",
               "network_group", "ttl")  # fmt: skip
 """What a job's image entry may give (docs/ci.md)."""
 
@@ -27,7 +27,8 @@ def vm_request(
         found = client.pool(pool)
         fields: dict[str, Any] = {
             "image": found.image.model_dump(mode="json", exclude_none=True), "cpus": found.cpus,
-            "memory": found.memory, "network_type": found.network_type,
+            "memory": found.memory, "disk_size": found.disk_size,
+            "network_type": found.network_type,
         }  # fmt: skip
     elif entry is not None:
         fields = {key: entry[key] for key in SHAPE_KEYS if key in entry}

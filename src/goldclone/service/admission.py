@@ -27,6 +27,7 @@ from goldclone.outbound.policy import OutboundPolicy
 from goldclone.service.leases import LeasePolicy
 from goldclone.service.placement import chooser, full
 from goldclone.settings import Limits, PlacementPolicy
+from goldclone.shape import Shape
 from goldclone.store import admissions
 from goldclone.store.admissions import Placing
 from goldclone.store.database import Database
@@ -79,8 +80,7 @@ class Admission:
         wanted = Held(request.cpus, request.memory, tenant_group(tenant, request.network_group))
         takes = _taker(request)
         choose = chooser(self._policy, wanted, takes, self._db.host_id)
-        placing = Placing(request.image.key, request.cpus, request.memory,
-                          after(-self._lost_after), choose)  # fmt: skip
+        placing = Placing(request.image.key, Shape.of(request), after(-self._lost_after), choose)
         recorded = await admissions.record(
             self._db,
             _new_vm(request, guest, expires_at, tenant), idempotency, placing, pools,
@@ -100,9 +100,9 @@ class Admission:
         if request.callback_url is not None:
             self.check_url("callback_url", request.callback_url)
 
-    def check_shape(self, cpus: int, memory: int, ready_when: ReadyWhen | None) -> None:
-        """Raise ``InvalidRequest`` for CPUs, memory or a probe this host would never take."""
-        if (refused := shape_refusal(self.bounds, cpus, memory, ready_when)) is not None:
+    def check_shape(self, shape: Shape, ready_when: ReadyWhen | None) -> None:
+        """Raise ``InvalidRequest`` for a shape or a probe this host would never take."""
+        if (refused := shape_refusal(self.bounds, shape, ready_when)) is not None:
             raise InvalidRequest(f"{refused} on this host")
 
     def check_network(self, network_type: str) -> None:
@@ -148,6 +148,7 @@ def bounds_of(
         "cpus": [limits.min_cpus, limits.max_cpus],
         "memory": [least, limits.max_memory_mb],
         "guest_agent": capabilities.guest_agent,
+        "disk_size": capabilities.grow_disks,
         "network_types": list(capabilities.network_types),
         "unavailable_networks": dict(capabilities.unavailable_networks),
         "walls": capabilities.walls,
@@ -156,16 +157,18 @@ def bounds_of(
 
 
 def shape_refusal(
-    bounds: Mapping[str, Any], cpus: int, memory: int, ready_when: ReadyWhen | None
+    bounds: Mapping[str, Any], shape: Shape, ready_when: ReadyWhen | None
 ) -> str | None:
     """Why a host of ``bounds`` would never take a VM of this shape and probe; ``None`` if it
     would."""
     least, most = bounds["cpus"]
-    if not least <= cpus <= most:
+    if not least <= shape.cpus <= most:
         return f"cpus: must be between {least} and {most}"
     least, most = bounds["memory"]
-    if not least <= memory <= most:
+    if not least <= shape.memory <= most:
         return f"memory: must be between {least} and {most} MB"
+    if shape.disk_size is not None and not bounds.get("disk_size", False):  # an older host's
+        return "disk_size: the driver cannot grow a clone's disk"
     if ready_when is not None and ready_when.guest_agent and not bounds["guest_agent"]:
         return "ready_when.guest_agent: the driver cannot ask a guest agent"
     return None
@@ -203,7 +206,7 @@ def _taker(request: CreateVMRequest) -> Callable[[Mapping[str, Any]], str | None
     """Why a host of given bounds would never take ``request``; ``None`` if it would."""
 
     def refusal(bounds: Mapping[str, Any]) -> str | None:
-        shape = shape_refusal(bounds, request.cpus, request.memory, request.ready_when)
+        shape = shape_refusal(bounds, Shape.of(request), request.ready_when)
         network = network_refusal(bounds, request.network_type)
         return shape or network or reach_refusal(bounds, request)
 
@@ -227,6 +230,7 @@ def _new_vm(
         image=request.image,
         cpus=request.cpus,
         memory=request.memory,
+        disk_size=request.disk_size,
         network_type=request.network_type,
         network_group=request.network_group,
         egress=request.egress,

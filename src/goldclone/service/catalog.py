@@ -26,6 +26,7 @@ from goldclone.service.image_access import ImageAccess
 from goldclone.service.pinning import Pinning
 from goldclone.service.pools import Pools
 from goldclone.service.templates import Templates
+from goldclone.shape import Shape
 from goldclone.store import vm_records
 from goldclone.store.database import Database
 
@@ -172,7 +173,7 @@ class Catalog:
             raise TemplateNotFound(
                 f"image {image_id} has no template {template_id} on this host", image=image_id
             )
-        shape = (template.cpus, template.memory)
+        shape = Shape.of(template)
         async with self._images.lock(key):
             if pools := self._pools.image_users(key, shape):
                 raise TemplateInUse(
@@ -182,7 +183,7 @@ class Catalog:
             # a VM being created may have been cloned from it and not yet say so
             users = [vm.id for vm in await self._users()
                      if self._images.resolve(vm.image.key) == key
-                     and (vm.cpus, vm.memory) == shape
+                     and Shape.of(vm) == shape
                      and (vm.started_from != "cold" or vm.status is Status.CREATING)]  # fmt: skip
             if users:
                 raise TemplateInUse(

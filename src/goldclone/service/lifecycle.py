@@ -42,8 +42,10 @@ from goldclone.service.deliveries import Deliveries
 from goldclone.service.image_access import ImageAccess
 from goldclone.service.machines import PERSONALIZE_TIMEOUT, bring_up
 from goldclone.service.readiness import wait_ready
+from goldclone.service.sizing import fit_disk
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
+from goldclone.shape import Shape
 from goldclone.store import handoff_records, leftover_records, vm_records
 from goldclone.store.database import Database
 from goldclone.store.leftover_records import Leftover
@@ -384,8 +386,9 @@ class Lifecycle:
                 gold = await self._images.ensure(vm.image, on_fetch=fetching)
                 await self._access.shown(vm.image, vm.tenant)
             self._check_package(gold)
+            disk_bytes = await fit_disk(gold, Shape.of(vm))
             template = await self._template_for(vm, gold, guest)
-            await self._driver.clone(vm.id, gold, template)
+            await self._driver.clone(vm.id, gold, template, disk_bytes)
         restore = template is not None
 
         async def attached(runtime: Runtime) -> None:
@@ -399,7 +402,7 @@ class Lifecycle:
                                      self._settings.ip_timeout, _reach(vm))  # fmt: skip
         vm = await self._running(vm, runtime, ip)
         if not restore and vm.start == "auto" and not guest.needs_first_boot:
-            await self._templates.booted_cold(gold.key, vm.cpus, vm.memory)
+            await self._templates.booted_cold(gold.key, Shape.of(vm))
         return vm
 
     async def _claim(self, vm: VM, guest: GuestConfig) -> VM:
@@ -432,7 +435,7 @@ class Lifecycle:
         boot."""
         if vm.start == "cold" or guest.needs_first_boot:
             return None
-        return await self._templates.ready(gold.key, vm.cpus, vm.memory)
+        return await self._templates.ready(gold.key, Shape.of(vm))
 
     def _check_package(self, gold: GoldImage) -> None:
         kind, taken = package_kind(gold), self._driver.capabilities.package_kinds

@@ -29,8 +29,10 @@ from goldclone.models import CreateVMRequest, ErrorBody, Pool, PoolRequest
 from goldclone.service.admission import Admission
 from goldclone.service.machines import bring_up
 from goldclone.service.pinning import Pinning
+from goldclone.service.sizing import fit_cached_disk
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
+from goldclone.shape import Shape
 from goldclone.store import pool_records
 from goldclone.store.database import Database
 from goldclone.store.host_records import Held
@@ -102,11 +104,11 @@ class Pools:
         if needs_first_boot(request.user_data):
             return []
         gold = self._images.resolve
-        shape = (gold(request.image.key), request.cpus, request.memory, request.network_type)
+        kind = (gold(request.image.key), Shape.of(request), request.network_type)
         return [
             pool.name
             for pool in self._pools.values()
-            if (gold(pool.image.key), pool.cpus, pool.memory, pool.network_type) == shape
+            if (gold(pool.image.key), Shape.of(pool), pool.network_type) == kind
         ]
 
     def images(self) -> list[ImageSpec]:
@@ -120,6 +122,7 @@ class Pools:
         if self.pinning is not None:
             image = await self.pinning.pin(request.image, "image", pools=False)
             request = request.model_copy(update={"image": image})
+        await fit_cached_disk(self._images, request)
         async with self._changing:
             earlier = self._pools.get(name)
             kept: dict[str, object] = {"created_at": now_s(), "claimed": 0}
@@ -182,12 +185,12 @@ class Pools:
         for member in await self._members(name):
             await self._remove(member)
 
-    def image_users(self, image_id: str, shape: tuple[int, int] | None = None) -> list[str]:
-        """The pools that keep machines of the gold image ``image_id`` (in ``shape``, CPUs and
-        memory, if given: those restored from its template of that shape)."""
+    def image_users(self, image_id: str, shape: Shape | None = None) -> list[str]:
+        """The pools that keep machines of the gold image ``image_id`` (in ``shape``, if
+        given: those restored from its template of that shape)."""
         return [pool.name for pool in self._pools.values()
                 if self._images.resolve(pool.image.key) == image_id
-                and shape in (None, (pool.cpus, pool.memory))]  # fmt: skip
+                and shape in (None, Shape.of(pool))]  # fmt: skip
 
     def wake(self, name: str | None = None) -> None:
         """Have the keeper of pool ``name`` (or of every pool) look again: a machine was
@@ -207,7 +210,7 @@ class Pools:
                 f"the {self._driver.name} driver has no memory templates, which pools restore "
                 "their VMs from"
             )
-        self._admission.check_shape(request.cpus, request.memory, None)
+        self._admission.check_shape(Shape.of(request), None)
         self._admission.check_network(request.network_type)
         self._admission.check_image("image", request.image)
         most = self._settings.limits.max_vms
@@ -264,7 +267,7 @@ class Pools:
 
     async def _restore_one(self, pool: Pool) -> None:
         gold = await self._images.ensure(pool.image)
-        template = await self._templates.made(gold.key, pool.cpus, pool.memory)
+        template = await self._templates.made(gold.key, Shape.of(pool))
         machine = str(uuid.uuid4())
         await self._admission.add_member(pool.name, machine, Held(pool.cpus, pool.memory))
         member = Member(machine, pool.name, "filling", {})
@@ -347,7 +350,7 @@ class Pools:
 
 def _kind(pool: Pool) -> tuple[object, ...]:
     """What a pool's machines are: those of another kind are of no use to it."""
-    return (pool.image.key, pool.cpus, pool.memory, pool.network_type)
+    return (pool.image.key, Shape.of(pool), pool.network_type)
 
 
 def _definition(pool: Pool) -> tuple[object, ...]:

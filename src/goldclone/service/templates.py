@@ -39,7 +39,9 @@ from goldclone.models import ErrorBody, ImageStatus, Template, TemplateRequest, 
 from goldclone.polling import until
 from goldclone.service.admission import Admission
 from goldclone.service.readiness import wait_ready
+from goldclone.service.sizing import refuse_small_disk
 from goldclone.settings import Settings
+from goldclone.shape import Shape
 from goldclone.store import template_records
 from goldclone.store.database import Database
 
@@ -64,7 +66,7 @@ class Templates:
         self._driver = driver
         self._admission = admission
         self._building: dict[str, asyncio.Task[None]] = {}
-        self._cold_boots: Counter[tuple[str, int, int]] = Counter()
+        self._cold_boots: Counter[tuple[str, Shape]] = Counter()
 
     def files(self, template: Template) -> TemplateFiles:
         return TemplateFiles(self._root / template.image_id / template.id)
@@ -76,11 +78,13 @@ class Templates:
             raise InvalidRequest(
                 f"the {self._driver.name} driver has no memory templates; its VMs boot cold"
             )
-        self._admission.check_shape(request.cpus, request.memory, request.ready_when)
+        shape = Shape.of(request)
+        self._admission.check_shape(shape, request.ready_when)
         gold = self._gold(image_id)
+        await refuse_small_disk(gold, shape)
         template = Template(
             id=str(uuid.uuid4()), image_id=gold.key, cpus=request.cpus, memory=request.memory,
-            ready_when=request.ready_when, created_at=now_s(),
+            disk_size=request.disk_size, ready_when=request.ready_when, created_at=now_s(),
         )  # fmt: skip
         host_id = self._db.host_id
         recorded = await self._db.write(
@@ -92,36 +96,33 @@ class Templates:
             task.add_done_callback(lambda _: self._building.pop(template.id, None))
         return recorded
 
-    async def booted_cold(self, image_id: str, cpus: int, memory: int) -> None:
+    async def booted_cold(self, image_id: str, shape: Shape) -> None:
         """Count a cold boot that a template could have spared; at the configured count
         (``template_after``), make the template of that image and shape."""
         after = self._settings.template_after
         if after <= 0 or not self._driver.capabilities.memory_templates:
             return
-        shape = (image_id, cpus, memory)
-        self._cold_boots[shape] += 1
-        if self._cold_boots[shape] == after:
-            log.info("image %s booted cold %d times at %d CPU(s), %d MB: making a template",
-                     image_id, after, cpus, memory)  # fmt: skip
+        self._cold_boots[image_id, shape] += 1
+        if self._cold_boots[image_id, shape] == after:
+            log.info("image %s booted cold %d times with %s: making a template",
+                     image_id, after, shape.describe())  # fmt: skip
             try:
-                await self.create(image_id, TemplateRequest(cpus=cpus, memory=memory))
+                await self.create(image_id, _request(shape))
             except GoldcloneError as exc:
                 log.warning("no template of image %s: %s", image_id, exc.message)
 
-    async def ready(self, image_id: str, cpus: int, memory: int) -> TemplateFiles | None:
+    async def ready(self, image_id: str, shape: Shape) -> TemplateFiles | None:
         """The files of the ready template of this image and shape, if there is one."""
         for template, _ in await self._of_host(image_id):
-            if (template.cpus, template.memory, template.status) == (
-                cpus, memory, TemplateStatus.READY,
-            ):  # fmt: skip
+            if Shape.of(template) == shape and template.status is TemplateStatus.READY:
                 return self.files(template)
         return None
 
-    async def made(self, image_id: str, cpus: int, memory: int) -> TemplateFiles:
+    async def made(self, image_id: str, shape: Shape) -> TemplateFiles:
         """The files of the ready template of this image and shape, made first if there is
         none. A template that failed is removed and raises ``TemplateFailed``, so that the
         next call makes it again."""
-        template = await self.create(image_id, TemplateRequest(cpus=cpus, memory=memory))
+        template = await self.create(image_id, _request(shape))
         if (task := self._building.get(template.id)) is not None:
             await asyncio.shield(task)  # whoever waits for it, the template is made once
         for found, machine in await self._of_host(image_id):
@@ -200,7 +201,7 @@ class Templates:
         try:
             await asyncio.to_thread(files.folder.mkdir, parents=True, mode=0o700)
             async with self._images.lock(template.image_id):
-                await self._driver.clone(machine, gold)
+                await self._driver.clone(machine, gold, disk_bytes=Shape.of(template).disk_bytes)
             runtime = await self._driver.attach(machine, self._driver.capabilities.network_types[0])
             await self._boot_and_save(template, files, runtime)
             size = await asyncio.to_thread(_size, files.folder)
@@ -255,6 +256,10 @@ class Templates:
         await asyncio.to_thread(shutil.rmtree, self.files(template).folder, ignore_errors=True)
         if not keep_record:
             await self._db.write(lambda conn: template_records.forget(conn, template.id))
+
+
+def _request(shape: Shape) -> TemplateRequest:
+    return TemplateRequest(cpus=shape.cpus, memory=shape.memory, disk_size=shape.disk_size)
 
 
 def _failed(template: Template, exc: Exception) -> Template:

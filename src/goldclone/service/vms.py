@@ -59,6 +59,7 @@ from goldclone.service.metrics import Metrics
 from goldclone.service.pinning import Pinning
 from goldclone.service.pools import Pools
 from goldclone.service.recovery import Recovery
+from goldclone.service.sizing import fit_cached_disk
 from goldclone.service.templates import Templates
 from goldclone.service.watches import Watches
 from goldclone.settings import Settings
@@ -218,6 +219,7 @@ class VMService:
         asked = request
         image = await self.pinning.pin(request.image, "image")
         request = request.model_copy(update={"image": image})
+        await fit_cached_disk(self._images, request)
         # a pooled machine only for a URL shown to give its image: it is checked otherwise
         pools = self.pools.matching(request)
         if pools and not await self._image_access.may_claim(request.image, tenant):

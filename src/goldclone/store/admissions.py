@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from goldclone.models import VM
+from goldclone.shape import Shape
 from goldclone.store import handoff_records, host_records, pool_records, vm_records
 from goldclone.store.database import Database
 from goldclone.store.host_records import Candidate, Held
@@ -24,8 +25,7 @@ class Placing:
     (raising ``CapacityExceeded`` when none has room)."""
 
     image_key: str
-    cpus: int
-    memory: int
+    shape: Shape
     since: datetime
     choose: Callable[[list[Candidate]], Candidate]
 
@@ -62,7 +62,7 @@ async def record(
         host = db.host_id
         if placing is not None:
             found = await host_records.candidates(
-                conn, placing.since, placing.image_key, placing.cpus, placing.memory, pools
+                conn, placing.since, placing.image_key, placing.shape, pools
             )
             host = placing.choose(found).host_id
         placed = vm.model_copy(update={"host": host})

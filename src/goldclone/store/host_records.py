@@ -15,6 +15,7 @@ from goldclone.clock import now, rfc3339_ms
 from goldclone.egress import tenant_group
 from goldclone.errors import HostLost, HostNotFound, HostUp
 from goldclone.models import VM, ErrorBody, Phase, Status, TimelineEntry
+from goldclone.shape import Shape
 from goldclone.store import pool_records, template_records, vm_records
 from goldclone.store.tables import cleanups as _cleanups
 from goldclone.store.tables import deliveries as _deliveries
@@ -138,8 +139,7 @@ async def candidates(
     conn: AsyncConnection,
     since: datetime,
     image_key: str,
-    cpus: int,
-    memory: int,
+    shape: Shape,
     pools: Sequence[str],
 ) -> list[Candidate]:
     """The hosts heard from since ``since``, by ID, as candidates for a VM of ``image_key``
@@ -148,7 +148,7 @@ async def candidates(
     hosts = (await conn.execute(query)).all()
     held = await holding(conn)
     pooled = await pool_records.hosts_with_ready(conn, pools)
-    templates = await template_records.ready_in_shape(conn, cpus, memory)
+    templates = await template_records.ready_in_shape(conn, shape)
     found = []
     for row in hosts:
         images: dict[str, list[str]] = row.host.get("images", {})

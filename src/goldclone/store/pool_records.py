@@ -21,8 +21,8 @@ from goldclone.store.tables import pools as _pools
 
 MemberStatus = Literal["filling", "ready"]
 
-_POOL_FIELDS = {"name", "image", "cpus", "memory", "network_type", "size", "claimed", "error",
-                "created_at"}  # fmt: skip
+_POOL_FIELDS = {"name", "image", "cpus", "memory", "disk_size", "network_type", "size", "claimed",
+                "error", "created_at"}  # fmt: skip
 """What the ``pools`` table keeps of a pool; the counts of machines are read from theirs."""
 
 

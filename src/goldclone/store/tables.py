@@ -77,6 +77,7 @@ templates = Table(
     Column("image_key", String(140), nullable=False, index=True),
     Column("cpus", Integer, nullable=False),
     Column("memory", Integer, nullable=False),
+    Column("disk_size", Integer, nullable=True),
     Column("status", String(16), nullable=False),
     Column("template", JSON, nullable=False),
     Column("machine", String(64), nullable=True),

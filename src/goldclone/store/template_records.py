@@ -3,10 +3,11 @@ it."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from goldclone.models import Template, TemplateStatus
+from goldclone.shape import Shape
 from goldclone.store.tables import templates as _templates
 
 
@@ -16,15 +17,14 @@ async def add(conn: AsyncConnection, host_id: str, template: Template, machine: 
     recorded."""
     query = select(_templates.c.template).where(
         _templates.c.image_key == template.image_id,
-        _templates.c.cpus == template.cpus,
-        _templates.c.memory == template.memory,
+        _in_shape(Shape.of(template)),
         _templates.c.host_id == host_id,
     )
     if (row := (await conn.execute(query)).first()) is not None:
         return Template.model_validate(row.template)
     await conn.execute(_templates.insert().values(
         id=template.id, image_key=template.image_id, cpus=template.cpus,
-        memory=template.memory, status=template.status.value,
+        memory=template.memory, disk_size=template.disk_size, status=template.status.value,
         template=template.model_dump(mode="json"), machine=machine, host_id=host_id,
     ))  # fmt: skip
     return template
@@ -64,15 +64,22 @@ async def forget(conn: AsyncConnection, template_id: str) -> None:
     await conn.execute(_templates.delete().where(_templates.c.id == template_id))
 
 
-async def ready_in_shape(conn: AsyncConnection, cpus: int, memory: int) -> set[tuple[str, str]]:
+async def ready_in_shape(conn: AsyncConnection, shape: Shape) -> set[tuple[str, str]]:
     """The hosts and images (``(host_id, image_key)``) that have a ready template of this
     shape."""
     query = select(_templates.c.host_id, _templates.c.image_key).where(
-        _templates.c.status == TemplateStatus.READY.value,
-        _templates.c.cpus == cpus,
-        _templates.c.memory == memory,
+        _templates.c.status == TemplateStatus.READY.value, _in_shape(shape)
     )
     return {(row.host_id, row.image_key) for row in await conn.execute(query)}
+
+
+def _in_shape(shape: Shape) -> ColumnElement[bool]:
+    disk = _templates.c.disk_size
+    return and_(
+        _templates.c.cpus == shape.cpus,
+        _templates.c.memory == shape.memory,
+        disk.is_(None) if shape.disk_size is None else disk == shape.disk_size,
+    )
 
 
 async def machines(conn: AsyncConnection, host_id: str) -> set[str]:

@@ -53,8 +53,8 @@ def _set_pool(ctx: Context) -> Exit:
     body |= image_fields(body, args)
     if "image" not in body:
         raise UsageError("give IMAGE_URL and --checksum, or --from FILE")
-    options = {"cpus": args.cpus, "memory": args.memory, "network_type": args.network,
-               "size": args.size}  # fmt: skip
+    options = {"cpus": args.cpus, "memory": args.memory, "disk_size": args.disk_size,
+               "network_type": args.network, "size": args.size}  # fmt: skip
     body |= {name: value for name, value in options.items() if value is not None}
     pool = ctx.api.put_pool(args.name, validated(PoolRequest, body))
     if args.wait:
@@ -82,7 +82,8 @@ def _list_templates(ctx: Context) -> Exit:
 
 def _create_template(ctx: Context) -> Exit:
     args = ctx.args
-    body: dict[str, Any] = {"cpus": args.cpus, "memory": args.memory} | ready_when_field(args)
+    shape = {"cpus": args.cpus, "memory": args.memory, "disk_size": args.disk_size}
+    body: dict[str, Any] = shape | ready_when_field(args)
     request = validated(TemplateRequest, {k: v for k, v in body.items() if v is not None})
     template = ctx.api.create_template(args.image_id, request)
     if args.wait:

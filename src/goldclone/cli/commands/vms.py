@@ -139,6 +139,7 @@ def create_request(args: Any) -> CreateVMRequest:
     options = {
         "cpus": args.cpus,
         "memory": args.memory,
+        "disk_size": args.disk_size,
         "network_type": args.network,
         "callback_url": args.callback_url,
         "headless": False if args.gui else None,

@@ -1,8 +1,8 @@
 #!/bin/sh
 # The page busybox httpd serves at "/": proves which VM answers, by its MACs, and what it was
-# told: its hostname, SSH keys and metadata (from fw_cfg). Clients poll it until the guest is
-# up, so it reads with shell builtins: each program that a guest under TCG starts costs its
-# host milliseconds of CPU. Only the addresses need one, `ip`.
+# told: its hostname, disk size, SSH keys and metadata (from fw_cfg). Clients poll it until the
+# guest is up, so it reads with shell builtins: each program that a guest under TCG starts
+# costs its host milliseconds of CPU. Only the addresses need one, `ip`.
 
 printf 'Content-Type: text/plain\r\n\r\n'
 echo "goldclone demo guest"
@@ -27,6 +27,8 @@ fi
 echo "dns$servers"
 read -r name < /proc/sys/kernel/hostname
 echo "hostname $name"
+read -r sectors < /sys/block/vda/size # 512-byte sectors, whatever the disk's own
+echo "disk $((sectors * 512))"
 while read -r key; do echo "ssh-key $key"; done < /root/.ssh/authorized_keys
 # a guest restored from a memory template is told its metadata by the guest agent
 metadata=/run/goldclone/metadata.json

@@ -1,15 +1,17 @@
-"""A machine's disk: how far the overlays can still grow on a full host, a machine that QEMU
-paused because its disk could not be written (``werror=stop``) and its resumption, and a disk
-flattened into an image of its own.
+"""A machine's disk: its overlay on the gold or template disk, how far the overlays can still
+grow on a full host, a machine that QEMU paused because its disk could not be written
+(``werror=stop``) and its resumption, and a disk flattened into an image of its own.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from goldclone.drivers.qemu.qmp import qmp_execute
 from goldclone.errors import CloneFailed, CommandError, QMPError
 from goldclone.host.commands import run
+from goldclone.host.files import write_atomically
 
 QCOW2_MAGIC = b"QFI\xfb"
 STATUS_TIMEOUT = 2.0
@@ -58,3 +60,29 @@ async def flatten(disk: Path, dest: Path) -> None:
         await run("qemu-img", "convert", "-q", "-O", "qcow2", str(disk), str(dest), timeout=3600)
     except CommandError as exc:
         raise CloneFailed(f"could not flatten the VM's disk: {exc.message}") from exc
+
+
+async def overlay(base: Path, base_format: str, dest: Path, size: int | None = None) -> None:
+    """A qcow2 overlay at ``dest`` on ``base``, of ``size`` bytes (more than ``base``'s: the
+    guest sees a larger disk, whose end reads as zeros) or of ``base``'s size."""
+    args = [] if size is None else [str(size)]
+    try:
+        await run(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format,
+            str(dest), *args,
+            timeout=30,
+        )  # fmt: skip
+    except CommandError as exc:
+        raise CloneFailed(f"could not make a disk overlay: {exc.message}") from exc
+
+
+def copy_if_present(source: Path, target: Path) -> bool:
+    """Copy ``source`` to ``target`` (0600, never half-written); whether there was a
+    ``source``."""
+    try:
+        src = source.open("rb")
+    except FileNotFoundError:
+        return False
+    with src:
+        write_atomically(target, lambda out: shutil.copyfileobj(src, out), 0o600)
+    return True

@@ -56,7 +56,6 @@ from goldclone.guest.channel import Streams
 from goldclone.guest.config import GuestConfig
 from goldclone.guest.nocloud import write_seed
 from goldclone.host import processes
-from goldclone.host.commands import run
 from goldclone.host.files import write_atomically
 from goldclone.images.gold import GoldImage
 from goldclone.polling import until
@@ -111,6 +110,7 @@ class QemuDriver:
             memory_templates=True,
             guest_agent=True,
             walls=True,
+            grow_disks=True,
             unavailable_networks=unavailable,
         )
 
@@ -144,26 +144,29 @@ class QemuDriver:
         return MachineFiles(self.vm_dir(machine))
 
     async def clone(
-        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+        self,
+        machine: str,
+        gold: GoldImage,
+        template: TemplateFiles | None = None,
+        disk_bytes: int | None = None,
     ) -> None:
         """A qcow2 overlay on the gold disk, or a copy of ``template``'s empty overlay on its
-        frozen disk: the same bytes for every clone, and no process to start for each."""
+        frozen disk (already of the template's size): the same bytes for every clone, and no
+        process to start for each."""
         vm_dir = self.vm_dir(machine)
         vm_dir.mkdir(parents=True, mode=0o700)
         if template is not None:
             try:
                 if await asyncio.to_thread(
-                    _copy_if_present, template.overlay, self.files(machine).disk
+                    disks.copy_if_present, template.overlay, self.files(machine).disk
                 ):
                     return
             except OSError as exc:
                 raise CloneFailed(f"could not copy the template's disk: {exc.strerror}") from exc
-        base, base_format = (
-            (gold.disk.path.absolute(), gold.disk.format)
-            if template is None
-            else (template.disk, "qcow2")
-        )
-        await _create_overlay(base, base_format, self.files(machine).disk)
+            await disks.overlay(template.disk, "qcow2", self.files(machine).disk)
+        else:
+            base = gold.disk.path.absolute()
+            await disks.overlay(base, gold.disk.format, self.files(machine).disk, disk_bytes)
 
     async def attach(
         self, machine: str, network_type: str, reach: Reach = DEFAULT_REACH
@@ -243,7 +246,7 @@ class QemuDriver:
         await memory.save(self.files(machine).qmp, command.NIC_ID, files)
         await processes.wait_exit(pid, KILL_GRACE)
         await asyncio.to_thread(os.replace, self.files(machine).disk, files.disk)
-        await _create_overlay(files.disk, "qcow2", files.overlay)
+        await disks.overlay(files.disk, "qcow2", files.overlay)
         await asyncio.to_thread(hardwares.record, files, hardwares.CURRENT)
         for path in (files.disk, files.ram, files.state, files.overlay):
             path.chmod(0o400)
@@ -462,29 +465,6 @@ class QemuDriver:
                 return
         log.warning("VM %s: qemu %d did not stop, killing it", machine, pid)
         await processes.end(pid, (signal.SIGKILL,), KILL_GRACE)
-
-
-async def _create_overlay(base: Path, base_format: str, overlay: Path) -> None:
-    try:
-        await run(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format,
-            str(overlay),
-            timeout=30,
-        )  # fmt: skip
-    except CommandError as exc:
-        raise CloneFailed(f"could not make a disk overlay: {exc.message}") from exc
-
-
-def _copy_if_present(source: Path, target: Path) -> bool:
-    """Copy ``source`` to ``target`` (0600, never half-written); whether there was a
-    ``source``."""
-    try:
-        src = source.open("rb")
-    except FileNotFoundError:
-        return False
-    with src:
-        write_atomically(target, lambda out: shutil.copyfileobj(src, out), 0o600)
-    return True
 
 
 class _Qemu(NamedTuple):

@@ -114,13 +114,19 @@ class VMwareDriver(UnwatchedDisks, NoChannel):
         return self.vm_dir(machine) / f"{machine}.vmx"
 
     async def clone(
-        self, machine: str, gold: GoldImage, template: TemplateFiles | None = None
+        self,
+        machine: str,
+        gold: GoldImage,
+        template: TemplateFiles | None = None,
+        disk_bytes: int | None = None,
     ) -> None:
         """``vmrun clone TEMPLATE.vmx vms/<m>/<m>.vmx linked -snapshot=NAME -cloneName=<m>``,
         then take out of the clone's ``.vmx`` whatever names files outside its folder."""
         assert self._parents is not None
         if template is not None:
             raise CloneFailed(_NO_MEMORY_TEMPLATES)
+        if disk_bytes is not None:  # a linked clone's disk has a snapshot: vmrun cannot grow it
+            raise CloneFailed("the vmware driver cannot grow a linked clone's disk")
         try:
             source = await self._parents.ensure(gold)
             self._vms_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from goldclone.images.checks.disks import (
     check_disk,
     check_qcow2_header,
     sniff_disk,
+    virtual_size,
 )
 from goldclone.images.checks.packages import Package, inspect_package, vmx_disks
 
@@ -19,5 +20,6 @@ __all__ = [
     "check_qcow2_header",
     "inspect_package",
     "sniff_disk",
+    "virtual_size",
     "vmx_disks",
 ]

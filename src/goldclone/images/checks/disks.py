@@ -105,6 +105,22 @@ def check_disk(path: Path, root: Path) -> DiskImage:
     return DiskImage(root / real.relative_to(root.resolve()), fmt)
 
 
+def virtual_size(disk: DiskImage) -> int:
+    """The bytes of the disk that a guest of checked image ``disk`` sees, from its headers.
+    Blocking."""
+    name = disk.path.name
+    with disk.path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+        if disk.format == "qcow2":
+            return int.from_bytes(head[24:32], "big")
+        if disk.format == "raw":
+            return os.fstat(f.fileno()).st_size
+        if head.startswith(_VMDK4_MAGIC):
+            return _sparse_header(head, name).capacity * _SECTOR
+        extents = _parse_descriptor(_read_text(f, 0, name), name).extents
+        return sum(extent.sectors for extent in extents) * _SECTOR
+
+
 def check_qcow2_header(data: bytes, name: str = "the qcow2 image") -> None:
     """Check the start of a qcow2 file: its first cluster, or all of it if shorter.
 
@@ -165,6 +181,7 @@ class _Extent:
     access: str
     kind: str
     file: str | None
+    sectors: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,6 +331,7 @@ def _parse_extent(line: bytes, name: str) -> _Extent:
         access=match["access"].decode(),
         kind=match["kind"].decode(),
         file=None if file is None else os.fsdecode(file),
+        sectors=int(match["sectors"]),
     )
 
 
