@@ -4,8 +4,9 @@ from gzip or bzip2 a bounded piece at a time, with a budget for header data."""
 from __future__ import annotations
 
 import bz2
-import zlib
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
+
+from isal import isal_zlib
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
 from goldclone.images.unpack.writer import CHUNK
@@ -14,6 +15,7 @@ _INPUT_CHUNK = 256 << 10
 GZIP_MAGIC = b"\x1f\x8b"
 BZIP2_MAGIC = b"BZh"
 Compression = Literal["gzip", "bzip2"]
+_INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stub calls it an instance
 
 
 class Readable(Protocol):
@@ -130,7 +132,7 @@ class _GzipSource(_CompressedSource):
     _magic = GZIP_MAGIC
 
     def _start(self) -> None:
-        self._d = zlib.decompressobj(wbits=31)
+        self._d = isal_zlib.decompressobj(wbits=31)  # ISA-L's inflate: zlib's, faster
         self._full = False
 
     def _at_eof(self) -> bool:
@@ -143,7 +145,7 @@ class _GzipSource(_CompressedSource):
     def _inflate(self, data: bytes, size: int) -> bytes:
         try:
             out = self._d.decompress(data, size)
-        except zlib.error as exc:
+        except _INFLATE_ERROR as exc:
             raise ImageUnsupported(f"the gzip data is damaged: {exc}") from None
         self._pending = self._d.unconsumed_tail
         self._full = len(out) == size

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from goldclone.errors import ImageUnsafe, ImageUnsupported
+from goldclone.images.unpack.sink import Sink
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -87,20 +88,10 @@ class Writer:
         return parts
 
     def _copy(self, fd: int, read: Callable[[int], bytes], name: str, digest: Any) -> None:
-        size = 0
-        ends_in_hole = False
-        while chunk := read(CHUNK):
-            self._count_bytes(len(chunk), name)
-            if digest is not None:
-                digest.update(chunk)
-            size += len(chunk)
-            ends_in_hole = len(chunk) == CHUNK and chunk == _ZEROS
-            if ends_in_hole:
-                os.lseek(fd, CHUNK, os.SEEK_CUR)
-            else:
-                _write_all(fd, chunk)
-        if ends_in_hole:
-            os.ftruncate(fd, size)
+        with Sink(fd, digest, _ZEROS) as sink:
+            while chunk := read(CHUNK):
+                self._count_bytes(len(chunk), name)
+                sink.put(chunk)
 
     def _count_bytes(self, count: int, name: str) -> None:
         self._bytes += count
@@ -109,12 +100,6 @@ class Writer:
                 f"the package unpacks to more than {self.limits.max_total_bytes} bytes "
                 f"(stopped in member {name!r})"
             )
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def safe_parts(name: str) -> tuple[str, ...]:
