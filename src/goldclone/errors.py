@@ -48,6 +48,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
         │   ├── DownloadFailed          500 download-failed
         │   │   ├── URLForbidden        500 url-forbidden (the outbound policy refuses it)
         │   │   └── ManifestUnknown     500 download-failed (a registry has no such tag)
+        │   ├── ImageMissing            500 image-missing (named by its ID, not here)
         │   ├── ChecksumMismatch        500 checksum-mismatch
         │   ├── ImageUnsafe             500 image-unsafe
         │   └── ImageUnsupported        500 image-unsupported
@@ -378,6 +379,13 @@ class URLForbidden(DownloadFailed):
 
 class ManifestUnknown(DownloadFailed):
     """The registry has no such tag or digest in the repository."""
+
+
+class ImageMissing(ImageError):
+    """An image named by its ID is not on this host, or not one that the tenant may use: it
+    has no source to be fetched from."""
+
+    code = "image-missing"
 
 
 class ChecksumMismatch(ImageError):

@@ -63,28 +63,34 @@ HttpUrl = Annotated[
 
 
 def checksum_variants() -> list[JsonValue]:
-    """The checksum's length depends on its type; this says so in the JSON schema."""
+    """An image names its source one way (a URL and its checksum, whose length depends on
+    its type; a registry reference; a gold image's ID); this says so in the JSON schema."""
 
     def hex_of(length: int) -> JsonValue:
         return {"type": "string", "pattern": f"^[0-9a-fA-F]{{{length}}}$"}
 
     no_oci: JsonValue = {"required": ["oci"]}
+    no_id: JsonValue = {"required": ["id"]}
     variants: list[JsonValue] = [
         {"properties": {"checksum_type": {"const": kind}, "checksum": hex_of(length)},
-         "required": ["url", "checksum", "checksum_type"], "not": no_oci}
+         "required": ["url", "checksum", "checksum_type"], "not": {"anyOf": [no_oci, no_id]}}
         for kind, length in CHECKSUM_HEX_LENGTH.items()
     ]  # fmt: skip
     no_type: JsonValue = {"required": ["checksum_type"]}
     variants.append(
         {"properties": {"checksum": hex_of(CHECKSUM_HEX_LENGTH["sha256"])},
-         "required": ["url", "checksum"], "not": {"anyOf": [no_type, no_oci]}}
+         "required": ["url", "checksum"], "not": {"anyOf": [no_type, no_oci, no_id]}}
     )  # fmt: skip
     url_fields: list[JsonValue] = [
         {"required": [name]} for name in ("url", "checksum", "checksum_type")
     ]
     variants.append(
         {"properties": {"oci": {"type": "string"}}, "required": ["oci"],
-         "not": {"anyOf": url_fields}}
+         "not": {"anyOf": [*url_fields, no_id]}}
+    )  # fmt: skip
+    variants.append(
+        {"properties": {"id": {"type": "string"}}, "required": ["id"],
+         "not": {"anyOf": [*url_fields, no_oci]}}
     )  # fmt: skip
     return variants
 
@@ -94,6 +100,10 @@ def oci_reference(text: str | None) -> str | None:
         references.parse(text)
     return text
 
+
+IMAGE_ID_PATTERN = "^(md5|sha1|sha256|sha512)-[0-9a-f]{32,128}$"
+ImageId = Annotated[StrictStr, Field(max_length=140, pattern=IMAGE_ID_PATTERN)]
+"""A gold image's ID, ``<type>-<lowercase hex>``."""
 
 OciReference = Annotated[
     StrictStr,

@@ -1,5 +1,6 @@
-"""Where a VM's image comes from: a package at a URL with its checksum, or a reference in a
-registry; the request field ``image`` of VMs, pools and ``POST /images``."""
+"""Where a VM's image comes from: a package at a URL with its checksum, a reference in a
+registry, or a gold image that a host holds, by its ID; the request field ``image`` of VMs,
+pools and ``POST /images``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from goldclone.fields import (
     HEX,
     ChecksumType,
     HttpUrl,
+    ImageId,
     OciReference,
     checksum_variants,
     http_url,
@@ -31,8 +33,10 @@ from goldclone.references import Reference
 
 
 class ImageSpec(BaseModel):
-    """Where a VM's image comes from: a package at ``url`` and what it must hash to, or a
-    registry reference (``oci``), pinned to a manifest's digest once it is resolved."""
+    """Where a VM's image comes from: a package at ``url`` and what it must hash to, a
+    registry reference (``oci``), pinned to a manifest's digest once it is resolved, or a gold
+    image's ``id`` (one made from a VM, say), which comes from nowhere: only the hosts that
+    hold it have it."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": checksum_variants()})
 
@@ -40,6 +44,7 @@ class ImageSpec(BaseModel):
     checksum: StrictStr | None = None
     checksum_type: ChecksumType | None = None
     oci: OciReference | None = None
+    id: ImageId | None = None
 
     _url = field_validator("url")(http_url)
     _oci = field_validator("oci")(oci_reference)
@@ -53,6 +58,10 @@ class ImageSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageSpec:
+        if self.id is not None:
+            if any(x is not None for x in (self.url, self.checksum, self.checksum_type, self.oci)):
+                raise FieldProblem("id", "give either id, oci, or url and checksum")
+            return self
         if self.oci is not None:
             if self.url is not None or self.checksum is not None or self.checksum_type is not None:
                 raise FieldProblem("oci", "give either oci, or url and checksum, not both")
@@ -80,6 +89,8 @@ class ImageSpec(BaseModel):
         """The name of the gold image: ``<type>-<lowercase hex>`` of a package's checksum,
         ``oci-<hex>`` of a pinned reference's manifest; ``tag-<hex>`` (a hash of the
         reference) names nothing until the tag is resolved."""
+        if self.id is not None:
+            return self.id
         if (ref := self.reference) is not None:
             if ref.digest is not None:
                 return f"oci-{references.digest_hex(ref.digest)}"
@@ -89,8 +100,9 @@ class ImageSpec(BaseModel):
 
     @property
     def source(self) -> str:
-        """Where the image is fetched from: its URL or its reference."""
-        source = self.url or self.oci
+        """Where the image is fetched from: its URL or its reference (an image named by its ID:
+        that name)."""
+        source = self.url or self.oci or self.id
         assert source is not None
         return source
 

@@ -543,3 +543,15 @@ def test_the_cli_acts_as_its_tokens_tenant_and_role(tmp_path: Path, served: Serv
             assert said in done.stderr, done.stderr
             assert secrets[name] not in done.stderr + done.stdout
         assert as_("alice", "delete", vm["id"]).returncode == 0
+
+
+def test_a_vm_made_into_an_image_starts_a_vm_by_the_images_id(cli: Served) -> None:
+    vm = cli.boot()
+    built = cli.run("images", "build", vm["id"], "--name", "ci base", "--json")
+    assert built.returncode == 0, built.stderr
+    image_id = json.loads(built.stdout)["id"]
+    again = cli.run("create", image_id, "--cpus", "1", "--memory", "256", "--wait", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["image"] == {"id": image_id}
+    refused = cli.run("create", image_id, "--checksum", "ab")
+    assert refused.returncode == 2 and "takes no --checksum" in refused.stderr

@@ -123,7 +123,10 @@ def vm_detail(vm: VM) -> RenderableType:
         ("mac address", vm.mac_address or "-"),
         ("hostname", vm.hostname or None),
         ("guest os", vm.guest_os or None),
-        ("image", f"{image.url} ({image.checksum_type} {image.checksum})"),
+        (
+            "image",
+            image.source + (f" ({image.checksum_type} {image.checksum})" if image.url else ""),
+        ),
         ("image from", {True: "the cache", False: "a download", None: None}[vm.image_from_cache]),
         ("cpus", str(vm.cpus)),
         ("memory", f"{vm.memory} MB"),

@@ -331,7 +331,8 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _image_and_shape(parser: argparse.ArgumentParser, defaults_of: str = "") -> None:
     """IMAGE_URL, its checksum and the VMs' shape, as ``create`` and ``pools set`` take them."""
     parser.add_argument("image_url", nargs="?",
-                        help="the package's URL, or oci://REGISTRY/REPOSITORY[:TAG]")  # fmt: skip
+                        help="the package's URL, oci://REGISTRY/REPOSITORY[:TAG], or a gold "
+                        "image's ID (sha256-HEX)")  # fmt: skip
     parser.add_argument("--checksum", help="the package's checksum, in hex")
     parser.add_argument("--checksum-type", choices=CHECKSUM_TYPES,
                         help="the checksum's type (default: sha256)")  # fmt: skip

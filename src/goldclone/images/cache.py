@@ -32,6 +32,7 @@ import httpx
 from goldclone.errors import (
     DownloadFailed,
     ImageInUse,
+    ImageMissing,
     ImageNotFound,
     InsufficientSpace,
     VMFailure,
@@ -150,6 +151,8 @@ class ImageCache:
         shared one). Cancelling one caller does not cancel a download that others share.
         """
         gold = self.cached(spec)
+        if gold is None and spec.id is not None:
+            raise ImageMissing(f"image {spec.id} is not on this host")
         if gold is None:
             if on_fetch is not None:
                 await on_fetch()

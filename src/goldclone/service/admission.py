@@ -79,7 +79,7 @@ class Admission:
         idempotency = (idempotency_key, digest) if idempotency_key is not None else None
         wanted = Held(request.cpus, request.memory, tenant_group(tenant, request.network_group))
         takes = _taker(request)
-        choose = chooser(self._policy, wanted, takes, self._db.host_id)
+        choose = chooser(self._policy, wanted, takes, self._db.host_id, request.image.id)
         placing = Placing(request.image.key, Shape.of(request), after(-self._lost_after), choose)
         recorded = await admissions.record(
             self._db,
@@ -111,6 +111,8 @@ class Admission:
 
     def check_image(self, field: str, image: ImageSpec) -> None:
         """An image's URL, or its registry (as the URL it is reached by), checked now."""
+        if image.id is not None:  # fetched from nowhere
+            return
         if (ref := image.reference) is not None:
             self.check_url(f"{field}.oci", f"https://{ref.registry}/")
         else:

@@ -55,6 +55,19 @@ class Catalog:
         self._budget = budget
         self._trimming = asyncio.Lock()
 
+    def held(self) -> dict[str, list[str]]:
+        """Each gold image this host holds, with every name it is known by (its ID,
+        ``<type>-<hex>`` of its checksums, ``oci-<hex>`` of its manifests), for placement."""
+        return {
+            image.id: [
+                image.id,
+                *(f"{k}-{v}" for k, v in image.checksums.items()),
+                *self._images.manifests(image.id),
+            ]
+            for image in self._images.images()
+            if image.status is ImageStatus.READY
+        }
+
     async def images(self, tenant: str | None = None) -> list[Image]:
         """Every gold image that ``tenant`` sees (``ImageAccess``; every one, with ``None``),
         with how many VMs use each, its templates, and whether it is public."""
@@ -96,6 +109,8 @@ class Catalog:
         """Start fetching an image for ``tenant`` ahead of the first VM that needs it. An
         image in the cache already is the tenant's once its URL has shown it has it, which
         may take a download (``ImageAccess.shown``); a URL that does not give it is a 400."""
+        if spec.id is not None:
+            raise InvalidRequest("id: an image named by its ID is here already, or nowhere")
         self._admission.check_image("", spec)
         spec = await self._pinning.pin(spec, "", pools=False)
         self._access.asked(spec, tenant)

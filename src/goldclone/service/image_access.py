@@ -16,7 +16,7 @@ import hashlib
 from functools import partial
 from typing import Any
 
-from goldclone.errors import ChecksumMismatch
+from goldclone.errors import ChecksumMismatch, ImageMissing, ImageNotFound
 from goldclone.image_spec import ImageSpec
 from goldclone.images.cache import ImageCache
 from goldclone.store import image_records
@@ -57,6 +57,10 @@ class ImageAccess:
         has shown it has its package, checking ``spec``'s URL if need be, and remember it.
         Raises ``DownloadFailed`` or ``ChecksumMismatch`` when the URL (or the reference's
         repository) does not give it."""
+        if spec.id is not None:
+            if not await self.may_name(spec.id, tenant):
+                raise ImageMissing(f"image {spec.id} is not one that this tenant may use")
+            return
         content = self._package(spec.key)
         url = _url_sha256(spec.source)
         shown = await self._shown(spec, content, url, tenant)
@@ -77,9 +81,26 @@ class ImageAccess:
     async def may_claim(self, spec: ImageSpec, tenant: str) -> bool:
         """Whether ``tenant``'s VM that names ``spec`` may take a pooled machine of its image
         now, without a check of its URL."""
+        if spec.id is not None:
+            return await self.may_name(spec.id, tenant)
         return self._images.content(spec.key) is not None and await self._shown(
             spec, self._package(spec.key), _url_sha256(spec.source), tenant
         )
+
+    async def may_name(self, image_id: str, tenant: str) -> bool:
+        """Whether ``tenant`` may name the gold image ``image_id`` by its ID: it has shown it
+        has its package (or made it), or it is public. An image that is not here is known by
+        its package's sha256 when its ID is ``sha256-``."""
+        content = self._package(image_id)
+        if content == image_id:
+            content = image_id.removeprefix("sha256-")
+        seen = await self._db.read(lambda conn: image_records.of_tenant(conn, tenant))
+        return content in seen or content in await self.public()
+
+    async def check_named(self, spec: ImageSpec, tenant: str) -> None:
+        """Raise ``ImageNotFound`` for an image named by an ID that ``tenant`` may not use."""
+        if spec.id is not None and not await self.may_name(spec.id, tenant):
+            raise ImageNotFound(f"there is no image {spec.id}", image=spec.id)
 
     async def seen_by(self, tenant: str | None) -> set[str] | None:
         """The packages (sha256) whose images ``tenant`` sees; ``None``: every one."""

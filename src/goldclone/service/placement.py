@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from goldclone.errors import CapacityExceeded, InvalidRequest
+from goldclone.errors import CapacityExceeded, ImageNotFound, InvalidRequest
 from goldclone.settings import PlacementPolicy
 from goldclone.store.host_records import Candidate, Held
 
@@ -26,10 +26,13 @@ def chooser(
     wanted: Held,
     refusal: Callable[[Mapping[str, Any]], str | None],
     receiver: str,
+    image_id: str | None = None,
 ) -> Callable[[list[Candidate]], Candidate]:
     """What chooses the host for a VM of shape ``wanted`` among the candidates, for a request
     that ``receiver`` (a host ID) received; ``refusal`` tells why a host of given per-VM
-    bounds would never take it (``InvalidRequest`` if no host would)."""
+    bounds would never take it (``InvalidRequest`` if no host would). An image named by its
+    ``image_id`` comes from nowhere: only a host that holds it may take the VM
+    (``ImageNotFound`` if none does)."""
     lean = 1 if policy == "pack" else -1
 
     def choose(candidates: list[Candidate]) -> Candidate:
@@ -37,6 +40,10 @@ def chooser(
         refused = {c.host_id: refusal(c.host["bounds"]) if "bounds" in c.host else None
                    for c in candidates}  # fmt: skip
         offering = [c for c in candidates if refused[c.host_id] is None]
+        if image_id is not None:
+            if not (holding := [c for c in candidates if c.holds_image]):
+                raise ImageNotFound(f"there is no image {image_id}", image=image_id)
+            offering = [c for c in offering if c in holding]
         if not offering:
             raise InvalidRequest(_not_taken(refused, receiver))
         if wanted.group is not None:  # a group's VMs reach each other on one host's bridge

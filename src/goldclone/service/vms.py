@@ -122,7 +122,7 @@ class VMService:
         self.builder = Builder(self._lifecycle, driver, images, self._registry,
                                self._image_access, self.catalog)  # fmt: skip
         self._sweeper = Sweeper(db, self.expire)
-        self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self._images_held)
+        self.fleet = Fleet(settings, db, driver.name, self._admission.bounds, self.catalog.held)
         self._listener = ChangeListener(settings.db_url, db.changes) if db.shared else None
         self.channels = Channels(driver)
         self._parts = contextlib.AsyncExitStack()
@@ -220,6 +220,7 @@ class VMService:
         image = await self.pinning.pin(request.image, "image")
         request = request.model_copy(update={"image": image})
         await fit_cached_disk(self._images, request)
+        await self._image_access.check_named(request.image, tenant)
         # a pooled machine only for a URL shown to give its image: it is checked otherwise
         pools = self.pools.matching(request)
         if pools and not await self._image_access.may_claim(request.image, tenant):
@@ -467,16 +468,6 @@ class VMService:
         held = await self._db.read(lambda conn: host_records.held_by(conn, host_id))
         vms = await self._lifecycle.mine()
         return self.metrics.text(vms, images, held, await self._driver.dropped())
-
-    def _images_held(self) -> dict[str, list[str]]:
-        """Each gold image this host holds, with every name it is known by (``<type>-<hex>``
-        of its checksums, ``oci-<hex>`` of its manifests), for placement."""
-        return {
-            image.id: [f"{k}-{v}" for k, v in image.checksums.items()]
-            + self._images.manifests(image.id)
-            for image in self._images.images()
-            if image.status is ImageStatus.READY
-        }
 
     def _image_changed(self, image: Image, deleted: bool) -> None:
         self.fleet.changed()

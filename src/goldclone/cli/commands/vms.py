@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +13,7 @@ from goldclone.cli.commands import Context, UsageError, address_of, pairs
 from goldclone.cli.display import expiry
 from goldclone.cli.exits import Exit
 from goldclone.client import APIError
+from goldclone.fields import IMAGE_ID_PATTERN
 from goldclone.models import VM, CreateVMRequest, Status, UpdateVMRequest
 from goldclone.problems import explain_validation_error
 
@@ -133,8 +135,10 @@ def create_request(args: Any) -> CreateVMRequest:
     body: dict[str, Any] = {}
     if args.from_file is not None:
         body = read_json_object(args.from_file)
-    elif not (args.image_url and (args.checksum or args.image_url.startswith(OCI))):
-        raise UsageError("give IMAGE_URL and --checksum, oci://REFERENCE, or --from FILE")
+    elif not (args.image_url and (args.checksum or _whole_image(args.image_url))):
+        raise UsageError(
+            "give IMAGE_URL and --checksum, oci://REFERENCE, an image's ID, or --from FILE"
+        )
     body |= image_fields(body, args)
     options = {
         "cpus": args.cpus,
@@ -162,14 +166,22 @@ def image_fields(body: dict[str, Any], args: Any) -> dict[str, Any]:
     of its fields, as a request field; none if neither has one. An ``oci://`` argument is a
     registry reference: it replaces the whole image."""
     image = dict(body["image"]) if isinstance(body.get("image"), dict) else {}
-    if args.image_url is not None and args.image_url.startswith(OCI):
+    if args.image_url is not None and _whole_image(args.image_url):
         if args.checksum is not None or args.checksum_type is not None:
-            raise UsageError("an oci:// image takes no --checksum or --checksum-type")
-        return {"image": {"oci": args.image_url.removeprefix(OCI)}}
+            raise UsageError("an oci:// image or an image's ID takes no --checksum")
+        if args.image_url.startswith(OCI):
+            return {"image": {"oci": args.image_url.removeprefix(OCI)}}
+        return {"image": {"id": args.image_url}}
     options = {"url": args.image_url, "checksum": args.checksum,
                "checksum_type": args.checksum_type}  # fmt: skip
     image |= {name: value for name, value in options.items() if value is not None}
     return {"image": image} if image else {}
+
+
+def _whole_image(argument: str) -> bool:
+    """Whether an image argument names its image alone: a registry reference, or the ID of a
+    gold image (``sha256-HEX``)."""
+    return argument.startswith(OCI) or re.fullmatch(IMAGE_ID_PATTERN, argument) is not None
 
 
 def ready_when_field(args: Any) -> dict[str, Any]:
