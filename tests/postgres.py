@@ -47,11 +47,21 @@ class PostgresCluster:
     def start(self) -> None:
         self._as_server_user(str(self._bin / "initdb"), "-D", str(self._data), "-A", "trust",
                              "-U", SERVER_USER, "--no-sync")  # fmt: skip
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on the cluster's data (again, after ``pause``)."""
         # no TCP, no durability: a test cluster that lives as long as the run
         options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c max_connections=200"
         self._as_server_user(str(self._bin / "pg_ctl"), "-D", str(self._data), "-o", options,
                              "-l", str(self.root / "server.log"), "-w", "start")  # fmt: skip
         self._pid = int((self._data / "postmaster.pid").read_text().split()[0])
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (fast shutdown: its clients are cut off),
+        keeping its data for ``resume``."""
+        self._as_server_user(str(self._bin / "pg_ctl"), "-D", str(self._data), "-m", "fast",
+                             "-w", "-t", "30", "stop")  # fmt: skip
 
     def stop(self) -> None:
         """Stop the server (pg_ctl's fast shutdown, then SIGKILL to its PID if it is still

@@ -4,7 +4,8 @@ rest. Each check is a ``Finding``; ``check_host`` makes them and ``render_findin
 The checks follow the settings: the QEMU driver needs QEMU, qemu-img, dnsmasq, nftables,
 iproute2, nice and chrt, and the capabilities to make bridges and taps, and tells whether KVM
 really runs guests (the driver's own probe); the vmware driver needs vmrun; every driver needs a
-data dir on a filesystem that takes what the service keeps there, with room beyond the reserve.
+data dir on a filesystem that takes what the service keeps there, with room beyond the reserve;
+a PostgreSQL store, room for every host's connections.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import asyncpg
+
 from goldclone.drivers.qemu.accel import kvm_problem
 from goldclone.drivers.qemu.bounds import group_name
 from goldclone.drivers.qemu.driver import MAX_DATA_DIR_LENGTH
@@ -28,7 +31,9 @@ from goldclone.drivers.qemu.network import Networks
 from goldclone.errors import CommandError, DriverUnavailable, NetworkFailed
 from goldclone.host.cgroups import Cgroups
 from goldclone.host.commands import run
+from goldclone.service.fleet import HOST_ID_FILE
 from goldclone.settings import Settings
+from goldclone.store.listener import asyncpg_dsn
 
 VERSION_TIMEOUT = 10.0
 TESTED_QEMU = (7, 2)
@@ -76,7 +81,40 @@ async def check_host(settings: Settings) -> list[Finding]:
         findings.append(capabilities(Path("/proc/self/status").read_text(), os.geteuid()))
     elif settings.driver == "vmware":
         findings.append(_vmrun(settings))
+    if settings.db_url.startswith("postgresql"):
+        findings.append(await store_connections(settings))
     return findings
+
+
+async def store_connections(settings: Settings) -> Finding:
+    """Whether the fleet's connections fit the PostgreSQL server's: every host known to the
+    store (and this one) holding ``StorePool.most``, within ``max_connections`` less the
+    superuser's reserve."""
+    name = "store"
+    try:
+        connection = await asyncpg.connect(asyncpg_dsn(settings.db_url), timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        return Finding(name, Verdict.PROBLEM, f"the database cannot be reached: "
+                       f"{type(exc).__name__}", "check database_url and that it runs")  # fmt: skip
+    try:
+        most = int(await connection.fetchval("SHOW max_connections"))
+        reserved = int(await connection.fetchval("SHOW superuser_reserved_connections"))
+        known = await connection.fetch("SELECT id FROM hosts") if await connection.fetchval(
+            "SELECT to_regclass('hosts') IS NOT NULL"
+        ) else []  # fmt: skip
+    finally:
+        await connection.close()
+    kept = settings.data_dir / HOST_ID_FILE
+    this = settings.host_id or (kept.read_text().strip() if kept.is_file() else "this host")
+    hosts = len({row["id"] for row in known} | {this})
+    each, room = settings.store_pool.most, most - reserved
+    found = (f"{hosts} host(s) x {each} connections = {hosts * each}, of the server's {room} "
+             f"(max_connections {most} less {reserved} reserved)")  # fmt: skip
+    if hosts * each > room:
+        fix = ("raise max_connections, lower GOLDCLONE_DB_POOL_SIZE or GOLDCLONE_DB_MAX_OVERFLOW, "
+               "or put PgBouncer in front (docs/operations.md)")  # fmt: skip
+        return Finding(name, Verdict.PROBLEM, found, fix)
+    return Finding(name, Verdict.OK, found)
 
 
 def _cgroups(settings: Settings) -> Finding:

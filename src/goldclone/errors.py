@@ -32,6 +32,7 @@ One root, each subclass with a stable machine ``code`` and an HTTP ``status``::
     ├── BodyTooLarge                    413 body-too-large
     ├── UnsupportedMediaType            415 unsupported-media-type
     ├── RegistryUnavailable             502 registry-unavailable (a tag could not be resolved)
+    ├── StoreUnavailable                503 store-unavailable (the database is down or busy)
     ├── StateConflict                   500 state-conflict (a state change the store refused)
     ├── DriverUnavailable               500 driver-unavailable (at start-up: no usable hypervisor)
     ├── DataDirInUse                    500 data-dir-in-use (at start-up: another service has it)
@@ -286,6 +287,16 @@ class RegistryUnavailable(GoldcloneError):
 
     code = "registry-unavailable"
     status = 502
+
+
+class StoreUnavailable(GoldcloneError):
+    """The store's database could not be reached, or gave no connection in time: answered
+    with ``Retry-After``, and never a 500."""
+
+    code = "store-unavailable"
+    status = 503
+    retry_after = 2
+    """Seconds a client should wait before it asks again."""
 
 
 class StateConflict(GoldcloneError):

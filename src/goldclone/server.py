@@ -42,7 +42,7 @@ def build_service(settings: Settings, driver: Driver | None = None) -> VMService
         metrics.phase_added(vm)
         journal.phase_added(vm)
 
-    db = Database(settings.db_url, host_id_of(settings), on_phase=phase_added)
+    db = Database(settings.db_url, host_id_of(settings), phase_added, settings.store_pool)
     driver = driver or build_driver(settings, data_dir)
     return VMService(settings, db, driver, http, metrics)
 

@@ -149,6 +149,23 @@ def host_memory_mb() -> int:
 
 
 @dataclass(frozen=True)
+class StorePool:
+    """A host's connections to a PostgreSQL store: ``size`` kept open, ``overflow`` more
+    opened at a peak, and ``timeout`` seconds that a request waits for one before it is
+    answered 503 ``store-unavailable``. Each host also holds one for ``LISTEN``. SQLite's
+    connections are threads of the service and keep their own sizes."""
+
+    size: int = 5
+    overflow: int = 5
+    timeout: float = 10.0
+
+    @property
+    def most(self) -> int:
+        """The connections a host may hold at once, its ``LISTEN`` among them."""
+        return self.size + self.overflow + 1
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one VM may ask for, and what all of this host's VMs together may hold.
 
@@ -181,6 +198,7 @@ class Settings:
     port: int = DEFAULT_PORT
     database_url: str | None = field(default=None, repr=False)
     """An SQLAlchemy async URL; ``None`` is SQLite in the data dir. Its password is a secret."""
+    store_pool: StorePool = field(default_factory=StorePool)
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 128 * 1024
     """Room for the largest valid create: 32 KiB of user data, 16 SSH keys, 4 KiB of metadata."""

@@ -70,6 +70,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _s("GOLDCLONE_DATABASE_URL", "database_url", conversions.database_url,
        "the store: sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST/DB "
        "(several hosts may share one PostgreSQL database)", "SQLite in the data dir", secret=True),
+    _s("GOLDCLONE_DB_POOL_SIZE", "store_pool.size", conversions.whole(1),
+       "PostgreSQL: connections each host keeps open to the store"),
+    _s("GOLDCLONE_DB_MAX_OVERFLOW", "store_pool.overflow", _count,
+       "PostgreSQL: connections each host may open beyond those at a peak"),
+    _s("GOLDCLONE_DB_POOL_TIMEOUT", "store_pool.timeout", _seconds,
+       "PostgreSQL: seconds a request waits for a free connection before it gets 503"),
     _s("GOLDCLONE_DRIVER", "driver", conversions.one_of(DRIVERS),
        "the hypervisor: qemu, vmware (through vmrun) or synthetic (in-process, for trying)"),
     _s("GOLDCLONE_ACCEL", "accel", conversions.one_of(("auto", "kvm", "tcg")),

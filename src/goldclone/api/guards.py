@@ -25,8 +25,12 @@ log = logging.getLogger("goldclone.http")
 
 
 def error_response(error: GoldcloneError) -> JSONResponse:
-    """The API's answer for ``error``: its status, and ``{"code", "message"}``."""
-    return JSONResponse(error.as_dict(), status_code=error.status)
+    """The API's answer for ``error``: its status, and ``{"code", "message"}``; with
+    ``Retry-After`` when the error says when to ask again."""
+    response = JSONResponse(error.as_dict(), status_code=error.status)
+    if (wait := getattr(error, "retry_after", None)) is not None:
+        response.headers["Retry-After"] = str(wait)
+    return response
 
 
 class BearerGuard:

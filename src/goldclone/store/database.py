@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import event, select, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from goldclone.errors import StoreUnavailable
 from goldclone.models import VM
+from goldclone.settings import StorePool
 from goldclone.store import event_log, schema
 from goldclone.store.changes import Changes
 from goldclone.store.tables import vms as _vms
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Work = Callable[[AsyncConnection], Awaitable[T]]
 """What runs in one transaction: queries of the record modules, given its connection."""
 
+DEFAULT_POOL = StorePool()
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
 _MIGRATION_LOCK = 0x676F6D69  # "gomi": the key of the advisory lock that migrations take
 _PHASED = "goldclone_phased"
 """The key, in a connection's ``info``, of the VMs whose transaction gave them a phase."""
@@ -44,14 +51,24 @@ class Database:
     """
 
     def __init__(
-        self, url: str, host_id: str, on_phase: Callable[[VM], None] | None = None
+        self,
+        url: str,
+        host_id: str,
+        on_phase: Callable[[VM], None] | None = None,
+        pool: StorePool = DEFAULT_POOL,
     ) -> None:
         self.host_id = host_id
         sqlite = url.startswith("sqlite")
         # SQLite's connections are threads of this process; 50 VMs restored at once, each
         # polled by its client, waited past the default pool's 30 s for one
-        pool = {"pool_size": 20, "max_overflow": 40} if sqlite else {}
-        self._engine: AsyncEngine = create_async_engine(url, **pool)
+        sizes = (
+            {"pool_size": 20, "max_overflow": 40} if sqlite
+            else {"pool_size": pool.size, "max_overflow": pool.overflow}
+        )  # fmt: skip
+        self._engine: AsyncEngine = create_async_engine(url, pool_timeout=pool.timeout, **sizes)
+        self._pool_timeout = pool.timeout
+        self._down: str | None = None
+        """Why the store was last found unavailable, until it answers again."""
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_for_concurrency)
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
@@ -68,12 +85,33 @@ class Database:
     async def write(self, work: Work[T]) -> T:
         """``work``'s result, run in one write transaction to its end even if the caller is
         cancelled (``_to_the_end``). Its commit wakes this service's waiters if it changed
-        what they can wait for (``event_log.touched``): a heartbeat wakes no one."""
-        return await _to_the_end(self._write(work))
+        what they can wait for (``event_log.touched``): a heartbeat wakes no one. Raises
+        ``StoreUnavailable`` when the database cannot be reached or gives no connection in
+        time."""
+        return await self._reached(_to_the_end(self._write(work)))
 
     async def read(self, work: Work[T]) -> T:
-        """``work``'s result, run on a connection that writes nothing, to its end."""
-        return await _to_the_end(self._read(work))
+        """``work``'s result, run on a connection that writes nothing, to its end; raises
+        ``StoreUnavailable`` as ``write`` does."""
+        return await self._reached(_to_the_end(self._read(work)))
+
+    async def _reached(self, work: Awaitable[T]) -> T:
+        """``work``'s result, with the errors of a database that is down, restarting or out
+        of connections (and of a pool that had none free in time) as ``StoreUnavailable``,
+        logged once when it goes and once when it is back."""
+        try:
+            result = await work
+        except (sa_exc.TimeoutError, sa_exc.DBAPIError, OSError) as exc:
+            if (reason := _unavailable(exc, self._pool_timeout)) is None:
+                raise
+            if self._down is None:
+                log.warning("the store is unavailable: %s", reason)
+            self._down = reason
+            raise StoreUnavailable(f"the database is unavailable ({reason}); try again") from None
+        if self._down is not None:
+            log.info("the store is available again")
+            self._down = None
+        return result
 
     async def _write(self, work: Work[T]) -> T:
         """SQLite has one writer at a time: this service's writers queue here, on the event
@@ -126,6 +164,22 @@ class Database:
         except Exception as exc:  # whatever the database driver raises
             return f"the store cannot be read: {type(exc).__name__}"
         return None
+
+
+def _unavailable(exc: Exception, pool_timeout: float) -> str | None:
+    """Why ``exc`` means the database cannot be used now, or ``None`` for any other error:
+    no connection free in the pool, none that could be opened, one lost, or the server
+    refusing for its connection limit or its start or shutdown (SQLSTATE classes 08, 53, 57)."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return f"no connection was free within {pool_timeout:g} s"
+    if isinstance(exc, OSError):
+        return f"it cannot be reached: {type(exc).__name__}"
+    assert isinstance(exc, sa_exc.DBAPIError)
+    state = str(getattr(exc.orig, "sqlstate", None) or "")
+    lost = exc.connection_invalidated or isinstance(exc, sa_exc.InterfaceError)
+    if lost or state[:2] in _UNAVAILABLE_CLASSES:
+        return f"{type(exc.orig).__name__}" + (f", SQLSTATE {state}" if state else "")
+    return None
 
 
 def note_phase(conn: AsyncConnection, vm: VM) -> None:
