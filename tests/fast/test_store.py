@@ -15,7 +15,7 @@ import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from goldclone.clock import now, now_s
 from goldclone.errors import CapacityExceeded, StateConflict, VMNotFound
@@ -39,6 +39,7 @@ from goldclone.store.delivery_records import Delivery
 from goldclone.store.host_records import Candidate, Held
 from goldclone.store.vm_records import TRANSITIONS, Earlier
 from tests.harness import LONG_AGO
+from tests.postgres import PostgresCluster
 
 
 def make_vm() -> VM:
@@ -474,3 +475,49 @@ async def test_a_write_whose_caller_is_cancelled_mid_statement_ends_and_blocks_n
         await db.write(lambda c: event_log.record(c, event_log.EventKind.IMAGE, "next", {}))
     recorded, _ = await db.read(lambda c: event_log.read_after(c, 0, 500))
     assert [event.subject for event in recorded] == ["cut", "next"]  # the cut-off one ended
+
+
+async def test_a_reader_resuming_after_the_last_event_it_saw_misses_none_committed_later(
+    postgres: PostgresCluster,
+) -> None:
+    """Two transactions at once (PostgreSQL), the first to record an event committing last:
+    a reader that read the second's event, and then asks for what follows it, gets the
+    first's. With event IDs drawn when an event is recorded, the first's has the smaller ID
+    and is skipped."""
+    db = Database(await postgres.new_database(), "test-host")
+    await db.open()
+    try:
+        first, second = make_vm(), make_vm()
+        recorded, finish = asyncio.Event(), asyncio.Event()
+
+        async def slow(conn: AsyncConnection) -> None:
+            await vm_records.add(conn, first, {})
+            recorded.set()
+            await finish.wait()
+
+        slow_write = asyncio.ensure_future(db.write(slow))
+        await recorded.wait()
+        await db.write(lambda conn: vm_records.add(conn, second, {}))
+        seen, _ = await db.read(partial(event_log.read_after, after=0, limit=10))
+        assert [event.subject for event in seen] == [second.id]
+        finish.set()
+        await slow_write
+        later, _ = await db.read(partial(event_log.read_after, after=seen[-1].id, limit=10))
+        assert [event.subject for event in later] == [first.id]
+    finally:
+        await db.close()
+
+
+async def test_the_window_is_trimmed_apart_from_the_writes(db: Database) -> None:
+    await db.write(lambda conn: vm_records.add(conn, make_vm(), {}))
+    for _ in range(3):
+        await db.write(lambda conn: vm_records.add(conn, make_vm(), {}))
+    newest = await db.read(event_log.last_id)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(event_log, "WINDOW", 2)
+        await db.write(lambda conn: vm_records.add(conn, make_vm(), {}))
+        kept, oldest = await db.read(partial(event_log.read_after, after=0, limit=10))
+        assert len(kept) == 5  # a write trims nothing
+        await db.write(event_log.trim)
+        kept, oldest = await db.read(partial(event_log.read_after, after=0, limit=10))
+    assert [event.id for event in kept] == [newest, newest + 1] and oldest == newest

@@ -24,11 +24,13 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from goldclone.clock import after, now, rfc3339_ms
 from goldclone.errors import HostLost, StateConflict, VMNotFound
 from goldclone.models import VM, Host, HostState, Phase, Resources, Status
 from goldclone.settings import Settings, host_memory_mb
-from goldclone.store import host_records, vm_records
+from goldclone.store import event_log, host_records, vm_records
 from goldclone.store.database import Database
 from goldclone.store.host_records import HostRecord
 
@@ -104,7 +106,12 @@ class Fleet:
         if self._held is None:  # each image's metadata is on disk: not read every beat
             self._held = self._images()
         offer = {**self._offer, "images": self._held}
-        await self._db.write(lambda conn: host_records.beat(conn, self.host_id, offer))
+
+        async def beat(conn: AsyncConnection) -> None:
+            await host_records.beat(conn, self.host_id, offer)
+            await event_log.trim(conn)  # here, not with each event: off the creates' path
+
+        await self._db.write(beat)
 
     async def close(self) -> None:
         if self._task is not None:

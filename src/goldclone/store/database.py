@@ -124,7 +124,9 @@ class Database:
             conn = await stack.enter_async_context(self._writer.begin())
             try:
                 result = await work(conn)
+                await event_log.write_pending(conn)
             finally:
+                event_log.forget_pending(conn)
                 touched = event_log.take_touched(conn)
                 phased: list[VM] = conn.info.pop(_PHASED, [])
         if touched:

@@ -1,7 +1,11 @@
 """The change log: every change of a VM, pool or image, written to the ``events`` table in
 the transaction that makes it, so the log misses nothing that was committed and survives
 restarts (and, on a shared database, every host sees every host's changes). Each event's
-``id`` is its row's sequence number, so IDs only grow; the table keeps the last ``WINDOW``."""
+``id`` is its row's sequence number, so IDs only grow, and grow in commit order: a
+transaction's events are written last in it (``write_pending``), on PostgreSQL after the
+events of every other transaction have committed, so that a reader that asks for what follows
+the last ID it saw never skips an event that committed later with a smaller ID. The table
+keeps about the last ``WINDOW`` (``trim``, with each heartbeat)."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ CHANNEL = "goldclone_changes"
 """The PostgreSQL notification channel that every event is announced on, at its commit."""
 _TOUCHED = "goldclone_touched"
 """The key, in a connection's ``info``, of the subjects its transaction has changed."""
+_PENDING = "goldclone_events"
+"""The key, in a connection's ``info``, of the events its transaction has recorded."""
+_EVENTS_LOCK = 0x676F6576  # "goev": the key of the lock held from writing events to commit
 
 
 class EventKind(StrEnum):
@@ -48,16 +55,37 @@ class Event(BaseModel):
 async def record(
     conn: AsyncConnection, kind: EventKind, subject: str, data: Mapping[str, Any]
 ) -> None:
-    """Add an event in ``conn``'s transaction, and drop those beyond the window."""
+    """Add an event to ``conn``'s transaction, written at its end (``write_pending``)."""
     touched(conn, subject)
-    inserted = await conn.execute(
-        _events.insert().values(kind=kind.value, subject=subject, data=dict(data), at=now())
-    )
-    (seq,) = inserted.inserted_primary_key or (None,)
-    if seq is not None and seq > WINDOW:
-        await conn.execute(_events.delete().where(_events.c.seq <= seq - WINDOW))
+    event = {"kind": kind.value, "subject": subject, "data": dict(data), "at": now()}
+    conn.info.setdefault(_PENDING, []).append(event)
+
+
+async def write_pending(conn: AsyncConnection) -> None:
+    """Write the events that ``conn``'s transaction recorded, as the last thing it does before
+    it commits. On PostgreSQL, a lock held to the commit makes transactions draw their events'
+    IDs one after another, each once the one before has committed; it is taken after every
+    row lock of the transaction, so it never waits in a cycle with one."""
+    pending: list[dict[str, Any]] = conn.info.pop(_PENDING, [])
+    if not pending:
+        return
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENTS_LOCK})
+    await conn.execute(_events.insert(), pending)
     if conn.dialect.name == "postgresql":  # sent at commit, to every listening service
         await conn.execute(text(f"NOTIFY {CHANNEL}"))
+
+
+def forget_pending(conn: AsyncConnection) -> None:
+    """Drop the events of ``conn``'s transaction, which did not commit."""
+    conn.info.pop(_PENDING, None)
+
+
+async def trim(conn: AsyncConnection) -> None:
+    """Drop the events older than the last ``WINDOW``."""
+    newest = await last_id(conn)
+    if newest > WINDOW:
+        await conn.execute(_events.delete().where(_events.c.seq <= newest - WINDOW))
 
 
 def touched(conn: AsyncConnection, subject: str) -> None:
