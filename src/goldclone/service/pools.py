@@ -33,7 +33,7 @@ from goldclone.service.sizing import fit_cached_disk
 from goldclone.service.templates import Templates
 from goldclone.settings import Settings
 from goldclone.shape import Shape
-from goldclone.store import pool_records
+from goldclone.store import event_log, pool_records
 from goldclone.store.database import Database
 from goldclone.store.host_records import Held
 from goldclone.store.pool_records import Member, MemberStatus
@@ -84,7 +84,9 @@ class Pools:
             self._keep(name)
         if self._db.shared:
             self._follower = asyncio.create_task(
-                self._db.changes.follow(self._follow_fleet, "following the fleet's pools"),
+                self._db.changes.follow(
+                    self._follow_fleet, "following the fleet's pools", event_log.POOLS
+                ),
                 name="follow the fleet's pools",
             )
 

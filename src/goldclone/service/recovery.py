@@ -20,6 +20,7 @@ from goldclone.service.lifecycle import Lifecycle
 from goldclone.service.watches import Watches
 from goldclone.store import host_records, leftover_records, vm_records
 from goldclone.store.database import Database
+from goldclone.store.event_log import host_subject
 from goldclone.store.leftover_records import Leftover
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Recovery:
     async def _maintain(self, unfinished: list[str]) -> None:
         await asyncio.gather(*(self._finish(vm_id) for vm_id in unfinished))
         self._lifecycle.spawn(self._db.changes.follow(
-            self._deletes_asked, "reading the VMs to delete"
+            self._deletes_asked, "reading the VMs to delete", host_subject(self._db.host_id)
         ))  # fmt: skip
         self._lifecycle.spawn(self._watches.disks())
         self._lifecycle.spawn(self._watches.poweroffs())

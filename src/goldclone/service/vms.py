@@ -166,7 +166,8 @@ class VMService:
             parts.push_async_callback(self._lifecycle.close)
             parts.push_async_callback(self.channels.close)
             self._lifecycle.spawn(self._db.changes.follow(
-                self._take_handoffs, "taking the creates placed on this host"
+                self._take_handoffs, "taking the creates placed on this host",
+                event_log.host_subject(self._db.host_id),
             ))  # fmt: skip
             await self._recovery.start()
             parts.push_async_callback(self._deliveries.close)

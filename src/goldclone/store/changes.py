@@ -56,17 +56,23 @@ class Changes:
                 self._watches.pop(subject, None)
 
     async def follow(
-        self, work: Callable[[], Awaitable[None]], what: str, every: float = FOLLOW_EVERY
+        self,
+        work: Callable[[], Awaitable[None]],
+        what: str,
+        subject: str,
+        every: float = FOLLOW_EVERY,
     ) -> None:
-        """Run ``work`` now, after each change, and at least every ``every`` seconds, for
-        ever; a failed run is logged (as ``what`` failing) and the next one tries again."""
-        while True:
-            seen = self.version
-            try:
-                await work()
-            except Exception:
-                log.exception("%s failed; trying again", what)
-            await self.wait(seen, every)
+        """Run ``work`` now, after each commit that touches ``subject`` (a host's
+        ``host_subject``, say: not after every commit of the fleet), and at least every
+        ``every`` seconds, for ever; a failed run is logged (as ``what`` failing) and the next
+        one tries again."""
+        with self.watching(subject) as watch:
+            while True:
+                try:
+                    await work()
+                except Exception:
+                    log.exception("%s failed; trying again", what)
+                await watch.wait(every)
 
     async def wait(self, seen: int, timeout: float) -> None:
         """Return once ``version`` is past ``seen``, or after ``timeout`` seconds."""

@@ -9,6 +9,7 @@ keeps about the last ``WINDOW`` (``trim``, with each heartbeat)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -29,6 +30,11 @@ _TOUCHED = "goldclone_touched"
 _PENDING = "goldclone_events"
 """The key, in a connection's ``info``, of the events its transaction has recorded."""
 _EVENTS_LOCK = 0x676F6576  # "goev": the key of the lock held from writing events to commit
+POOLS = "pools"
+"""The subject of a change of a pool's definition, which every host follows."""
+_MAX_PAYLOAD = 7900
+"""PostgreSQL's limit for a notification's payload is 8000 bytes; a longer list of subjects is
+sent as none (every listener wakes)."""
 
 
 class EventKind(StrEnum):
@@ -57,6 +63,8 @@ async def record(
 ) -> None:
     """Add an event to ``conn``'s transaction, written at its end (``write_pending``)."""
     touched(conn, subject)
+    if kind in (EventKind.VM, EventKind.VM_DELETED) and data.get("host"):
+        touched(conn, host_subject(str(data["host"])))
     event = {"kind": kind.value, "subject": subject, "data": dict(data), "at": now()}
     conn.info.setdefault(_PENDING, []).append(event)
 
@@ -73,7 +81,10 @@ async def write_pending(conn: AsyncConnection) -> None:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENTS_LOCK})
     await conn.execute(_events.insert(), pending)
     if conn.dialect.name == "postgresql":  # sent at commit, to every listening service
-        await conn.execute(text(f"NOTIFY {CHANNEL}"))
+        subjects = json.dumps(sorted(conn.info.get(_TOUCHED, ())))
+        payload = subjects if len(subjects) <= _MAX_PAYLOAD else ""
+        await conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                           {"channel": CHANNEL, "payload": payload})  # fmt: skip
 
 
 def forget_pending(conn: AsyncConnection) -> None:
@@ -86,6 +97,22 @@ async def trim(conn: AsyncConnection) -> None:
     newest = await last_id(conn)
     if newest > WINDOW:
         await conn.execute(_events.delete().where(_events.c.seq <= newest - WINDOW))
+
+
+def host_subject(host_id: str) -> str:
+    """The subject of a change that host ``host_id`` must act on: one of its VMs (placed on
+    it by another host, or deleted through one)."""
+    return f"host:{host_id}"
+
+
+def subjects_of(payload: str) -> list[str]:
+    """The subjects that a notification's payload names; none for an empty or unknown one
+    (the listener then wakes everyone)."""
+    try:
+        found = json.loads(payload) if payload else []
+    except ValueError:
+        return []
+    return [str(subject) for subject in found] if isinstance(found, list) else []
 
 
 def touched(conn: AsyncConnection, subject: str) -> None:

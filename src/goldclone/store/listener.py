@@ -1,7 +1,8 @@
 """Other hosts' commits, heard on PostgreSQL: every event is announced with ``NOTIFY`` at its
-commit (``event_log.record``); this service listens on its own connection and counts each one as
-a change of its own, so that ``?wait=true``, ``GET /events`` and this host's work on its VMs
-(a DELETE asked through another host) wake at once rather than at the next poll.
+commit (``event_log.write_pending``), naming what it touched; this service listens on its own
+connection and counts each one as a change of its own, so that ``?wait=true``, ``GET /events``
+and this host's work on its VMs (a DELETE asked through another host) wake at once rather than
+at the next poll, and only those that wait for what it touched.
 
 A lost connection is made again; what was announced meanwhile is caught up by waking every
 waiter once it is back (they read the store, not the notifications).
@@ -18,7 +19,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from goldclone.store.changes import Changes
-from goldclone.store.event_log import CHANNEL
+from goldclone.store.event_log import CHANNEL, subjects_of
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class ChangeListener:
         await connection.add_listener(CHANNEL, self._heard)
         return connection
 
-    def _heard(self, *_: object) -> None:
-        self._changes.notify()
+    def _heard(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        self._changes.notify(subjects_of(str(payload)))
 
     async def _keep(self, connection: asyncpg.Connection) -> None:
         while True:

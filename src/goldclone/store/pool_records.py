@@ -46,6 +46,7 @@ async def put(conn: AsyncConnection, pool: Pool, host_id: str) -> bool:
     new = result.rowcount == 0
     if new:
         await conn.execute(_pools.insert().values(name=pool.name, pool=record))
+    event_log.touched(conn, event_log.POOLS)  # a definition: every host follows it
     await announce(conn, pool.name, host_id)
     return new
 
@@ -74,6 +75,7 @@ async def forget(conn: AsyncConnection, host_id: str, name: str) -> None:
     """Forget the pool; its machines are the caller's to destroy and forget."""
     for last in await counted(conn, host_id, name):
         await conn.execute(_pools.delete().where(_pools.c.name == name))
+        event_log.touched(conn, event_log.POOLS)
         await event_log.record(conn, EventKind.POOL_DELETED, name, last.model_dump(mode="json"))
 
 
