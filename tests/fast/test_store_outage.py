@@ -6,6 +6,7 @@ lost. Against a real PostgreSQL server, stopped and started by the test."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import asyncpg
 import pytest
 
 from goldclone.doctor import Verdict, store_connections
+from goldclone.drivers.synthetic import SyntheticHost
 from goldclone.settings import StorePool
 from goldclone.store.listener import asyncpg_dsn
 from tests.fast.conftest import Service, serving, settings_on
@@ -123,3 +125,27 @@ async def test_doctor_checks_that_every_hosts_connections_fit_the_server(
     assert "PgBouncer" in big.fix
     gone = await store_connections(replace(settings, database_url=url + "x"))
     assert gone.verdict is Verdict.PROBLEM and "cannot be reached" in gone.found
+
+
+async def test_a_create_in_flight_waits_for_the_store_and_ends_running_when_it_is_back(
+    tmp_path: Path,
+    own_cluster: PostgresCluster,
+    request_body: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="goldclone.store.database")
+    url = await own_cluster.new_database()
+    host = SyntheticHost(boot_seconds=1.0)
+    async with serving(Service(settings_on(tmp_path, url), host)) as service:
+        vm = await service.post_vm(request_body)
+        await service.wait_for_phase(vm["id"], "booting")
+        await asyncio.to_thread(own_cluster.pause)
+        try:
+            async with asyncio.timeout(20):  # its guest booted; its next step found no store
+                while "work in flight waits" not in caplog.text:
+                    await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(own_cluster.resume)
+        done = await service.wait_for(vm["id"], "running", "error", timeout=30)
+        assert done["status"] == "running", done
+        assert service.host.running() == {vm["id"]}

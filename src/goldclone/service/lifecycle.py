@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 
 STOPPED_REASON = "its hypervisor process ended: the guest powered off, or the process exited"
 CONSOLE_KEPT = 64 * 1024
+STORE_WAIT = 120.0
+"""Seconds that a create in flight waits for an unavailable store before it gives up (its VM
+then stays ``creating`` until a restart finishes it)."""
 """Bytes of the end of a failed VM's console kept in the store, after its folder is gone."""
 
 _PACKAGE_KINDS: dict[PackageKind, str] = {
@@ -253,7 +257,8 @@ class Lifecycle:
             leftover := await self._remove_machine_or_leftover(vm.id, refused_too=True)
         ) is not None:
             host_id = self._db.host_id
-            await self._db.write(lambda conn: leftover_records.add(conn, host_id, leftover))
+            add = partial(leftover_records.add, host_id=host_id, leftover=leftover)
+            await self._db.write(add, STORE_WAIT)
 
         async def failed(conn: AsyncConnection) -> VM:
             changed = await vm_records.change(
@@ -263,7 +268,7 @@ class Lifecycle:
                 await vm_records.keep_console(conn, vm.id, console)
             return changed
 
-        return await self._db.write(failed)
+        return await self._db.write(failed, STORE_WAIT)
 
     async def _console_end(self, vm_id: str) -> str | None:
         """The last ``CONSOLE_KEPT`` bytes of the VM's console, as text, if it has one."""
@@ -299,12 +304,13 @@ class Lifecycle:
         phase: Phase,
         expect: Status | tuple[Status, ...],
         status: Status | None = None,
+        wait: float = 0.0,
         **fields: Any,
     ) -> VM:
         """The VM, moved on to ``phase`` as ``vm_records.change`` says, in a transaction of its
-        own."""
+        own (waiting up to ``wait`` seconds for a store that is unavailable)."""
         return await self._db.write(
-            lambda conn: vm_records.change(conn, vm_id, expect, phase, status, **fields)
+            lambda conn: vm_records.change(conn, vm_id, expect, phase, status, **fields), wait
         )
 
     async def amend(self, vm_id: str, expect: Status | tuple[Status, ...], **fields: Any) -> VM:
@@ -315,7 +321,7 @@ class Lifecycle:
 
     async def _set_runtime(self, vm_id: str, runtime: Runtime) -> None:
         record = runtime.record()
-        await self._db.write(lambda conn: vm_records.set_runtime(conn, vm_id, record))
+        await self._db.write(lambda conn: vm_records.set_runtime(conn, vm_id, record), STORE_WAIT)
 
     async def _take_handoffs(self) -> list[tuple[VM, str]]:
         """The VMs that other hosts placed on this one, with their requests (JSON), taken:
@@ -447,7 +453,7 @@ class Lifecycle:
             )
 
     async def _step(self, vm: VM, phase: Phase, **changes: Any) -> VM:
-        return await self.advance(vm.id, phase, Status.CREATING, **changes)
+        return await self.advance(vm.id, phase, Status.CREATING, wait=STORE_WAIT, **changes)
 
     def _public(self, message: str) -> str:
         """``message`` without the host's data dir path in it."""

@@ -35,6 +35,8 @@ Work = Callable[[AsyncConnection], Awaitable[T]]
 """What runs in one transaction: queries of the record modules, given its connection."""
 
 DEFAULT_POOL = StorePool()
+RETRY_FIRST, RETRY_MOST = 0.2, 2.0
+"""Seconds between two tries of a write that waits for the store: first, and at most."""
 _UNAVAILABLE_CLASSES = ("08", "53", "57")
 _MIGRATION_LOCK = 0x676F6D69  # "gomi": the key of the advisory lock that migrations take
 _PHASED = "goldclone_phased"
@@ -82,13 +84,25 @@ class Database:
         """Whether other services may share this database (PostgreSQL, not SQLite)."""
         return self._engine.dialect.name == "postgresql"
 
-    async def write(self, work: Work[T]) -> T:
+    async def write(self, work: Work[T], wait: float = 0.0) -> T:
         """``work``'s result, run in one write transaction to its end even if the caller is
         cancelled (``_to_the_end``). Its commit wakes this service's waiters if it changed
         what they can wait for (``event_log.touched``): a heartbeat wakes no one. Raises
         ``StoreUnavailable`` when the database cannot be reached or gives no connection in
-        time."""
-        return await self._reached(_to_the_end(self._write(work)))
+        time, at once, or once it has been so for ``wait`` seconds (work in flight, which
+        waits for the database to come back, trying again and again)."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + wait, RETRY_FIRST
+        while True:
+            try:
+                return await self._reached(_to_the_end(self._write(work)))
+            except StoreUnavailable:
+                if loop.time() + pause > deadline:
+                    raise
+                if pause == RETRY_FIRST:
+                    log.info("work in flight waits for the store to come back")
+            await asyncio.sleep(pause)  # a back-off between tries: the store says nothing
+            pause = min(2 * pause, RETRY_MOST)
 
     async def read(self, work: Work[T]) -> T:
         """``work``'s result, run on a connection that writes nothing, to its end; raises
