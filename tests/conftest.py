@@ -24,7 +24,7 @@ from goldclone.store.database import Database
 from tests.fake_vmrun import FakeVmrun
 from tests.harness import Goldclone, goldclone_server, processes_mentioning
 from tests.netns import foreign_network
-from tests.postgres import PostgresCluster
+from tests.postgres import PostgresCluster, running_cluster
 from tests.servers import CallbackReceiver, FileServer
 
 
@@ -206,12 +206,8 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """The run's PostgreSQL server, started at the first test that needs it."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ class PostgresCluster:
         finally:
             await admin.close()
         return f"postgresql+asyncpg://{SERVER_USER}@/{name}?host={self.root}"
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A cluster started for the block, and stopped (and removed) after it."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _alive(pid: int) -> bool:

@@ -18,11 +18,12 @@ from goldclone.image_spec import ImageSpec
 from goldclone.models import Pool
 from goldclone.service.fleet import HOST_ID_FILE
 from goldclone.settings import Limits, Settings
-from goldclone.store import pool_records, vm_records
+from goldclone.store import event_log, pool_records, vm_records
 from goldclone.store.database import Database
 from goldclone.store.listener import ChangeListener
 from tests.fast.conftest import Service, image_of, serving
 from tests.fast.test_pools import pooled
+from tests.fast.test_store import make_vm
 from tests.postgres import PostgresCluster
 from tests.servers import FileServer
 
@@ -82,31 +83,62 @@ async def test_hosts_that_start_at_once_migrate_a_new_database_one_after_another
             await db.close()
 
 
-async def test_a_commit_on_one_host_wakes_the_waiters_of_another(fleet_url: str) -> None:
+@pytest.fixture
+async def listening(fleet_url: str) -> AsyncIterator[tuple[Database, Database]]:
+    """Two hosts' stores on one database, the second listening for the first's commits."""
     first, second = Database(fleet_url, "host-a"), Database(fleet_url, "host-b")
     await first.open()
     await second.open()
     listener = ChangeListener(fleet_url, second.changes)
     await listener.start()
     try:
-        seen = second.changes.version
-        pool = Pool(
-            name="p",
-            image=ImageSpec(url="http://x/", checksum="0" * 64),
-            cpus=1,
-            memory=256,
-            network_type="nat",
-            size=0,
-            created_at="2026-12-02T00:00:00Z",
-        )
-        await first.write(lambda c: pool_records.put(c, pool, "host-a"))
-        async with asyncio.timeout(5):
-            await second.changes.wait(seen, 5)
-        assert second.changes.version > seen  # woken by the notification, not the timeout
+        yield first, second
     finally:
         await listener.close()
         await first.close()
         await second.close()
+
+
+async def test_a_commit_on_one_host_wakes_the_waiters_of_another(
+    listening: tuple[Database, Database],
+) -> None:
+    first, second = listening
+    seen = second.changes.version
+    pool = Pool(
+        name="p",
+        image=ImageSpec(url="http://x/", checksum="0" * 64),
+        cpus=1,
+        memory=256,
+        network_type="nat",
+        size=0,
+        created_at="2026-12-02T00:00:00Z",
+    )
+    await first.write(lambda c: pool_records.put(c, pool, "host-a"))
+    async with asyncio.timeout(5):
+        await second.changes.wait(seen, 5)
+    assert second.changes.version > seen  # woken by the notification, not the timeout
+
+
+async def test_another_hosts_commit_wakes_on_this_host_only_who_waits_for_what_it_touched(
+    listening: tuple[Database, Database],
+) -> None:
+    """Host b hears every commit of host a (its ``LISTEN``), but its own work (a watch of
+    ``host:host-b``, as its loop that takes the creates placed on it has) wakes only for a VM
+    of b's, and a waiter for one VM only for that VM."""
+    here, there = listening
+    mine = make_vm().model_copy(update={"host": "host-b"})
+    with (
+        there.changes.watching(event_log.host_subject("host-b")) as work,
+        there.changes.watching(mine.id) as waiter,
+    ):
+        heard = there.changes.version
+        await here.write(lambda conn: vm_records.add(conn, make_vm(), {}))  # a's own VM
+        async with asyncio.timeout(10):
+            while there.changes.version == heard:  # b heard it...
+                await asyncio.sleep(0.01)
+        assert not await work.wait(0) and not await waiter.wait(0)  # ...and woke no one
+        await here.write(lambda conn: vm_records.add(conn, mine, {}))  # placed on b
+        assert await work.wait(10) and await waiter.wait(0)
 
 
 async def test_every_host_lists_the_fleet_with_what_each_holds_and_its_heartbeat(

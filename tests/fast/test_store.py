@@ -37,7 +37,6 @@ from goldclone.store.admissions import Placing
 from goldclone.store.database import Database
 from goldclone.store.delivery_records import Delivery
 from goldclone.store.host_records import Candidate, Held
-from goldclone.store.listener import ChangeListener
 from goldclone.store.vm_records import TRANSITIONS, Earlier
 from tests.harness import LONG_AGO
 from tests.postgres import PostgresCluster
@@ -522,35 +521,3 @@ async def test_the_window_is_trimmed_apart_from_the_writes(db: Database) -> None
         await db.write(event_log.trim)
         kept, oldest = await db.read(partial(event_log.read_after, after=0, limit=10))
     assert [event.id for event in kept] == [newest, newest + 1] and oldest == newest
-
-
-async def test_another_hosts_commit_wakes_on_this_host_only_who_waits_for_what_it_touched(
-    postgres: PostgresCluster,
-) -> None:
-    """Host b hears every commit of host a (its ``LISTEN``), but its own work (a watch of
-    ``host:b``, as its loop that takes the creates placed on it has) wakes only for a VM of
-    b's, and a waiter for one VM only for that VM."""
-    url = await postgres.new_database()
-    here, there = Database(url, "a"), Database(url, "b")
-    await here.open()
-    await there.open()
-    listener = ChangeListener(url, there.changes)
-    await listener.start()
-    try:
-        mine = make_vm().model_copy(update={"host": "b"})
-        with (
-            there.changes.watching(event_log.host_subject("b")) as work,
-            there.changes.watching(mine.id) as waiter,
-        ):
-            heard = there.changes.version
-            await here.write(lambda conn: vm_records.add(conn, make_vm(), {}))  # a's own VM
-            async with asyncio.timeout(10):
-                while there.changes.version == heard:  # b heard it...
-                    await asyncio.sleep(0.01)
-            assert not await work.wait(0) and not await waiter.wait(0)  # ...and woke no one
-            await here.write(lambda conn: vm_records.add(conn, mine, {}))  # placed on b
-            assert await work.wait(10) and await waiter.wait(0)
-    finally:
-        await listener.close()
-        await here.close()
-        await there.close()

@@ -20,18 +20,14 @@ from goldclone.drivers.synthetic import SyntheticHost
 from goldclone.settings import StorePool
 from goldclone.store.listener import asyncpg_dsn
 from tests.fast.conftest import Service, serving, settings_on
-from tests.postgres import PostgresCluster
+from tests.postgres import PostgresCluster, running_cluster
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresCluster]:
     """A PostgreSQL server of this test's own, which it may stop and start."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def assert_unavailable(response: Any, why: str = "") -> None:
