@@ -496,12 +496,15 @@ async def test_a_reader_resuming_after_the_last_event_it_saw_misses_none_committ
             await finish.wait()
 
         slow_write = asyncio.ensure_future(db.write(slow))
-        await recorded.wait()
-        await db.write(lambda conn: vm_records.add(conn, second, {}))
-        seen, _ = await db.read(partial(event_log.read_after, after=0, limit=10))
-        assert [event.subject for event in seen] == [second.id]
-        finish.set()
-        await slow_write
+        try:
+            async with asyncio.timeout(10):  # a write that failed never records: not a hang
+                await recorded.wait()
+            await db.write(lambda conn: vm_records.add(conn, second, {}))
+            seen, _ = await db.read(partial(event_log.read_after, after=0, limit=10))
+            assert [event.subject for event in seen] == [second.id]
+        finally:
+            finish.set()
+            await slow_write
         later, _ = await db.read(partial(event_log.read_after, after=seen[-1].id, limit=10))
         assert [event.subject for event in later] == [first.id]
     finally:
