@@ -108,7 +108,8 @@ class ImageSpec(BaseModel):
 
     @property
     def pinned(self) -> bool:
-        """Whether it names its image for good: a checksum, or a reference with a digest."""
+        """Whether it names its image for good: a checksum, a reference with a digest, or an
+        image's ID."""
         ref = self.reference
         return ref is None or ref.digest is not None
 
